@@ -1,0 +1,155 @@
+"""``moe-bench``: throughput benchmarks that print a table and write JSON.
+
+``moe-bench layer`` measures forward+backward tokens/s of our MoE layer against the dense
+FFN that does the same active FLOPs per token (dense tokens/s divided by k is the most a
+sparse layer can reach), and, when DeepSpeed is installed, DeepSpeed's MoE layer in the same
+run, so the ratios are measured side by side on the same (noisy, shared) machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from moe.config import MoEConfig
+from moe.layers import DenseFFN, MoELayer
+
+
+def _time_fwd_bwd(layer: nn.Module, x: torch.Tensor, repeats: int, call) -> float:
+    """Median seconds of one forward+backward, after one warm-up."""
+    times = []
+    for i in range(repeats + 1):
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        y = call(layer, xi)
+        y.float().pow(2).mean().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _ours(layer, x):
+    return layer(x)[0]
+
+
+def _deepspeed_layer(d_model: int, d_ff: int, num_experts: int, k: int, capacity_factor: float, dropless: bool):
+    """DeepSpeed's einsum-based MoE layer, world size 1, or None when deepspeed is missing."""
+    try:
+        import deepspeed  # noqa: F401
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE
+    except ImportError:
+        return None
+    if not dist.is_initialized():
+        # DeepSpeed builds a shared-memory comm op on init (~50 s of compiling on CPU);
+        # a one-process benchmark never uses it.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+    expert = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(), nn.Linear(d_ff, d_model, bias=False))
+    return MoE(
+        hidden_size=d_model,
+        expert=expert,
+        num_experts=num_experts,
+        ep_size=1,
+        k=k,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        min_capacity=4,
+        drop_tokens=not dropless,
+        use_rts=False,
+    )
+
+
+def bench_layer(args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    D, F_, T = args.d_model, args.d_ff, args.tokens
+    x = torch.randn(T, D, device=device)
+    rows = []
+    dense = DenseFFN(D, F_).to(device)
+    dense_s = _time_fwd_bwd(dense, x, args.repeats, _ours)
+    dense_tps = T / dense_s
+    print(f"dense FFN d={D} ffn={F_} tokens={T}: {dense_tps:,.0f} tokens/s ({dense_s * 1e3:.0f} ms fwd+bwd)", flush=True)
+    header = f"{'E':>4} {'k':>2} {'mode':>9} {'impl':>9} {'tokens/s':>10} {'ms':>7} {'limit':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for E in args.experts:
+        for k in args.k:
+            for mode in args.modes:
+                dropless = mode == "dropless"
+                cf = 1.0
+                impls = {"ours": MoELayer(D, F_, MoEConfig(name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4)).to(device)}
+                if args.deepspeed:
+                    ds = _deepspeed_layer(D, F_, E, k, cf, dropless)
+                    if ds is not None and k <= 2:
+                        impls["deepspeed"] = ds.to(device)
+                for impl, layer in impls.items():
+                    call = _ours if impl == "ours" else (lambda l, xi: l(xi.unsqueeze(0))[0])
+                    s = _time_fwd_bwd(layer, x, args.repeats, call)
+                    tps = T / s
+                    limit = dense_tps / k
+                    row = {"E": E, "k": k, "mode": mode, "impl": impl, "tokens_per_s": tps, "ms": s * 1e3, "limit_tokens_per_s": limit, "ratio": tps / limit}
+                    rows.append(row)
+                    print(f"{E:>4} {k:>2} {mode:>9} {impl:>9} {tps:>10,.0f} {s * 1e3:>7.0f} {limit:>10,.0f} {tps / limit:>6.2f}", flush=True)
+                del impls
+    return {
+        "benchmark": "layer",
+        "d_model": D,
+        "d_ff": F_,
+        "tokens": T,
+        "repeats": args.repeats,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "dense_tokens_per_s": dense_tps,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    lay = sub.add_parser("layer", help="MoE layer fwd+bwd tokens/s vs the dense FFN limit (and DeepSpeed's layer)")
+    lay.add_argument("--d-model", type=int, default=512)
+    lay.add_argument("--d-ff", type=int, default=2048)
+    lay.add_argument("--tokens", type=int, default=8192)
+    lay.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64, 128])
+    lay.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    lay.add_argument("--modes", nargs="+", default=["dropless", "capacity"], choices=["dropless", "capacity"])
+    lay.add_argument("--repeats", type=int, default=3)
+    lay.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    lay.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="skip DeepSpeed's layer")
+    lay.add_argument("--out", default="bench_results/layer.json")
+    args = p.parse_args(argv)
+    for n in getattr(args, "experts", []):
+        if n < 1:
+            p.error(f"--experts: {n} must be >= 1")
+    for k in getattr(args, "k", []):
+        if k < 1 or k > min(args.experts):
+            p.error(f"--k {k}: must be in [1, smallest --experts]")
+    result = bench_layer(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""Typed configuration: one dataclass per Hydra group, validated before anything runs.
+
+Hydra's ``DictConfig`` stops at the entry point (``moe.cli``); the package only ever sees
+these dataclasses, so every component can be built in a test without Hydra.  ``validate``
+collects the first problem as a :class:`ConfigError` whose message names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+MOE_LAYERS = ("dense", "switch", "gshard", "topk", "base")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only Transformer shape."""
+
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024  # hidden size of the dense FFN and of each expert
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    seq_len: int = 128
+    dropout: float = 0.0
+    moe_every: int = 2  # every `moe_every`-th block (1-based: blocks moe_every, 2*moe_every, ...) is MoE
+    tie_embeddings: bool = True
+    activation: str = "gelu"  # gelu | relu | silu
+
+
+@dataclass
+class MoEConfig:
+    """The expert layer. ``name`` picks the router family; one override switches it."""
+
+    name: str = "switch"  # dense | switch | gshard | topk | base
+    num_experts: int = 8
+    top_k: int = 1
+    capacity_factor: float = 1.25  # capacity = max(min_capacity, ceil(cf * k * T / E))
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    dropless: bool = False  # True: every token reaches its experts, no capacity
+    aux_loss_weight: float = 0.01  # weight of the load-balancing loss E * sum_i f_i P_i
+    z_loss_weight: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2)
+    jitter_eps: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
+    expert_dropout: float = 0.0  # dropout on the expert hidden activation
+    init_scale: float = 0.1  # Switch small-scale init: truncated normal, std sqrt(s / fan_in)
+    random_routing: bool = False  # GShard: keep the 2nd expert with probability min(1, 2 g2)
+    normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
+    router_dtype: str = "float32"  # selective precision: the router always runs in fp32
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    ``path`` empty means the embedded default corpus (the standard library's .py files).
+    Otherwise a text file, a folder of text files, or a pre-tokenized ``.bin`` of uint16/uint32.
+    """
+
+    path: str = ""
+    tokenizer: str = "bpe"  # bpe (byte-level BPE trained on the train split) | byte (256 ids)
+    vocab_size: int = 4096
+    val_fraction: float = 0.05  # by file, deterministically
+    extensions: list[str] = field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
+    on_bad_file: str = "error"  # error | skip  (empty, unreadable or non-UTF-8 files)
+    max_files: int = 0  # 0: all files
+    cache_dir: str = ""  # empty: $XDG_CACHE_HOME/moe or ~/.cache/moe
+    bin_dtype: str = "uint16"  # for a pre-tokenized .bin
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    jsonl: bool = True
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "moe"
+    wandb_entity: str = ""
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "single"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; passed whole to the trainer."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_name: str = "default"
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    steps: int = 600
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    peak_flops: float = 0.0  # 0: measured at start-up by a short matmul benchmark
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass, with unknown keys and wrong types reported by their dotted path
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a group of keys, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain dict; unknown keys are an error naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            close = [n for n in names if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}{k}: unknown key{hint}; known keys: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: one check, one line
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate_moe(m: MoEConfig) -> None:
+    _check(m.name in MOE_LAYERS, f"moe.name={m.name!r} is not a known expert layer; use one of {', '.join(MOE_LAYERS)} (e.g. moe=switch)")
+    _check(m.num_experts >= 1, f"moe.num_experts={m.num_experts} must be >= 1")
+    _check(m.top_k >= 1, f"moe.top_k={m.top_k} must be >= 1")
+    _check(m.top_k <= m.num_experts, f"moe.top_k={m.top_k} > moe.num_experts={m.num_experts}: a token cannot pick more experts than exist; lower moe.top_k or raise moe.num_experts")
+    _check(m.capacity_factor > 0, f"moe.capacity_factor={m.capacity_factor} must be > 0 (1.0-1.25 is typical; use moe.dropless=true for no capacity limit)")
+    _check(m.eval_capacity_factor > 0, f"moe.eval_capacity_factor={m.eval_capacity_factor} must be > 0")
+    _check(m.min_capacity >= 0, f"moe.min_capacity={m.min_capacity} must be >= 0")
+    _check(m.aux_loss_weight >= 0, f"moe.aux_loss_weight={m.aux_loss_weight} must be >= 0")
+    _check(m.z_loss_weight >= 0, f"moe.z_loss_weight={m.z_loss_weight} must be >= 0")
+    _check(0 <= m.jitter_eps < 1, f"moe.jitter_eps={m.jitter_eps} must be in [0, 1)")
+    _check(0 <= m.expert_dropout < 1, f"moe.expert_dropout={m.expert_dropout} must be in [0, 1)")
+    _check(m.init_scale > 0, f"moe.init_scale={m.init_scale} must be > 0 (Switch uses 0.1)")
+    _check(m.router_dtype in ("float32", "float64"), f"moe.router_dtype={m.router_dtype!r}: the router runs in float32 (or float64); lower precision makes routing unstable")
+    if m.name == "switch":
+        _check(m.top_k == 1, f"moe.top_k={m.top_k}: switch routes each token to exactly one expert; use moe=topk for k > 1")
+    if m.name == "gshard":
+        _check(m.top_k == 2, f"moe.top_k={m.top_k}: gshard is top-2 routing; use moe=topk for other k")
+    if m.name == "base":
+        _check(m.top_k == 1, f"moe.top_k={m.top_k}: base assigns each token to exactly one expert; set moe.top_k=1")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError on the first bad value.  Cheap: nothing is built or read."""
+    md = cfg.model
+    _check(md.n_layers >= 1, f"model.n_layers={md.n_layers} must be >= 1")
+    _check(md.d_model >= 1, f"model.d_model={md.d_model} must be >= 1")
+    _check(md.n_heads >= 1, f"model.n_heads={md.n_heads} must be >= 1")
+    _check(md.d_model % md.n_heads == 0, f"model.d_model={md.d_model} is not divisible by model.n_heads={md.n_heads}; pick n_heads dividing d_model")
+    _check(md.d_ff >= 1, f"model.d_ff={md.d_ff} must be >= 1")
+    _check(md.seq_len >= 2, f"model.seq_len={md.seq_len} must be >= 2")
+    _check(0 <= md.dropout < 1, f"model.dropout={md.dropout} must be in [0, 1)")
+    _check(md.moe_every >= 1, f"model.moe_every={md.moe_every} must be >= 1 (1: every block is MoE)")
+    _check(md.moe_every <= md.n_layers or cfg.moe.name == "dense", f"model.moe_every={md.moe_every} > model.n_layers={md.n_layers}: no block would be MoE; lower moe_every or use moe=dense")
+    _check(md.activation in ("gelu", "relu", "silu"), f"model.activation={md.activation!r}; use gelu, relu or silu")
+    _check(md.vocab_size >= 0, f"model.vocab_size={md.vocab_size} must be >= 0 (0: from the tokenizer)")
+    validate_moe(cfg.moe)
+
+    d = cfg.data
+    _check(d.tokenizer in ("bpe", "byte"), f"data.tokenizer={d.tokenizer!r}; use bpe or byte")
+    _check(d.tokenizer != "bpe" or 257 <= d.vocab_size <= 65535, f"data.vocab_size={d.vocab_size} must be in [257, 65535] for the BPE tokenizer")
+    _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    _check(d.on_bad_file in ("error", "skip"), f"data.on_bad_file={d.on_bad_file!r}; use error or skip")
+    _check(d.bin_dtype in ("uint16", "uint32"), f"data.bin_dtype={d.bin_dtype!r}; use uint16 or uint32")
+    _check(d.max_files >= 0, f"data.max_files={d.max_files} must be >= 0 (0: all files)")
+    if d.path:
+        import os
+
+        _check(os.path.exists(os.path.expanduser(d.path)), f"data.path={d.path!r} does not exist; point it at a text file, a folder of text files or a .bin of token ids (empty: the standard-library corpus)")
+
+    o = cfg.optim
+    _check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr={o.lr} must be a positive number")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1={o.beta1}, optim.beta2={o.beta2} must be in [0, 1)")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+
+    lg = cfg.logger
+    _check(lg.wandb_mode in ("offline", "online", "disabled"), f"logger.wandb_mode={lg.wandb_mode!r}; use offline, online or disabled")
+    _check(lg.log_every >= 1, f"logger.log_every={lg.log_every} must be >= 1")
+
+    _check(cfg.parallel.backend == "single", f"parallel.backend={cfg.parallel.backend!r}: only 'single' exists in this version (parallel=single)")
+    _check(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
+    _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1")
+    _check(cfg.grad_accum >= 1, f"grad_accum={cfg.grad_accum} must be >= 1")
+    _check(cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0: only at the end)")
+    _check(cfg.eval_batches >= 1, f"eval_batches={cfg.eval_batches} must be >= 1")
+    _check(cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every} must be >= 0 (0: only at the end)")
+    _check(cfg.optim.warmup_steps <= cfg.steps, f"optim.warmup_steps={o.warmup_steps} > steps={cfg.steps}; lower the warmup or train longer")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps", f"device={cfg.device!r}; use auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), f"device={cfg.device!r} but no CUDA device is visible; use device=auto or device=cpu")
+    _check(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype={cfg.dtype!r}; use auto, float32, bfloat16 or float16")
+    _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0: torch's default)")
+    _check(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0 (0: measure at start-up)")
+

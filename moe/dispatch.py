@@ -1,0 +1,62 @@
+"""Token dispatchers: move tokens to the experts a :class:`~moe.routing.Routing` chose, and back.
+
+``dispatch(x_TD, routing)`` returns the experts' input and a plan; ``combine(y, plan)``
+returns the weighted sum of each token's expert outputs, ``(T, D)``.  The local dispatcher
+here keeps every expert on this process; an all-to-all dispatcher (expert parallelism) and a
+remote one (experts on other peers) implement the same two calls, so the MoE layer does not
+change when experts move.
+
+Two layouts:
+- grouped (dropless): ``x_ND`` rows sorted by expert plus ``counts`` per expert;
+- padded (capacity): ``x_ECD``, C slots per expert, empty slots zero.
+
+Shape suffixes: T tokens, K choices, N routed rows, E experts, C capacity, D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.routing import Routing
+
+
+@dataclass
+class DispatchPlan:
+    """How routed rows map back to tokens."""
+
+    token_idx_N: torch.Tensor  # long, source token of each routed row
+    weight_N: torch.Tensor  # combine weight of each routed row
+    counts: list[int] | None  # grouped layout: rows per expert
+    slot_N: torch.Tensor | None  # padded layout: row index in the flattened (E*C) buffer
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts live in this process."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+        T, D = x_TD.shape
+        K = routing.expert_ids_TK.shape[1]
+        kept_idx = routing.kept_TK.reshape(-1).nonzero().squeeze(1)  # indices into (T*K)
+        ids_N = routing.expert_ids_TK.reshape(-1)[kept_idx]
+        E = routing.num_experts
+        if routing.capacity is None:
+            order = torch.argsort(ids_N, stable=True)  # group by expert, token order within
+            kept_idx = kept_idx[order]
+            counts = torch.bincount(ids_N, minlength=E).tolist()
+            plan = DispatchPlan(kept_idx // K, routing.weights_TK.reshape(-1)[kept_idx], counts, None, T)
+            return x_TD.index_select(0, plan.token_idx_N), plan
+        C = routing.capacity
+        slot_N = ids_N * C + routing.position_TK.reshape(-1)[kept_idx]
+        plan = DispatchPlan(kept_idx // K, routing.weights_TK.reshape(-1)[kept_idx], None, slot_N, T)
+        x_ND = x_TD.index_select(0, plan.token_idx_N)
+        x_ECD = x_TD.new_zeros(E * C, D).index_copy(0, slot_N, x_ND).view(E, C, D)
+        return x_ECD, plan
+
+    def combine(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        D = y.shape[-1]
+        y_ND = y if plan.slot_N is None else y.reshape(-1, D).index_select(0, plan.slot_N)
+        y_ND = y_ND * plan.weight_N.to(y_ND.dtype).unsqueeze(1)
+        return y_ND.new_zeros(plan.num_tokens, D).index_add(0, plan.token_idx_N, y_ND)

@@ -1,0 +1,139 @@
+"""A decoder-only Transformer (pre-norm, causal SDPA attention) with MoE FFNs.
+
+Every ``moe_every``-th block's FFN is the configured expert layer; the rest are dense.  The
+forward returns the language-model loss and the MoE layers' auxiliary terms separately
+(``ModelOutput``) so the caller weights them, and a pipeline stage can carry them on.  This
+file never imports ``torch.distributed``.
+
+Shape suffixes: B batch, S sequence, D model dim, H heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import ModelConfig, MoEConfig
+from moe.layers import LayerAux, build_ffn
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, V)
+    lm_loss: torch.Tensor | None  # mean cross-entropy, None without targets
+    aux_loss: torch.Tensor  # sum over MoE layers of their balancing losses
+    z_loss: torch.Tensor  # sum over MoE layers of their router z-losses
+    layer_aux: list[LayerAux] = field(default_factory=list)  # one per MoE layer, in depth order
+
+    def total_loss(self, moe: MoEConfig) -> torch.Tensor:
+        """What is differentiated: lm + aux_loss_weight * aux + z_loss_weight * z."""
+        assert self.lm_loss is not None
+        return self.lm_loss + moe.aux_loss_weight * self.aux_loss + moe.z_loss_weight * self.z_loss
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(D, dim=-1)
+        q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = build_ffn(moe, cfg.d_model, cfg.d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.sparse = sparse and moe.name != "dense"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux | None]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        h, aux = self.ffn(self.ln2(x))
+        return x + self.drop(h), aux
+
+
+def is_sparse_block(index: int, cfg: ModelConfig) -> bool:
+    """Blocks moe_every-1, 2*moe_every-1, ... (0-based) are MoE: moe_every=2 -> every other block."""
+    return (index + 1) % cfg.moe_every == 0
+
+
+class TransformerLM(nn.Module):
+    """GPT-style decoder.  ``vocab_size`` must be set (the trainer takes it from the tokenizer)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
+        self.cfg, self.moe = cfg, moe
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, moe, sparse=is_sparse_block(i, cfg)) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        for name, p in self.named_parameters():  # GPT-2: attention projections at 0.02, output scaled by depth
+            if name.endswith("qkv.weight"):
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the blocks whose FFN is sparse."""
+        return [i for i, b in enumerate(self.blocks) if b.sparse]
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+        B, S = idx_BS.shape
+        if S > self.cfg.seq_len:
+            raise ValueError(f"sequence of {S} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        pos = torch.arange(S, device=idx_BS.device)
+        x = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))  # (B, S, D)
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux_loss, z_loss, layer_aux = zero, zero, []
+        for block in self.blocks:
+            x, aux = block(x)
+            if aux is not None:
+                layer_aux.append(aux)
+                aux_loss = aux_loss + aux.aux_loss
+                z_loss = z_loss + aux.z_loss
+        logits = self.lm_head(self.ln_f(x))  # (B, S, V)
+        lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        return ModelOutput(logits, lm_loss, aux_loss, z_loss, layer_aux)
+
+
+def count_parameters(model: TransformerLM) -> dict[str, int]:
+    """Total, embedding, expert and active (per token, non-embedding) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    expert = 0
+    active_expert = 0
+    for b in model.blocks:
+        ex = getattr(b.ffn, "experts", None)
+        if ex is not None:
+            n = sum(p.numel() for p in ex.parameters())
+            expert += n
+            active_expert += n // ex.num_experts * model.moe.top_k
+    non_emb = total - emb
+    return {"total": total, "embedding": emb, "expert": expert, "active_non_embedding": non_emb - expert + active_expert}

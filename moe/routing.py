@@ -1,0 +1,210 @@
+"""Routing algorithms: pure functions from router logits to a :class:`Routing`.
+
+No module state, no collectives, no parameters: each function takes logits (or affinity
+scores) and returns which experts every token goes to, with what weight, which assignments
+the capacity limit dropped, and the auxiliary losses.  That is what lets them be tested on
+hand-written logits, and lets the same routing serve a local, an all-to-all or a remote
+dispatcher.
+
+Shape suffixes: T tokens, E experts, K choices per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe.auction import balanced_assignment
+
+
+@dataclass
+class Routing:
+    """Where each token goes.
+
+    ``weights_TK`` is differentiable with respect to the logits and is exactly 0 where
+    ``kept_TK`` is False, so a dropped assignment contributes nothing and the token passes
+    through the block's residual connection.
+    """
+
+    expert_ids_TK: torch.Tensor  # long, chosen expert per (token, choice)
+    weights_TK: torch.Tensor  # combine weights (fp32)
+    kept_TK: torch.Tensor  # bool: False if dropped by capacity or by GShard's random routing
+    position_TK: torch.Tensor | None  # long, slot in the expert's capacity buffer (capacity mode)
+    capacity: int | None  # C, tokens per expert buffer; None in dropless mode
+    aux_loss: torch.Tensor  # load-balancing loss E * sum_i f_i P_i (0 where not used)
+    z_loss: torch.Tensor  # mean(logsumexp(logits)^2)
+    counts_E: torch.Tensor  # float, assignments each expert was sent before capacity dropping
+    num_dropped: torch.Tensor  # float scalar, assignments dropped by capacity
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.numel()
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert: ``max(min_capacity, ceil(k * cf * T / E))``, never more than T.
+
+    (An expert can receive each token at most once, so more than T slots is wasted memory.)
+    """
+    c = max(min_capacity, math.ceil(k * capacity_factor * num_tokens / num_experts))
+    return max(1, min(c, num_tokens))
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer auxiliary loss ``E * sum_i f_i * P_i``.
+
+    f_i: fraction of the (token, choice) assignments in ``ids_TK`` sent to expert i (counted
+    before capacity dropping, as in Switch and GShard); P_i: mean router probability of i.
+    f is not differentiable; the gradient reaches the router through P.  Equals 1 when both
+    are uniform, E when every token goes to one expert with certainty.
+    """
+    E = probs_TE.shape[-1]
+    mask = F.one_hot(ids_TK, E).to(probs_TE.dtype)  # (T, K, E)
+    if kept_TK is not None:
+        mask = mask * kept_TK.unsqueeze(-1)
+    f_E = mask.sum(dim=(0, 1)) / mask.sum().clamp_min(1.0)
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean(logsumexp(logits)^2)``: keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+
+
+def _apply_capacity(ids_TK: torch.Tensor, kept_TK: torch.Tensor, E: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each kept assignment a slot in its expert's buffer; drop those past capacity C.
+
+    Priority: every token's first choice is placed before any token's second choice, and
+    within one choice rank tokens go in order (GShard Algorithm 1, DeepSpeed top2gating).
+    Returns (kept_TK after dropping, position_TK).
+    """
+    T, K = ids_TK.shape
+    ids_N = ids_TK.t().reshape(-1)  # (K*T,), choice-major: all first choices, then seconds
+    mask_NE = F.one_hot(ids_N, E).to(torch.int32) * kept_TK.t().reshape(-1, 1)
+    pos_N = ((torch.cumsum(mask_NE, dim=0) - 1) * mask_NE).sum(dim=-1)  # rank within its expert
+    position_TK = pos_N.view(K, T).t().long()
+    return kept_TK & (position_TK < C), position_TK
+
+
+def _finish(logits_TE, probs_TE, ids_TK, weights_TK, kept_TK, capacity, aux_loss) -> Routing:
+    E = logits_TE.shape[-1]
+    counts_E = F.one_hot(ids_TK, E).mul(kept_TK.unsqueeze(-1)).sum(dim=(0, 1)).float()
+    position_TK = None
+    n_before = kept_TK.sum()
+    if capacity is not None:
+        kept_TK, position_TK = _apply_capacity(ids_TK, kept_TK, E, capacity)
+    num_dropped = (n_before - kept_TK.sum()).float()
+    return Routing(
+        expert_ids_TK=ids_TK,
+        weights_TK=weights_TK * kept_TK,
+        kept_TK=kept_TK,
+        position_TK=position_TK,
+        capacity=capacity,
+        aux_loss=aux_loss,
+        z_loss=router_z_loss(logits_TE),
+        counts_E=counts_E,
+        num_dropped=num_dropped,
+    )
+
+
+def topk_route(
+    logits_TE: torch.Tensor,
+    k: int,
+    *,
+    capacity_factor: float | None = None,
+    min_capacity: int = 0,
+    normalize: bool = True,
+    random_routing: bool = False,
+    aux_first_choice_only: bool = False,
+    generator: torch.Generator | None = None,
+) -> Routing:
+    """General top-k routing over a softmax of the logits.
+
+    Args:
+        logits_TE: router logits (computed in fp32 by the caller; upcast here regardless).
+        k: experts per token.
+        capacity_factor: None for dropless execution; otherwise each expert gets
+            ``expert_capacity(T, E, k, cf, min_capacity)`` slots and assignments past it are
+            dropped (first choices fill slots before second choices).
+        normalize: renormalise the k gate values to sum to 1 (when k > 1).
+        random_routing: GShard's rule: keep the second expert with probability
+            ``min(1, 2 * g2)`` where g2 is its (renormalised) gate.
+        aux_first_choice_only: count f_i in the balancing loss over first choices only
+            (Switch, GShard) instead of over all k choices.
+        generator: RNG for random routing (the caller's, so runs are reproducible).
+    """
+    if logits_TE.dim() != 2:
+        raise ValueError(f"logits must be (tokens, experts), got shape {tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"k={k} must be in [1, num_experts={E}]")
+    logits_TE = logits_TE.float()
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    gates_TK, ids_TK = torch.topk(probs_TE, k, dim=-1)
+    if normalize and k > 1:
+        gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    if random_routing and k > 1:
+        u_T = torch.rand(T, device=logits_TE.device, generator=generator)
+        kept_TK[:, 1] = u_T < 2.0 * gates_TK[:, 1].detach()
+    aux_ids = ids_TK[:, :1] if aux_first_choice_only else ids_TK
+    aux = load_balancing_loss(probs_TE, aux_ids)
+    capacity = None if capacity_factor is None else expert_capacity(T, E, k, capacity_factor, min_capacity)
+    return _finish(logits_TE, probs_TE, ids_TK, gates_TK, kept_TK, capacity, aux)
+
+
+def switch_route(logits_TE: torch.Tensor, *, capacity_factor: float | None = None, min_capacity: int = 0) -> Routing:
+    """Switch Transformer: top-1, gate = the chosen expert's router probability (Fedus et al.)."""
+    return topk_route(logits_TE, 1, capacity_factor=capacity_factor, min_capacity=min_capacity)
+
+
+def gshard_route(
+    logits_TE: torch.Tensor,
+    *,
+    capacity_factor: float | None = None,
+    min_capacity: int = 0,
+    random_routing: bool = True,
+    generator: torch.Generator | None = None,
+) -> Routing:
+    """GShard top-2 (Lepikhin et al., Algorithm 1): g1, g2 renormalised to sum to 1, the
+    second expert kept with probability min(1, 2 g2), capacity 2·cf·T/E with first choices
+    placed before second choices, balancing loss over first choices."""
+    return topk_route(
+        logits_TE,
+        2,
+        capacity_factor=capacity_factor,
+        min_capacity=min_capacity,
+        normalize=True,
+        random_routing=random_routing,
+        aux_first_choice_only=True,
+        generator=generator,
+    )
+
+
+def base_route(scores_TE: torch.Tensor, *, training: bool) -> Routing:
+    """BASE layers (Lewis et al. 2021): token-expert affinities ``h·c_e`` in, one expert per token.
+
+    Training: the balanced linear assignment (every expert gets exactly T/E tokens; when E
+    does not divide T the first T mod E experts get one more) that maximises the total
+    affinity, solved by an auction.  Evaluation: greedy argmax (balance cannot be enforced on
+    a stream of tokens at inference).  No tokens are dropped and there is no auxiliary loss.
+    The weight is ``sigmoid(h·c_e)``: the layer's output ``σ·f_e(h) + (1−σ)·h`` with a residual
+    expert ``f_e(h) = h + FFN_e(h)`` is ``h + σ·FFN_e(h)``, and the block's residual carries h.
+    """
+    if scores_TE.dim() != 2:
+        raise ValueError(f"scores must be (tokens, experts), got shape {tuple(scores_TE.shape)}")
+    scores_TE = scores_TE.float()
+    if training:
+        ids_T = balanced_assignment(scores_TE.detach())
+    else:
+        ids_T = scores_TE.detach().argmax(dim=-1)
+    ids_TK = ids_T.unsqueeze(1)
+    weights_TK = torch.sigmoid(scores_TE.gather(1, ids_TK))
+    kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    zero = scores_TE.new_zeros(())
+    counts_E = torch.bincount(ids_T, minlength=scores_TE.shape[1]).float()
+    return Routing(ids_TK, weights_TK, kept_TK, None, None, zero, zero, counts_E, zero)

@@ -1,0 +1,255 @@
+"""Where metrics go: ``run_dir/metrics.jsonl``, Weights & Biases, and a plain console line.
+
+One :class:`MetricsLogger` per run.  Only the main process logs: with ``is_main=False``
+every method is a no-op and nothing is created on disk, so multi-rank code can build a logger
+on every rank and call it unconditionally.
+
+metrics.jsonl
+    One JSON object per line, ``{"step": s, "time": unix_seconds, **metrics}``; the final
+    summary is ``{"type": "summary", "time": ..., **metrics}``.  The file is opened in append
+    mode (a resumed run continues it) and flushed after every line, so a crash loses nothing
+    already logged (flush, not fsync: it survives a process crash, not a power cut).
+    Non-finite floats (NaN, +-inf) are written as ``null``: strict JSON has no literal for
+    them, and ``null`` reads back as a missing value in pandas, jq and JavaScript.  W&B and
+    the console still receive the real value.
+
+Weights & Biases
+    ``offline`` by default (the run is written under ``run_dir/wandb``; upload later with
+    ``wandb sync``); ``online`` when the user has a key.  wandb is imported lazily, so
+    importing this module is cheap and works without it.  If wandb is missing or ``init``
+    fails, a warning is issued and logging carries on without it (an ``online`` run that
+    fails, e.g. without an API key, falls back to ``offline`` first).  Keep
+    :attr:`MetricsLogger.wandb_run_id` (e.g. in the checkpoint) and pass it back as
+    ``resume_id`` to continue the same W&B run after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from moe.config import LoggerConfig
+
+
+def _plain(key: str, v: Any) -> Any:
+    """A metric value as a plain Python scalar (or list of them); tensors and numpy scalars
+    are unwrapped with ``.item()``/``.tolist()``."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(key, x) for x in v]
+    if hasattr(v, "numel") and hasattr(v, "item"):  # torch.Tensor, without importing torch
+        return _plain(key, v.item() if v.numel() == 1 else v.tolist())
+    if hasattr(v, "item") and hasattr(v, "tolist"):  # numpy scalar or array
+        return _plain(key, v.tolist())
+    raise TypeError(f"metric {key!r}: cannot log a value of type {type(v).__name__}")
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float for display (numbers, 0-d tensors, numpy scalars), else None."""
+    if v is None or isinstance(v, (bool, str)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_count(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.0f}"
+
+
+class MetricsLogger:
+    """Sends metrics to every enabled sink (jsonl, W&B, console line); see the module docstring."""
+
+    # (label, candidate keys, formatter) for the console one-liner; first key present wins.
+    _CONSOLE_FIELDS = (
+        ("loss", ("train/loss", "loss"), lambda x: f"{x:.4f}"),
+        ("val", ("val/loss", "eval/loss"), lambda x: f"{x:.4f}"),
+        ("lr", ("train/lr", "lr"), lambda x: f"{x:.2e}"),
+        ("tok/s", ("train/tokens_per_s", "tokens_per_s", "perf/tokens_per_s"), _fmt_count),
+        ("mfu", ("train/mfu", "mfu", "perf/mfu"), lambda x: f"{100 * x:.1f}%"),
+    )
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: LoggerConfig,
+        *,
+        run_config: dict,
+        is_main: bool = True,
+        run_name: str = "",
+        resume_id: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.is_main = is_main
+        self._jsonl = None
+        self._run = None  # the wandb Run, while W&B is active
+        self._wandb_id: str | None = None  # kept after close, e.g. for the final checkpoint
+        self._wandb_dir: Path | None = None
+        self._closed = False
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.jsonl:
+            # Line-oriented append: a resumed run continues the same file.
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.wandb and cfg.wandb_mode != "disabled":
+            self._run = self._init_wandb(run_config, run_name, resume_id)
+            if self._run is not None:
+                self._wandb_id = self._run.id
+                self._wandb_dir = Path(self._run.settings.sync_dir)
+
+    # -- W&B ------------------------------------------------------------------------------
+
+    def _init_wandb(self, run_config: dict, run_name: str, resume_id: str | None) -> Any:
+        try:
+            import wandb
+        except ImportError as e:
+            warnings.warn(f"wandb is not importable ({e}); logging without W&B", stacklevel=3)
+            return None
+
+        def init(mode: str) -> Any:
+            settings = wandb.Settings(
+                quiet=True,  # keep the one-line "run data is saved in ..." notice, drop the rest
+                console="off",  # don't wrap stdout/stderr: it garbles tqdm bars and costs a thread
+                reinit="create_new",  # each logger owns its own run, even if another is active
+            )
+            return wandb.init(
+                project=self.cfg.wandb_project,
+                entity=self.cfg.wandb_entity or None,
+                dir=str(self.run_dir),
+                mode=mode,
+                config=run_config,
+                name=run_name or None,  # None: W&B picks a name
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=settings,
+            )
+
+        mode = self.cfg.wandb_mode
+        try:
+            return init(mode)
+        except Exception as e:  # wandb raises several types (UsageError, CommError, timeouts)
+            if mode != "online":
+                warnings.warn(f"W&B init failed ({type(e).__name__}: {e}); logging without W&B", stacklevel=3)
+                return None
+            warnings.warn(
+                f"W&B online init failed ({type(e).__name__}: {e}); logging offline to "
+                f"{self.run_dir / 'wandb'} instead (upload later with `wandb sync`)",
+                stacklevel=3,
+            )
+        try:
+            return init("offline")
+        except Exception as e:
+            warnings.warn(f"W&B offline init failed too ({type(e).__name__}: {e}); logging without W&B", stacklevel=3)
+            return None
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run id (pass it back as ``resume_id`` to continue this run), or None."""
+        return self._wandb_id
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        """This run's W&B directory (``run_dir/wandb/<offline-run|run>-<time>-<id>``), or None."""
+        return self._wandb_dir
+
+    # -- logging --------------------------------------------------------------------------
+
+    def _active(self) -> bool:
+        return self.is_main and not self._closed
+
+    def _write(self, record: dict) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+            self._jsonl.flush()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Log ``metrics`` at ``step`` to every enabled sink.
+
+        Values may be numbers, strings, bools, 0-d tensors or numpy scalars.  The console line
+        is printed only when ``cfg.console`` is on and ``cfg.progress`` is off (otherwise the
+        progress bar is the console).
+        """
+        if not self._active():
+            return
+        plain = {k: _plain(k, v) for k, v in metrics.items()}
+        self._write({"step": int(step), "time": time.time(), **plain})
+        if self._run is not None:
+            # W&B drops (with a warning) steps below its last one, e.g. after resuming from
+            # an older checkpoint; the jsonl keeps everything.
+            self._run.log(plain, step=int(step))
+        if self.cfg.console and not self.cfg.progress:
+            print(self.console_line(step, plain), file=sys.stdout, flush=True)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        """Final results: a ``{"type": "summary", ...}`` line in the jsonl and W&B ``run.summary``."""
+        if not self._active():
+            return
+        plain = {k: _plain(k, v) for k, v in metrics.items()}
+        self._write({"type": "summary", "time": time.time(), **plain})
+        if self._run is not None:
+            self._run.summary.update(plain)
+
+    def console_line(self, step: int, metrics: dict[str, Any]) -> str:
+        """A compact one-liner, e.g. ``step 120 | loss 3.4120 | tok/s 12.3k | cv 0.21``.
+
+        ``cv`` is the mean of the ``moe/layer_*/cv`` keys (the layers' load imbalance).
+        Missing keys are left out.
+        """
+        parts = [f"step {int(step)}"]
+        for label, keys, fmt in self._CONSOLE_FIELDS:
+            for k in keys:
+                v = _number(metrics.get(k))
+                if v is not None:
+                    parts.append(f"{label} {fmt(v)}")
+                    break
+        cvs = [_number(v) for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith("/cv")]
+        cvs = [v for v in cvs if v is not None]
+        if cvs:
+            parts.append(f"cv {sum(cvs) / len(cvs):.3f}")
+        return " | ".join(parts)
+
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close the jsonl and finish the W&B run; safe to call twice."""
+        if not self._active():
+            return
+        self._closed = True
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+            self._run = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A run that ends in an exception is marked failed in W&B.
+        self.close(exit_code=0 if exc_type is None else 1)
