@@ -76,14 +76,17 @@ def balanced_assignment(
     if int(open_E.sum()) <= 1:  # zero or one expert can take tokens: nothing to optimise
         return torch.full((T,), int(open_E.long().argmax()) if T else 0, dtype=torch.long, device=device)
 
-    s_TE = scores_TE.to(torch.float64)
-    span = float(s_TE.max() - s_TE.min()) or 1.0
+    span = float(scores_TE.max() - scores_TE.min()) or 1.0
+    # Token t sees the experts in the rotated order col_TE[t] = (t, t+1, ...) mod E, so that tied
+    # tokens spread their bids over the experts instead of all piling onto the same one.
+    all_T, ar_E = torch.arange(T, device=device), torch.arange(E, device=device)
+    col_TE = (all_T[:, None] + ar_E) % E
+    s_TE = scores_TE.to(torch.float64).gather(1, col_TE)  # s_TE[t, j] = scores_TE[t, col_TE[t, j]]
     eps_final = span * 1e-6 / T if eps is None else float(eps)
     # Closed experts get an infinite price so nobody ever bids for them.
     price_E = torch.where(open_E, 0.0, float("inf")).to(torch.float64)
     owner_T = torch.full((T,), -1, dtype=torch.long, device=device)  # -1: unassigned
     bid_T = torch.zeros(T, dtype=torch.float64, device=device)  # what each holder bid
-    all_T, ar_E = torch.arange(T, device=device), torch.arange(E, device=device)
     rounds, cur_eps = 0, max(span / 2, eps_final)
     while rounds < max_rounds:
         owner_T.fill_(-1)  # new phase: keep the prices, drop the assignment
@@ -91,13 +94,12 @@ def balanced_assignment(
         while free_U.numel() and rounds < max_rounds:
             rounds += 1
             # Every free token bids for its best expert: price + (best - second best value) + eps.
-            # Two or more experts are open, so the second best value is finite.  Columns are
-            # rotated by token index so that tied tokens spread over experts instead of all
-            # piling onto the same one.
-            col_UE = (free_U[:, None] + ar_E) % E
-            top = (s_TE[free_U[:, None], col_UE] - price_E[col_UE]).topk(2, dim=1)
-            v1_U, v2_U = top.values[:, 0], top.values[:, 1]
-            e1_U = col_UE.gather(1, top.indices[:, :1]).squeeze(1)
+            # Two or more experts are open, so the second best value is finite.
+            col_UE, s_UE = (col_TE, s_TE) if free_U is all_T else (col_TE[free_U], s_TE[free_U])
+            val_UE = s_UE - price_E.take(col_UE)
+            v1_U, j1_U = val_UE.max(1)
+            v2_U = val_UE.scatter_(1, j1_U[:, None], -torch.inf).amax(1)
+            e1_U = col_UE.gather(1, j1_U[:, None]).squeeze(1)
             owner_T[free_U] = e1_U
             bid_T[free_U] = price_E[e1_U] + (v1_U - v2_U) + cur_eps
             # Each expert that got bids keeps its cap_E highest bids (holders and bidders alike):

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from moe.config import ConfigError, TrainConfig, from_dict, validate
+from moe.config import ConfigError, TrainConfig, check_key, from_dict, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -21,21 +21,51 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """``moe=foo`` for a group without a foo.yaml: one line listing what exists.
+    """Catch what Hydra would report as a multi-line block, as one line, before Hydra starts.
 
-    (Hydra's own message for this is a multi-line block; we catch it first.)
+    ``moe=foo`` for a group without a foo.yaml lists what exists (each value of a ``-m`` sweep
+    ``moe=switch,foo`` is checked); ``model.foo=1`` / ``+foo=1`` for a key TrainConfig does not
+    have names the key and lists the known ones.  ``hydra.*``, ``group/sub=...`` and
+    ``key@package=...`` overrides are left to Hydra.
     """
     for a in args:
         if a.startswith("-") or "=" not in a:
             continue
         key, value = a.split("=", 1)
         key = key.lstrip("+~")
-        group = conf_dir / key
-        if "." in key or "/" in key or not group.is_dir() or not value:
+        if not key or key == "hydra" or key.startswith("hydra.") or "/" in key or "@" in key:
             continue
-        if not (group / f"{value}.yaml").exists():
+        group = conf_dir / key
+        if "." not in key and group.is_dir():
+            if not value or "(" in value:  # `~moe=`, or a sweep function like glob(*)
+                continue
             options = sorted(p.stem for p in group.glob("*.yaml"))
-            raise ConfigError(f"{key}={value}: there is no {key} config named {value!r}; choose one of {', '.join(options)}")
+            for v in (v.strip() for v in value.split(",")):
+                if v not in options:
+                    raise ConfigError(f"{key}={v}: there is no {key} config named {v!r}; choose one of {', '.join(options)}")
+            continue
+        check_key(key)
+
+
+def one_line(e: BaseException) -> str:
+    """A Hydra / OmegaConf error (often several lines and a hint block) as one line naming the key."""
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import InterpolationResolutionError
+
+    noise = ("full_key:", "object_type=", "reference_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
+    lines = [ln.strip().rstrip(".") for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+    msg = "; ".join(lines) or type(e).__name__
+    cause = e.__cause__ if e.__cause__ is not None else e
+    key = getattr(e, "full_key", None) or getattr(cause, "full_key", None)
+    if key and not msg.startswith(str(key)):
+        msg = f"{key}: {msg}"
+    if isinstance(e, OverrideParseException):
+        if e.override not in msg:
+            msg = f"{e.override}: {msg}"
+        msg += "; write overrides as key=value (e.g. moe.top_k=2) or group=option (e.g. moe=gshard)"
+    elif isinstance(cause, InterpolationResolutionError):
+        msg += "; fix the ${...} reference (it must name an existing key, e.g. ${moe.name}) or give a plain value"
+    return msg
 
 
 def config_from_hydra(cfg) -> TrainConfig:
@@ -48,7 +78,7 @@ def config_from_hydra(cfg) -> TrainConfig:
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is required here (it is ??? in the config); set it, e.g. {e.full_key}=...") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        raise ConfigError(one_line(e)) from None
     data.pop("hydra", None)
     tc = from_dict(TrainConfig, data)
     validate(tc)
@@ -56,11 +86,14 @@ def config_from_hydra(cfg) -> TrainConfig:
 
 
 def _run(cfg) -> None:
+    try:
+        tc = config_from_hydra(cfg)  # before importing torch: a bad value fails in well under a second
+    except ConfigError as e:
+        _fail(str(e))
     from moe.data import load_data
     from moe.train import Trainer, TrainingDiverged, format_summary
 
     try:
-        tc = config_from_hydra(cfg)
         data = load_data(tc.data, progress=tc.logger.progress)
         trainer = Trainer(tc, data=data)
     except ConfigError as e:
@@ -84,7 +117,21 @@ def train_main() -> None:
     except ConfigError as e:
         _fail(str(e))
     main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_run)
-    main()
+    if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full stack traces
+        main()
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Hydra prints its own errors as multi-line blocks (or, when formatting fails, a traceback);
+    # with HYDRA_FULL_ERROR it re-raises them instead, and a config error becomes one line here.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        _fail(one_line(e))
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

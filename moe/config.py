@@ -8,6 +8,7 @@ collects the first problem as a :class:`ConfigError` whose message names the key
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -173,15 +174,33 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _unknown_key(cls: type, k: str, prefix: str) -> ConfigError:
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6) or [n for n in names if n.startswith(str(k)[:3])]
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ConfigError(f"{prefix}{k}: unknown key{hint}; known keys: {', '.join(names)}")
+
+
+def check_key(path: str, cls: type | None = None) -> None:
+    """``model.d_model`` exists in TrainConfig; ``model.foo`` is a ConfigError naming it (for overrides)."""
+    tp: Any = TrainConfig if cls is None else cls
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{path}: {prefix} is a single value, not a group of keys; set it directly ({prefix}=...)")
+        if part not in {f.name for f in dataclasses.fields(tp)}:
+            raise _unknown_key(tp, part, prefix + "." if prefix else "")
+        tp = typing.get_type_hints(tp)[part]
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a plain dict; unknown keys are an error naming the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            close = [n for n in names if n.startswith(str(k)[:3])]
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"{prefix}{k}: unknown key{hint}; known keys: {', '.join(sorted(names))}")
+            raise _unknown_key(cls, k, prefix)
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -212,7 +231,7 @@ def validate_moe(m: MoEConfig) -> None:
     _check(0 <= m.jitter_eps < 1, f"moe.jitter_eps={m.jitter_eps} must be in [0, 1)")
     _check(0 <= m.expert_dropout < 1, f"moe.expert_dropout={m.expert_dropout} must be in [0, 1)")
     _check(m.init_scale > 0, f"moe.init_scale={m.init_scale} must be > 0 (Switch uses 0.1)")
-    _check(m.router_dtype in ("float32", "float64"), f"moe.router_dtype={m.router_dtype!r}: the router runs in float32 (or float64); lower precision makes routing unstable")
+    _check(m.router_dtype in ("float32", "float64"), f"moe.router_dtype={m.router_dtype!r}: the router runs in float32 (or float64); lower precision makes routing unstable; set moe.router_dtype=float32")
     if m.name == "switch":
         _check(m.top_k == 1, f"moe.top_k={m.top_k}: switch routes each token to exactly one expert; use moe=topk for k > 1")
     if m.name == "gshard":
