@@ -3,10 +3,11 @@
 A BASE layer routes every token to exactly one expert so that each expert receives a fixed
 number of tokens, maximising the total token-expert affinity.  That is a linear assignment
 problem in which expert e offers c_e identical slots; it is solved here by Bertsekas' auction
-algorithm for "similar objects" with epsilon-scaling, in pure PyTorch: every round is a handful
-of tensor ops over all tokens (Jacobi bidding), so it runs on whatever device the scores are on.
+algorithm for "similar objects" with epsilon-scaling, in pure PyTorch.  Rounds are Jacobi: all
+free tokens bid at once and each round is a handful of tensor ops (no loop over tokens), so the
+solver runs on whatever device the scores are on.
 
-Shape suffixes: T tokens, E experts, U unassigned (bidding) tokens.
+Shape suffixes: T tokens, E experts, U free (bidding) tokens, C candidates for the experts bid on.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def balanced_assignment(
     ``eps < 1 / T``).  The default final eps is ``(max - min) * 1e-6 / T``, i.e. the objective is
     within ``1e-6 * (max(scores) - min(scores))`` of the optimum.
 
-    Termination: ties are harmless (every bid raises a price by at least eps).  If ``max_rounds``
+    Termination: every bid raises a price by at least eps, and tied tokens are spread over the
+    experts (each token scans them in a different rotated order).  If ``max_rounds``
     bidding rounds (over all phases) are used up anyway, the tokens still unassigned are put into
     the remaining free slots in token order (deterministic, exactly balanced, but without the
     guarantee above).  Exact balance always holds on return.
@@ -97,9 +99,10 @@ def balanced_assignment(
             # Two or more experts are open, so the second best value is finite.
             col_UE, s_UE = (col_TE, s_TE) if free_U is all_T else (col_TE[free_U], s_TE[free_U])
             val_UE = s_UE - price_E.take(col_UE)
-            v1_U, j1_U = val_UE.max(1)
-            v2_U = val_UE.scatter_(1, j1_U[:, None], -torch.inf).amax(1)
-            e1_U = col_UE.gather(1, j1_U[:, None]).squeeze(1)
+            j1_U1 = val_UE.argmax(1, keepdim=True)  # (not .max(1): it goes parallel even when tiny)
+            v1_U = val_UE.gather(1, j1_U1).squeeze(1)
+            v2_U = val_UE.scatter_(1, j1_U1, -torch.inf).amax(1)
+            e1_U = col_UE.gather(1, j1_U1).squeeze(1)
             owner_T[free_U] = e1_U
             bid_T[free_U] = price_E[e1_U] + (v1_U - v2_U) + cur_eps
             # Each expert that got bids keeps its cap_E highest bids (holders and bidders alike):

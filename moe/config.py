@@ -273,7 +273,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1={o.beta1}, optim.beta2={o.beta2} must be in [0, 1)")
+    _check(0 <= o.beta1 < 1, f"optim.beta1={o.beta1} must be in [0, 1) (0.9 is typical)")
+    _check(0 <= o.beta2 < 1, f"optim.beta2={o.beta2} must be in [0, 1) (0.95-0.999 is typical)")
+    _check(o.eps > 0, f"optim.eps={o.eps} must be > 0 (1e-8 is typical)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
 
     lg = cfg.logger

@@ -12,6 +12,7 @@ F expert hidden dim.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -27,22 +28,81 @@ def activation_fn(name: str):
         raise ValueError(f"unknown activation {name!r}; use one of {', '.join(ACTIVATIONS)}") from None
 
 
+def _expert_groups(counts: list[int], n_groups: int) -> list[list[tuple[int, int, int]]]:
+    """Split experts into ``n_groups`` lists of (expert, first row, rows) with near-equal rows
+    (longest-processing-time-first greedy)."""
+    starts = [0]
+    for n in counts[:-1]:
+        starts.append(starts[-1] + n)
+    groups: list[list[tuple[int, int, int]]] = [[] for _ in range(n_groups)]
+    loads = [0] * n_groups
+    for e in sorted(range(len(counts)), key=lambda e: -counts[e]):
+        g = loads.index(min(loads))
+        groups[g].append((e, starts[e], counts[e]))
+        loads[g] += counts[e]
+    return groups
+
+
+def _for_each_expert(counts: list[int], body, device: torch.device) -> None:
+    """Run ``body(e, start, n)`` for every expert.
+
+    On a multi-core CPU the experts are spread over the intra-op threads, each running its
+    matmuls single-threaded, the way ``bmm`` spreads a batch: a loop of small multi-threaded
+    matmuls ran at half of dense speed at 64 experts here (fork/join per call), this runs at
+    bmm's speed without bmm's padding.  Elsewhere (GPU, one thread, too few experts to share
+    out evenly) a plain loop.
+    """
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    total = sum(counts)
+    if threads > 1 and len(counts) >= 2 * threads and total:
+        groups = _expert_groups(counts, threads)
+        if max(sum(n for _, _, n in g) for g in groups) <= 1.15 * total / threads:
+            errors: list[BaseException] = []
+
+            def run(group):
+                try:
+                    with torch.no_grad():  # grad mode is per thread; these are raw kernels
+                        for e, start, n in group:
+                            body(e, start, n)
+                except BaseException as exc:  # re-raised on the calling thread below
+                    errors.append(exc)
+
+            torch.set_num_threads(1)  # MKL/OpenMP: one thread per expert group
+            try:
+                workers = [threading.Thread(target=run, args=(g,), daemon=True) for g in groups[1:]]
+                for w in workers:
+                    w.start()
+                run(groups[0])
+                for w in workers:
+                    w.join()
+            finally:
+                torch.set_num_threads(threads)
+            if errors:
+                raise errors[0]
+            return
+    start = 0
+    for e, n in enumerate(counts):
+        body(e, start, n)
+        start += n
+
+
 class _GroupedMM(torch.autograd.Function):
     """``out[rows of e] = x[rows of e] @ w[e]`` for every expert e.
 
-    Written as an explicit loop with ``out=`` slices in both passes: indexing ``w[e]`` inside
-    autograd would make every expert's backward materialise a full (E, D, F) gradient (20x
-    slower at E = 64), and ``unbind`` + ``cat`` copies every activation once more.
+    An explicit loop with ``out=`` slices in both passes: indexing ``w[e]`` inside autograd
+    would make every expert's backward materialise a full (E, D, F) gradient (20x slower at
+    E = 64), and ``unbind`` + ``cat`` copies every activation once more.
     """
 
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> torch.Tensor:
         out_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[2])
-        start = 0
-        for e, n in enumerate(counts):
+
+        def body(e, start, n):
             if n:
                 torch.mm(x_ND[start : start + n], w_EDF[e], out=out_NF[start : start + n])
-            start += n
+
+        _for_each_expert(counts, body, x_ND.device)
         ctx.save_for_backward(x_ND, w_EDF)
         ctx.counts = counts
         return out_NF
@@ -53,8 +113,8 @@ class _GroupedMM(torch.autograd.Function):
         grad_NF = grad_NF.contiguous()
         grad_x = x_ND.new_empty(x_ND.shape) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
+
+        def body(e, start, n):
             g = grad_NF[start : start + n]
             if grad_x is not None and n:
                 torch.mm(g, w_EDF[e].t(), out=grad_x[start : start + n])
@@ -63,7 +123,8 @@ class _GroupedMM(torch.autograd.Function):
                     torch.mm(x_ND[start : start + n].t(), g, out=grad_w[e])
                 else:  # an expert that got no tokens is a normal case: zero gradient
                     grad_w[e].zero_()
-            start += n
+
+        _for_each_expert(ctx.counts, body, x_ND.device)
         return grad_x, grad_w, None
 
 
@@ -71,6 +132,14 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> to
     """Rows of ``x_ND`` are grouped by expert (``counts[e]`` rows for expert e, in order)."""
     assert sum(counts) == x_ND.shape[0] and len(counts) == w_EDF.shape[0]
     return _GroupedMM.apply(x_ND.contiguous(), w_EDF, counts)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on (our grouped matmul is not an autocast op, so
+    it is cast by hand: both execution paths then compute in the same precision)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class GroupedExperts(nn.Module):
@@ -85,7 +154,7 @@ class GroupedExperts(nn.Module):
         init_scale: Switch small-scale init, truncated normal with std sqrt(s / fan_in).
     """
 
-    PAD_RATIO = 1.5  # dropless: pad to the largest expert's count while that wastes < 50%
+    PAD_RATIO = 1.1  # dropless: pad to the largest expert's count while that wastes <= 10%
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0, init_scale: float = 0.1):
         super().__init__()
@@ -109,11 +178,11 @@ class GroupedExperts(nn.Module):
     def forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Dropless: rows sorted by expert, ``counts[e]`` rows for expert e.
 
-        When the load is even enough (padding every expert to the largest count costs at
-        most ``PAD_RATIO`` times the rows), the rows are padded into one (E, C, D) batch:
-        ``bmm`` spreads the experts over the cores and runs small per-expert matmuls at
-        close to dense speed, where a loop of small matmuls ran at half of it (E = 64 here).
-        An uneven load takes the loop, which does no wasted work.
+        When the load is (nearly) even, padding every expert to the largest count costs at
+        most ``PAD_RATIO`` times the rows, and the rows go through one (E, C, D) ``bmm``
+        (BASE's exact balance always lands here).  Otherwise ``grouped_mm`` runs each
+        expert's rows through its own matmul, experts spread over the cores, no wasted work.
+        Measured side by side in ``moe-bench layer`` (docs/performance.md).
         """
         N, E = x_ND.shape[0], len(counts)
         c_max = max(counts) if counts else 0
@@ -123,11 +192,13 @@ class GroupedExperts(nn.Module):
             slot_N = expert_N * c_max + torch.arange(N, device=x_ND.device) - offsets[expert_N]
             x_ECD = x_ND.new_zeros(E * c_max, x_ND.shape[1]).index_copy(0, slot_N, x_ND).view(E, c_max, -1)
             return self.forward_padded(x_ECD).view(E * c_max, -1).index_select(0, slot_N)
-        w1, w2 = self.w1_EDF.to(x_ND.dtype), self.w2_EFD.to(x_ND.dtype)
+        dt = _compute_dtype(x_ND)
+        x_ND, w1, w2 = x_ND.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
         h_NF = self._hidden(grouped_mm(x_ND, w1, counts))
         return grouped_mm(h_NF, w2, counts)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Capacity mode: one padded batch of C rows per expert."""
-        w1, w2 = self.w1_EDF.to(x_ECD.dtype), self.w2_EFD.to(x_ECD.dtype)
+        dt = _compute_dtype(x_ECD)
+        x_ECD, w1, w2 = x_ECD.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
         return torch.bmm(self._hidden(torch.bmm(x_ECD, w1)), w2)

@@ -30,7 +30,7 @@ class Routing:
     """
 
     expert_ids_TK: torch.Tensor  # long, chosen expert per (token, choice)
-    weights_TK: torch.Tensor  # combine weights (fp32)
+    weights_TK: torch.Tensor  # combine weights (fp32; fp64 for a float64 router)
     kept_TK: torch.Tensor  # bool: False if dropped by capacity or by GShard's random routing
     position_TK: torch.Tensor | None  # long, slot in the expert's capacity buffer (capacity mode)
     capacity: int | None  # C, tokens per expert buffer; None in dropless mode
@@ -48,8 +48,10 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     """Slots per expert: ``max(min_capacity, ceil(k * cf * T / E))``, never more than T.
 
     (An expert can receive each token at most once, so more than T slots is wasted memory.)
+    The product is rounded to 9 decimals before the ceiling, so float error cannot add a slot
+    (``1.1 * 100 / 10`` is ``11.000000000000002`` in floats; the capacity is 11, not 12).
     """
-    c = max(min_capacity, math.ceil(k * capacity_factor * num_tokens / num_experts))
+    c = max(min_capacity, math.ceil(round(k * capacity_factor * num_tokens / num_experts, 9)))
     return max(1, min(c, num_tokens))
 
 
@@ -73,6 +75,11 @@ def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: t
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean(logsumexp(logits)^2)``: keeps router logits small."""
     return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Routing math in fp32 at least: bf16/fp16 logits are upcast, a float64 router's kept."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _apply_capacity(ids_TK: torch.Tensor, kept_TK: torch.Tensor, E: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +132,8 @@ def topk_route(
     """General top-k routing over a softmax of the logits.
 
     Args:
-        logits_TE: router logits (computed in fp32 by the caller; upcast here regardless).
+        logits_TE: router logits (computed in fp32 by the caller; bf16/fp16 upcast to fp32
+            here regardless, fp64 kept).
         k: experts per token.
         capacity_factor: None for dropless execution; otherwise each expert gets
             ``expert_capacity(T, E, k, cf, min_capacity)`` slots and assignments past it are
@@ -142,7 +150,7 @@ def topk_route(
     T, E = logits_TE.shape
     if not 1 <= k <= E:
         raise ValueError(f"k={k} must be in [1, num_experts={E}]")
-    logits_TE = logits_TE.float()
+    logits_TE = _upcast(logits_TE)
     probs_TE = torch.softmax(logits_TE, dim=-1)
     gates_TK, ids_TK = torch.topk(probs_TE, k, dim=-1)
     if normalize and k > 1:
@@ -197,7 +205,7 @@ def base_route(scores_TE: torch.Tensor, *, training: bool) -> Routing:
     """
     if scores_TE.dim() != 2:
         raise ValueError(f"scores must be (tokens, experts), got shape {tuple(scores_TE.shape)}")
-    scores_TE = scores_TE.float()
+    scores_TE = _upcast(scores_TE)
     if training:
         ids_T = balanced_assignment(scores_TE.detach())
     else:

@@ -205,7 +205,9 @@ class MetricsLogger:
             # an older checkpoint; the jsonl keeps everything.
             self._run.log(plain, step=int(step))
         if self.cfg.console and not self.cfg.progress:
-            print(self.console_line(step, plain), file=sys.stdout, flush=True)
+            line = self.console_line(step, plain)
+            if " | " in line:  # skip records with nothing to show (e.g. parameter counts)
+                print(line, file=sys.stdout, flush=True)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """Final results: a ``{"type": "summary", ...}`` line in the jsonl and W&B ``run.summary``."""
