@@ -24,20 +24,29 @@ from moe.config import MoEConfig
 from moe.layers import DenseFFN, MoELayer
 
 
-def _time_fwd_bwd(layer: nn.Module, x: torch.Tensor, repeats: int, call) -> float:
-    """Median seconds of one forward+backward, after one warm-up."""
-    times = []
-    for i in range(repeats + 1):
-        layer.zero_grad(set_to_none=True)
-        xi = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
-        y = call(layer, xi)
-        y.float().pow(2).mean().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _fwd_bwd_once(layer: nn.Module, x: torch.Tensor, call) -> float:
+    layer.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    call(layer, xi).float().pow(2).mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _time_interleaved(impls: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per forward+backward for each ``name: (layer, call)``.
+
+    The implementations take turns (dense, ours, deepspeed, dense, ours, ...) after one
+    warm-up each, so a shared machine's drifting speed hits them alike and their ratios hold.
+    """
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for name, (layer, call) in impls.items():
+        _fwd_bwd_once(layer, x, call)
+    for _ in range(repeats):
+        for name, (layer, call) in impls.items():
+            times[name].append(_fwd_bwd_once(layer, x, call))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _ours(layer, x):
@@ -83,9 +92,8 @@ def bench_layer(args) -> dict:
     x = torch.randn(T, D, device=device)
     rows = []
     dense = DenseFFN(D, F_).to(device)
-    dense_s = _time_fwd_bwd(dense, x, args.repeats, _ours)
-    dense_tps = T / dense_s
-    print(f"dense FFN d={D} ffn={F_} tokens={T}: {dense_tps:,.0f} tokens/s ({dense_s * 1e3:.0f} ms fwd+bwd)", flush=True)
+    dense_all = []
+    print(f"dense FFN d={D} ffn={F_} tokens={T}: the limit, re-measured in turn with every row (dense, ours, deepspeed, dense, ...)", flush=True)
     header = f"{'E':>4} {'k':>2} {'mode':>9} {'impl':>9} {'tokens/s':>10} {'ms':>7} {'limit':>10} {'ratio':>6}"
     print(header)
     print("-" * len(header))
@@ -94,16 +102,19 @@ def bench_layer(args) -> dict:
             for mode in args.modes:
                 dropless = mode == "dropless"
                 cf = 1.0
-                impls = {"ours": MoELayer(D, F_, MoEConfig(name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4)).to(device)}
-                if args.deepspeed:
+                impls = {"dense": (dense, _ours)}
+                impls["ours"] = (MoELayer(D, F_, MoEConfig(name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4)).to(device), _ours)
+                if args.deepspeed and k <= 2:
                     ds = _deepspeed_layer(D, F_, E, k, cf, dropless)
-                    if ds is not None and k <= 2:
-                        impls["deepspeed"] = ds.to(device)
-                for impl, layer in impls.items():
-                    call = _ours if impl == "ours" else (lambda l, xi: l(xi.unsqueeze(0))[0])
-                    s = _time_fwd_bwd(layer, x, args.repeats, call)
+                    if ds is not None:
+                        impls["deepspeed"] = (ds.to(device), lambda l, xi: l(xi.unsqueeze(0))[0])
+                secs = _time_interleaved(impls, x, args.repeats)
+                dense_all.append(T / secs["dense"])
+                limit = T / secs["dense"] / k
+                for impl, s in secs.items():
+                    if impl == "dense":
+                        continue
                     tps = T / s
-                    limit = dense_tps / k
                     row = {"E": E, "k": k, "mode": mode, "impl": impl, "tokens_per_s": tps, "ms": s * 1e3, "limit_tokens_per_s": limit, "ratio": tps / limit}
                     rows.append(row)
                     print(f"{E:>4} {k:>2} {mode:>9} {impl:>9} {tps:>10,.0f} {s * 1e3:>7.0f} {limit:>10,.0f} {tps / limit:>6.2f}", flush=True)
@@ -117,9 +128,22 @@ def bench_layer(args) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "dense_tokens_per_s": dense_tps,
+        "dense_tokens_per_s": statistics.median(dense_all),
         "rows": rows,
     }
+
+
+def markdown_table(result: dict) -> str:
+    """The layer benchmark as the table in docs/performance.md."""
+    rows: dict[tuple, dict] = {}
+    for r in result["rows"]:
+        rows.setdefault((r["E"], r["k"], r["mode"]), {})[r["impl"]] = r
+    lines = ["| E | k | mode | ours tokens/s | ours / limit | DeepSpeed tokens/s | DeepSpeed / limit |", "|---:|---:|---|---:|---:|---:|---:|"]
+    for (E, k, mode), d in rows.items():
+        o, ds = d["ours"], d.get("deepspeed")
+        ds_cols = f"{ds['tokens_per_s']:,.0f} | {ds['ratio']:.2f}" if ds else "- | -"
+        lines.append(f"| {E} | {k} | {mode} | {o['tokens_per_s']:,.0f} | **{o['ratio']:.2f}** | {ds_cols} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64, 128])
     lay.add_argument("--k", type=int, nargs="+", default=[1, 2])
     lay.add_argument("--modes", nargs="+", default=["dropless", "capacity"], choices=["dropless", "capacity"])
-    lay.add_argument("--repeats", type=int, default=3)
+    lay.add_argument("--repeats", type=int, default=5)
     lay.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     lay.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="skip DeepSpeed's layer")
     lay.add_argument("--out", default="bench_results/layer.json")
@@ -147,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    print()
+    print(markdown_table(result))
     print(f"wrote {out}")
     return 0
 

@@ -85,6 +85,22 @@ def config_from_hydra(cfg) -> TrainConfig:
     return tc
 
 
+def data_line(meta: dict) -> str:
+    """One line on what the run trains on, e.g. for the default corpus:
+    ``data: stdlib, 1758 files (32 skipped: empty 28, not UTF-8 4), bpe vocab 4096, 9,027,506 train / 351,110 val tokens (cached)``."""
+    parts = [f"data: {meta.get('source', '?')}"]
+    if "n_files" in meta:
+        skipped = meta.get("skipped", 0)
+        why = ", ".join(f"{k} {v}" for k, v in meta.get("skipped_reasons", {}).items())
+        parts.append(f"{meta['n_files']} files" + (f" ({skipped} skipped: {why})" if skipped else ""))
+    parts.append(f"{meta.get('tokenizer') or 'pre-tokenized'} vocab {meta.get('vocab_size', '?')}")
+    n_train, n_val = meta.get("n_train_tokens"), meta.get("n_val_tokens")
+    if n_train is not None and n_val is not None:
+        parts.append(f"{n_train:,} train / {n_val:,} val tokens")
+    line = ", ".join(parts)
+    return line + (" (cached)" if meta.get("from_cache") else "")
+
+
 def _run(cfg) -> None:
     try:
         tc = config_from_hydra(cfg)  # before importing torch: a bad value fails in well under a second
@@ -98,6 +114,7 @@ def _run(cfg) -> None:
         trainer = Trainer(tc, data=data)
     except ConfigError as e:
         _fail(str(e))
+    print(data_line(data.meta), file=sys.stderr)
     print(f"run directory: {tc.out_dir}", file=sys.stderr)
     try:
         result = trainer.fit()

@@ -169,3 +169,4 @@ def test_moe_train_console_script_end_to_end(tmp_path):
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (run / ".hydra" / "config.yaml").exists()
     assert "train" in p.stderr and "step" in p.stderr  # the progress bar
+    assert "data: stdlib, 40 files" in p.stderr and "train / " in p.stderr
