@@ -80,9 +80,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -120,12 +120,12 @@ class TrainConfig:
     run_name: str = "default"
     out_dir: str = "runs/default"
     seed: int = 1337
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
     eval_every: int = 100
     eval_batches: int = 8
-    ckpt_every: int = 200
+    ckpt_every: int = 100
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
@@ -290,12 +290,13 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.eval_batches >= 1, f"eval_batches={cfg.eval_batches} must be >= 1")
     _check(cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every} must be >= 0 (0: only at the end)")
     _check(cfg.optim.warmup_steps <= cfg.steps, f"optim.warmup_steps={o.warmup_steps} > steps={cfg.steps}; lower the warmup or train longer")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps", f"device={cfg.device!r}; use auto, cpu, cuda or cuda:N")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps", f"device={cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
     if cfg.device.startswith("cuda"):
         import torch
 
         _check(torch.cuda.is_available(), f"device={cfg.device!r} but no CUDA device is visible; use device=auto or device=cpu")
-    _check(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"dtype={cfg.dtype!r}; use auto, float32, bfloat16 or float16")
+    _check(cfg.dtype != "float16", "dtype=float16 needs loss scaling, which the trainer does not do; use dtype=bfloat16 (or auto)")
+    _check(cfg.dtype in ("auto", "float32", "bfloat16"), f"dtype={cfg.dtype!r}; use auto, float32 or bfloat16")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0: torch's default)")
     _check(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0 (0: measure at start-up)")
 

@@ -134,6 +134,12 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> to
     return _GroupedMM.apply(x_ND.contiguous(), w_EDF, counts)
 
 
+def small_init_(w: torch.Tensor, scale: float, fan_in: int) -> None:
+    """Switch Transformer init: truncated normal, std sqrt(scale / fan_in), cut at 2 std."""
+    std = math.sqrt(scale / fan_in)
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on (our grouped matmul is not an autocast op, so
     it is cast by hand: both execution paths then compute in the same precision)."""
@@ -167,9 +173,8 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w, fan_in in ((self.w1_EDF, self.d_model), (self.w2_EFD, self.d_ff)):
-            std = math.sqrt(self.init_scale / fan_in)
-            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+        small_init_(self.w1_EDF, self.init_scale, self.d_model)
+        small_init_(self.w2_EFD, self.init_scale, self.d_ff)
 
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
         h = self.act(h)

@@ -10,7 +10,6 @@ Shape suffixes: T tokens, E experts, D model dim, F hidden dim.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn as nn
 
 from moe.config import MOE_LAYERS, MoEConfig
 from moe.dispatch import LocalDispatcher
-from moe.experts import GroupedExperts, activation_fn
+from moe.experts import GroupedExperts, activation_fn, small_init_
 from moe.routing import Routing, base_route, gshard_route, switch_route, topk_route
 
 
@@ -33,11 +32,6 @@ class LayerAux:
     num_routed: torch.Tensor  # scalar, assignments routed (tokens x choices kept by the router)
 
 
-def _small_init_(w: torch.Tensor, scale: float, fan_in: int) -> None:
-    std = math.sqrt(scale / fan_in)
-    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
-
-
 class DenseFFN(nn.Module):
     """``W2·act(W1·x)``: the baseline every MoE is compared to.  Same init as one expert."""
 
@@ -47,8 +41,8 @@ class DenseFFN(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
         self.act = activation_fn(activation)
         self.dropout = nn.Dropout(dropout)
-        _small_init_(self.w1.weight, init_scale, d_model)
-        _small_init_(self.w2.weight, init_scale, d_ff)
+        small_init_(self.w1.weight, init_scale, d_model)
+        small_init_(self.w2.weight, init_scale, d_ff)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.w2(self.dropout(self.act(self.w1(x)))), None
@@ -65,7 +59,7 @@ class Router(nn.Module):
         super().__init__()
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype))
         self.jitter_eps = jitter_eps
-        _small_init_(self.weight_ED, init_scale, d_model)
+        small_init_(self.weight_ED, init_scale, d_model)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):

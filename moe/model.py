@@ -124,16 +124,19 @@ class TransformerLM(nn.Module):
 
 
 def count_parameters(model: TransformerLM) -> dict[str, int]:
-    """Total, embedding, expert and active (per token, non-embedding) parameter counts."""
+    """Parameter counts: total, embedding (token + position), expert, active non-embedding
+    per token (the output projection excluded, tied or not), and the output projection's
+    size, which every token multiplies whether or not it is tied to the embedding."""
     total = sum(p.numel() for p in model.parameters())
     emb = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
-    expert = 0
-    active_expert = 0
+    head = model.lm_head.weight.numel()
+    untied_head = 0 if model.cfg.tie_embeddings else head
+    expert = active_expert = 0
     for b in model.blocks:
         ex = getattr(b.ffn, "experts", None)
         if ex is not None:
             n = sum(p.numel() for p in ex.parameters())
             expert += n
             active_expert += n // ex.num_experts * model.moe.top_k
-    non_emb = total - emb
-    return {"total": total, "embedding": emb, "expert": expert, "active_non_embedding": non_emb - expert + active_expert}
+    non_emb = total - emb - untied_head
+    return {"total": total, "embedding": emb, "expert": expert, "active_non_embedding": non_emb - expert + active_expert, "lm_head_flop_params": head}

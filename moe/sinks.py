@@ -233,8 +233,8 @@ class MetricsLogger:
                     break
         cvs = [_number(v) for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith("/cv")]
         cvs = [v for v in cvs if v is not None]
-        if cvs:
-            parts.append(f"cv {sum(cvs) / len(cvs):.3f}")
+        if cvs:  # the worst layer: one collapsed layer must show
+            parts.append(f"cv {max(cvs):.3f}")
         return " | ".join(parts)
 
     def close(self, exit_code: int = 0) -> None:

@@ -2,15 +2,20 @@
 exact resume and telemetry.
 
 Exact resume: the batch for step s is a pure function of (seed, s) (``TokenData.get_batch``),
-and the checkpoint holds the model, optimizer, scheduler and every RNG state, so a run
+and the checkpoint holds the model, optimizer and every RNG state (the learning rate is a
+function of the step), so a run
 resumed from step s computes bit-identical losses to one that never stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 
 from moe import checkpoint as ckpt
-from moe.config import TrainConfig, to_dict, validate
+from moe.config import ConfigError, TrainConfig, to_dict, validate
 from moe.data import TokenData, load_data
 from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
 from moe.model import ModelOutput, TransformerLM, count_parameters
@@ -50,11 +55,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    """LR of optimizer step ``step`` (0-based): linear warmup over the first warmup_steps steps,
+    then a cosine from optim.lr down to lr * min_lr_ratio at the last step (steps - 1).
+
+    A pure function of the step and the config: a resumed run with a new optim.lr or steps
+    follows the new schedule from where it stands (no scheduler state to go stale).
+    """
     o = cfg.optim
     if o.warmup_steps and step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    span = max(1, cfg.steps - o.warmup_steps)
+    span = max(1, cfg.steps - 1 - o.warmup_steps)
     progress = min(1.0, (step - o.warmup_steps) / span)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -107,20 +117,21 @@ class Trainer:
         self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and is_main)
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
-            from moe.config import ConfigError
-
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        for split in ("train", "val"):
+            n = len(getattr(self.data, split))
+            if n < self.model_cfg.seq_len + 1:
+                raise ConfigError(f"data: the {split} split has {n} tokens, fewer than model.seq_len+1={self.model_cfg.seq_len + 1}; lower model.seq_len, raise data.val_fraction or add data")
         torch.manual_seed(cfg.seed)
         self.model = TransformerLM(self.model_cfg, cfg.moe).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
         self.step = 0
         self.wandb_id: str | None = None
         self.last_metrics: dict[str, float] = {}  # the latest logged train metrics
         self.params = count_parameters(self.model)
-        # FLOPs per token: active non-embedding params plus the (tied) output projection.
-        n_flops = self.params["active_non_embedding"] + vocab * self.model_cfg.d_model
+        # FLOPs per token: active non-embedding params plus the output projection.
+        n_flops = self.params["active_non_embedding"] + self.params["lm_head_flop_params"]
         self.flops_per_token = transformer_flops_per_token(n_flops, self.model_cfg.n_layers, self.model_cfg.d_model, self.model_cfg.seq_len)
         self.moe_blocks = self.model.moe_layers()
 
@@ -135,7 +146,6 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "config": to_dict(self.cfg),
             "wandb_id": self.wandb_id,
@@ -148,10 +158,10 @@ class Trainer:
         return self.checkpoint_path
 
     def load(self, path: Path) -> None:
-        state = ckpt.load(path, map_location=self.device)
+        state = ckpt.load(path, map_location="cpu")  # RNG states must stay CPU tensors
+        check_resumable(state.get("config", {}), to_dict(self.cfg), self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
         self.wandb_id = state.get("wandb_id")
@@ -179,31 +189,34 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def train_step(self, load: LoadAccumulator) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; raises TrainingDiverged on NaN/inf."""
+        """One optimizer step over grad_accum micro-batches.
+
+        Raises TrainingDiverged, before the optimizer touches the weights, when the loss or the
+        gradient norm is NaN/inf.  One host sync per step (the finite check and the logged values).
+        """
         c = self.cfg
-        lm = aux = z = 0.0
+        sums = torch.zeros(3, device=self.device)  # lm, aux, z: averaged over micro-batches
         for micro in range(c.grad_accum):
             out = self._forward("train", self.step * c.grad_accum + micro)
-            loss = out.total_loss(c.moe) / c.grad_accum
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss is {loss_value} at step {self.step + 1} (lm {out.lm_loss.item()}, aux {out.aux_loss.item()}, z {out.z_loss.item()}); "
-                    f"the last good checkpoint is kept at {self.checkpoint_path}. Lower optim.lr, raise optim.warmup_steps or set moe.z_loss_weight=0.001"
-                )
-            loss.backward()
-            lm += out.lm_loss.item() / c.grad_accum
-            aux += out.aux_loss.item() / c.grad_accum
-            z += out.z_loss.item() / c.grad_accum
+            (out.total_loss(c.moe) / c.grad_accum).backward()
+            sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
             for block, la in zip(self.moe_blocks, out.layer_aux):
                 load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
-        lr = self.scheduler.get_last_lr()[0]
+        lm, aux, z, gn = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)]).tolist()
+        if not all(math.isfinite(v) for v in (lm, aux, z, gn)):
+            kept = f"the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: lm loss {lm}, aux {aux}, z {z}, grad norm {gn}; {kept}. "
+                f"Lower optim.lr, raise optim.warmup_steps or set moe.z_loss_weight=0.001"
+            )
+        lr = lr_at(self.step, c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr, "train/grad_norm": float(grad_norm)}
+        return {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr, "train/grad_norm": gn}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -215,11 +228,15 @@ class Trainer:
         """
         c = self.cfg
         resumed = False
+        metrics_path = self.run_dir / "metrics.jsonl"
         if c.resume and self.checkpoint_path.exists():
             self.load(self.checkpoint_path)
             resumed = True
-        elif self.is_main and not c.resume and (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old one
+            if self.is_main:  # records logged after the checkpoint are about to be redone
+                _truncate_jsonl(metrics_path, self.step)
+        elif self.is_main and not c.resume:
+            for old in (metrics_path, self.checkpoint_path):  # resume=false: start over
+                old.unlink(missing_ok=True)
         peak = c.peak_flops or measure_peak_flops(self.device, self.dtype, seconds=0.3)
         logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
         self.wandb_id = logger.wandb_run_id
@@ -235,18 +252,23 @@ class Trainer:
                 print(f"resumed from {self.checkpoint_path} at step {self.step}", file=sys.stderr)
         end = c.steps if stop_after is None else min(c.steps, self.step + stop_after)
         bar = _progress(self.step, c.steps, enabled=self.is_main and c.logger.progress)
-        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+        window_t, window_steps = time.perf_counter(), 0
+        window: dict[str, float] = {}  # train/* sums over the log window
         exit_code = 1
+        stop = _StopFlag()
         try:
             while self.step < end:
-                metrics = self.train_step(load)
-                window_tokens += tokens_per_step
+                step_metrics = self.train_step(load)
+                for k, v in step_metrics.items():
+                    window[k] = window.get(k, 0.0) + v
                 window_steps += 1
                 if bar is not None:
                     bar.update(1)
-                if self.step % c.logger.log_every == 0 or self.step == end:
+                if self.step % c.logger.log_every == 0 or self.step == end or stop.requested:
                     dt = time.perf_counter() - window_t
-                    tps = window_tokens / dt
+                    tps = window_steps * tokens_per_step / dt
+                    metrics = {k: v / window_steps for k, v in window.items()}
+                    metrics["train/lr"] = step_metrics["train/lr"]
                     metrics.update({
                         "perf/tokens_per_s": tps,
                         "perf/step_time_s": dt / window_steps,
@@ -260,24 +282,30 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix_str(_postfix(metrics))
                     load.reset()
-                    window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+                    window.clear()
+                    window_steps = 0
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss})
                     if bar is not None:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f}")
-                if c.ckpt_every and self.step % c.ckpt_every == 0:
+                if stop.requested or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
                     self.save()
+                if stop.requested:
+                    raise KeyboardInterrupt
+                if window_steps == 0:  # eval and checkpoint time stay out of tokens/s
+                    window_t = time.perf_counter()
             if self.step >= c.steps:
                 val_loss = self.evaluate()
                 logger.log(self.step, {"val/loss": val_loss})
             self.save()
             exit_code = 0
         except KeyboardInterrupt:
-            self.save()  # the step counter and all state are consistent between steps
-            print(f"\ninterrupted: checkpoint at step {self.step} in {self.checkpoint_path}; run the same command to resume", file=sys.stderr)
+            if stop.requested:  # Ctrl-C was deferred to the end of a step: the state is whole
+                print(f"\ninterrupted: checkpoint at step {self.step} in {self.checkpoint_path}; run the same command with resume=true to go on", file=sys.stderr)
             raise
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if exit_code == 0:
@@ -306,6 +334,65 @@ class Trainer:
             params=self.params,
             history=history,
         )
+
+
+class _StopFlag:
+    """The first Ctrl-C asks the loop to stop after the current step (and checkpoint there);
+    a second one interrupts at once.  A no-op off the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+# Keys that may differ between a checkpoint's run and the run resuming it.
+RESUME_FREE_KEYS = ("steps", "resume", "out_dir", "run_name", "eval_every", "eval_batches", "ckpt_every", "threads", "peak_flops", "device", "logger", "optim", "data.cache_dir")
+
+
+def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    """A checkpoint is resumed only by the config that wrote it (schedule, logging and
+    evaluation may change); anything else is a one-line ConfigError naming the keys."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(saved)), dict(flat(current))
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+        raise ConfigError(f"{run_dir} holds a checkpoint of another config ({shown}); pass run_name=NEW_NAME for a new run, or resume=false to start this one over")
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records past ``step`` (logged after the checkpoint, about to be redone); atomic."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash
+        if rec.get("type") != "summary" and rec.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _expert_index(key: str) -> int:

@@ -112,8 +112,9 @@ BAD = [
     ("steps=1.5", ["steps=1.5"], "steps", "expected an integer"),
     ("d_model=abc", ["model.d_model=abc"], "model.d_model", "expected an integer"),
     ("dropless=maybe", ["moe.dropless=maybe"], "moe.dropless", "expected true or false"),
-    ("device=tpu", ["device=tpu"], "device", "use auto, cpu, cuda or cuda:N"),
-    ("dtype=fp8", ["dtype=fp8"], "dtype", "use auto, float32, bfloat16 or float16"),
+    ("device=tpu", ["device=tpu"], "device", "use auto, cpu, cuda, cuda:N or mps"),
+    ("dtype=fp8", ["dtype=fp8"], "dtype", "use auto, float32 or bfloat16"),
+    ("dtype=float16", ["dtype=float16"], "dtype", "use dtype=bfloat16"),
     # keys that do not exist, however the user writes them (Hydra itself would print a block)
     ("unknown_key", ["model.foo=1"], "model.foo", "known keys: activation, d_ff, d_model"),
     ("unknown_key_append", ["+model.foo=1"], "model.foo", "known keys: activation, d_ff, d_model"),

@@ -127,9 +127,9 @@ def test_missing_wandb_warns_and_carries_on(tmp_path, monkeypatch):
 
 def test_console_line(tmp_path, capsys):
     lg = MetricsLogger(tmp_path, LoggerConfig(wandb=False, jsonl=False, progress=False), run_config={})
-    m = {"train/loss": 3.41234, "train/tokens_per_s": 12345.0, "moe/layer_1/cv": 0.2, "moe/layer_3/cv": torch.tensor(0.4)}
+    m = {"train/loss": 3.41234, "perf/tokens_per_s": 12345.0, "moe/layer_1/cv": 0.2, "moe/layer_3/cv": torch.tensor(0.4)}
     line = lg.console_line(120, m)
-    assert line == "step 120 | loss 3.4123 | tok/s 12.3k | cv 0.300"
+    assert line == "step 120 | loss 3.4123 | tok/s 12.3k | cv 0.400"  # the worst layer
     lg.log(120, m)  # progress bars off: log prints the line
     assert capsys.readouterr().out.strip() == line
     lg.close()

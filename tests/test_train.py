@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe import checkpoint as ckpt
-from moe.config import MoEConfig
+from moe.config import ConfigError, MoEConfig
 from moe.model import ModelOutput
 from moe.train import Trainer, TrainingDiverged, format_summary, lr_at
 from tests.conftest import tiny_config
@@ -56,13 +56,60 @@ def test_metrics_jsonl_has_every_section(tmp_path, tiny_data):
 
 
 def test_lr_schedule_warmup_then_cosine(tmp_path):
-    cfg = tiny_config(tmp_path, steps=100)
+    cfg = tiny_config(tmp_path, steps=101)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1.0, warmup_steps=10, min_lr_ratio=0.1))
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.55)  # halfway down the cosine: (1 + 0.1) / 2
-    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(100, cfg) == pytest.approx(0.1)  # the last step trained is steps - 1
+    lrs = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_resume_follows_a_changed_learning_rate(tmp_path, tiny_data):
+    Trainer(tiny_config(tmp_path, steps=10, ckpt_every=5), data=tiny_data).fit(stop_after=5)
+    cfg = tiny_config(tmp_path, steps=10, ckpt_every=5)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-4))
+    res = Trainer(cfg, data=tiny_data).fit()
+    assert res.history[0]["train/lr"] == pytest.approx(lr_at(5, cfg))
+
+
+def test_resume_refuses_another_config_with_one_line(tmp_path, tiny_data):
+    Trainer(tiny_config(tmp_path, "switch", steps=6), data=tiny_data).fit()
+    with pytest.raises(ConfigError, match=r"moe\.dropless: False -> True.*run_name=") as e:
+        Trainer(dataclasses.replace(tiny_config(tmp_path, "switch", steps=6), moe=MoEConfig(name="switch", num_experts=4, dropless=True)), data=tiny_data).fit()
+    assert "\n" not in str(e.value)
+    # resume=false starts over instead
+    res = Trainer(dataclasses.replace(tiny_config(tmp_path, "switch", steps=6), resume=False, moe=MoEConfig(name="switch", num_experts=4, dropless=True)), data=tiny_data).fit()
+    assert res.step == 6 and len(res.history) == 6
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_data):
+    Trainer(tiny_config(tmp_path, steps=10, ckpt_every=4), data=tiny_data).fit(stop_after=6)  # ckpt at 4, logged to 6
+    # simulate the crash: put the step-4 checkpoint back (fit(stop_after) saved at 6)
+    Trainer(tiny_config(tmp_path / "x", steps=10, ckpt_every=4), data=tiny_data).fit(stop_after=4)
+    shutil.copy(tmp_path / "x" / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    Trainer(tiny_config(tmp_path, steps=10, ckpt_every=4), data=tiny_data).fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert steps == list(range(1, 11))
+
+
+def test_infinite_gradient_stops_before_the_weights_change(tmp_path, tiny_data):
+    trainer = Trainer(tiny_config(tmp_path, steps=10, ckpt_every=3), data=tiny_data)
+    trainer.fit(stop_after=3)
+    trainer = Trainer(tiny_config(tmp_path, steps=10, ckpt_every=3), data=tiny_data)
+    trainer.model.tok_emb.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"step 4: .*grad norm (inf|nan).*last good checkpoint"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def test_a_val_split_shorter_than_a_sequence_is_a_config_error(tmp_path, tiny_data):
+    short = dataclasses.replace(tiny_data, val=tiny_data.val[:10])
+    with pytest.raises(ConfigError, match=r"val split has 10 tokens.*model\.seq_len"):
+        Trainer(tiny_config(tmp_path), data=short)
 
 
 @pytest.mark.parametrize("moe", ["gshard", "base"])
@@ -124,7 +171,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         return out
 
     monkeypatch.setattr(Trainer, "_forward", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7.*last good checkpoint") as e:
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 7: lm loss nan.*last good checkpoint") as e:
         trainer.fit()
     assert "\n" not in str(e.value)
     assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 4
