@@ -25,7 +25,7 @@ from moe.layers import DenseFFN, MoELayer
 
 
 def _fwd_bwd_once(layer: nn.Module, x: torch.Tensor, call) -> float:
-    layer.zero_grad(set_to_none=True)
+    layer.zero_grad(set_to_none=False)  # as the trainer does: gradient buffers are reused
     xi = x.detach().requires_grad_(True)
     t0 = time.perf_counter()
     call(layer, xi).float().pow(2).mean().backward()

@@ -92,6 +92,12 @@ class _GroupedMM(torch.autograd.Function):
     An explicit loop with ``out=`` slices in both passes: indexing ``w[e]`` inside autograd
     would make every expert's backward materialise a full (E, D, F) gradient (20x slower at
     E = 64), and ``unbind`` + ``cat`` copies every activation once more.
+
+    When ``w`` is a parameter whose ``.grad`` is already allocated (the trainer zeroes
+    gradients in place), the weight gradient is accumulated straight into it and an
+    expanded zero goes back through autograd, so gradient hooks still fire: a fresh
+    (E, D, F) gradient is hundreds of MiB at large E, which the allocator maps and the
+    kernel zeroes anew every step (220 ms per 512 MiB here).
     """
 
     @staticmethod
@@ -105,6 +111,7 @@ class _GroupedMM(torch.autograd.Function):
         _for_each_expert(counts, body, x_ND.device)
         ctx.save_for_backward(x_ND, w_EDF)
         ctx.counts = counts
+        ctx.leaf = w_EDF if (w_EDF.is_leaf and w_EDF.requires_grad) else None
         return out_NF
 
     @staticmethod
@@ -112,20 +119,63 @@ class _GroupedMM(torch.autograd.Function):
         x_ND, w_EDF = ctx.saved_tensors
         grad_NF = grad_NF.contiguous()
         grad_x = x_ND.new_empty(x_ND.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        accumulate = False
+        if ctx.needs_input_grad[1]:
+            held = _held_grad(ctx, w_EDF)
+            accumulate = held is not None
+            grad_w = held if accumulate else torch.empty_like(w_EDF)
 
         def body(e, start, n):
             g = grad_NF[start : start + n]
             if grad_x is not None and n:
                 torch.mm(g, w_EDF[e].t(), out=grad_x[start : start + n])
             if grad_w is not None:
-                if n:
+                if accumulate:
+                    if n:
+                        grad_w[e].addmm_(x_ND[start : start + n].t(), g)
+                elif n:
                     torch.mm(x_ND[start : start + n].t(), g, out=grad_w[e])
                 else:  # an expert that got no tokens is a normal case: zero gradient
                     grad_w[e].zero_()
 
         _for_each_expert(ctx.counts, body, x_ND.device)
+        if accumulate:  # already in .grad; autograd adds zero (and runs the param's hooks)
+            grad_w = w_EDF.new_zeros(()).expand(w_EDF.shape)
         return grad_x, grad_w, None
+
+
+def _held_grad(ctx, w: torch.Tensor) -> torch.Tensor | None:
+    """``w.grad`` when the weight gradient can be accumulated straight into it (see _GroupedMM)."""
+    held = ctx.leaf.grad if ctx.leaf is not None else None
+    if held is not None and not torch.is_grad_enabled() and held.shape == w.shape and held.dtype == w.dtype and held.is_contiguous() and not held.requires_grad:
+        return held
+    return None
+
+
+class _BatchedMM(torch.autograd.Function):
+    """``torch.bmm(x_ECD, w_EDF)`` with the weight gradient accumulated into ``w.grad`` when
+    it is already allocated, as in _GroupedMM."""
+
+    @staticmethod
+    def forward(ctx, x_ECD: torch.Tensor, w_EDF: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_ECD, w_EDF)
+        ctx.leaf = w_EDF if (w_EDF.is_leaf and w_EDF.requires_grad) else None
+        return torch.bmm(x_ECD, w_EDF)
+
+    @staticmethod
+    def backward(ctx, grad_ECF: torch.Tensor):
+        x_ECD, w_EDF = ctx.saved_tensors
+        grad_x = torch.bmm(grad_ECF, w_EDF.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            held = _held_grad(ctx, w_EDF)
+            if held is not None:
+                held.baddbmm_(x_ECD.transpose(1, 2), grad_ECF)
+                grad_w = w_EDF.new_zeros(()).expand(w_EDF.shape)
+            else:
+                grad_w = torch.bmm(x_ECD.transpose(1, 2), grad_ECF)
+        return grad_x, grad_w
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -206,4 +256,4 @@ class GroupedExperts(nn.Module):
         """Capacity mode: one padded batch of C rows per expert."""
         dt = _compute_dtype(x_ECD)
         x_ECD, w1, w2 = x_ECD.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
-        return torch.bmm(self._hidden(torch.bmm(x_ECD, w1)), w2)
+        return _BatchedMM.apply(self._hidden(_BatchedMM.apply(x_ECD, w1)), w2)

@@ -214,7 +214,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (see experts._GroupedMM)
         self.step += 1
         return {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr, "train/grad_norm": gn}
 
