@@ -103,7 +103,9 @@ def bench_layer(args) -> dict:
                 dropless = mode == "dropless"
                 cf = 1.0
                 impls = {"dense": (dense, _ours)}
-                impls["ours"] = (MoELayer(D, F_, MoEConfig(name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4)).to(device), _ours)
+                ours = MoELayer(D, F_, MoEConfig(name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4)).to(device)
+                ours.experts.grad_into_buffers = True  # as the trainer runs it
+                impls["ours"] = (ours, _ours)
                 if args.deepspeed and k <= 2:
                     ds = _deepspeed_layer(D, F_, E, k, cf, dropless)
                     if ds is not None:

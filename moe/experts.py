@@ -93,15 +93,17 @@ class _GroupedMM(torch.autograd.Function):
     would make every expert's backward materialise a full (E, D, F) gradient (20x slower at
     E = 64), and ``unbind`` + ``cat`` copies every activation once more.
 
-    When ``w`` is a parameter whose ``.grad`` is already allocated (the trainer zeroes
+    With ``into_grad`` (opt-in: ``GroupedExperts.grad_into_buffers``, which the trainer turns
+    on) and ``w`` a parameter whose ``.grad`` is already allocated (the trainer zeroes
     gradients in place), the weight gradient is accumulated straight into it and an
     expanded zero goes back through autograd, so gradient hooks still fire: a fresh
     (E, D, F) gradient is hundreds of MiB at large E, which the allocator maps and the
-    kernel zeroes anew every step (220 ms per 512 MiB here).
+    kernel zeroes anew every step (220 ms per 512 MiB here).  Only for ``.backward()``:
+    ``torch.autograd.grad`` would get the zero (hence opt-in).
     """
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(ctx, x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int], into_grad: bool) -> torch.Tensor:
         out_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[2])
 
         def body(e, start, n):
@@ -111,7 +113,7 @@ class _GroupedMM(torch.autograd.Function):
         _for_each_expert(counts, body, x_ND.device)
         ctx.save_for_backward(x_ND, w_EDF)
         ctx.counts = counts
-        ctx.leaf = w_EDF if (w_EDF.is_leaf and w_EDF.requires_grad) else None
+        ctx.leaf = w_EDF if (into_grad and w_EDF.is_leaf and w_EDF.requires_grad) else None
         return out_NF
 
     @staticmethod
@@ -142,7 +144,7 @@ class _GroupedMM(torch.autograd.Function):
         _for_each_expert(ctx.counts, body, x_ND.device)
         if accumulate:  # already in .grad; autograd adds zero (and runs the param's hooks)
             grad_w = w_EDF.new_zeros(()).expand(w_EDF.shape)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _held_grad(ctx, w: torch.Tensor) -> torch.Tensor | None:
@@ -158,9 +160,9 @@ class _BatchedMM(torch.autograd.Function):
     it is already allocated, as in _GroupedMM."""
 
     @staticmethod
-    def forward(ctx, x_ECD: torch.Tensor, w_EDF: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x_ECD: torch.Tensor, w_EDF: torch.Tensor, into_grad: bool) -> torch.Tensor:
         ctx.save_for_backward(x_ECD, w_EDF)
-        ctx.leaf = w_EDF if (w_EDF.is_leaf and w_EDF.requires_grad) else None
+        ctx.leaf = w_EDF if (into_grad and w_EDF.is_leaf and w_EDF.requires_grad) else None
         return torch.bmm(x_ECD, w_EDF)
 
     @staticmethod
@@ -175,13 +177,13 @@ class _BatchedMM(torch.autograd.Function):
                 grad_w = w_EDF.new_zeros(()).expand(w_EDF.shape)
             else:
                 grad_w = torch.bmm(x_ECD.transpose(1, 2), grad_ECF)
-        return grad_x, grad_w
+        return grad_x, grad_w, None
 
 
-def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int], *, into_grad: bool = False) -> torch.Tensor:
     """Rows of ``x_ND`` are grouped by expert (``counts[e]`` rows for expert e, in order)."""
     assert sum(counts) == x_ND.shape[0] and len(counts) == w_EDF.shape[0]
-    return _GroupedMM.apply(x_ND.contiguous(), w_EDF, counts)
+    return _GroupedMM.apply(x_ND.contiguous(), w_EDF, counts, into_grad)
 
 
 def small_init_(w: torch.Tensor, scale: float, fan_in: int) -> None:
@@ -218,6 +220,9 @@ class GroupedExperts(nn.Module):
         self.act = activation_fn(activation)
         self.dropout = dropout
         self.init_scale = init_scale
+        # Accumulate weight gradients straight into allocated .grad buffers (see _GroupedMM):
+        # right for loss.backward() with gradients zeroed in place, wrong for autograd.grad.
+        self.grad_into_buffers = False
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.reset_parameters()
@@ -249,11 +254,12 @@ class GroupedExperts(nn.Module):
             return self.forward_padded(x_ECD).view(E * c_max, -1).index_select(0, slot_N)
         dt = _compute_dtype(x_ND)
         x_ND, w1, w2 = x_ND.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
-        h_NF = self._hidden(grouped_mm(x_ND, w1, counts))
-        return grouped_mm(h_NF, w2, counts)
+        h_NF = self._hidden(grouped_mm(x_ND, w1, counts, into_grad=self.grad_into_buffers))
+        return grouped_mm(h_NF, w2, counts, into_grad=self.grad_into_buffers)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Capacity mode: one padded batch of C rows per expert."""
         dt = _compute_dtype(x_ECD)
         x_ECD, w1, w2 = x_ECD.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
-        return _BatchedMM.apply(self._hidden(_BatchedMM.apply(x_ECD, w1)), w2)
+        g = self.grad_into_buffers
+        return _BatchedMM.apply(self._hidden(_BatchedMM.apply(x_ECD, w1, g)), w2, g)

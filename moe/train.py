@@ -27,6 +27,7 @@ import torch
 from moe import checkpoint as ckpt
 from moe.config import ConfigError, TrainConfig, to_dict, validate
 from moe.data import TokenData, load_data
+from moe.experts import GroupedExperts
 from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
 from moe.model import ModelOutput, TransformerLM, count_parameters
 from moe.sinks import MetricsLogger
@@ -125,6 +126,9 @@ class Trainer:
                 raise ConfigError(f"data: the {split} split has {n} tokens, fewer than model.seq_len+1={self.model_cfg.seq_len + 1}; lower model.seq_len, raise data.val_fraction or add data")
         torch.manual_seed(cfg.seed)
         self.model = TransformerLM(self.model_cfg, cfg.moe).to(self.device)
+        for m in self.model.modules():  # we only ever .backward() and zero .grad in place
+            if isinstance(m, GroupedExperts):
+                m.grad_into_buffers = True
         self.optimizer = build_optimizer(self.model, cfg)
         self.step = 0
         self.wandb_id: str | None = None

@@ -14,9 +14,11 @@ from moe.experts import GroupedExperts
 from moe.layers import MoELayer
 
 
-def _layer(dropless: bool) -> MoELayer:
+def _layer(dropless: bool, into_grad: bool = True) -> MoELayer:
     torch.manual_seed(0)
-    return MoELayer(8, 16, MoEConfig(name="topk", num_experts=4, top_k=2, dropless=dropless, capacity_factor=1.0)).double()
+    layer = MoELayer(8, 16, MoEConfig(name="topk", num_experts=4, top_k=2, dropless=dropless, capacity_factor=1.0)).double()
+    layer.experts.grad_into_buffers = into_grad
+    return layer
 
 
 @pytest.mark.parametrize("path", ["grouped", "padded", "capacity"])
@@ -67,3 +69,27 @@ def test_post_accumulate_hook_sees_the_whole_gradient():
     layer(x)[0].pow(2).sum().backward()  # accumulates into it
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], expected)
+
+
+@pytest.mark.parametrize("dropless", [True, False])
+def test_off_by_default_so_autograd_grad_is_right_with_grad_allocated(dropless):
+    layer = _layer(dropless, into_grad=False)
+    x = torch.randn(2, 12, 8, dtype=torch.float64)
+    layer(x)[0].sum().backward()  # .grad allocated
+    before = layer.experts.w1_EDF.grad.clone()
+    loss = layer(x)[0].pow(2).sum()
+    (g,) = torch.autograd.grad(loss, [layer.experts.w1_EDF])
+    ref = _layer(dropless, into_grad=False)
+    (g_ref,) = torch.autograd.grad(ref(x)[0].pow(2).sum(), [ref.experts.w1_EDF])
+    torch.testing.assert_close(g, g_ref)
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(layer.experts.w1_EDF.grad, before)  # .grad untouched
+
+
+def test_trainer_turns_it_on(tmp_path, tiny_data):
+    from moe.train import Trainer
+    from tests.conftest import tiny_config
+
+    t = Trainer(tiny_config(tmp_path), data=tiny_data)
+    flags = [m.grad_into_buffers for m in t.model.modules() if isinstance(m, GroupedExperts)]
+    assert flags and all(flags)
