@@ -342,12 +342,13 @@ class Trainer:
 
 class _StopFlag:
     """The first Ctrl-C asks the loop to stop after the current step (and checkpoint there);
-    a second one interrupts at once.  A no-op off the main thread."""
+    a second one interrupts at once.  A no-op off the main thread, and where SIGINT is
+    ignored (e.g. under nohup) or handled by someone else."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):

@@ -232,12 +232,27 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resumes_bit_exactly(tmp_p
         return out
 
     monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(tmp_path / "b", "gshard", steps=8), data=tiny_data).fit()
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may run with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(tiny_config(tmp_path / "b", "gshard", steps=8), data=tiny_data).fit()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert ckpt.load(tmp_path / "b" / "checkpoint.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     monkeypatch.setattr(Trainer, "train_step", real_step)
     resumed = Trainer(tiny_config(tmp_path / "b", "gshard", steps=8), data=tiny_data).fit()
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     losses_b = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses_b == _losses(straight.history) and resumed.step == 8
+
+
+def test_ctrl_c_handling_leaves_an_ignored_sigint_alone(tmp_path, tiny_data):
+    import signal
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    try:
+        Trainer(tiny_config(tmp_path, steps=2, optim=dataclasses.replace(tiny_config(tmp_path).optim, warmup_steps=1)), data=tiny_data).fit()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
