@@ -288,6 +288,7 @@ class Trainer:
                     load.reset()
                     window.clear()
                     window_steps = 0
+                pause = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss})
@@ -297,8 +298,7 @@ class Trainer:
                     self.save()
                 if stop.requested:
                     raise KeyboardInterrupt
-                if window_steps == 0:  # eval and checkpoint time stay out of tokens/s
-                    window_t = time.perf_counter()
+                window_t = time.perf_counter() if window_steps == 0 else window_t + (time.perf_counter() - pause)
             if self.step >= c.steps:
                 val_loss = self.evaluate()
                 logger.log(self.step, {"val/loss": val_loss})
