@@ -241,7 +241,7 @@ class Trainer:
         elif self.is_main and not c.resume:
             for old in (metrics_path, self.checkpoint_path):  # resume=false: start over
                 old.unlink(missing_ok=True)
-        peak = c.peak_flops or measure_peak_flops(self.device, self.dtype, seconds=0.3)
+        peak = c.peak_flops or measure_peak_flops(self.device, self.dtype, seconds=0.5, n=2048)
         logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
         self.wandb_id = logger.wandb_run_id
         tokens_per_step = c.batch_size * c.grad_accum * self.model_cfg.seq_len
