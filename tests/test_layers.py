@@ -207,16 +207,24 @@ def test_dropless_with_no_tokens():
 # grouped_mm
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 2, 0, 1], [0, 0, 6, 0, 0], [1, 1, 1, 1, 2], [0, 0, 0, 0, 0]])
-def test_grouped_mm_matches_per_group_matmul(counts):
+def _grouped_and_reference(counts, d, f, gen):
+    """grouped_mm on random float64 inputs, and the same product as one matmul per group;
+    the outputs are checked equal here."""
     E, N = len(counts), sum(counts)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(E, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(N, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, d, f, generator=gen, dtype=torch.float64, requires_grad=True)
     out = grouped_mm(x, w, counts)
     starts = [sum(counts[:e]) for e in range(E)]
     ref = torch.cat([x[s:s + n] @ w[e] for e, (s, n) in enumerate(zip(starts, counts))])
     torch.testing.assert_close(out, ref, **TOL)
+    return x, w, out, ref
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 2, 0, 1], [0, 0, 6, 0, 0], [1, 1, 1, 1, 2], [0, 0, 0, 0, 0]])
+def test_grouped_mm_matches_per_group_matmul(counts):
+    N = sum(counts)
+    gen = torch.Generator().manual_seed(0)
+    x, w, out, ref = _grouped_and_reference(counts, 4, 3, gen)
     g = torch.randn(N, 3, generator=gen, dtype=torch.float64)
     gx, gw = torch.autograd.grad((out * g).sum(), [x, w])
     gx_ref, gw_ref = torch.autograd.grad((ref * g).sum(), [x, w], allow_unused=True)
@@ -236,14 +244,9 @@ def test_grouped_mm_same_result_with_one_or_more_threads(threads, counts):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        E, N = len(counts), sum(counts)
+        N = sum(counts)
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(N, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(E, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-        out = grouped_mm(x, w, counts)
-        starts = [sum(counts[:e]) for e in range(E)]
-        ref = torch.cat([x[s:s + n] @ w[e] for e, (s, n) in enumerate(zip(starts, counts))])
-        torch.testing.assert_close(out, ref, **TOL)
+        x, w, out, ref = _grouped_and_reference(counts, 5, 4, gen)
         g = torch.randn(N, 4, generator=gen, dtype=torch.float64)
         gx, gw = torch.autograd.grad((out * g).sum(), [x, w])
         gx_ref, gw_ref = torch.autograd.grad((ref * g).sum(), [x, w])
