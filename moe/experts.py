@@ -113,7 +113,7 @@ class _GroupedMM(torch.autograd.Function):
         _for_each_expert(counts, body, x_ND.device)
         ctx.save_for_backward(x_ND, w_EDF)
         ctx.counts = counts
-        ctx.leaf = w_EDF if (into_grad and w_EDF.is_leaf and w_EDF.requires_grad) else None
+        ctx.leaf = _leaf(w_EDF, into_grad)
         return out_NF
 
     @staticmethod
@@ -147,6 +147,11 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def _leaf(w: torch.Tensor, into_grad: bool) -> torch.Tensor | None:
+    """The parameter whose ``.grad`` the backward may accumulate into, if allowed."""
+    return w if (into_grad and w.is_leaf and w.requires_grad) else None
+
+
 def _held_grad(ctx, w: torch.Tensor) -> torch.Tensor | None:
     """``w.grad`` when the weight gradient can be accumulated straight into it (see _GroupedMM)."""
     held = ctx.leaf.grad if ctx.leaf is not None else None
@@ -162,7 +167,7 @@ class _BatchedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ECD: torch.Tensor, w_EDF: torch.Tensor, into_grad: bool) -> torch.Tensor:
         ctx.save_for_backward(x_ECD, w_EDF)
-        ctx.leaf = w_EDF if (into_grad and w_EDF.is_leaf and w_EDF.requires_grad) else None
+        ctx.leaf = _leaf(w_EDF, into_grad)
         return torch.bmm(x_ECD, w_EDF)
 
     @staticmethod
@@ -190,14 +195,6 @@ def small_init_(w: torch.Tensor, scale: float, fan_in: int) -> None:
     """Switch Transformer init: truncated normal, std sqrt(scale / fan_in), cut at 2 std."""
     std = math.sqrt(scale / fan_in)
     nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on (our grouped matmul is not an autocast op, so
-    it is cast by hand: both execution paths then compute in the same precision)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class GroupedExperts(nn.Module):
@@ -231,6 +228,13 @@ class GroupedExperts(nn.Module):
         small_init_(self.w1_EDF, self.init_scale, self.d_model)
         small_init_(self.w2_EFD, self.init_scale, self.d_ff)
 
+    def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input and weights in the autocast dtype when autocast is on, else in x's dtype (our
+        matmuls are not autocast ops: cast by hand, so both paths compute alike)."""
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return x.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
+
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
         h = self.act(h)
         return F.dropout(h, self.dropout, self.training) if self.dropout else h
@@ -252,14 +256,12 @@ class GroupedExperts(nn.Module):
             slot_N = expert_N * c_max + torch.arange(N, device=x_ND.device) - offsets[expert_N]
             x_ECD = x_ND.new_zeros(E * c_max, x_ND.shape[1]).index_copy(0, slot_N, x_ND).view(E, c_max, -1)
             return self.forward_padded(x_ECD).view(E * c_max, -1).index_select(0, slot_N)
-        dt = _compute_dtype(x_ND)
-        x_ND, w1, w2 = x_ND.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
+        x_ND, w1, w2 = self._cast(x_ND)
         h_NF = self._hidden(grouped_mm(x_ND, w1, counts, into_grad=self.grad_into_buffers))
         return grouped_mm(h_NF, w2, counts, into_grad=self.grad_into_buffers)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Capacity mode: one padded batch of C rows per expert."""
-        dt = _compute_dtype(x_ECD)
-        x_ECD, w1, w2 = x_ECD.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
+        x_ECD, w1, w2 = self._cast(x_ECD)
         g = self.grad_into_buffers
         return _BatchedMM.apply(self._hidden(_BatchedMM.apply(x_ECD, w1, g)), w2, g)
