@@ -162,7 +162,27 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     lay.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="skip DeepSpeed's layer")
     lay.add_argument("--out", default="bench_results/layer.json")
+    q = sub.add_parser("quality", help="dense vs switch vs gshard vs base at equal compute: train every arm, write docs/results.md")
+    q.add_argument("--arms", default="", help="comma-separated, e.g. dense,switch-8,gshard-8,base-8 (default: dense and switch/gshard/base at 8 and 16 experts)")
+    q.add_argument("--jobs", type=int, default=2, help="arms trained at once")
+    q.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: cpu count / jobs)")
+    q.add_argument("--runs-dir", default="runs", help="each arm trains in RUNS_DIR/quality-<moe>-e<E> (finished arms are not re-trained)")
+    q.add_argument("--log-dir", default="", help="moe-train logs (default RUNS_DIR/logs)")
+    q.add_argument("--out", default="docs/results.md")
+    q.add_argument("--smoke", action="store_true", help="tiny shapes and a dozen steps: checks the pipeline in seconds")
+    q.add_argument("--report-only", action="store_true", help="train nothing; report on the runs already in RUNS_DIR")
+    q.add_argument("--no-plots", action="store_true")
+    q.add_argument("overrides", nargs="*", help="moe-train overrides for every arm, e.g. steps=3000 optim.lr=1e-3")
     args = p.parse_args(argv)
+    if args.what == "quality":
+        from moe.quality import run_quality
+
+        args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+        try:
+            return run_quality(args)
+        except ValueError as e:
+            print(f"moe-bench quality: error: {e}", file=sys.stderr)
+            return 2
     for n in getattr(args, "experts", []):
         if n < 1:
             p.error(f"--experts: {n} must be >= 1")

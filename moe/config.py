@@ -45,6 +45,7 @@ class MoEConfig:
     name: str = "switch"  # dense | switch | gshard | topk | base
     num_experts: int = 8
     top_k: int = 1
+    expert_d_ff: int = 0  # each expert's hidden size; 0: model.d_ff (top-2 at d_ff/2 keeps dense FLOPs)
     capacity_factor: float = 1.25  # capacity = max(min_capacity, ceil(cf * k * T / E))
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
@@ -225,6 +226,7 @@ def validate_moe(m: MoEConfig) -> None:
     _check(m.top_k <= m.num_experts, f"moe.top_k={m.top_k} > moe.num_experts={m.num_experts}: a token cannot pick more experts than exist; lower moe.top_k or raise moe.num_experts")
     _check(m.capacity_factor > 0, f"moe.capacity_factor={m.capacity_factor} must be > 0 (1.0-1.25 is typical; use moe.dropless=true for no capacity limit)")
     _check(m.eval_capacity_factor > 0, f"moe.eval_capacity_factor={m.eval_capacity_factor} must be > 0")
+    _check(m.expert_d_ff >= 0, f"moe.expert_d_ff={m.expert_d_ff} must be >= 0 (0: the model's d_ff)")
     _check(m.min_capacity >= 0, f"moe.min_capacity={m.min_capacity} must be >= 0")
     _check(m.aux_loss_weight >= 0, f"moe.aux_loss_weight={m.aux_loss_weight} must be >= 0")
     _check(m.z_loss_weight >= 0, f"moe.z_loss_weight={m.z_loss_weight} must be >= 0")

@@ -57,7 +57,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = build_ffn(moe, cfg.d_model, cfg.d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout)
+        d_ff = moe.expert_d_ff if sparse and moe.name != "dense" and moe.expert_d_ff else cfg.d_ff
+        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
 

@@ -238,9 +238,10 @@ class Trainer:
             resumed = True
             if self.is_main:  # records logged after the checkpoint are about to be redone
                 _truncate_jsonl(metrics_path, self.step)
-        elif self.is_main and not c.resume:
-            for old in (metrics_path, self.checkpoint_path):  # resume=false: start over
-                old.unlink(missing_ok=True)
+        elif self.is_main:  # a fresh start: records of an earlier run that never checkpointed go
+            metrics_path.unlink(missing_ok=True)
+            if not c.resume:
+                self.checkpoint_path.unlink(missing_ok=True)
         peak = c.peak_flops or measure_peak_flops(self.device, self.dtype, seconds=0.5, n=2048)
         logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
         self.wandb_id = logger.wandb_run_id

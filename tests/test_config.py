@@ -72,6 +72,7 @@ BAD = [
     ("capacity_factor=0", ["moe.capacity_factor=0"], "moe.capacity_factor", "must be > 0"),
     ("capacity_factor<0", ["moe.capacity_factor=-0.5"], "moe.capacity_factor", "moe.dropless=true"),
     ("eval_capacity_factor=0", ["moe.eval_capacity_factor=0"], "moe.eval_capacity_factor", "must be > 0"),
+    ("expert_d_ff<0", ["moe.expert_d_ff=-1"], "moe.expert_d_ff", "must be >= 0"),
     ("num_experts=0", ["moe=topk", "moe.num_experts=0"], "moe.num_experts", "must be >= 1"),
     ("top_k=0", ["moe=topk", "moe.top_k=0"], "moe.top_k", "must be >= 1"),
     ("unknown_moe_name", ["moe.name=expert_choice"], "moe.name", "use one of dense, switch, gshard, topk, base"),

@@ -95,6 +95,25 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_data):
     assert steps == list(range(1, 11))
 
 
+def test_a_fresh_start_drops_metrics_of_a_run_that_never_checkpointed(tmp_path, tiny_data):
+    """Killed before its first checkpoint, a run starts again from step 0: its old records go."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7, "train/loss": 99.0}\n')
+    Trainer(tiny_config(tmp_path, steps=6), data=tiny_data).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("train/loss") != 99.0 for r in records)
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_expert_d_ff_sets_the_experts_hidden_size(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, "gshard")
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_d_ff=64))
+    t = Trainer(cfg, data=tiny_data)
+    experts = t.model.blocks[0].ffn.experts
+    assert tuple(experts.w1_EDF.shape) == (4, 64, 64) and tuple(experts.w2_EFD.shape) == (4, 64, 64)
+    dense = Trainer(tiny_config(tmp_path / "d", "dense"), data=tiny_data)  # top-2 at d_ff/2: dense's active FFN params + the router
+    assert t.params["active_non_embedding"] - dense.params["active_non_embedding"] == 2 * 4 * 64
+
+
 def test_infinite_gradient_stops_before_the_weights_change(tmp_path, tiny_data):
     trainer = Trainer(tiny_config(tmp_path, steps=10, ckpt_every=3), data=tiny_data)
     trainer.fit(stop_after=3)

@@ -1,0 +1,476 @@
+"""``moe-bench quality``: dense vs Switch vs GShard vs BASE at equal compute per token.
+
+Every arm is one ``moe-train experiment=quality <arm overrides>`` run: the same model shape,
+tokens, schedule and seed; only the FFN changes.  Active FLOPs per token stay equal:
+
+* top-1 arms (switch, base) use experts the size of the dense FFN (``moe.expert_d_ff=0``);
+* the top-2 arm (gshard) uses experts of half the dense FFN's hidden size
+  (``moe.expert_d_ff=d_ff/2``): two of them cost one dense FFN.
+
+The runner starts ``--jobs`` arms at a time with ``cpu_count // jobs`` threads each, polls
+their ``metrics.jsonl`` for one progress bar, and then writes the report (a markdown table
+and PNG plots).  A finished arm is not re-trained: ``moe-train`` resumes from its checkpoint
+and only re-evaluates, so a crashed comparison is re-run with the same command.  Reading and
+reporting (:func:`load_run`, :func:`steps_to_reach`, :func:`summarize`, :func:`render`) are
+pure and tested without training.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NOTES_MARKER = "<!-- notes: everything below this line is kept when the report is regenerated -->"
+
+# Tiny shapes for the test suite's smoke comparison (seconds, not the hour the real one takes).
+SMOKE_OVERRIDES = [
+    "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
+    "steps=12", "batch_size=4", "eval_every=4", "eval_batches=2", "ckpt_every=0",
+    "optim.warmup_steps=2", "data.max_files=30", "logger.log_every=2", "logger.wandb=false",
+]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One side of the comparison: a router family and its expert count."""
+
+    moe: str  # dense | switch | gshard | base | topk
+    num_experts: int = 1
+    top_k: int = 1
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.moe == "dense" else f"{self.moe}-{self.num_experts}"
+
+    @property
+    def run_name(self) -> str:
+        return f"quality-{self.moe}-e{self.num_experts}"
+
+    def overrides(self, d_ff: int) -> list[str]:
+        """``moe-train`` overrides for this arm; ``d_ff`` is the dense FFN's hidden size."""
+        if self.moe == "dense":
+            return ["moe=dense"]
+        out = [f"moe={self.moe}", f"moe.num_experts={self.num_experts}"]
+        if self.top_k > 1:  # k experts of d_ff/k each: the same FLOPs as one dense FFN
+            if d_ff % self.top_k:
+                raise ValueError(f"model.d_ff={d_ff} is not divisible by top_k={self.top_k}: the {self.name} arm cannot match dense FLOPs")
+            out.append(f"moe.expert_d_ff={d_ff // self.top_k}")
+        return out
+
+
+DEFAULT_ARMS = [
+    Arm("dense"),
+    Arm("switch", 8), Arm("gshard", 8, 2), Arm("base", 8),
+    Arm("switch", 16), Arm("gshard", 16, 2), Arm("base", 16),
+]
+
+
+def parse_arm(text: str) -> Arm:
+    """``dense``, ``switch-8``, ``gshard-16``, ``base-8`` -> :class:`Arm`."""
+    if text == "dense":
+        return Arm("dense")
+    name, _, n = text.partition("-")
+    if name not in ("switch", "gshard", "base") or not n.isdigit() or int(n) < 2:
+        raise ValueError(f"--arms: {text!r} is not an arm; write dense, switch-N, gshard-N or base-N (N >= 2)")
+    return Arm(name, int(n), 2 if name == "gshard" else 1)
+
+
+# -- reading runs -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunCurves:
+    """What the report needs from one run's ``metrics.jsonl``."""
+
+    name: str
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_steps: list[int] = field(default_factory=list)
+    train_time_s: list[float] = field(default_factory=list)  # cumulative training seconds (eval excluded)
+    tokens_per_s: list[float] = field(default_factory=list)
+    cv: list[float] = field(default_factory=list)  # per train record: the mean over MoE layers
+    params: dict[str, int] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+
+    def time_at(self, step: float) -> float:
+        """Training seconds spent up to ``step`` (linear between logged steps)."""
+        xs, ys = [0] + self.train_steps, [0.0] + self.train_time_s
+        return _interp(step, xs, ys)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    if not xs:
+        return math.nan
+    if x <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+    return ys[-1]
+
+
+def load_run(run_dir: Path, name: str = "") -> RunCurves:
+    """Curves from ``run_dir/metrics.jsonl`` (a resumed run's records appear once: the trainer
+    truncates the file to the checkpoint's step before it re-logs)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (did the run start?)")
+    rc = RunCurves(name or Path(run_dir).name)
+    prev_step, total = 0, 0.0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("type") == "summary":
+            rc.final = {k: v for k, v in r.items() if isinstance(v, (int, float))}
+            continue
+        step = r.get("step", 0)
+        if "val/loss" in r and r["val/loss"] is not None:
+            if rc.val_steps and rc.val_steps[-1] == step:  # the final eval repeats a periodic one
+                rc.val_loss[-1] = r["val/loss"]
+            else:
+                rc.val_steps.append(step)
+                rc.val_loss.append(r["val/loss"])
+        if "params/total" in r:
+            rc.params = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("params/")}
+        if "perf/step_time_s" in r and step > prev_step:
+            total += r["perf/step_time_s"] * (step - prev_step)
+            rc.train_steps.append(step)
+            rc.train_time_s.append(total)
+            rc.tokens_per_s.append(r.get("perf/tokens_per_s") or math.nan)
+            cvs = [v for k, v in r.items() if k.startswith("moe/layer_") and k.endswith("/cv") and v is not None]
+            rc.cv.append(sum(cvs) / len(cvs) if cvs else math.nan)
+            prev_step = step
+    return rc
+
+
+def steps_to_reach(steps: list[int], losses: list[float], target: float) -> float | None:
+    """The first step at which the val-loss curve reaches ``target``: linear interpolation
+    between the two evals that straddle it; None if it never does."""
+    for i, (s, loss) in enumerate(zip(steps, losses)):
+        if loss <= target:
+            if i == 0:
+                return float(s)
+            s0, l0 = steps[i - 1], losses[i - 1]
+            return s0 + (s - s0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
+    """One table row per run: final val loss, steps (and wall-clock) to reach the baseline's
+    final val loss and their ratio to the baseline's, tokens/s, parameters, mean load CV."""
+    base = next((r for r in runs if r.name == baseline), None)
+    target = base.val_loss[-1] if base and base.val_loss else None
+    base_steps = base.val_steps[-1] if base and base.val_steps else None
+    rows = []
+    for r in runs:
+        reach = steps_to_reach(r.val_steps, r.val_loss, target) if target is not None else None
+        cvs = [c for c in r.cv if not math.isnan(c)]
+        tps = [t for t in r.tokens_per_s if not math.isnan(t)]
+        rows.append({
+            "arm": r.name,
+            "steps": r.val_steps[-1] if r.val_steps else 0,
+            "final_val_loss": r.val_loss[-1] if r.val_loss else math.nan,
+            "steps_to_baseline": reach,
+            "steps_ratio": reach / base_steps if reach is not None and base_steps else None,
+            "time_to_baseline_s": r.time_at(reach) if reach is not None else None,
+            "train_time_s": r.train_time_s[-1] if r.train_time_s else math.nan,
+            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else math.nan,  # the median log window
+            "total_params": r.params.get("total", 0),
+            "active_params": r.params.get("active_non_embedding", 0),
+            "mean_cv": sum(cvs) / len(cvs) if cvs else None,
+        })
+    return rows
+
+
+def bar_checks(rows: list[dict], baseline: str = "dense") -> list[tuple[str, bool | None, str]]:
+    """Issue 6's bar, each as (claim, met?, evidence); met is None when an arm is missing."""
+    by = {r["arm"]: r for r in rows}
+    out = []
+    base = by.get(baseline)
+    sw = by.get("switch-8")
+    if base and sw:
+        ratio = sw["steps_ratio"]
+        out.append(("Switch-8 reaches dense's final val loss in <= 0.5x the steps", ratio is not None and ratio <= 0.5,
+                    f"{ratio:.2f}x" if ratio is not None else "never reached"))
+    for arm in ("gshard-8", "base-8"):
+        if base and arm in by:
+            d = by[arm]["final_val_loss"] - base["final_val_loss"]
+            out.append((f"{arm.split('-')[0].capitalize().replace('Gshard', 'GShard').replace('Base', 'BASE')}-8 beats dense at equal steps",
+                        d < 0, f"final val loss {by[arm]['final_val_loss']:.4f} vs dense {base['final_val_loss']:.4f} ({d:+.4f})"))
+    return out
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str, none: str = "never") -> str:
+    if v is None:
+        return none
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return format(v, spec)
+
+
+def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str = "") -> str:
+    """The markdown report: setup, table, the bar, plots, then the kept notes."""
+    lines = [
+        "# Results: dense vs Switch vs GShard vs BASE at equal compute",
+        "",
+        "Generated by `moe-bench quality` (moe/quality.py); the notes at the end are written by hand.",
+        "",
+        "## Setup",
+        "",
+        f"- Command: `{setup['command']}`",
+        f"- Commit `{setup['commit']}`, seed {setup['seed']}, {setup['date']}, {setup['machine']}",
+        f"- Model: {setup['model']}; {setup['tokens_per_step']:,} tokens per step, {setup['steps']} steps; {setup['schedule']}",
+        f"- Data: {setup['data']}",
+        "- Equal compute per token: top-1 experts (switch, base) are the dense FFN's size; gshard's top-2 experts have"
+        " half its hidden size, so two of them cost one dense FFN. The active-parameter column shows it (the router adds E x d_model).",
+        f"- Arms ran {setup['jobs']} at a time with {setup['threads']} thread(s) each, so tokens/s and wall-clock compare arms"
+        " within this run, not with other machines.",
+        "",
+        "## Table",
+        "",
+        "| arm | final val loss | steps to dense's final val loss | vs dense | training time to it | tokens/s | total params | active params | mean load CV |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {_fmt(r['final_val_loss'], '.4f')} | {_fmt(r['steps_to_baseline'], ',.0f')} | "
+            f"{_fmt(r['steps_ratio'], '.2f', '-')}{'x' if r['steps_ratio'] is not None else ''} | "
+            f"{_fmt(r['time_to_baseline_s'], ',.0f', '-')}{' s' if r['time_to_baseline_s'] is not None else ''} | "
+            f"{_fmt(r['tokens_per_s'], ',.0f')} | {r['total_params']:,} | {r['active_params']:,} | {_fmt(r['mean_cv'], '.3f', '-')} |"
+        )
+    checks = bar_checks(rows)
+    if checks:
+        lines += ["", "## The bar", ""]
+        for claim, met, evidence in checks:
+            lines.append(f"- {'met' if met else 'NOT met'}: {claim} ({evidence})")
+    if plots:
+        lines += ["", "## Plots", ""]
+        for title, path in plots.items():
+            lines += [f"![{title}]({path})", ""]
+    lines += ["", NOTES_MARKER, notes.strip("\n") if notes else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written part of an existing report (below :data:`NOTES_MARKER`)."""
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
+
+
+def plot(runs: list[RunCurves], out_dir: Path) -> dict[str, Path]:
+    """Val loss against steps and against training time, and each router's load CV over
+    training, as PNGs in ``out_dir``; returns {title: path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs: dict[str, Path] = {}
+
+    def style(r: RunCurves) -> dict:
+        fam = r.name.split("-")[0]
+        color = {"dense": "black", "switch": "tab:blue", "gshard": "tab:orange", "base": "tab:green"}.get(fam, None)
+        return {"color": color, "linestyle": "--" if r.name.endswith("-16") else "-", "label": r.name, "linewidth": 1.4}
+
+    for key, title, xs_of, xlabel in (
+        ("val_loss_vs_steps", "Val loss vs steps", lambda r: r.val_steps, "step"),
+        ("val_loss_vs_time", "Val loss vs training time", lambda r: [r.time_at(s) for s in r.val_steps], "training seconds (eval excluded)"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for r in runs:
+            if r.val_steps:
+                ax.plot(xs_of(r), r.val_loss, **style(r))
+        lo = min((min(r.val_loss) for r in runs if r.val_loss), default=0)
+        tail = [r.val_loss[len(r.val_loss) // 5] for r in runs if r.val_loss]  # leave the first fifth's steep drop out of the y range
+        if tail:
+            ax.set_ylim(lo - 0.02 * abs(lo), max(tail))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs[title] = out_dir / f"{key}.png"
+        fig.savefig(figs[title])
+        plt.close(fig)
+    moe_runs = [r for r in runs if any(not math.isnan(c) for c in r.cv)]
+    if moe_runs:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for r in moe_runs:
+            ax.plot(r.train_steps, r.cv, **style(r))
+        ax.set_xlabel("step")
+        ax.set_ylabel("load CV (mean over MoE layers)")
+        ax.set_title("Expert-load coefficient of variation over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs["Load CV over training"] = out_dir / "load_cv.png"
+        fig.savefig(figs["Load CV over training"])
+        plt.close(fig)
+    return figs
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from moe.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _last_step(metrics: Path) -> int:
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        for line in reversed(lines[1:] if len(lines) > 1 else lines):
+            try:
+                return int(json.loads(line).get("step", 0))
+            except (ValueError, AttributeError):
+                continue
+    except OSError:
+        pass
+    return 0
+
+
+def run_quality(args) -> int:
+    """Plan every arm (validating its config before anything starts), train the missing
+    ones, and write the report."""
+    from moe.cli import config_from_hydra
+    from moe.config import ConfigError
+
+    arms = [parse_arm(a) for a in args.arms.split(",")] if args.arms else list(DEFAULT_ARMS)
+    extra = list(args.overrides) + (SMOKE_OVERRIDES if args.smoke else [])
+    jobs = max(1, args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    runs_dir = Path(args.runs_dir).resolve()
+    base = _compose(["experiment=quality", *extra, "out_dir=/dev/null"])
+    d_ff = int(base.model.d_ff)
+    plans = []
+    for arm in arms:
+        run_dir = runs_dir / arm.run_name
+        ov = ["experiment=quality", *arm.overrides(d_ff), *extra, f"threads={threads}", f"hydra.run.dir={run_dir}"]
+        try:
+            cfg = config_from_hydra(_compose([o for o in ov if not o.startswith("hydra.")] + [f"out_dir={run_dir}"]))
+        except ConfigError as e:
+            print(f"moe-bench quality: error: arm {arm.name}: {e}", file=sys.stderr)
+            return 2
+        plans.append((arm, run_dir, ov, cfg))
+    steps = plans[0][3].steps
+    failed = [] if args.report_only else _train_arms(plans, jobs, steps, Path(args.log_dir or runs_dir / "logs"))
+    runs = []
+    for arm, run_dir, _, _ in plans:
+        try:
+            runs.append(load_run(run_dir, arm.name))
+        except FileNotFoundError as e:
+            print(f"moe-bench quality: {arm.name}: {e}", file=sys.stderr)
+    if not runs:
+        return 1
+    rows = summarize(runs)
+    c = plans[0][3]
+    setup = {
+        "command": "moe-bench quality " + " ".join(a for a in (args.argv or [])),
+        "commit": _git_commit(),
+        "seed": c.seed,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
+        "model": f"{c.model.n_layers} layers, d_model {c.model.d_model}, {c.model.n_heads} heads, d_ff {c.model.d_ff}, MoE every {c.model.moe_every} blocks",
+        "tokens_per_step": c.batch_size * c.grad_accum * c.model.seq_len,
+        "steps": c.steps,
+        "schedule": f"AdamW lr {c.optim.lr:g}, {c.optim.warmup_steps} warmup steps, cosine to {c.optim.min_lr_ratio:g}x; eval every {c.eval_every} steps on {c.eval_batches} batches",
+        "data": f"{c.data.tokenizer} tokenizer" + (f", first {c.data.max_files} files" if c.data.max_files else ", the embedded stdlib corpus"),
+        "jobs": jobs,
+        "threads": threads,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    if not args.no_plots:
+        for title, p in plot(runs, out.parent / (out.stem + "_plots")).items():
+            plots[title] = os.path.relpath(p, out.parent)
+    out.write_text(render(rows, setup=setup, plots=plots, notes=kept_notes(out)), encoding="utf-8")
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    print(render(rows, setup=setup, plots={}).split(NOTES_MARKER)[0].rstrip())
+    print(f"wrote {out} and {json_path}")
+    if failed:
+        print(f"moe-bench quality: {len(failed)} arm(s) failed: {', '.join(failed)} (logs in {Path(args.log_dir or runs_dir / 'logs')})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
+    """Run the arms ``jobs`` at a time; one progress bar over all their steps."""
+    from tqdm import tqdm
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    todo = list(plans)
+    running: dict[str, tuple] = {}
+    failed: list[str] = []
+    done_steps: dict[str, int] = {}
+    bar = tqdm(total=steps * len(plans), desc="quality", unit="step", file=sys.stderr, dynamic_ncols=True)
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                arm, run_dir, ov, _ = todo.pop(0)
+                log = open(log_dir / f"{arm.run_name}.log", "w")
+                proc = subprocess.Popen([sys.executable, "-m", "moe.cli", *ov, "logger.progress=false"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[arm.name] = (proc, log, run_dir)
+            time.sleep(1.0)
+            for name, (proc, log, run_dir) in list(running.items()):
+                done_steps[name] = min(steps, _last_step(run_dir / "metrics.jsonl"))
+                if proc.poll() is not None:
+                    log.close()
+                    del running[name]
+                    if proc.returncode != 0:
+                        failed.append(name)
+                        tqdm.write(f"{name}: moe-train exited with {proc.returncode}; see {log.name}", file=sys.stderr)
+                    else:
+                        done_steps[name] = steps
+            bar.n = sum(done_steps.values())
+            bar.set_postfix_str(" ".join(sorted(running)))
+            bar.refresh()
+    finally:
+        for proc, log, _ in running.values():  # Ctrl-C: each arm finishes its step and checkpoints
+            proc.send_signal(signal.SIGINT)
+        for proc, log, _ in running.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        bar.close()
+    return failed

@@ -1,0 +1,141 @@
+"""moe-bench quality: the equal-compute comparison's arithmetic, its report, and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from moe.bench import main as bench_main
+from moe.quality import NOTES_MARKER, Arm, RunCurves, bar_checks, kept_notes, load_run, parse_arm, render, steps_to_reach, summarize
+
+
+def _naive_reach(steps, losses, target, grid=20000):
+    """Walk the piecewise-linear curve on a fine grid: the first x where it is <= target."""
+    lo, hi = steps[0], steps[-1]
+    for i in range(grid + 1):
+        x = lo + (hi - lo) * i / grid
+        for (s0, l0), (s1, l1) in zip(zip(steps, losses), zip(steps[1:], losses[1:])):
+            if s0 <= x <= s1:
+                y = l0 + (l1 - l0) * (x - s0) / (s1 - s0)
+                break
+        if y <= target:
+            return x
+    return None
+
+
+def test_steps_to_reach_matches_a_fine_grid_walk():
+    rng = random.Random(0)
+    for _ in range(30):
+        steps = list(range(0, 1001, 50))
+        losses, v = [], 4.0
+        for _ in steps:
+            v += rng.uniform(-0.3, 0.08)  # mostly falling, with bumps
+            losses.append(v)
+        target = rng.uniform(min(losses) - 0.2, max(losses))
+        got, want = steps_to_reach(steps, losses, target), _naive_reach(steps, losses, target)
+        if want is None:
+            assert got is None
+        else:
+            assert got == pytest.approx(want, abs=(steps[-1] - steps[0]) / 20000 + 1e-9)
+
+
+def test_steps_to_reach_edges():
+    assert steps_to_reach([0, 10], [2.0, 1.0], 3.0) == 0.0  # already there at the first eval
+    assert steps_to_reach([0, 10], [2.0, 1.0], 0.5) is None  # never
+    assert steps_to_reach([0, 10, 20], [2.0, 1.0, 0.0], 1.5) == pytest.approx(5.0)
+
+
+def _write_metrics(path, records):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_load_run_reads_curves_time_and_cv(tmp_path):
+    recs = [
+        {"step": 0, "params/total": 100, "params/active_non_embedding": 40},
+        {"step": 10, "perf/step_time_s": 0.5, "perf/tokens_per_s": 1000.0, "moe/layer_1/cv": 0.2, "moe/layer_3/cv": 0.4, "train/loss": 3.0},
+        {"step": 10, "val/loss": 2.5},
+        {"step": 30, "perf/step_time_s": 0.25, "perf/tokens_per_s": 2000.0, "moe/layer_1/cv": 0.1, "moe/layer_3/cv": None, "train/loss": 2.0},
+        {"step": 30, "val/loss": 2.0},
+        {"step": 30, "val/loss": 1.9},  # the final eval at the same step replaces the periodic one
+        {"type": "summary", "final/val_loss": 1.9},
+    ]
+    _write_metrics(tmp_path / "r", recs)
+    rc = load_run(tmp_path / "r", "x")
+    assert rc.val_steps == [10, 30] and rc.val_loss == [2.5, 1.9]
+    assert rc.train_time_s == pytest.approx([5.0, 10.0])  # 10 steps x 0.5 s, then 20 x 0.25 s
+    assert rc.time_at(20) == pytest.approx(7.5)
+    assert rc.cv == pytest.approx([0.3, 0.1])  # a null cv is left out of the layer mean
+    assert rc.params == {"total": 100, "active_non_embedding": 40}
+    assert rc.final["final/val_loss"] == 1.9
+    with pytest.raises(FileNotFoundError, match="metrics"):
+        load_run(tmp_path / "missing")
+
+
+def _curve(name, losses, every=100, cv=math.nan):
+    steps = [every * (i + 1) for i in range(len(losses))]
+    return RunCurves(name, val_steps=steps, val_loss=losses, train_steps=steps, train_time_s=[0.1 * s for s in steps],
+                     tokens_per_s=[1000.0] * len(steps), cv=[cv] * len(steps), params={"total": 10, "active_non_embedding": 5})
+
+
+def test_summarize_and_the_bar():
+    dense = _curve("dense", [3.0, 2.5, 2.2, 2.0])
+    switch = _curve("switch-8", [2.8, 2.0, 1.8, 1.7], cv=0.1)  # reaches 2.0 at step 200: 0.5x
+    gshard = _curve("gshard-8", [3.0, 2.6, 2.3, 2.05], cv=0.2)  # never reaches, loses at equal steps
+    rows = summarize([dense, switch, gshard])
+    by = {r["arm"]: r for r in rows}
+    assert by["dense"]["steps_ratio"] == 1.0
+    assert by["switch-8"]["steps_to_baseline"] == pytest.approx(200.0) and by["switch-8"]["steps_ratio"] == pytest.approx(0.5)
+    assert by["switch-8"]["time_to_baseline_s"] == pytest.approx(20.0)
+    assert by["gshard-8"]["steps_to_baseline"] is None and by["gshard-8"]["mean_cv"] == pytest.approx(0.2)
+    checks = {claim.split(" ")[0]: met for claim, met, _ in bar_checks(rows)}
+    assert checks == {"Switch-8": True, "GShard-8": False}
+
+
+def test_render_keeps_the_hand_written_notes(tmp_path):
+    rows = summarize([_curve("dense", [3.0, 2.0]), _curve("base-8", [2.9, 1.9], cv=0.0)])
+    setup = {"command": "moe-bench quality", "commit": "abc", "seed": 1, "date": "d", "machine": "m", "model": "m", "tokens_per_step": 2048,
+             "steps": 200, "schedule": "s", "data": "d", "jobs": 2, "threads": 1}
+    out = tmp_path / "results.md"
+    out.write_text(render(rows, setup=setup, plots={}) + "We tried a lower aux weight.\n")
+    text = render(rows, setup=setup, plots={"p": "x.png"}, notes=kept_notes(out))
+    assert text.count(NOTES_MARKER) == 1 and text.rstrip().endswith("We tried a lower aux weight.")
+    assert "| base-8 | 1.9000 |" in text and "met: BASE-8 beats dense" in text and "![p](x.png)" in text
+
+
+def test_arms_keep_dense_flops():
+    assert Arm("dense").overrides(768) == ["moe=dense"]
+    assert Arm("switch", 8).overrides(768) == ["moe=switch", "moe.num_experts=8"]
+    assert parse_arm("gshard-16").overrides(768) == ["moe=gshard", "moe.num_experts=16", "moe.expert_d_ff=384"]
+    with pytest.raises(ValueError, match="not divisible"):
+        parse_arm("gshard-8").overrides(767)
+    for bad in ("switch", "topk-8", "base-1", "dense-8"):
+        with pytest.raises(ValueError, match="not an arm"):
+            parse_arm(bad)
+
+
+def test_smoke_comparison_end_to_end(tmp_path, capsys):
+    """Four real (tiny) moe-train runs, two at a time, then the report and its plots."""
+    out = tmp_path / "results.md"
+    argv = ["quality", "--smoke", "--arms", "dense,switch-8,gshard-8,base-8", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    assert bench_main(argv) == 0
+    rows = {r["arm"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"dense", "switch-8", "gshard-8", "base-8"}
+    d_model, moe_layers = 32, 1  # SMOKE_OVERRIDES: 2 blocks, MoE every 2
+    for arm in ("switch-8", "gshard-8", "base-8"):  # equal FLOPs: active params differ by the router alone
+        assert rows[arm]["active_params"] - rows["dense"]["active_params"] == 8 * d_model * moe_layers
+        assert rows[arm]["total_params"] > rows["dense"]["total_params"]
+        assert rows[arm]["mean_cv"] is not None and rows[arm]["steps"] == 12
+    assert rows["base-8"]["mean_cv"] == pytest.approx(0.0, abs=1e-9)  # BASE balances exactly
+    assert all(math.isfinite(r["final_val_loss"]) for r in rows.values())
+    text = out.read_text()
+    for png in ("val_loss_vs_steps.png", "val_loss_vs_time.png", "load_cv.png"):
+        assert (tmp_path / "results_plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"results_plots/{png}" in text
+    out.write_text(text + "hand-written note\n")
+    assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
+    assert out.read_text().rstrip().endswith("hand-written note")
+    assert "| dense |" in capsys.readouterr().out
