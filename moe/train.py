@@ -245,6 +245,8 @@ class Trainer:
         peak = c.peak_flops or measure_peak_flops(self.device, self.dtype, seconds=0.5, n=2048)
         logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
         self.wandb_id = logger.wandb_run_id
+        if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
+            _write_json_atomic(self.run_dir / "config.json", to_dict(c))
         tokens_per_step = c.batch_size * c.grad_accum * self.model_cfg.seq_len
         load = LoadAccumulator()
         history: list[dict[str, float]] = []
@@ -293,6 +295,7 @@ class Trainer:
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss})
+                    logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(self.last_metrics))  # the latest log window's
                     if bar is not None:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f}")
                 if stop.requested or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
@@ -303,6 +306,7 @@ class Trainer:
             if self.step >= c.steps:
                 val_loss = self.evaluate()
                 logger.log(self.step, {"val/loss": val_loss})
+                logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(self.last_metrics))
             self.save()
             exit_code = 0
         except KeyboardInterrupt:
@@ -398,6 +402,12 @@ def _truncate_jsonl(path: Path, step: int) -> None:
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
     os.replace(tmp, path)
 
 

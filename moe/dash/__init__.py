@@ -1,0 +1,1 @@
+"""``moe-dash``: a local dashboard over run directories (see docs/dashboard.md)."""
