@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # Re-install whenever pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup train test bench clean
+.PHONY: setup browser train test bench dash clean
 
 setup: $(STAMP)
 
@@ -24,11 +24,23 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/moe-train $(ARGS)
 
-test: $(STAMP)
+# The dashboard's browser tests drive Debian's chromium and chromium-driver.  Installed here
+# when missing and we may (root); otherwise those tests skip with a line saying what to install.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt-get) for the dashboard's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: no chromium/chromedriver and not root: the browser tests will skip (sudo apt-get install chromium chromium-driver)"; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/moe-bench layer
+
+dash: $(STAMP)
+	$(BIN)/moe-dash runs
 
 clean:
 	rm -rf $(VENV) runs multirun outputs bench_results .pytest_cache

@@ -141,6 +141,8 @@ def test_export_inlines_everything(runs_dir, tmp_path):
 @pytest.fixture
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):  # CI installs them (make test -> make browser): never a silent skip there
+            pytest.fail("chromium/chromedriver missing in CI: `make browser` should have installed them")
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
