@@ -6,7 +6,9 @@ on every rank and call it unconditionally.
 
 metrics.jsonl
     One JSON object per line, ``{"step": s, "time": unix_seconds, **metrics}``; the final
-    summary is ``{"type": "summary", "time": ..., **metrics}``.  The file is opened in append
+    summary is ``{"type": "summary", "time": ..., **metrics}``; the expert load of each eval is
+    ``{"step": s, "time": ..., "type": "expert_load", "load": {"<block>": [fraction per expert]}}``
+    (:meth:`MetricsLogger.log_expert_load`).  The file is opened in append
     mode (a resumed run continues it) and flushed after every line, so a crash loses nothing
     already logged (flush, not fsync: it survives a process crash, not a power cut).
     Non-finite floats (NaN, +-inf) are written as ``null``: strict JSON has no literal for
@@ -20,7 +22,12 @@ Weights & Biases
     fails, a warning is issued and logging carries on without it (an ``online`` run that
     fails, e.g. without an API key, falls back to ``offline`` first).  Keep
     :attr:`MetricsLogger.wandb_run_id` (e.g. in the checkpoint) and pass it back as
-    ``resume_id`` to continue the same W&B run after a restart.
+    ``resume_id`` to continue the same W&B run after a restart.  Metrics are logged with
+    ``step=`` the training step, so W&B's "Step" x-axis is the training step for every section
+    (``train/``, ``val/``, ``perf/``, ``moe/``; no ``define_metric`` needed).  The expert load
+    goes to ``moe/expert_load`` (a table of every eval: step, layer, expert, fraction) and
+    ``moe/layer_<i>/expert_load`` (a bar chart of the latest eval, its data in
+    ``moe/layer_<i>/expert_load_table``).
 """
 
 from __future__ import annotations
@@ -75,6 +82,21 @@ def _number(v: Any) -> float | None:
         return None
 
 
+def _expert_load_records(path: Path) -> list[dict]:
+    """The ``expert_load`` records of a metrics.jsonl (none if it does not exist); torn lines skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "expert_load" and isinstance(rec.get("step"), int) and isinstance(rec.get("load"), dict):
+            out.append(rec)
+    return out
+
+
 def _fmt_count(x: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
@@ -84,6 +106,11 @@ def _fmt_count(x: float) -> str:
 
 class MetricsLogger:
     """Sends metrics to every enabled sink (jsonl, W&B, console line); see the module docstring."""
+
+    # Rows of the cumulative W&B expert-load table: past this, every other logged step is
+    # dropped (the first and the latest kept), so the table spans the whole run at a coarser
+    # grain.  The whole table is uploaded again at each eval: this bounds the upload per eval.
+    LOAD_TABLE_MAX_ROWS = 5000
 
     # (label, candidate keys, formatter) for the console one-liner; first key present wins.
     _CONSOLE_FIELDS = (
@@ -111,6 +138,7 @@ class MetricsLogger:
         self._run = None  # the wandb Run, while W&B is active
         self._wandb_id: str | None = None  # kept after close, e.g. for the final checkpoint
         self._wandb_dir: Path | None = None
+        self._load_rows: list[tuple[int, list[list]]] = []  # (step, [[step, layer, expert, fraction]])
         self._closed = False
         if not is_main:
             return
@@ -123,6 +151,9 @@ class MetricsLogger:
             if self._run is not None:
                 self._wandb_id = self._run.id
                 self._wandb_dir = Path(self._run.settings.sync_dir)
+                # A resumed run's table starts with the evals already in the jsonl.
+                for rec in _expert_load_records(self.run_dir / "metrics.jsonl"):
+                    self._add_load_rows(rec["step"], {int(i): f for i, f in rec["load"].items()})
 
     # -- W&B ------------------------------------------------------------------------------
 
@@ -208,6 +239,38 @@ class MetricsLogger:
             line = self.console_line(step, plain)
             if " | " in line:  # skip records with nothing to show (e.g. parameter counts)
                 print(line, file=sys.stdout, flush=True)
+
+    def log_expert_load(self, step: int, load: dict[int, list[float]]) -> None:
+        """The expert load at ``step``: ``load`` maps an MoE block's index to the fraction of its
+        tokens that went to each expert (each list sums to 1).
+
+        jsonl: one ``{"type": "expert_load", "load": {"<block>": [...]}}`` record.  W&B:
+        ``moe/expert_load``, a table with the rows of every call so far (columns step, layer,
+        expert, fraction; thinned past :attr:`LOAD_TABLE_MAX_ROWS`), and a bar chart
+        ``moe/layer_<i>/expert_load`` per block.  An empty ``load`` (a dense model) logs nothing.
+        """
+        if not self._active() or not load:
+            return
+        plain = {int(i): [float(x) for x in _plain(f"load[{i}]", list(f))] for i, f in sorted(load.items())}
+        self._write({"step": int(step), "time": time.time(), "type": "expert_load", "load": {str(i): f for i, f in plain.items()}})
+        if self._run is None:
+            return
+        import wandb
+
+        self._add_load_rows(int(step), plain)
+        rows = [r for _, step_rows in self._load_rows for r in step_rows]
+        data: dict[str, Any] = {"moe/expert_load": wandb.Table(columns=["step", "layer", "expert", "fraction"], data=rows)}
+        for i, fr in plain.items():
+            bars = wandb.Table(columns=["expert", "fraction"], data=[[f"e{j}", f] for j, f in enumerate(fr)])
+            data[f"moe/layer_{i}/expert_load"] = wandb.plot.bar(bars, "expert", "fraction", title=f"block {i}: fraction of tokens per expert")
+        self._run.log(data, step=int(step))
+
+    def _add_load_rows(self, step: int, load: dict[int, list[float]]) -> None:
+        rows = [[step, i, j, f] for i, fr in sorted(load.items()) for j, f in enumerate(fr)]
+        self._load_rows = [(s, r) for s, r in self._load_rows if s != step] + [(step, rows)]  # a re-logged step replaces
+        while len(self._load_rows) > 1 and sum(len(r) for _, r in self._load_rows) > self.LOAD_TABLE_MAX_ROWS:
+            kept = self._load_rows[:-1][::2] + self._load_rows[-1:]  # the first, every other, the latest
+            self._load_rows = kept if len(kept) < len(self._load_rows) else self._load_rows[-1:]
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """Final results: a ``{"type": "summary", ...}`` line in the jsonl and W&B ``run.summary``."""

@@ -157,6 +157,19 @@ class LoadAccumulator:
         """Per-layer expert load fractions (each list sums to 1), e.g. for a layer x expert heatmap."""
         return {i: load_stats(s.counts, s.dropped, s.routed)["frac"] for i, s in sorted(self._layers.items())}
 
+    @staticmethod
+    def fracs_from_summary(metrics: dict[str, float]) -> dict[int, list[float]]:
+        """The per-layer ``frac_e{j}`` values of a :meth:`summary` (e.g. a logged record) back as
+        ``{layer: [frac_e0, frac_e1, ...]}``, layers and experts in order; other keys are ignored."""
+        out: dict[int, dict[int, float]] = {}
+        for k, v in metrics.items():
+            if not k.startswith("moe/layer_"):
+                continue
+            layer, _, name = k[len("moe/layer_"):].partition("/")
+            if layer.isdigit() and name.startswith("frac_e") and name[len("frac_e"):].isdigit():
+                out.setdefault(int(layer), {})[int(name[len("frac_e"):])] = float(v)
+        return {i: [fr[j] for j in sorted(fr)] for i, fr in sorted(out.items())}
+
     def reset(self) -> None:
         self._layers.clear()
 

@@ -9,6 +9,7 @@ import torch
 
 from moe.config import LoggerConfig
 from moe.sinks import MetricsLogger
+from tests.wandb_file import history, logged_table, offline_run
 
 
 def _strict_json(line: str) -> dict:
@@ -82,6 +83,7 @@ def test_not_main_writes_nothing(tmp_path):
     run_dir = tmp_path / "rank1"
     lg = MetricsLogger(run_dir, LoggerConfig(wandb_mode="offline"), run_config={"a": 1}, is_main=False)
     lg.log(0, {"loss": 1.0})
+    lg.log_expert_load(0, {1: [0.5, 0.5]})
     lg.summary({"loss": 1.0})
     lg.close()
     assert not run_dir.exists()
@@ -138,3 +140,38 @@ def test_console_line(tmp_path, capsys):
     quiet.log(1, m)  # progress bars on: the bar is the console
     assert capsys.readouterr().out == ""
     assert quiet.console_line(7, {}) == "step 7"
+
+
+def test_expert_load_table_is_cumulative_bounded_and_survives_a_resume(tmp_path):
+    cfg = LoggerConfig(wandb_mode="offline", progress=True)
+    lg = MetricsLogger(tmp_path, cfg, run_config={})
+    lg.LOAD_TABLE_MAX_ROWS = 12  # 3 evals of 2 layers x 2 experts
+    for s in range(1, 7):
+        lg.log_expert_load(s, {3: torch.tensor([0.25, 0.75]), 1: [s / 10, 1 - s / 10]})
+    lg.log_expert_load(7, {})  # a dense model: nothing to log
+    lg.close()
+    t2, t6 = logged_table(lg.wandb_dir, "moe/expert_load", 2), logged_table(lg.wandb_dir, "moe/expert_load", 6)
+    assert t2["columns"] == ["step", "layer", "expert", "fraction"]
+    assert t2["data"] == [[1, 1, 0, 0.1], [1, 1, 1, 0.9], [1, 3, 0, 0.25], [1, 3, 1, 0.75],
+                          [2, 1, 0, 0.2], [2, 1, 1, 0.8], [2, 3, 0, 0.25], [2, 3, 1, 0.75]]
+    steps6 = sorted({row[0] for row in t6["data"]})
+    assert len(t6["data"]) <= 12 and steps6[0] == 1 and steps6[-1] == 6  # thinned, still spans the run
+    assert logged_table(lg.wandb_dir, "moe/layer_3/expert_load_table", 6)["data"] == [["e0", 0.25], ["e1", 0.75]]
+
+    recs = [r for r in _lines(tmp_path / "metrics.jsonl") if r.get("type") == "expert_load"]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert recs[0]["load"] == {"1": [0.1, 0.9], "3": [0.25, 0.75]} and isinstance(recs[0]["time"], float)
+
+    # a resumed run (same W&B id) starts its table with the evals already in the jsonl
+    lg2 = MetricsLogger(tmp_path, cfg, run_config={}, resume_id=lg.wandb_run_id)
+    lg2.log_expert_load(7, {1: [0.5, 0.5], 3: [0.5, 0.5]})
+    lg2.close()
+    assert sorted({row[0] for row in logged_table(lg2.wandb_dir, "moe/expert_load", 7)["data"]}) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_expert_load_lands_in_the_offline_wandb_history(tmp_path):
+    with MetricsLogger(tmp_path, LoggerConfig(wandb_mode="offline"), run_config={}) as lg:
+        lg.log(4, {"train/loss": 1.0})
+        lg.log_expert_load(4, {0: [1.0, 0.0]})
+    _, records = offline_run(tmp_path)
+    assert {"train/loss", "moe/expert_load", "moe/layer_0/expert_load_table"} <= history(records)[4]

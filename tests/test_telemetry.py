@@ -105,6 +105,19 @@ def test_accumulator_sums_and_means():
     assert acc.summary()["moe/layer_0/frac_e0"] == 1.0  # nothing left over from before reset
 
 
+def test_fracs_from_summary_inverts_summary():
+    acc = LoadAccumulator()
+    acc.add(3, torch.arange(1.0, 13.0), 0, 78)  # 12 experts: frac_e10 must come after frac_e9
+    acc.add(1, torch.tensor([1.0, 3.0]), 0, 4)
+    m = {**acc.summary(), "train/loss": 2.0, "moe/layer_x/frac_e0": 1.0, "moe/layer_1/frac_ex": 1.0}
+    fracs = LoadAccumulator.fracs_from_summary(m)
+    assert list(fracs) == [1, 3]
+    assert fracs[1] == pytest.approx([0.25, 0.75])
+    assert fracs[3] == pytest.approx([j / 78 for j in range(1, 13)])
+    assert fracs == {i: pytest.approx(f) for i, f in acc.layer_fracs().items()}
+    assert LoadAccumulator.fracs_from_summary({"train/loss": 1.0}) == {}
+
+
 def test_accumulator_detaches_and_rejects_expert_count_change():
     acc = LoadAccumulator()
     counts = torch.tensor([1.0, 2.0], requires_grad=True)
