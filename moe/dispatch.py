@@ -4,7 +4,10 @@
 returns the weighted sum of each token's expert outputs, ``(T, D)``.  The local dispatcher
 here keeps every expert on this process; an all-to-all dispatcher (expert parallelism) and a
 remote one (experts on other peers) implement the same two calls, so the MoE layer does not
-change when experts move.
+change when experts move.  A dispatcher also says which experts this process holds
+(``expert_shard``) and solves BASE's balanced assignment over the tokens it balances
+(``balanced_assignment``): this process's here, the expert-parallel group's in
+``moe.parallel.dispatch``.
 
 Two layouts:
 - grouped (dropless): ``x_ND`` rows sorted by expert plus ``counts`` per expert;
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe.auction import balanced_assignment
 from moe.routing import Routing
 
 
@@ -35,6 +39,14 @@ class DispatchPlan:
 
 class LocalDispatcher:
     """All experts live in this process."""
+
+    def expert_shard(self, num_experts: int) -> tuple[int, int]:
+        """(first expert, number of experts) held here: all of them."""
+        return 0, num_experts
+
+    def balanced_assignment(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """BASE's balanced assignment over the tokens this dispatcher sees: this process's."""
+        return balanced_assignment(scores_TE.detach())
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         T, D = x_TD.shape

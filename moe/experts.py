@@ -207,13 +207,36 @@ class GroupedExperts(nn.Module):
         activation: gelu | relu | silu.
         dropout: expert dropout on the hidden activation (Switch uses a higher rate here).
         init_scale: Switch small-scale init, truncated normal with std sqrt(s / fan_in).
+        first_expert, total_experts: under expert parallelism, this module holds experts
+            ``[first_expert, first_expert + num_experts)`` of ``total_experts`` (default: all).
+            The init draws the whole stack and keeps the shard, so every expert starts with the
+            weights it would have in one process with the same seed (a transient full-size
+            tensor, once, at construction).
     """
 
     PAD_RATIO = 1.1  # dropless: pad to the largest expert's count while that wastes <= 10%
+    # Its parameters are expert weights: sharded over the expert-parallel group, left out of the
+    # data-parallel all-reduce (moe.parallel.grads reads this, not marks on the parameters).
+    expert_parallel = True
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0, init_scale: float = 0.1):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        init_scale: float = 0.1,
+        first_expert: int = 0,
+        total_experts: int | None = None,
+    ):
         super().__init__()
+        total_experts = num_experts if total_experts is None else total_experts
+        if not 0 <= first_expert <= total_experts - num_experts:
+            raise ValueError(f"experts [{first_expert}, {first_expert + num_experts}) are not a shard of {total_experts} experts")
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.first_expert, self.total_experts = first_expert, total_experts
         self.act = activation_fn(activation)
         self.dropout = dropout
         self.init_scale = init_scale
@@ -225,8 +248,14 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        small_init_(self.w1_EDF, self.init_scale, self.d_model)
-        small_init_(self.w2_EFD, self.init_scale, self.d_ff)
+        for w, fan_in in ((self.w1_EDF, self.d_model), (self.w2_EFD, self.d_ff)):
+            if self.total_experts == self.num_experts:
+                small_init_(w, self.init_scale, fan_in)
+            else:  # draw all experts' weights, keep this shard's (same RNG use as one process)
+                full = w.new_empty(self.total_experts, *w.shape[1:])
+                small_init_(full, self.init_scale, fan_in)
+                with torch.no_grad():
+                    w.copy_(full[self.first_expert : self.first_expert + self.num_experts])
 
     def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input and weights in the autocast dtype when autocast is on, else in x's dtype (our

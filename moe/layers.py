@@ -79,8 +79,10 @@ class MoELayer(nn.Module):
             active FLOPs per token equal to the dense model's).
         cfg: the expert layer (``moe.name``: switch, gshard, topk or base).
         activation: expert activation.
-        dispatcher: moves tokens to experts; local by default (expert parallelism passes an
-            all-to-all one).
+        dispatcher: moves tokens to experts; local by default.  Expert parallelism passes a
+            ``moe.parallel.AllToAllDispatcher``: the layer then builds only the experts the
+            dispatcher's ``expert_shard`` names (the router stays replicated, over all E), and
+            BASE balances with the dispatcher's ``balanced_assignment`` (over the whole group).
     """
 
     def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str = "gelu", dispatcher=None):
@@ -92,8 +94,11 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, E, jitter_eps=cfg.jitter_eps if cfg.name != "base" else 0.0, init_scale=cfg.init_scale, dtype=getattr(torch, cfg.router_dtype))
         if cfg.name == "base":  # fairseq: orthogonal expert centroids, gain 0.1
             nn.init.orthogonal_(self.router.weight_ED, gain=0.1)
-        self.experts = GroupedExperts(E, d_model, d_ff, activation=activation, dropout=cfg.expert_dropout, init_scale=cfg.init_scale)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        first, n_local = self.dispatcher.expert_shard(E)
+        self.experts = GroupedExperts(
+            n_local, d_model, d_ff, activation=activation, dropout=cfg.expert_dropout, init_scale=cfg.init_scale, first_expert=first, total_experts=E
+        )
 
     def route(self, logits_TE: torch.Tensor) -> Routing:
         c = self.cfg
@@ -104,7 +109,8 @@ class MoELayer(nn.Module):
             return gshard_route(logits_TE, capacity_factor=cf, min_capacity=c.min_capacity, random_routing=c.random_routing and self.training)
         if c.name == "topk":
             return topk_route(logits_TE, c.top_k, capacity_factor=cf, min_capacity=c.min_capacity, normalize=c.normalize_weights, random_routing=c.random_routing and self.training)
-        return base_route(logits_TE, training=self.training)
+        assignment = self.dispatcher.balanced_assignment(logits_TE.detach()) if self.training else None
+        return base_route(logits_TE, training=self.training, assignment_T=assignment)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux]:
         shape = x.shape
@@ -120,10 +126,11 @@ class MoELayer(nn.Module):
         return out_TD.view(shape), aux
 
 
-def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0) -> nn.Module:
-    """The registry: a block's FFN for ``moe.name`` (dense blocks of an MoE model pass sparse=False)."""
+def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0, dispatcher=None) -> nn.Module:
+    """The registry: a block's FFN for ``moe.name`` (dense blocks of an MoE model pass sparse=False;
+    ``dispatcher`` goes to the MoE layer: None for local experts)."""
     if cfg.name not in MOE_LAYERS:
         raise ValueError(f"unknown expert layer moe.name={cfg.name!r}; known: {', '.join(MOE_LAYERS)}")
     if cfg.name == "dense" or not sparse:
         return DenseFFN(d_model, d_ff, activation=activation, init_scale=cfg.init_scale, dropout=dropout)
-    return MoELayer(d_model, d_ff, cfg, activation=activation)
+    return MoELayer(d_model, d_ff, cfg, activation=activation, dispatcher=dispatcher)

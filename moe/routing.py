@@ -64,6 +64,8 @@ def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: t
     are uniform, E when every token goes to one expert with certainty.
     """
     E = probs_TE.shape[-1]
+    if probs_TE.shape[0] == 0:  # no tokens: 0, not the NaN of an empty mean
+        return probs_TE.sum()
     mask = F.one_hot(ids_TK, E).to(probs_TE.dtype)  # (T, K, E)
     if kept_TK is not None:
         mask = mask * kept_TK.unsqueeze(-1)
@@ -73,8 +75,9 @@ def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: t
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss ``mean(logsumexp(logits)^2)``: keeps router logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+    """ST-MoE router z-loss ``mean(logsumexp(logits)^2)``: keeps router logits small (0 for no tokens)."""
+    z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
+    return z_T.mean() if z_T.numel() else z_T.sum()
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,7 @@ def gshard_route(
     )
 
 
-def base_route(scores_TE: torch.Tensor, *, training: bool) -> Routing:
+def base_route(scores_TE: torch.Tensor, *, training: bool, assignment_T: torch.Tensor | None = None) -> Routing:
     """BASE layers (Lewis et al. 2021): token-expert affinities ``h·c_e`` in, one expert per token.
 
     Training: the balanced linear assignment (every expert gets exactly T/E tokens; when E
@@ -202,11 +205,19 @@ def base_route(scores_TE: torch.Tensor, *, training: bool) -> Routing:
     a stream of tokens at inference).  No tokens are dropped and there is no auxiliary loss.
     The weight is ``sigmoid(h·c_e)``: the layer's output ``σ·f_e(h) + (1−σ)·h`` with a residual
     expert ``f_e(h) = h + FFN_e(h)`` is ``h + σ·FFN_e(h)``, and the block's residual carries h.
+
+    ``assignment_T`` (training only): the balanced assignment already solved by the caller,
+    e.g. over the tokens of a whole expert-parallel group (``AllToAllDispatcher``), so this
+    function stays free of collectives.
     """
     if scores_TE.dim() != 2:
         raise ValueError(f"scores must be (tokens, experts), got shape {tuple(scores_TE.shape)}")
     scores_TE = _upcast(scores_TE)
-    if training:
+    if training and assignment_T is not None:
+        if assignment_T.shape != scores_TE.shape[:1]:
+            raise ValueError(f"assignment_T must have shape ({scores_TE.shape[0]},), got {tuple(assignment_T.shape)}")
+        ids_T = assignment_T.long()
+    elif training:
         ids_T = balanced_assignment(scores_TE.detach())
     else:
         ids_T = scores_TE.detach().argmax(dim=-1)
