@@ -1,0 +1,404 @@
+"""The ``hivemind`` expert layer: experts on other peers, found through the DHT (Learning@home).
+
+Per token: one router per grid dimension scores that dimension's coordinates (product keys:
+expert ``(i, j)`` scores ``s0[i] + s1[j]``); hivemind's beam search over the DHT returns the
+k best *declared* experts; each chosen expert gets one batched request with all its rows;
+the layer waits until every token has ``k_min`` replies (or all it asked for), then at most
+``timeout_after_k_min`` more, and never longer than ``forward_timeout``.  An expert that
+errs, times out, or replies with the wrong shape or dtype or with NaN/inf is a failed
+expert: it is masked out of the token's softmax (weight exactly 0, no gradient, no backward
+request) and its reply never reaches the model.  A token none of whose experts replied gets
+zero from the layer and passes through the block's residual.
+
+The call path is our own (hivemind's ``expert_forward`` / ``expert_backward`` RPCs and its
+beam search), not ``RemoteMixtureOfExperts``: that one sends one request per (sample,
+expert), only checks NaN/inf (not shape or dtype), raises when fewer than k_min reply, and
+averages over whole samples rather than routing tokens.
+
+Shape suffixes: T tokens, K choices (k_best), D model dim, G coordinates of one grid dim,
+U distinct experts chosen in this forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from hivemind import DHT
+from hivemind.compression import serialize_torch_tensor
+from hivemind.moe.client.beam_search import MoEBeamSearcher
+from hivemind.moe.client.expert import expert_backward, expert_forward, get_server_stub
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from torch.autograd.function import once_differentiable
+
+from moe.layers import LayerAux, Router
+from moe.swarm.records import get_signed_experts
+from moe.swarm.server import check_prefix, uid_coords
+
+
+@dataclass
+class SwarmAux(LayerAux):
+    """``LayerAux`` plus what the swarm did in this forward.
+
+    ``counts_E`` covers the whole grid, row-major (E = prod(grid_size)); ``num_dropped``
+    counts the assignments lost to failed experts.
+    """
+
+    expert_idx_TK: torch.Tensor = None  # long, flat grid index of each choice, -1 where beam search found fewer than K
+    alive_TK: torch.Tensor = None  # bool, the choice's expert replied with a valid output
+    failed: dict[str, str] = field(default_factory=dict)  # uid -> why, forward pass ("<beam search>" if the search failed)
+    backward_failed: dict[str, str] = field(default_factory=dict)  # uid -> why, filled when backward runs
+    num_unserved: int = 0  # tokens with no valid reply at all (layer output 0 for them)
+
+
+def grid_balance_loss(scores: Sequence[torch.Tensor], expert_idx_TK: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """Switch's load-balancing loss ``E * sum_e f_e * P_e`` over the whole product-key grid.
+
+    ``scores[d]`` is ``(T, G_d)``, the router logits of grid dimension d.  A product-key
+    softmax factorises, ``P(i, j) = softmax(s0)[i] * softmax(s1)[j]``, so ``P_e`` (the mean
+    router probability of expert e) is exact and differentiable in every router; ``f_e`` is
+    the fraction of assignments (chosen by beam search, ``expert_idx_TK >= 0``) sent to e and
+    carries no gradient.  Only the chosen experts enter the sum, so the cost is O(T * U),
+    not O(T * E).  1 when both are uniform, E when all tokens go to one expert with certainty.
+    (hivemind's switch variant makes P independent of the router: zero gradient.)
+    """
+    T = scores[0].shape[0]
+    chosen = expert_idx_TK[expert_idx_TK >= 0]
+    if T == 0 or chosen.numel() == 0:
+        return scores[0].sum() * 0.0
+    E = math.prod(grid_size)
+    uniq_U, counts_U = torch.unique(chosen, return_counts=True)
+    f_U = counts_U.to(scores[0].dtype) / chosen.numel()
+    P_TU = torch.ones(T, uniq_U.numel(), dtype=scores[0].dtype, device=scores[0].device)
+    rest = uniq_U.clone()
+    for d in reversed(range(len(grid_size))):  # row-major: the last dim varies fastest
+        coord_U = rest % grid_size[d]
+        rest = rest // grid_size[d]
+        P_TU = P_TU * torch.softmax(scores[d], dim=-1).index_select(1, coord_U.to(scores[d].device))
+    return E * torch.sum(f_U.to(P_TU.device) * P_TU.mean(0))
+
+
+def grid_z_loss(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Router z-loss over the grid: the grid logsumexp is the sum of the dims' logsumexps."""
+    lse_T = sum(torch.logsumexp(s, dim=-1) for s in scores)
+    return lse_T.pow(2).mean() if lse_T.numel() else lse_T.sum()
+
+
+class SwarmMoE(nn.Module):
+    """MoE layer over remote experts on a product-key grid (``moe=hivemind``).
+
+    Args:
+        d_model: D, the width of tokens and of the experts' inputs and outputs.
+        dht: a running ``hivemind.DHT`` (``moe.swarm.server.start_dht``) this layer searches
+            and calls experts through.
+        uid_prefix: the grid's prefix: experts are ``<prefix>.<i>.<j>...``.
+        grid_size: coordinates per grid dimension, e.g. [8, 8].
+        k_best: experts per token (Learning@home: 4).
+        k_min: replies a token waits for before the straggler timeout starts.
+        forward_timeout: seconds a forward waits for replies at most.
+        timeout_after_k_min: seconds to wait for stragglers once every token has k_min replies.
+        backward_timeout: seconds a backward waits for expert gradients at most; an expert
+            that does not answer in time passes no gradient back to the input.
+        jitter_eps, init_scale, router_dtype: as ``moe.layers.Router`` (one per grid dim).
+        require_signed: call an expert only if its server holds a signed declaration for
+            its uid (``moe.swarm.records``; servers with ``sign_records=True``): hivemind's
+            beam-search records are unsigned, so any peer can point a uid at itself.  A
+            beam-search hit without one counts as failed.  The layer's DHT needs the run's
+            ``record_validators`` to check signatures on what it reads.
+        trusted_owners: with ``require_signed``, accept only declarations signed by these
+            keys (``moe.swarm.records.owner_key``); None: any signed declaration.
+
+    ``forward(x)`` maps ``(..., D) -> ((..., D), SwarmAux)``, like the other expert layers.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        dht: DHT,
+        uid_prefix: str,
+        grid_size: Sequence[int],
+        k_best: int = 4,
+        k_min: int = 1,
+        forward_timeout: float = 30.0,
+        timeout_after_k_min: float = 1.0,
+        backward_timeout: float = 30.0,
+        jitter_eps: float = 0.0,
+        init_scale: float = 0.1,
+        router_dtype: torch.dtype = torch.float32,
+        require_signed: bool = False,
+        trusted_owners: Sequence[bytes] | None = None,
+    ):
+        super().__init__()
+        if k_best < 1 or not 1 <= k_min <= k_best:
+            raise ValueError(f"need k_best >= 1 and 1 <= k_min <= k_best, got k_best={k_best}, k_min={k_min}")
+        if min(forward_timeout, backward_timeout, timeout_after_k_min) < 0:
+            raise ValueError("timeouts must be >= 0 seconds")
+        self.d_model = d_model
+        self.prefix = check_prefix(uid_prefix)
+        self.grid_size = [int(g) for g in grid_size]
+        if not self.grid_size or min(self.grid_size) < 1:
+            raise ValueError(f"grid_size must be a non-empty list of positive ints, got {list(grid_size)}")
+        self.num_experts = math.prod(self.grid_size)
+        self.k_best, self.k_min = k_best, k_min
+        self.forward_timeout, self.timeout_after_k_min, self.backward_timeout = forward_timeout, timeout_after_k_min, backward_timeout
+        self.dht = dht
+        self.routers = nn.ModuleList(Router(d_model, g, jitter_eps=jitter_eps, init_scale=init_scale, dtype=router_dtype) for g in self.grid_size)
+        self.beam_search = MoEBeamSearcher(dht, self.prefix + ".", self.grid_size)
+        self.require_signed = require_signed
+        self.trusted_owners = None if trusted_owners is None else frozenset(trusted_owners)
+
+    def _search(self, grid_scores, k: int):
+        """Beam search on the DHT process; a future of, per token, up to k ``ExpertInfo``.
+
+        hivemind's ``batch_find_best_experts(return_future=True)`` fails when awaited from
+        another event loop ("MPFuture was created with no event loop") and builds a
+        ``RemoteExpert`` per (token, choice); its coroutine run directly gives the bare infos.
+        """
+        bs = self.beam_search
+        return self.dht.run_coroutine(
+            partial(bs._batch_find_best_experts, prefix=bs.uid_prefix, batch_grid_scores=grid_scores, beam_size=k, negative_caching=bs.negative_caching, num_workers=bs.num_workers),
+            return_future=True,
+        )
+
+    def _drop_unsigned(self, calls: dict[str, "_ExpertCall"]) -> dict[str, str]:
+        """Remove (and report) the calls whose server holds no acceptable signed declaration."""
+        try:
+            claims = get_signed_experts(self.dht, self.prefix, timeout=self.forward_timeout)
+        except Exception as exc:  # cannot check: call nobody this step
+            claims, why = {}, f"signed records unavailable: {type(exc).__name__}: {exc}"[:300]
+        else:
+            why = "no signed declaration of this uid by this server"
+        rejected = {}
+        for uid, call in list(calls.items()):
+            peer = call.peer_id.to_base58()
+            if not any(p == peer and (self.trusted_owners is None or owner in self.trusted_owners) for owner, p in claims.get(uid, [])):
+                rejected[uid] = why
+                del calls[uid]
+        return rejected
+
+    def flat_index(self, coords: Sequence[int]) -> int:
+        """Row-major grid index of expert coordinates."""
+        idx = 0
+        for c, g in zip(coords, self.grid_size):
+            idx = idx * g + c
+        return idx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SwarmAux]:
+        shape = x.shape
+        if shape[-1] != self.d_model:
+            raise ValueError(f"SwarmMoE input has last dim {shape[-1]}, expected d_model={self.d_model}")
+        x_TD = x.reshape(-1, shape[-1])
+        T, K = x_TD.shape[0], self.k_best
+        scores = [r(x_TD) for r in self.routers]  # (T, G_d) each, fp32 (or router_dtype)
+        expert_idx_TK = torch.full((T, K), -1, dtype=torch.long)
+        calls: dict[str, _ExpertCall] = {}
+        search_failed = {}
+        if T:
+            pending = self._search([s.detach().float().cpu().numpy() for s in scores], K)
+            try:
+                found = pending.result(timeout=self.forward_timeout)
+            except Exception as exc:  # DHT unreachable or too slow: every token unserved this step
+                pending.cancel()
+                found = [[] for _ in range(T)]
+                search_failed["<beam search>"] = f"{type(exc).__name__}: {exc}"[:300]
+            for t, row in enumerate(found):
+                for j, expert in enumerate(row[:K]):
+                    call = calls.get(expert.uid)
+                    if call is None:
+                        try:
+                            coords = uid_coords(expert.uid, self.prefix)
+                        except ValueError:
+                            continue
+                        if len(coords) != len(self.grid_size) or any(not 0 <= c < g for c, g in zip(coords, self.grid_size)):
+                            continue  # a record outside our grid: never call it
+                        call = calls[expert.uid] = _ExpertCall(expert.uid, expert.peer_id, self.flat_index(coords))
+                    call.rows.append(t)
+                    call.slots.append(j)
+                    expert_idx_TK[t, j] = call.flat
+        if self.require_signed and calls:
+            search_failed.update(self._drop_unsigned(calls))
+        p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p()) if calls else None  # cached per process by the DHT
+        state = _CallState(list(calls.values()), self.d_model, T, K, self.k_min, self.forward_timeout, self.timeout_after_k_min, self.backward_timeout, p2p)
+        state.failed.update(search_failed)
+        # the empty leaf makes autograd run our backward (the experts' training step on their
+        # servers) even when nothing before this layer needs a gradient
+        y_TKD, alive_TK = _SwarmCall.apply(x_TD.float(), torch.empty(0, requires_grad=True), state)
+
+        # gate: product-key scores of the chosen experts, failed ones masked out of the softmax
+        chosen_TK = expert_idx_TK >= 0
+        logits_TK = torch.zeros(T, K, dtype=scores[0].dtype, device=x.device)
+        rest = expert_idx_TK.clamp_min(0).to(x.device)
+        for d in reversed(range(len(self.grid_size))):
+            logits_TK = logits_TK + scores[d].gather(1, rest % self.grid_size[d])
+            rest = rest // self.grid_size[d]
+        alive_TK = alive_TK.to(x.device)
+        any_T1 = alive_TK.any(dim=1, keepdim=True)
+        masked_TK = torch.where(any_T1, logits_TK.masked_fill(~alive_TK, float("-inf")), torch.zeros_like(logits_TK))
+        weights_TK = torch.softmax(masked_TK, dim=1) * alive_TK  # 0 for failed and for unserved tokens
+        out_TD = torch.einsum("tk,tkd->td", weights_TK.to(y_TKD.dtype), y_TKD).to(x.dtype)
+
+        counts_E = torch.bincount(expert_idx_TK[chosen_TK], minlength=self.num_experts).float()
+        aux = SwarmAux(
+            aux_loss=grid_balance_loss(scores, expert_idx_TK, self.grid_size),
+            z_loss=grid_z_loss(scores),
+            counts_E=counts_E,
+            num_dropped=(chosen_TK & ~alive_TK.cpu()).sum().float(),
+            num_routed=chosen_TK.sum().float(),
+            expert_idx_TK=expert_idx_TK,
+            alive_TK=alive_TK.detach().cpu(),
+            failed=dict(state.failed),
+            backward_failed=state.backward_failed,
+            num_unserved=int((~any_T1).sum()),
+        )
+        return out_TD.view(shape), aux
+
+
+@dataclass
+class _ExpertCall:
+    """One chosen expert and the (token, choice) pairs it serves in this forward."""
+
+    uid: str
+    peer_id: object
+    flat: int
+    rows: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    alive: bool = False
+
+
+@dataclass
+class _CallState:
+    calls: list[_ExpertCall]
+    d_model: int
+    T: int
+    K: int
+    k_min: int
+    forward_timeout: float
+    timeout_after_k_min: float
+    backward_timeout: float
+    p2p: object  # hivemind P2P replica of the layer's DHT
+    failed: dict[str, str] = field(default_factory=dict)
+    backward_failed: dict[str, str] = field(default_factory=dict)
+
+
+def _check_reply(reply, rows: int, d_model: int) -> str | None:
+    """Why a reply is unusable, or None: exactly one float32 (rows, D) tensor, all finite."""
+    if not isinstance(reply, (list, tuple)) or len(reply) != 1 or not isinstance(reply[0], torch.Tensor):
+        return f"expected one tensor, got {type(reply).__name__} of {len(reply) if isinstance(reply, (list, tuple)) else '?'}"
+    t = reply[0]
+    if tuple(t.shape) != (rows, d_model):
+        return f"wrong shape {tuple(t.shape)}, expected {(rows, d_model)}"
+    if t.dtype != torch.float32:
+        return f"wrong dtype {t.dtype}, expected torch.float32"
+    if not bool(torch.isfinite(t).all()):
+        return "non-finite values (NaN/inf)"
+    return None
+
+
+def _gather_replies(
+    tasks: dict[Future, int], calls: list[_ExpertCall], T: int, need_T: torch.Tensor, d_model: int, timeout: float, after_k_min: float
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Wait for replies: until every token has ``need_T`` valid ones (then ``after_k_min`` more
+    seconds for stragglers) or ``timeout`` seconds in all.  Returns valid replies and failure
+    reasons by call index; calls still pending at the end are cancelled and count as failed."""
+    ok: dict[int, torch.Tensor] = {}
+    bad: dict[int, str] = {}
+    got_T = torch.zeros(T, dtype=torch.long)
+    start = time.monotonic()
+    deadline = start + timeout
+    pending = set(tasks)
+    satisfied = False
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+        for fut in done:
+            i = tasks[fut]
+            rows = len(calls[i].rows)
+            if fut.cancelled():
+                bad[i] = "cancelled"
+                continue
+            exc = fut.exception()
+            if exc is not None:
+                bad[i] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            reason = _check_reply(fut.result(), rows, d_model)
+            if reason is not None:
+                bad[i] = reason
+                continue
+            ok[i] = fut.result()[0]
+            got_T[torch.tensor(calls[i].rows)] += 1
+        if not satisfied and bool((got_T >= need_T).all()):
+            satisfied = True
+            deadline = min(deadline, time.monotonic() + after_k_min)
+    for fut in pending:
+        fut.cancel()
+        bad[tasks[fut]] = f"no reply within {time.monotonic() - start:.1f} s"
+    return ok, bad
+
+
+class _SwarmCall(torch.autograd.Function):
+    """Send each chosen expert its rows; ``(T, K, D)`` replies (0 where failed) and the alive mask."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, _always_grad: torch.Tensor, state: _CallState):
+        ctx.device = x_TD.device
+        x_TD = x_TD.detach().cpu().contiguous()
+        T, K, D = state.T, state.K, state.d_model
+        y_TKD = x_TD.new_zeros(T, K, D)
+        alive_TK = torch.zeros(T, K, dtype=torch.bool)
+        tasks: dict[Future, int] = {}
+        for i, call in enumerate(state.calls):
+            rows = x_TD[torch.tensor(call.rows)]
+            msg = [serialize_torch_tensor(rows)]
+            tasks[RemoteExpertWorker.run_coroutine(expert_forward(call.uid, [rows], msg, get_server_stub(state.p2p, call.peer_id)), return_future=True)] = i
+        need_T = torch.zeros(T, dtype=torch.long)
+        for call in state.calls:
+            need_T[torch.tensor(call.rows)] += 1
+        need_T = need_T.clamp_max(state.k_min)
+        ok, bad = _gather_replies(tasks, state.calls, T, need_T, D, state.forward_timeout, state.timeout_after_k_min)
+        for i, out_ND in ok.items():
+            call = state.calls[i]
+            call.alive = True
+            r, s = torch.tensor(call.rows), torch.tensor(call.slots)
+            y_TKD[r, s] = out_ND
+            alive_TK[r, s] = True
+        for i, why in bad.items():
+            state.failed[state.calls[i].uid] = why
+        ctx.state = state
+        ctx.save_for_backward(x_TD)
+        y_TKD, alive_TK = y_TKD.to(ctx.device), alive_TK.to(ctx.device)
+        ctx.mark_non_differentiable(alive_TK)
+        return y_TKD, alive_TK
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TKD: torch.Tensor, _grad_alive):
+        state: _CallState = ctx.state
+        (x_TD,) = ctx.saved_tensors
+        grad_TKD = grad_TKD.detach().float().cpu().contiguous()
+        grad_x = torch.zeros_like(x_TD)
+        alive = [c for c in state.calls if c.alive]
+        tasks: dict[Future, int] = {}
+        for i, call in enumerate(alive):
+            r, s = torch.tensor(call.rows), torch.tensor(call.slots)
+            rows, g = x_TD[r], grad_TKD[r, s].contiguous()
+            msg = [serialize_torch_tensor(rows), serialize_torch_tensor(g)]
+            tasks[RemoteExpertWorker.run_coroutine(expert_backward(call.uid, [rows, g], msg, get_server_stub(state.p2p, call.peer_id)), return_future=True)] = i
+        need_T = torch.zeros(state.T, dtype=torch.long)
+        for call in alive:
+            need_T[torch.tensor(call.rows)] += 1
+        ok, bad = _gather_replies(tasks, alive, state.T, need_T, state.d_model, state.backward_timeout, state.backward_timeout)
+        for i, g_ND in ok.items():
+            grad_x.index_add_(0, torch.tensor(alive[i].rows), g_ND)
+        for i, why in bad.items():
+            state.backward_failed[alive[i].uid] = why
+        grad_x = grad_x.to(ctx.device) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None

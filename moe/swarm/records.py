@@ -1,0 +1,132 @@
+"""Signed expert declarations: which peer serves which expert, writable only by its owner.
+
+One DHT key per run, ``<prefix>_experts``, a dictionary whose subkeys are
+``b"<uid>[owner:<RSA public key>]"`` and whose values are server peer ids.  Every peer runs
+the same two validators (``record_validators``):
+
+- hivemind's ``RSASignatureValidator``: a record whose subkey names an owner must carry the
+  owner's signature, so no other key can overwrite or expire (delete) it;
+- a ``SchemaValidator`` on ``<prefix>_experts``: every subkey must be an expert uid followed
+  by an owner marker and every value a string, so unsigned entries are refused outright.
+
+Another peer can still add its own, separately signed claim to the same uid (a replica, or
+an impostor: ``get_signed_experts`` returns every claim with its owner key, for the caller
+to choose whom it trusts).  hivemind's own expert records (``declare_experts``, read by the
+beam search) are not signed; moving the layer's search onto these records is still to do.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import defaultdict
+from typing import Dict
+
+import pydantic.v1 as pydantic
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator, conbytes
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from moe.swarm.server import check_prefix, uid_prefix
+
+_OWNER = re.escape(b"[owner:") + rb".+?" + re.escape(b"]")
+SignedExpertSubkey = conbytes(regex=rb"^[^.\[\]]+(\.(0|[1-9][0-9]*))+" + _OWNER + rb"$")
+
+
+class ExpertRecordsSchema(pydantic.BaseModel):
+    """``<prefix>_experts``: signed uid -> server peer id (base58)."""
+
+    experts: Dict[SignedExpertSubkey, pydantic.StrictStr]
+
+
+def records_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}_experts"
+
+
+def record_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> list:
+    """Validators every peer of the run passes as ``record_validators`` to its DHT.
+
+    ``private_key``: this peer's identity (default: hivemind's process-wide key).
+    """
+    return [RSASignatureValidator(private_key), SchemaValidator(ExpertRecordsSchema, allow_extra_keys=True, prefix=check_prefix(prefix))]
+
+
+def _signer(dht: DHT) -> RSASignatureValidator:
+    """The ``RSASignatureValidator`` ``dht`` was started with (it holds this peer's key)."""
+    composite = getattr(dht, "_record_validator", None)  # hivemind keeps them in a CompositeValidator
+    for v in getattr(composite, "_validators", []):
+        if isinstance(v, RSASignatureValidator):
+            return v
+    raise ValueError("this DHT has no RSASignatureValidator: start it with record_validators=moe.swarm.records.record_validators(prefix)")
+
+
+def declare_signed_experts(dht: DHT, prefix: str, uids: list[str], *, expiration: float = 60.0, validator: RSASignatureValidator | None = None) -> dict[str, bool]:
+    """Declare (or refresh) ``uids`` as served by ``dht``'s peer, signed with its key.
+
+    ``validator``: the ``RSASignatureValidator`` the DHT was started with (its key marks the
+    records' owner).  Returns uid -> whether the DHT accepted the record.
+    """
+    validator = validator or _signer(dht)
+    key, peer = records_key(prefix), dht.peer_id.to_base58()
+    expiration_time = get_dht_time() + expiration
+    return {uid: bool(dht.store(key, peer, expiration_time, subkey=uid.encode() + validator.local_public_key)) for uid in uids}
+
+
+def owner_key(private_key: RSAPrivateKey) -> bytes:
+    """The owner id of records signed with ``private_key``, as ``get_signed_experts`` reports it."""
+    return private_key.get_public_key().to_bytes()
+
+
+def get_signed_experts(dht: DHT, prefix: str, *, timeout: float | None = None) -> dict[str, list[tuple[bytes, str]]]:
+    """uid -> [(owner public key, server peer id), ...] for every live signed declaration.
+
+    ``timeout``: seconds to wait for the DHT (``TimeoutError`` after); None waits as long as
+    the DHT's own lookups take.
+    """
+    found = dht.get(records_key(prefix), latest=True, return_future=True).result(timeout)
+    out: dict[str, list[tuple[bytes, str]]] = {}
+    if found is None or not isinstance(found.value, dict):
+        return out
+    for subkey, item in found.value.items():
+        m = re.fullmatch(rb"(.+?)\[owner:(.+?)\]", subkey) if isinstance(subkey, bytes) else None
+        if m is not None and isinstance(item.value, str):
+            out.setdefault(m.group(1).decode(), []).append((m.group(2), item.value))
+    return out
+
+
+class SignedDeclarer(threading.Thread):
+    """Declares ``uids`` (grouped by their prefix) signed, now and every ``update_period`` s.
+
+    The first declaration runs in the constructor, so the records exist when it returns.
+    ``stop()`` ends the thread; the records then expire after ``expiration`` seconds.
+    """
+
+    def __init__(self, dht: DHT, uids: list[str], *, update_period: float, expiration: float):
+        super().__init__(daemon=True)
+        self.dht, self.update_period, self.expiration = dht, update_period, expiration
+        self.by_prefix: dict[str, list[str]] = defaultdict(list)
+        for uid in uids:
+            self.by_prefix[uid_prefix(uid)].append(uid)
+        self.validator = _signer(dht)
+        self._stop_event = threading.Event()
+        self.declare()
+        self.start()
+
+    def declare(self) -> dict[str, bool]:
+        ok: dict[str, bool] = {}
+        for prefix, uids in self.by_prefix.items():
+            ok.update(declare_signed_experts(self.dht, prefix, uids, expiration=self.expiration, validator=self.validator))
+        return ok
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.update_period):
+            try:
+                self.declare()
+            except Exception:  # the DHT is going down; the next period (if any) retries
+                pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop_event.set()
+        self.join(timeout)

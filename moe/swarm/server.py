@@ -1,0 +1,317 @@
+"""Expert servers: host experts on this machine and declare them on hivemind's DHT.
+
+``ExpertServer`` runs a hivemind ``Server`` (its runtime thread, connection-handler
+processes, a DHT process) in this process; ``ServerProcess`` runs one in a forked child in
+its own session, so it can be stopped cleanly or killed outright with everything it started
+(the DHT process, the handlers, the p2p daemon).
+
+Safe defaults, unlike hivemind's: listen on 127.0.0.1 only unless addresses are given, NAT
+port mapping and auto-NAT off (both on by default in hivemind, and both send traffic off the
+machine), connection handlers sized to the machine's cores.
+
+Expert uids follow hivemind's grid layout ``<prefix>.<i>.<j>`` for a grid such as [8, 8].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from hivemind import DHT
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import UID_DELIMITER, is_valid_prefix, is_valid_uid
+from hivemind.moe.server import ModuleBackend, Server
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def start_dht(
+    initial_peers: Iterable[str] = (),
+    *,
+    host_maddrs: Sequence[str] = LOOPBACK,
+    nat_port_map: bool = False,
+    auto_nat: bool = False,
+    **kwargs,
+) -> DHT:
+    """A running DHT peer with safe defaults: loopback, no NAT port mapping, no auto-NAT.
+
+    ``kwargs`` go to ``hivemind.DHT`` (and from there to ``DHTNode`` and ``P2P.create``).
+    """
+    return DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        host_maddrs=list(host_maddrs),
+        nat_port_map=nat_port_map,
+        auto_nat=auto_nat,
+        **kwargs,
+    )
+
+
+def shutdown_dht(dht: DHT, timeout: float = 5.0) -> None:
+    """Stop a DHT started in this process, closing first the P2P replica clients made of it.
+
+    ``SwarmMoE`` (like hivemind's ``RemoteExpert``) talks through ``dht.replicate_p2p()``, a
+    connection owned by hivemind's ``RemoteExpertWorker`` event-loop thread.  Left to the
+    garbage collector, its finaliser runs in a thread with no event loop and raises (at a
+    random moment of the caller's program); closed here, on its own loop, it goes quietly.
+    """
+    replica = getattr(dht, "_p2p_replica", None)  # hivemind caches one replica per process
+    if replica is not None and getattr(dht, "_origin_pid", None) == os.getpid():
+        try:
+            RemoteExpertWorker.run_coroutine(_close_replica(replica), return_future=True).result(timeout)
+        except Exception:  # best effort: the DHT goes down next anyway
+            pass
+        dht._p2p_replica = None
+    dht.shutdown()
+
+
+async def _close_replica(p2p) -> None:
+    await p2p.shutdown()
+    await asyncio.sleep(0.05)  # let the cancelled reader/writer tasks finish
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    """The multiaddrs other peers pass as ``initial_peers`` to join through ``dht``."""
+    return [str(a) for a in dht.get_visible_maddrs()]
+
+
+def check_prefix(prefix: str) -> str:
+    """The grid prefix without its trailing dot; ``ValueError`` if hivemind would reject it."""
+    prefix = prefix.rstrip(UID_DELIMITER)
+    if not is_valid_prefix(prefix + UID_DELIMITER) or UID_DELIMITER in prefix:
+        raise ValueError(f"expert prefix {prefix!r} must be one word without dots, e.g. 'ffn' (uids are ffn.<i>.<j>)")
+    return prefix
+
+
+def grid_uids(prefix: str, grid_size: Sequence[int]) -> list[str]:
+    """Every uid of the grid, row-major: ``prefix.0.0, prefix.0.1, ...``."""
+    prefix = check_prefix(prefix)
+    if not grid_size or any(g < 1 for g in grid_size):
+        raise ValueError(f"grid_size must be a non-empty list of positive ints, got {list(grid_size)}")
+    return [UID_DELIMITER.join([prefix, *map(str, c)]) for c in itertools.product(*(range(g) for g in grid_size))]
+
+
+def uid_coords(uid: str, prefix: str) -> tuple[int, ...]:
+    """Grid coordinates of ``uid`` under ``prefix``: ``'ffn.3.5' -> (3, 5)``."""
+    prefix = check_prefix(prefix)
+    head = prefix + UID_DELIMITER
+    if not uid.startswith(head):
+        raise ValueError(f"expert uid {uid!r} is not under prefix {prefix!r}")
+    return tuple(int(c) for c in uid[len(head) :].split(UID_DELIMITER))
+
+
+def uid_prefix(uid: str) -> str:
+    """The grid prefix of an expert uid: ``'ffn.3.5' -> 'ffn'``."""
+    return uid.split(UID_DELIMITER, 1)[0]
+
+
+def default_num_handlers() -> int:
+    """Connection-handler processes: half the cores, between 1 and 4 (each is an asyncio loop)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+class ExpertServer:
+    """Hosts experts in this process and declares them on the DHT.
+
+    Args:
+        experts: uid -> module mapping ``(N, D) -> (N, D)`` (normally ``SwarmExpert``); each uid
+            ``<prefix>.<i>.<j>...`` as made by ``grid_uids``.
+        d_model: D, the width of every expert's input and output (float32 rows).
+        initial_peers: multiaddrs of DHT peers to join; empty: this server starts a new DHT.
+        host_maddrs: addresses to listen on (default 127.0.0.1, a free port).
+        nat_port_map, auto_nat: hivemind's NAT traversal, off unless asked for.
+        optimizer: ``params -> torch.optim.Optimizer``; each expert gets its own and steps it
+            after every backward request (hivemind's server-side training).  None: the
+            server computes gradients (accumulated in ``.grad``) but never updates weights.
+        num_handlers: connection-handler processes (default ``default_num_handlers()``).
+        max_batch_size: rows the runtime batches into one expert call.
+        update_period: seconds between re-declarations of the experts on the DHT.
+        expiration: seconds a declaration lives (default hivemind's: max(2 x period, 30)).
+        ready_timeout: seconds to wait for the server to come up before ``TimeoutError``.
+        sign_records: also declare the experts in signed records (``moe.swarm.records``), at
+            the same period; the DHT must then be started with
+            ``record_validators=moe.swarm.records.record_validators(prefix, key)`` (pass it
+            here: it goes to the DHT).
+        dht_kwargs: more keyword arguments for ``hivemind.DHT``.
+
+    The server owns its DHT: ``shutdown()`` stops both (hivemind's ``Server.shutdown`` does).
+    """
+
+    def __init__(
+        self,
+        experts: Mapping[str, nn.Module],
+        d_model: int,
+        *,
+        initial_peers: Iterable[str] = (),
+        host_maddrs: Sequence[str] = LOOPBACK,
+        nat_port_map: bool = False,
+        auto_nat: bool = False,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        num_handlers: int | None = None,
+        max_batch_size: int = 16384,
+        update_period: float = 15.0,
+        expiration: float | None = None,
+        ready_timeout: float = 60.0,
+        sign_records: bool = False,
+        **dht_kwargs,
+    ):
+        if not experts:
+            raise ValueError("an expert server needs at least one expert")
+        bad = [uid for uid in experts if not is_valid_uid(uid)]
+        if bad:
+            raise ValueError(f"invalid expert uids {bad}: use <prefix>.<i>.<j>... (see moe.swarm.server.grid_uids)")
+        self.uids = list(experts)
+        self.dht = start_dht(initial_peers, host_maddrs=host_maddrs, nat_port_map=nat_port_map, auto_nat=auto_nat, **dht_kwargs)
+        try:
+            row = BatchTensorDescriptor(d_model, dtype=torch.float32)
+            backends = {
+                uid: ModuleBackend(
+                    name=uid,
+                    module=module,
+                    optimizer=optimizer(module.parameters()) if optimizer is not None else None,
+                    args_schema=(row,),
+                    outputs_schema=row,
+                    max_batch_size=max_batch_size,
+                )
+                for uid, module in experts.items()
+            }
+            self.server = Server(
+                self.dht,
+                backends,
+                num_connection_handlers=num_handlers or default_num_handlers(),
+                update_period=update_period,
+                expiration=expiration,
+                start=False,
+            )
+            self.server.run_in_background(await_ready=True, timeout=ready_timeout)
+            self.signed = None
+            if sign_records:
+                from moe.swarm.records import SignedDeclarer  # records builds on this module
+
+                period = update_period
+                self.signed = SignedDeclarer(self.dht, self.uids, update_period=period, expiration=expiration or max(2 * period, 30.0))
+        except BaseException:
+            if getattr(self, "server", None) is not None and self.server.is_alive():
+                self.server.shutdown()  # stops the DHT too
+            else:
+                self.dht.shutdown()
+            raise
+        self._closed = False
+
+    @property
+    def maddrs(self) -> list[str]:
+        """Multiaddrs other peers pass as ``initial_peers``."""
+        return visible_maddrs(self.dht)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """uid -> the served module (the live weights)."""
+        return {uid: b.module for uid, b in self.server.module_backends.items()}
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop serving: handlers, DHT declarations, DHT and runtime.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.signed is not None:
+            self.signed.stop()
+        self.server.shutdown()
+        self.server.join(timeout)
+
+    def __enter__(self) -> "ExpertServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class ServerProcess:
+    """An ``ExpertServer`` in a forked child process, in a session of its own.
+
+    ``experts`` (modules built in this process) reach the child by fork, so any module
+    works, including test doubles.  ``shutdown()`` asks the child to stop cleanly and kills
+    the session if it does not within ``timeout``; ``kill()`` sends SIGKILL to the whole
+    session (child, DHT process, handlers, p2p daemon): a peer vanishing without a goodbye.
+    The child also stops by itself when this process goes away.
+
+    Args:
+        experts, d_model, server_kwargs: as for ``ExpertServer``.
+        start_timeout: seconds to wait for the child to report its addresses.
+    """
+
+    def __init__(self, experts: Mapping[str, nn.Module], d_model: int, *, start_timeout: float = 90.0, **server_kwargs):
+        ctx = mp.get_context("fork")
+        self._conn, child_conn = ctx.Pipe()
+        self.uids = list(experts)
+        self.process = ctx.Process(target=_serve_in_child, args=(child_conn, dict(experts), d_model, server_kwargs), daemon=False)
+        self.process.start()
+        child_conn.close()
+        try:
+            if not self._conn.poll(start_timeout):
+                raise TimeoutError(f"expert server did not start within {start_timeout} s")
+            status, payload = self._conn.recv()
+            if status != "ok":
+                raise RuntimeError(f"expert server failed to start: {payload}")
+        except BaseException:
+            self.kill()
+            raise
+        self.maddrs: list[str] = payload
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Ask the child to stop cleanly; SIGKILL its session after ``timeout`` seconds."""
+        if self.process.is_alive():
+            try:
+                self._conn.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the child's whole session (no clean shutdown: its DHT records stay until they expire)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.join(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _serve_in_child(conn, experts: dict, d_model: int, server_kwargs: dict) -> None:
+    os.setsid()  # its own session: kill() reaches every process this server starts
+    torch.set_num_threads(1)  # intra-op pools inherited through fork are not safe to reuse
+    parent = os.getppid()
+    try:
+        server = ExpertServer(experts, d_model, **server_kwargs)
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        conn.send(("ok", server.maddrs))
+        while os.getppid() == parent:  # stop with the parent, too
+            if conn.poll(1.0):
+                try:
+                    conn.recv()
+                except EOFError:
+                    pass
+                break
+    finally:
+        server.shutdown()
+        time.sleep(0.1)

@@ -1,0 +1,461 @@
+"""The swarm rooms: remote experts served with hivemind over 127.0.0.1, no mocks.
+
+Real DHTs and expert servers on loopback (NAT mapping and auto-NAT off), torn down in
+``finally`` blocks; every wait is bounded (server start, forward/backward timeouts, pytest
+timeouts).  Network tests carry the ``network`` marker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("hivemind")
+
+from moe.experts import GroupedExperts  # noqa: E402
+from moe.swarm.expert import SwarmExpert  # noqa: E402
+from moe.swarm.layer import SwarmMoE, grid_balance_loss  # noqa: E402
+from moe.swarm.server import ExpertServer, ServerProcess, grid_uids, shutdown_dht, start_dht, uid_coords  # noqa: E402
+
+D, F_ = 16, 32
+FAST = dict(forward_timeout=15.0, timeout_after_k_min=0.5, backward_timeout=15.0)
+
+
+class NaNExpert(nn.Module):
+    """A broken peer: NaN in every reply."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.w * float("nan")
+
+
+class WrongShapeExpert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return torch.cat([x, x[:, :1]], dim=1) * self.w
+
+
+class WrongDtypeExpert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return (x * self.w).double()
+
+
+class SlowExpert(nn.Module):
+    """A straggler: answers correctly, but only after ``delay`` seconds."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.delay)
+        return x * self.w
+
+
+# ---------------------------------------------------------------- no network
+
+
+def test_swarm_expert_is_one_grouped_expert():
+    torch.manual_seed(0)
+    g = GroupedExperts(3, D, F_, activation="silu")
+    x = torch.randn(5, D)
+    e = SwarmExpert.from_grouped(g, 2)
+    assert e.activation == "silu"
+    ref = g.forward_grouped(x, [0, 0, 5])
+    torch.testing.assert_close(e(x), ref, rtol=1e-6, atol=1e-6)
+    other = SwarmExpert(D, F_, activation="silu")
+    other.copy_into(g, 0)
+    torch.testing.assert_close(g.forward_grouped(x, [5, 0, 0]), other(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        SwarmExpert.from_grouped(g, 3)
+
+
+def test_swarm_expert_init_matches_grouped_init_scale():
+    torch.manual_seed(0)
+    e = SwarmExpert(256, 512, init_scale=0.1)
+    assert abs(e.w1_DF.std().item() - math.sqrt(0.1 / 256) * 0.88) < 0.002  # truncated at 2 std: std x 0.88
+    assert e.w1_DF.abs().max() <= 2 * math.sqrt(0.1 / 256) + 1e-6
+
+
+def test_grid_uids_and_coords():
+    assert grid_uids("ffn", [2, 3])[:4] == ["ffn.0.0", "ffn.0.1", "ffn.0.2", "ffn.1.0"]
+    assert uid_coords("ffn.1.2", "ffn.") == (1, 2)
+    with pytest.raises(ValueError, match="prefix"):
+        grid_uids("a.b", [2])
+
+
+def test_grid_balance_loss_gradient_matches_finite_differences():
+    """The aux loss depends on the routers (hivemind's switch variant does not): analytic
+    gradient == central differences, in float64, with the choices held fixed."""
+    torch.manual_seed(0)
+    T, grid = 12, [3, 4]
+    W = [torch.randn(g, D, dtype=torch.float64, requires_grad=True) for g in grid]
+    x = torch.randn(T, D, dtype=torch.float64)
+    idx = torch.randint(0, 12, (T, 2))
+    idx[0, 1] = -1  # a token for which beam search found one expert only
+
+    def loss(ws):
+        return grid_balance_loss([x @ w.t() for w in ws], idx, grid)
+
+    l0 = loss(W)
+    grads = torch.autograd.grad(l0, W)
+    assert all(g.abs().max() > 1e-4 for g in grads)
+    eps = 1e-6
+    for d in range(2):
+        for (i, j) in [(0, 0), (1, 3), (2, 7)]:
+            Wp = [w.detach().clone() for w in W]
+            Wm = [w.detach().clone() for w in W]
+            Wp[d][i, j] += eps
+            Wm[d][i, j] -= eps
+            fd = (loss(Wp) - loss(Wm)) / (2 * eps)
+            assert abs(fd.item() - grads[d][i, j].item()) < 1e-7
+    # uniform routers and uniform load: exactly 1, as Switch's loss
+    flat = grid_balance_loss([torch.zeros(4, 3), torch.zeros(4, 4)], torch.arange(12).view(4, 3), grid)
+    assert abs(flat.item() - 1.0) < 1e-6
+
+
+# ---------------------------------------------------------------- network
+
+
+def _local_moe(x_TD, W_ED, experts):
+    """Reference: softmax over all experts of a 1-d grid, weighted sum of local experts."""
+    w_TE = torch.softmax(x_TD @ W_ED.t(), dim=-1)
+    return sum(w_TE[:, e : e + 1] * ex(x_TD) for e, ex in enumerate(experts))
+
+
+@pytest.fixture(scope="module")
+def inproc():
+    """One expert server in this process (so its weight gradients are observable) with
+    good and broken experts under several prefixes, and a client DHT."""
+    torch.manual_seed(1)
+    good = [SwarmExpert(D, F_) for _ in range(3)]
+    experts = {
+        "eq.0": SwarmExpert(D, F_),
+        "eq.1": SwarmExpert(D, F_),
+        "nan.0": NaNExpert(),
+        "nan.1": good[0],
+        "shape.0": WrongShapeExpert(),
+        "shape.1": good[1],
+        "dtype.0": WrongDtypeExpert(),
+        "dtype.1": good[2],
+        "slow.1": SwarmExpert(D, F_),  # its slow sibling slow.0 runs in a process of its own
+    }
+    local = {uid: m for uid, m in experts.items()}
+    server = client = None
+    try:
+        server = ExpertServer({u: _clone(m) for u, m in experts.items()}, D, ready_timeout=60)
+        client = start_dht(server.maddrs)
+        yield server, client, local
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        if server is not None:
+            server.shutdown()
+
+
+def _clone(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_remote_equals_local_outputs_and_gradients(inproc):
+    """Tolerance: 1e-5 absolute / 1e-4 relative (float32; the server runs the same rows in
+    the same order, so the differences are at most reduction-order rounding)."""
+    server, client, local = inproc
+    torch.manual_seed(2)
+    layer = SwarmMoE(D, dht=client, uid_prefix="eq", grid_size=[2], k_best=2, k_min=2, **FAST)
+    x = torch.randn(10, D, requires_grad=True)
+    y, aux = layer(x)
+    assert not aux.failed and aux.alive_TK.all()
+    (y * torch.linspace(-1, 1, D)).sum().backward()
+    assert not aux.backward_failed
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    W_ref = layer.routers[0].weight_ED.detach().clone().requires_grad_(True)
+    ref_experts = [_clone(local["eq.0"]), _clone(local["eq.1"])]
+    y_ref = _local_moe(x_ref, W_ref, ref_experts)
+    (y_ref * torch.linspace(-1, 1, D)).sum().backward()
+
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(layer.routers[0].weight_ED.grad, W_ref.grad, **tol)
+    # the server accumulated its experts' weight gradients (no optimizer: nothing stepped)
+    served = server.modules
+    for uid, ref in zip(["eq.0", "eq.1"], ref_experts):
+        torch.testing.assert_close(served[uid].w1_DF.grad, ref.w1_DF.grad, **tol)
+        torch.testing.assert_close(served[uid].w2_FD.grad, ref.w2_FD.grad, **tol)
+        torch.testing.assert_close(served[uid].w1_DF.detach(), local[uid].w1_DF.detach())
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("prefix, why", [("nan", "non-finite"), ("shape", "wrong shape"), ("dtype", "wrong dtype")])
+def test_invalid_replies_count_as_failed_and_never_reach_the_output(inproc, prefix, why):
+    server, client, local = inproc
+    torch.manual_seed(3)
+    layer = SwarmMoE(D, dht=client, uid_prefix=prefix, grid_size=[2], k_best=2, k_min=1, **FAST)
+    x = torch.randn(8, D, requires_grad=True)
+    y, aux = layer(x)
+    assert set(aux.failed) == {f"{prefix}.0"} and why in aux.failed[f"{prefix}.0"], aux.failed
+    assert torch.isfinite(y).all()
+    assert not aux.alive_TK[aux.expert_idx_TK == 0].any() and aux.alive_TK[aux.expert_idx_TK == 1].all()
+    assert aux.num_dropped.item() == 8 and aux.num_unserved == 0
+    # the output is the good expert alone, with weight 1 (the broken one is out of the softmax)
+    torch.testing.assert_close(y, local[f"{prefix}.1"](x.detach()), rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.routers[0].weight_ED.grad).all()
+    assert layer.routers[0].weight_ED.grad.abs().max() == 0  # one live expert: its weight is 1, constant
+    with pytest.raises(ValueError, match="d_model"):
+        layer(torch.randn(3, D + 1))
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_straggler_is_cut_off_after_k_min_replies(inproc):
+    """Every token has its k_min=1 reply from the fast expert: the slow one gets
+    ``timeout_after_k_min`` more seconds, then counts as failed; the forward does not wait
+    for it."""
+    server, client, local = inproc
+    slow = None
+    try:
+        slow = ServerProcess({"slow.0": SlowExpert(delay=3.0)}, D, initial_peers=server.maddrs, start_timeout=60)
+        layer = SwarmMoE(D, dht=client, uid_prefix="slow", grid_size=[2], k_best=2, k_min=1, forward_timeout=20.0, timeout_after_k_min=0.3)
+        x = torch.randn(6, D)
+        t0 = time.monotonic()
+        y, aux = layer(x)
+        elapsed = time.monotonic() - t0
+        assert set(aux.failed) == {"slow.0"} and "no reply" in aux.failed["slow.0"], aux.failed
+        assert elapsed < 2.5, elapsed  # not the 3 s the straggler takes
+        with torch.no_grad():
+            torch.testing.assert_close(y, local["slow.1"](x), rtol=1e-4, atol=1e-5)
+    finally:
+        if slow is not None:
+            slow.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_servers():
+    """2 server processes x 4 experts on a [2, 4] grid, experts trained server-side by Adam."""
+    torch.manual_seed(4)
+    uids = grid_uids("ffn", [2, 4])
+    opt = lambda p: torch.optim.Adam(p, lr=3e-2)  # noqa: E731
+    a = b = client = None
+    try:
+        a = ServerProcess({u: SwarmExpert(D, F_) for u in uids[:4]}, D, optimizer=opt, start_timeout=60)
+        b = ServerProcess({u: SwarmExpert(D, F_) for u in uids[4:]}, D, optimizer=opt, initial_peers=a.maddrs, start_timeout=60)
+        client = start_dht(a.maddrs + b.maddrs)
+        yield a, b, client
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        for s in (b, a):
+            if s is not None:
+                s.shutdown()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_layer_trains_over_two_servers(two_servers):
+    """Routers train here, experts on their servers (Adam per expert, stepped on every
+    backward request), even though the layer's input needs no gradient."""
+    a, b, client = two_servers
+    torch.manual_seed(5)
+    layer = SwarmMoE(D, dht=client, uid_prefix="ffn", grid_size=[2, 4], k_best=4, **FAST)
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
+    x = torch.randn(48, D)
+    target = 0.5 * torch.tanh(x.flip(1))
+    losses = []
+    for _ in range(8):
+        y, aux = layer(x)
+        assert not aux.failed and aux.num_unserved == 0
+        loss = (y - target).pow(2).mean() + 0.01 * aux.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        assert not aux.backward_failed
+        opt.step()
+        losses.append(loss.item())
+    served = {uid for uid in grid_uids("ffn", [2, 4]) if aux.counts_E[layer.flat_index(uid_coords(uid, "ffn"))] > 0}
+    assert len(served) >= 4  # beam search spreads tokens over both servers' experts
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_aux_loss_has_a_real_gradient_through_the_layer(two_servers):
+    """Grad of the aux loss w.r.t. the routers is nonzero and matches central differences
+    (float64 routers; the beam search choices are stable under the 1e-6 perturbation)."""
+    _, _, client = two_servers
+    torch.manual_seed(6)
+    layer = SwarmMoE(D, dht=client, uid_prefix="ffn", grid_size=[2, 4], k_best=2, router_dtype=torch.float64, **FAST)
+    x = torch.randn(16, D)
+    _, aux = layer(x)
+    grads = torch.autograd.grad(aux.aux_loss, [r.weight_ED for r in layer.routers])
+    assert all(g.abs().max() > 1e-4 for g in grads)
+    eps = 1e-6
+    for d, (i, j) in [(0, (0, 0)), (1, (2, 5))]:
+        w = layer.routers[d].weight_ED
+        with torch.no_grad():
+            w[i, j] += eps
+            _, plus = layer(x)
+            w[i, j] -= 2 * eps
+            _, minus = layer(x)
+            w[i, j] += eps
+        assert torch.equal(plus.expert_idx_TK, aux.expert_idx_TK) and torch.equal(minus.expert_idx_TK, aux.expert_idx_TK)
+        fd = (plus.aux_loss - minus.aux_loss).item() / (2 * eps)
+        assert abs(fd - grads[d][i, j].item()) < 1e-6 * max(1.0, abs(fd))
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_killed_server_is_masked_out_and_reported():
+    """SIGKILL one of two servers mid-use: the next forward and backward succeed, its experts
+    (still declared on the DHT) are reported failed and masked out, the output stays finite."""
+    torch.manual_seed(7)
+    uids = grid_uids("kill", [2, 2])
+    a = b = client = None
+    try:
+        a = ServerProcess({u: SwarmExpert(D, F_) for u in uids[:2]}, D, start_timeout=60)
+        b = ServerProcess({u: SwarmExpert(D, F_) for u in uids[2:]}, D, initial_peers=a.maddrs, start_timeout=60)
+        client = start_dht(a.maddrs + b.maddrs)
+        layer = SwarmMoE(D, dht=client, uid_prefix="kill", grid_size=[2, 2], k_best=4, **FAST)
+        x = torch.randn(32, D, requires_grad=True)
+        y, aux = layer(x)
+        y.sum().backward()
+        assert not aux.failed and aux.alive_TK.all()
+
+        b.kill()  # kill.1.0 and kill.1.1 vanish without a goodbye
+        x.grad = None
+        y, aux = layer(x)
+        y.pow(2).mean().backward()
+        assert set(aux.failed) == {"kill.1.0", "kill.1.1"}
+        lost = aux.expert_idx_TK >= 2  # flat indices of row 1 of the grid
+        assert lost.any() and not aux.alive_TK[lost].any() and aux.alive_TK[~lost & (aux.expert_idx_TK >= 0)].all()
+        assert aux.num_dropped.item() == lost.sum().item() and aux.num_unserved == 0
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+        assert not aux.backward_failed
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        for s in (b, a):
+            if s is not None:
+                s.shutdown()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_signed_expert_record_cannot_be_overwritten_by_another_key():
+    """Peer A declares ffn.0.0 signed with its key; peer B, another key, can neither
+    overwrite A's record nor add an unsigned one; B's own signed claim sits beside A's."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from moe.swarm.records import declare_signed_experts, get_signed_experts, record_validators, records_key
+    from moe.swarm.server import visible_maddrs
+
+    key_a, key_b = RSAPrivateKey(), RSAPrivateKey()
+    val_a, val_b = record_validators("ffn", key_a), record_validators("ffn", key_b)
+    a = b = c = None
+    try:
+        a = start_dht(record_validators=val_a)
+        b = start_dht(visible_maddrs(a), record_validators=val_b)
+        assert declare_signed_experts(a, "ffn", ["ffn.0.0"]) == {"ffn.0.0": True}
+        owner_a = val_a[0].local_public_key
+        peer_a = a.peer_id.to_base58()
+
+        from hivemind.utils import get_dht_time
+
+        later = get_dht_time() + 120  # a newer record would win, if it were accepted
+        assert not b.store(records_key("ffn"), b.peer_id.to_base58(), later, subkey=b"ffn.0.0" + owner_a)  # forge A's entry
+        assert not b.store(records_key("ffn"), b.peer_id.to_base58(), later, subkey=b"ffn.0.0")  # unsigned entry
+        assert not b.store(records_key("ffn"), 123, later, subkey=b"ffn.0.0" + val_b[0].local_public_key)  # wrong value type
+        assert declare_signed_experts(b, "ffn", ["ffn.0.0"]) == {"ffn.0.0": True}  # its own claim: allowed
+
+        # a peer that skips validation locally: the honest peers refuse its forgery on store and on get
+        c = start_dht(visible_maddrs(a))
+        c.store(records_key("ffn"), c.peer_id.to_base58(), later, subkey=b"ffn.0.0" + owner_a)
+
+        for reader in (a, b):
+            claims = dict(get_signed_experts(reader, "ffn")["ffn.0.0"])
+            assert claims[owner_a[len(b"[owner:") : -1]] == peer_a
+            assert len(claims) == 2 and b.peer_id.to_base58() in claims.values()
+    finally:
+        for d in (c, b, a):
+            if d is not None:
+                shutdown_dht(d)
+
+
+class ScaledIdentity(nn.Module):
+    """An impostor: finite, right shape, wrong function."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        return x * self.w
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
+    """hivemind's expert records are unsigned: a later server declaring sig.1 takes it over
+    (beam search then calls it).  With ``require_signed`` the layer calls only servers with
+    a signed declaration of the uid: the impostor counts as failed, its reply never arrives."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from moe.swarm.records import owner_key, record_validators
+
+    torch.manual_seed(8)
+    key_honest = RSAPrivateKey()
+    honest_experts = {"sig.0": SwarmExpert(D, F_), "sig.1": SwarmExpert(D, F_)}
+    reference = {u: _clone(m) for u, m in honest_experts.items()}
+    honest = impostor = client = None
+    try:
+        honest = ExpertServer(honest_experts, D, sign_records=True, record_validators=record_validators("sig", key_honest))
+        client = start_dht(honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
+        impostor = ExpertServer({"sig.1": ScaledIdentity(5.0)}, D, initial_peers=honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
+        x = torch.randn(6, D)
+        kw = dict(dht=client, uid_prefix="sig", grid_size=[2], k_best=2, k_min=1, **FAST)
+
+        with torch.no_grad():
+            plain = SwarmMoE(D, **kw)
+            y_plain, aux_plain = plain(x)
+            assert not aux_plain.failed  # the hijack works on unsigned records: sig.1 answered by the impostor
+            hijacked = [reference["sig.0"], ScaledIdentity(5.0)]
+            torch.testing.assert_close(y_plain, _local_moe(x, plain.routers[0].weight_ED, hijacked), rtol=1e-4, atol=1e-5)
+            layer = SwarmMoE(D, require_signed=True, trusted_owners=[owner_key(key_honest)], **kw)
+            y, aux = layer(x)
+            assert set(aux.failed) == {"sig.1"} and "signed" in aux.failed["sig.1"], aux.failed
+            torch.testing.assert_close(y, reference["sig.0"](x), rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(y_plain, y)
+
+            stranger = SwarmMoE(D, require_signed=True, trusted_owners=[owner_key(RSAPrivateKey())], **kw)
+            y_none, aux_none = stranger(x)
+            assert set(aux_none.failed) == {"sig.0", "sig.1"} and aux_none.num_unserved == 6
+            assert torch.equal(y_none, torch.zeros_like(y_none))
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        for s in (impostor, honest):
+            if s is not None:
+                s.shutdown()
