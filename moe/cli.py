@@ -2,6 +2,15 @@
 
 Config problems end the command with one line on stderr naming the key and the fix, exit
 code 2, before any data is read or any worker starts.
+
+With ``parallel=ddp`` every process torchrun starts runs this same entry point:
+
+    torchrun --nproc_per_node 2 --no-python moe-train parallel=ddp parallel.ep_size=2
+
+Each checks the launch against the config (``validate_launch``), joins the process group
+(``moe.parallel.ddp``), and trains as one rank; rank 0 alone prints, logs and writes (the
+other ranks print errors only, and keep Hydra from writing ``.hydra/`` and its log file into
+the shared run directory).  The group is left at exit, however the run ends.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from moe.config import ConfigError, TrainConfig, check_key, from_dict, validate
+from moe.config import ConfigError, TrainConfig, check_key, from_dict, validate, validate_launch
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -104,25 +113,62 @@ def data_line(meta: dict) -> str:
 def _run(cfg) -> None:
     try:
         tc = config_from_hydra(cfg)  # before importing torch: a bad value fails in well under a second
+        validate_launch(tc, os.environ)  # before any process group: torchrun's environment fits the config
     except ConfigError as e:
         _fail(str(e))
+    state = None
+    if tc.parallel.backend == "ddp":
+        from moe.parallel import ddp
+
+        state = ddp.start(tc.parallel, device=tc.device)
+    try:
+        _train(tc, state)
+    finally:
+        if state is not None:
+            ddp.stop()
+
+
+def _train(tc: TrainConfig, state) -> None:
+    import dataclasses
+
     from moe.data import load_data
     from moe.train import Trainer, TrainingDiverged, format_summary
 
+    main = state is None or state.is_main
+    if state is not None:  # rank 0's run directory for all (Hydra resolved it on each rank: ${now:} may differ)
+        from moe.parallel.reduce import broadcast_object
+
+        tc = dataclasses.replace(tc, out_dir=broadcast_object(tc.out_dir, state))
     try:
-        data = load_data(tc.data, progress=tc.logger.progress)
-        trainer = Trainer(tc, data=data)
+        # every rank reads the token cache (a first build is safe to race: it is published atomically)
+        data = load_data(tc.data, progress=tc.logger.progress and main)
+        trainer = Trainer(tc, data=data, state=state)
     except ConfigError as e:
         _fail(str(e))
-    print(data_line(data.meta), file=sys.stderr)
-    print(f"run directory: {tc.out_dir}", file=sys.stderr)
+    if main:
+        print(data_line(data.meta), file=sys.stderr)
+        print(f"run directory: {tc.out_dir}", file=sys.stderr)
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
         _fail(str(e), code=1)
     except KeyboardInterrupt:
         sys.exit(130)
-    print(format_summary(result))
+    if main:
+        print(format_summary(result))
+
+
+def _quiet_hydra_on_other_ranks(args: list[str]) -> list[str]:
+    """Under torchrun, ranks > 0 keep Hydra from writing ``.hydra/`` and its job log into the
+    run directory rank 0 writes (unless the user set those themselves)."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        return args
+    extra = []
+    if not any(a.lstrip("+").startswith("hydra.output_subdir=") for a in args):
+        extra.append("hydra.output_subdir=null")
+    if not any(a.lstrip("+~").startswith("hydra/job_logging") for a in args):
+        extra.append("hydra/job_logging=disabled")
+    return [*args, *extra]
 
 
 def train_main() -> None:
@@ -133,6 +179,7 @@ def train_main() -> None:
         check_group_overrides(sys.argv[1:])
     except ConfigError as e:
         _fail(str(e))
+    sys.argv[1:] = _quiet_hydra_on_other_ranks(sys.argv[1:])
     main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_run)
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full stack traces
         main()

@@ -103,9 +103,25 @@ class LoggerConfig:
     progress: bool = True
 
 
+PARALLEL_BACKENDS = ("single", "ddp")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+# How to start a ddp run; the one-line errors below point here.
+TORCHRUN = "torchrun --nproc_per_node N --no-python moe-train parallel=ddp ..."
+
+
 @dataclass
 class ParallelConfig:
-    backend: str = "single"
+    """How the run is spread over processes.
+
+    ``single``: one process.  ``ddp``: one process per rank started by ``torchrun`` (its
+    environment gives each process its rank), data parallel over all ranks, experts sharded
+    over groups of ``ep_size`` consecutive ranks.
+    """
+
+    backend: str = "single"  # single | ddp (torchrun)
+    ep_size: int = 1  # expert-parallel size: ranks that together hold all experts
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: float = 600.0  # a collective waiting longer than this fails the run (a rank crashed or hangs)
 
 
 @dataclass
@@ -242,6 +258,38 @@ def validate_moe(m: MoEConfig) -> None:
         _check(m.top_k == 1, f"moe.top_k={m.top_k}: base assigns each token to exactly one expert; set moe.top_k=1")
 
 
+def validate_parallel(cfg: TrainConfig) -> None:
+    """The parallel layout on its own (the world size is only known at launch: ``validate_launch``)."""
+    p = cfg.parallel
+    _check(p.backend in PARALLEL_BACKENDS, f"parallel.backend={p.backend!r} is not a backend of this version; use parallel=single (one process) or parallel=ddp (torchrun)")
+    _check(p.ep_size >= 1, f"parallel.ep_size={p.ep_size} must be >= 1 (1: every rank holds all experts)")
+    _check(p.ep_size == 1 or p.backend != "single", f"parallel.ep_size={p.ep_size} needs {p.ep_size}+ processes but parallel.backend=single runs one; use parallel=ddp and launch with `{TORCHRUN}`, or set parallel.ep_size=1")
+    _check(p.ep_size == 1 or cfg.moe.name != "dense", f"parallel.ep_size={p.ep_size} with moe=dense: a dense model has no experts to shard; set parallel.ep_size=1 or pick an expert layer (e.g. moe=switch)")
+    _check(cfg.moe.num_experts % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide moe.num_experts={cfg.moe.num_experts}: every rank of an expert-parallel group holds the same number of experts; pick an ep_size dividing num_experts")
+    _check(p.dist_backend in DIST_BACKENDS, f"parallel.dist_backend={p.dist_backend!r}; use auto (nccl on CUDA, gloo on CPU), gloo or nccl")
+    _check(p.timeout_s > 0 and math.isfinite(p.timeout_s), f"parallel.timeout_s={p.timeout_s} must be a positive number of seconds")
+    if p.dist_backend == "nccl":
+        import torch
+
+        _check(torch.cuda.is_available(), "parallel.dist_backend=nccl needs CUDA GPUs and none is visible; use parallel.dist_backend=auto (gloo on CPU)")
+
+
+def validate_launch(cfg: TrainConfig, env: typing.Mapping[str, str]) -> None:
+    """The launch fits the config: ``env`` is the process environment torchrun sets up
+    (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT).  Run before any process group starts, so a
+    bad launch ends every rank with the same one line instead of a hang."""
+    p = cfg.parallel
+    world = env.get("WORLD_SIZE")
+    if p.backend == "single":
+        _check(world in (None, "", "1"), f"parallel.backend=single but this process is one of WORLD_SIZE={world} started together (torchrun?); add parallel=ddp, or run moe-train without torchrun")
+        return
+    missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    _check(not missing, f"parallel.backend=ddp needs the environment torchrun sets ({', '.join(missing)} not set): launch with `{TORCHRUN}`, or use parallel=single for one process")
+    _check(world.isdigit() and int(world) >= 1, f"parallel.backend=ddp: WORLD_SIZE={world!r} is not a positive integer; launch with `{TORCHRUN}`")
+    n = int(world)
+    _check(n % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide the world size {n} (WORLD_SIZE): start a multiple of {p.ep_size} processes (torchrun --nproc_per_node) or set parallel.ep_size to a divisor of {n}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError on the first bad value.  Cheap: nothing is built or read."""
     md = cfg.model
@@ -284,7 +332,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(lg.wandb_mode in ("offline", "online", "disabled"), f"logger.wandb_mode={lg.wandb_mode!r}; use offline, online or disabled")
     _check(lg.log_every >= 1, f"logger.log_every={lg.log_every} must be >= 1")
 
-    _check(cfg.parallel.backend == "single", f"parallel.backend={cfg.parallel.backend!r}: only 'single' exists in this version (parallel=single)")
+    validate_parallel(cfg)
     _check(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1")
     _check(cfg.grad_accum >= 1, f"grad_accum={cfg.grad_accum} must be >= 1")

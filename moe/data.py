@@ -181,16 +181,25 @@ class TokenData:
             f"val={len(self.val)} tokens, vocab_size={self.vocab_size}, tokenizer={self.tokenizer!r})"
         )
 
-    def get_batch(self, split: str, index: int, batch_size: int, seq_len: int, seed: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(
+        self, split: str, index: int, batch_size: int, seq_len: int, seed: int, device: Any = None, *, shard: int = 0, num_shards: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``split``: (x, y) int64 of shape (batch_size, seq_len), y = x shifted by one.
 
         Offsets are drawn from a generator seeded by (seed, split, index) alone, so the batch at a
         given step is the same however the run got there (fresh, resumed, other batch order).
+
+        ``num_shards > 1``: batch ``index`` is ``batch_size * num_shards`` sequences and this
+        call returns rows ``[shard * batch_size, (shard + 1) * batch_size)`` of it: the shards
+        of one index, put side by side, are exactly ``get_batch(..., batch_size * num_shards)``.
+        The trainer gives each (data-parallel rank, micro-batch) one shard of the step's batch.
         """
         if split not in ("train", "val"):
             raise ValueError(f"get_batch: split must be 'train' or 'val', got {split!r}")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"get_batch: batch_size={batch_size} and seq_len={seq_len} must be >= 1")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"get_batch: shard={shard} must be in [0, num_shards={num_shards})")
         arr = self.train if split == "train" else self.val
         n = len(arr)
         if n < seq_len + 1:
@@ -200,7 +209,8 @@ class TokenData:
                 f"lower model.seq_len or {more}"
             )
         g = torch.Generator().manual_seed(_batch_seed(seed, split, index))
-        starts = torch.randint(0, n - seq_len, (batch_size,), generator=g).numpy()
+        starts = torch.randint(0, n - seq_len, (batch_size * num_shards,), generator=g).numpy()
+        starts = starts[shard * batch_size : (shard + 1) * batch_size]
         idx = starts[:, None] + np.arange(seq_len + 1)
         buf = torch.from_numpy(np.asarray(arr[idx]).astype(np.int64))
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()

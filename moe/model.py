@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -52,13 +53,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool):
+    """``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``; ``dispatcher`` goes to a sparse FFN
+    (None: local experts)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool, dispatcher: Any = None):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         d_ff = moe.expert_d_ff if sparse and moe.name != "dense" and moe.expert_d_ff else cfg.d_ff
-        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout)
+        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, dispatcher=dispatcher)
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
 
@@ -74,9 +78,20 @@ def is_sparse_block(index: int, cfg: ModelConfig) -> bool:
 
 
 class TransformerLM(nn.Module):
-    """GPT-style decoder.  ``vocab_size`` must be set (the trainer takes it from the tokenizer)."""
+    """GPT-style decoder.  ``vocab_size`` must be set (the trainer takes it from the tokenizer).
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig):
+    Args:
+        cfg, moe: the model's shape and its expert layer.
+        make_dispatcher: ``make_dispatcher(block_index)`` gives the token dispatcher of each
+            sparse block (e.g. a ``moe.parallel.AllToAllDispatcher`` over the expert-parallel
+            group: the block then holds only its shard of the experts).  None: every expert
+            local.  Passed in, so this file never touches ``torch.distributed``.
+
+    With the same seed every process builds the same weights, and an expert shard equals
+    the matching slice of the unsharded model's (``GroupedExperts`` draws the full stack).
+    """
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, make_dispatcher: Callable[[int], Any] | None = None):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
@@ -84,7 +99,13 @@ class TransformerLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, moe, sparse=is_sparse_block(i, cfg)) for i in range(cfg.n_layers))
+
+        def block(i: int) -> Block:
+            sparse = is_sparse_block(i, cfg)
+            dispatcher = make_dispatcher(i) if sparse and moe.name != "dense" and make_dispatcher is not None else None
+            return Block(cfg, moe, sparse=sparse, dispatcher=dispatcher)
+
+        self.blocks = nn.ModuleList(block(i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
@@ -127,7 +148,10 @@ class TransformerLM(nn.Module):
 def count_parameters(model: TransformerLM) -> dict[str, int]:
     """Parameter counts: total, embedding (token + position), expert, active non-embedding
     per token (the output projection excluded, tied or not), and the output projection's
-    size, which every token multiplies whether or not it is tied to the embedding."""
+    size, which every token multiplies whether or not it is tied to the embedding.
+
+    Counts are the whole model's: a module holding a shard of the experts counts all of
+    them (``total_experts``), so every expert-parallel size reports the same numbers."""
     total = sum(p.numel() for p in model.parameters())
     emb = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
     head = model.lm_head.weight.numel()
@@ -136,8 +160,10 @@ def count_parameters(model: TransformerLM) -> dict[str, int]:
     for b in model.blocks:
         ex = getattr(b.ffn, "experts", None)
         if ex is not None:
-            n = sum(p.numel() for p in ex.parameters())
-            expert += n
-            active_expert += n // ex.num_experts * model.moe.top_k
+            n_local = sum(p.numel() for p in ex.parameters())
+            per_expert = n_local // ex.num_experts
+            total += per_expert * (ex.total_experts - ex.num_experts)  # the other ranks' shards
+            expert += per_expert * ex.total_experts
+            active_expert += per_expert * model.moe.top_k
     non_emb = total - emb - untied_head
     return {"total": total, "embedding": emb, "expert": expert, "active_non_embedding": non_emb - expert + active_expert, "lm_head_flop_params": head}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -105,7 +106,8 @@ class LoadAccumulator:
     """Sums per-layer router statistics over several steps, reduced once in :meth:`summary`.
 
     ``add`` never reads a tensor back to the host, so calling it every step costs no device
-    synchronisation; ``summary`` and ``layer_fracs`` move the sums to the CPU.
+    synchronisation; ``summary`` and ``layer_fracs`` move the sums to the CPU.  In a multi-rank run,
+    :meth:`merge_ranks` makes the sums global before ``summary``.
     """
 
     def __init__(self) -> None:
@@ -169,6 +171,31 @@ class LoadAccumulator:
             if layer.isdigit() and name.startswith("frac_e") and name[len("frac_e"):].isdigit():
                 out.setdefault(int(layer), {})[int(name[len("frac_e"):])] = float(v)
         return {i: [fr[j] for j in sorted(fr)] for i, fr in sorted(out.items())}
+
+    def merge_ranks(self, all_reduce_sum: Callable[[torch.Tensor], Any], n_ranks: int) -> None:
+        """Turn this rank's sums into those of ``n_ranks`` ranks: counts, dropped and routed
+        summed over the ranks, aux and z losses averaged.  ``all_reduce_sum`` sums one float64
+        tensor in place across the ranks (a collective: every rank calls this with the same
+        layers, which ranks running the same model have)."""
+        if n_ranks == 1 or not self._layers:
+            return
+        layers = sorted(self._layers)
+        first = self._layers[layers[0]].counts
+        parts = []
+        for i in layers:
+            s = self._layers[i]
+            scalars = [torch.as_tensor(v, dtype=torch.float64, device=first.device).reshape(1) for v in (s.dropped, s.routed, s.aux, s.z)]
+            parts += [s.counts.to(first.device), *scalars]
+        flat = torch.cat(parts)
+        all_reduce_sum(flat)
+        offset = 0
+        for i in layers:
+            s = self._layers[i]
+            E = s.counts.numel()
+            s.counts = flat[offset : offset + E].to(s.counts.device)
+            dropped, routed, aux, z = flat[offset + E : offset + E + 4].unbind()
+            s.dropped, s.routed, s.aux, s.z = dropped, routed, aux / n_ranks, z / n_ranks
+            offset += E + 4
 
     def reset(self) -> None:
         self._layers.clear()

@@ -1,15 +1,44 @@
-"""The training loop on one process: data -> model -> loss -> AdamW, with eval, checkpoints,
-exact resume and telemetry.
+"""The training loop: data -> model -> loss -> AdamW, with eval, checkpoints, exact resume and
+telemetry, on one process or on every rank of a data + expert parallel run (a
+:class:`~moe.parallel.ParallelState` passed in; the loop is the same).
 
 Exact resume: the batch for step s is a pure function of (seed, s) (``TokenData.get_batch``),
 and the checkpoint holds the model, optimizer and every RNG state (the learning rate is a
 function of the step), so a run
 resumed from step s computes bit-identical losses to one that never stopped.
+
+Several ranks:
+
+- **Batches.**  Step ``s`` trains on one global batch of ``batch_size * grad_accum * dp_size``
+  sequences, ``get_batch("train", s, ...)``; data-parallel rank ``r`` takes shard
+  ``micro * dp_size + r`` of it in micro-batch ``micro``.  So the step's sequences depend on
+  the product only: DP=2 with ``batch_size=b`` sees exactly what one process sees with
+  ``batch_size=2b`` (or with ``b`` and ``grad_accum=2``, micro-batch for rank).  Eval: every
+  rank evaluates its shard of each val batch (all must: the all-to-all is collective) and the
+  losses are averaged over the data-parallel ranks.
+- **Gradients.**  Once per step, after the last micro-batch: ``allreduce_gradients`` (shared
+  parameters over the data-parallel group, experts within their expert-data-parallel group),
+  then clipping by the norm of the whole model's gradient (every expert counted once:
+  ``moe.parallel.clip_grad_norm_``).  The logged losses and the gradient norm are averaged
+  over the ranks in one small all-reduce, and the finite check reads those values, so every
+  rank takes the same decision and none steps alone.
+- **Each rank's MoE losses are its own.**  The balancing loss ``E * sum f_i P_i`` and
+  capacity ``ceil(cf * T / E)`` are computed over a rank's own tokens (as DeepSpeed does): a
+  run at DP=2 equals one process with ``grad_accum=2`` exactly, and one process with the double
+  batch exactly when the layer is dropless and aux-free (the z-loss is a per-token mean: fine).
+- **Telemetry.**  Only rank 0 logs and writes; the expert-load counts are summed over the
+  data-parallel ranks before each log, tokens/s counts every rank's tokens, and
+  ``perf/comm_time_s`` is rank 0's wall time per step in collectives (all-to-all, gradient
+  and metric all-reduces).
+- **Checkpoints** hold the whole model in the one-process format (``moe.parallel.reshard``):
+  any expert-parallel size resumes any other's.  Each rank's RNG state is kept; resumed at
+  another world size, ranks > 0 draw fresh streams from (seed, rank, step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,6 +59,8 @@ from moe.data import TokenData, load_data
 from moe.experts import GroupedExperts
 from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
 from moe.model import ModelOutput, TransformerLM, count_parameters
+from moe.parallel import AllToAllDispatcher, ParallelState, allreduce_gradients, clip_grad_norm_, gather_full_state, load_full_state
+from moe.parallel.reduce import broadcast_object, count_over_world, gather_objects, mean_over_dp_, sum_over_dp_
 from moe.sinks import MetricsLogger
 from moe.telemetry import LoadAccumulator
 
@@ -97,25 +128,38 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per logged step
 
 
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    digest = hashlib.sha256(f"{seed}/rank/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 class Trainer:
-    """Runs ``TrainConfig`` on one device.  Build, then ``fit()``.
+    """Runs ``TrainConfig`` on one device, or as one rank of a parallel run.  Build, then ``fit()``.
 
     Args:
         cfg: the whole run's configuration (validated here, before anything is built).
         data: token data; loaded from ``cfg.data`` when None.
-        is_main: this process logs and writes checkpoints (rank 0 in a multi-rank run).
+        is_main: this process logs and writes checkpoints; default: rank 0 (only rank 0 can be).
+        state: ranks and process groups (``moe.parallel.ddp.start`` builds it under torchrun);
+            None: one process on ``cfg.device``.  Its ``ep_size`` must be ``parallel.ep_size``.
+            Every rank of the state builds a Trainer and calls ``fit()`` in step.
     """
 
-    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, is_main: bool = True):
+    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, is_main: bool | None = None, state: ParallelState | None = None):
         validate(cfg)
         self.cfg = cfg
-        self.is_main = is_main
+        st = self.state = state if state is not None else ParallelState.single(resolve_device(cfg.device))
+        if st.ep_size != cfg.parallel.ep_size:
+            raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} but the process groups were built with ep_size={st.ep_size}; build the ParallelState from the same config")
+        if st.pp_size != 1:
+            raise ConfigError(f"pp_size={st.pp_size}: the trainer has no pipeline parallelism yet; build the ParallelState with pp_size=1")
+        self.is_main = st.is_main if is_main is None else (bool(is_main) and st.is_main)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        self.device = st.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.run_dir = Path(cfg.out_dir)
-        self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and is_main)
+        self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and self.is_main)
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
@@ -124,8 +168,12 @@ class Trainer:
             n = len(getattr(self.data, split))
             if n < self.model_cfg.seq_len + 1:
                 raise ConfigError(f"data: the {split} split has {n} tokens, fewer than model.seq_len+1={self.model_cfg.seq_len + 1}; lower model.seq_len, raise data.val_fraction or add data")
-        torch.manual_seed(cfg.seed)
-        self.model = TransformerLM(self.model_cfg, cfg.moe).to(self.device)
+        torch.manual_seed(cfg.seed)  # the same weights on every rank; expert shards are slices of them
+        dispatcher = AllToAllDispatcher(st) if st.ep_size > 1 else None
+        self._dispatchers = [dispatcher] if dispatcher is not None else []
+        self.model = TransformerLM(self.model_cfg, cfg.moe, make_dispatcher=(lambda i: dispatcher) if dispatcher is not None else None).to(self.device)
+        if st.world_size > 1:  # each rank its own dropout, jitter and random-routing draws
+            torch.manual_seed(_rank_seed(cfg.seed, st.rank))
         for m in self.model.modules():  # we only ever .backward() and zero .grad in place
             if isinstance(m, GroupedExperts):
                 m.grad_into_buffers = True
@@ -138,6 +186,9 @@ class Trainer:
         n_flops = self.params["active_non_embedding"] + self.params["lm_head_flop_params"]
         self.flops_per_token = transformer_flops_per_token(n_flops, self.model_cfg.n_layers, self.model_cfg.d_model, self.model_cfg.seq_len)
         self.moe_blocks = self.model.moe_layers()
+        self._comm_seconds = 0.0  # gradient and metric all-reduces (the dispatchers count their own)
+        self._stop: _StopFlag | None = None
+        self._stop_agreed = False  # some rank asked to stop (Ctrl-C), as of the last step
 
     # -- state ------------------------------------------------------------------------------
 
@@ -145,28 +196,49 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def state_dict(self) -> dict[str, Any] | None:
+        """The checkpoint: the whole model and optimizer in the one-process format (expert
+        shards gathered), on the main rank; None elsewhere.  Collective: every rank calls it."""
+        st = self.state
+        model_sd, optim_sd = gather_full_state(self.model, self.optimizer, st)
+        rngs = gather_objects(ckpt.rng_state(), st)
+        if not self.is_main:
+            return None
+        out = {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": ckpt.rng_state(),
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "rng": rngs[0],
             "config": to_dict(self.cfg),
             "wandb_id": self.wandb_id,
             "last_metrics": self.last_metrics,
         }
+        if st.world_size > 1:
+            out["layout"] = {"world_size": st.world_size, "dp_size": st.dp_size, "ep_size": st.ep_size}
+            out["rng_ranks"] = rngs
+        return out
 
     def save(self) -> Path:
+        """Write the checkpoint (rank 0); every rank must call it (the expert shards are gathered)."""
+        state = self.state_dict()
         if self.is_main:
-            ckpt.save_atomic(self.state_dict(), self.checkpoint_path)
+            ckpt.save_atomic(state, self.checkpoint_path)
         return self.checkpoint_path
 
     def load(self, path: Path) -> None:
+        """Resume from ``path`` (on every rank: each reads the file and keeps its expert shard)."""
+        st = self.state
         state = ckpt.load(path, map_location="cpu")  # RNG states must stay CPU tensors
-        check_resumable(state.get("config", {}), to_dict(self.cfg), self.run_dir)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(state["rng"])
+        layout = state.get("layout", {"world_size": 1, "dp_size": 1, "ep_size": 1})
+        check_resumable(state.get("config", {}), to_dict(self.cfg), self.run_dir, saved_dp_size=layout["dp_size"], dp_size=st.dp_size)
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if len(rngs) == st.world_size:
+            ckpt.set_rng_state(rngs[st.rank])
+        else:  # another world size: rank 0 goes on with rank 0's stream, the others start fresh ones
+            ckpt.set_rng_state(rngs[0])
+            if st.rank > 0:
+                torch.manual_seed(_rank_seed(self.cfg.seed, st.rank, state["step"]))
         self.step = state["step"]
         self.wandb_id = state.get("wandb_id")
         self.last_metrics = state.get("last_metrics", {})
@@ -178,19 +250,34 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _forward(self, split: str, index: int) -> ModelOutput:
-        c = self.cfg
-        x, y = self.data.get_batch(split, index, c.batch_size, self.model_cfg.seq_len, c.seed, device=self.device)
+    def _forward(self, split: str, index: int, micro: int = 0) -> ModelOutput:
+        """This rank's share of batch ``index``: in training, shard ``micro * dp_size + dp_rank``
+        of ``batch_size * grad_accum * dp_size`` sequences; in eval, shard ``dp_rank`` of
+        ``batch_size * dp_size`` (module docstring)."""
+        c, st = self.cfg, self.state
+        shards = st.dp_size * (c.grad_accum if split == "train" else 1)
+        shard = micro * st.dp_size + st.dp_rank
+        x, y = self.data.get_batch(split, index, c.batch_size, self.model_cfg.seq_len, c.seed, device=self.device, shard=shard, num_shards=shards)
         with self._autocast():
             return self.model(x, y)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation LM loss over a fixed set of batches (the same at every eval)."""
+        """Mean validation LM loss over a fixed set of batches (the same at every eval); every
+        rank evaluates its shard of each batch, the mean is over all ranks' shards."""
         self.model.eval()
         losses = [self._forward("val", i).lm_loss.item() for i in range(self.cfg.eval_batches)]
         self.model.train()
-        return sum(losses) / len(losses)
+        loss = sum(losses) / len(losses)
+        if self.state.dp_size > 1:
+            t0 = time.perf_counter()
+            loss = mean_over_dp_(torch.tensor([loss], dtype=torch.float64, device=self.device), self.state).item()
+            self._comm_seconds += time.perf_counter() - t0
+        return loss
+
+    def comm_seconds(self) -> float:
+        """Wall time spent in collectives so far (this rank): dispatchers plus the trainer's own."""
+        return self._comm_seconds + sum(d.comm_seconds for d in self._dispatchers)
 
     def train_step(self, load: LoadAccumulator) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches.
@@ -198,17 +285,29 @@ class Trainer:
         Raises TrainingDiverged, before the optimizer touches the weights, when the loss or the
         gradient norm is NaN/inf.  One host sync per step (the finite check and the logged values).
         """
-        c = self.cfg
+        c, st = self.cfg, self.state
         sums = torch.zeros(3, device=self.device)  # lm, aux, z: averaged over micro-batches
         for micro in range(c.grad_accum):
-            out = self._forward("train", self.step * c.grad_accum + micro)
+            out = self._forward("train", self.step, micro)
             (out.total_loss(c.moe) / c.grad_accum).backward()
             sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
             for block, la in zip(self.moe_blocks, out.layer_aux):
                 load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
-        lm, aux, z, gn = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)]).tolist()
-        if not all(math.isfinite(v) for v in (lm, aux, z, gn)):
+        if st.dp_size > 1:
+            t0 = time.perf_counter()
+            allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
+            self._comm_seconds += time.perf_counter() - t0
+        grad_norm = clip_grad_norm_(self.model, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"), st)
+        vals = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)])
+        if st.dp_size > 1:  # one all-reduce: mean losses, the norm (the same everywhere), any rank's Ctrl-C
+            t0 = time.perf_counter()
+            stop = float(self._stop is not None and self._stop.requested)
+            vals = sum_over_dp_(torch.cat([vals, vals.new_tensor([stop])]), st)
+            self._comm_seconds += time.perf_counter() - t0
+            self._stop_agreed = bool(vals[4] > 0)
+            vals = vals[:4] / st.dp_size
+        lm, aux, z, gn = vals.tolist()
+        if not all(math.isfinite(v) for v in (lm, aux, z, gn)):  # the same values on every rank: all raise together
             kept = f"the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"training diverged at step {self.step + 1}: lm loss {lm}, aux {aux}, z {z}, grad norm {gn}; {kept}. "
@@ -230,10 +329,13 @@ class Trainer:
         ``stop_after`` ends this call after that many steps, as if the process were killed
         right after a checkpoint: used to test resumption.
         """
-        c = self.cfg
+        c, st = self.cfg, self.state
         resumed = False
         metrics_path = self.run_dir / "metrics.jsonl"
-        if c.resume and self.checkpoint_path.exists():
+        found = c.resume and self.checkpoint_path.exists()
+        if count_over_world(found, st) not in (0, st.world_size):
+            raise ConfigError(f"out_dir={c.out_dir}: some ranks see {CHECKPOINT} and some do not; out_dir must be on a filesystem every node sees")
+        if found:
             self.load(self.checkpoint_path)
             resumed = True
             if self.is_main:  # records logged after the checkpoint are about to be redone
@@ -242,12 +344,14 @@ class Trainer:
             metrics_path.unlink(missing_ok=True)
             if not c.resume:
                 self.checkpoint_path.unlink(missing_ok=True)
-        peak = c.peak_flops or measure_peak_flops(self.device, self.dtype, seconds=0.5, n=2048)
+        # peak of one process (measured on rank 0 only: the ranks would share the cores), times the ranks
+        peak = c.peak_flops or broadcast_object(measure_peak_flops(self.device, self.dtype, seconds=0.5, n=2048) if st.rank == 0 else None, st)
+        peak_all = peak * st.world_size
         logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
         self.wandb_id = logger.wandb_run_id
         if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
             _write_json_atomic(self.run_dir / "config.json", to_dict(c))
-        tokens_per_step = c.batch_size * c.grad_accum * self.model_cfg.seq_len
+        tokens_per_step = c.batch_size * c.grad_accum * st.dp_size * self.model_cfg.seq_len  # every rank's
         load = LoadAccumulator()
         history: list[dict[str, float]] = []
         val_loss = float("nan")
@@ -260,18 +364,25 @@ class Trainer:
         end = c.steps if stop_after is None else min(c.steps, self.step + stop_after)
         bar = _progress(self.step, c.steps, enabled=self.is_main and c.logger.progress)
         window_t, window_steps = time.perf_counter(), 0
+        window_comm = self.comm_seconds()
         window: dict[str, float] = {}  # train/* sums over the log window
         exit_code = 1
-        stop = _StopFlag()
+        stopping = False  # at the end of a step, the run stops there (Ctrl-C on some rank)
+        stop = self._stop = _StopFlag()
         try:
             while self.step < end:
                 step_metrics = self.train_step(load)
+                stopping = stop.requested if st.dp_size == 1 else self._stop_agreed  # all ranks agree
                 for k, v in step_metrics.items():
                     window[k] = window.get(k, 0.0) + v
                 window_steps += 1
                 if bar is not None:
                     bar.update(1)
-                if self.step % c.logger.log_every == 0 or self.step == end or stop.requested:
+                if self.step % c.logger.log_every == 0 or self.step == end or stopping:
+                    if st.dp_size > 1:
+                        t_merge = time.perf_counter()
+                        load.merge_ranks(lambda t: sum_over_dp_(t, st), st.dp_size)  # the global load
+                        self._comm_seconds += time.perf_counter() - t_merge
                     dt = time.perf_counter() - window_t
                     tps = window_steps * tokens_per_step / dt
                     metrics = {k: v / window_steps for k, v in window.items()}
@@ -279,8 +390,8 @@ class Trainer:
                     metrics.update({
                         "perf/tokens_per_s": tps,
                         "perf/step_time_s": dt / window_steps,
-                        "perf/mfu": mfu(tps, self.flops_per_token, peak),
-                        "perf/comm_time_s": 0.0,  # one process: no collectives
+                        "perf/mfu": mfu(tps, self.flops_per_token, peak_all),
+                        "perf/comm_time_s": (self.comm_seconds() - window_comm) / window_steps,  # rank 0's, per step
                     })
                     metrics.update(load.summary())
                     self.last_metrics = metrics
@@ -291,18 +402,20 @@ class Trainer:
                     load.reset()
                     window.clear()
                     window_steps = 0
-                pause = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
+                    window_comm = self.comm_seconds()
+                pause, pause_comm = time.perf_counter(), self.comm_seconds()  # eval and checkpoint time stay out of tokens/s
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss})
                     logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(self.last_metrics))  # the latest log window's
                     if bar is not None:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f}")
-                if stop.requested or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
+                if stopping or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
                     self.save()
-                if stop.requested:
+                if stopping:
                     raise KeyboardInterrupt
                 window_t = time.perf_counter() if window_steps == 0 else window_t + (time.perf_counter() - pause)
+                window_comm += self.comm_seconds() - pause_comm
             if self.step >= c.steps:
                 val_loss = self.evaluate()
                 logger.log(self.step, {"val/loss": val_loss})
@@ -310,11 +423,12 @@ class Trainer:
             self.save()
             exit_code = 0
         except KeyboardInterrupt:
-            if stop.requested:  # Ctrl-C was deferred to the end of a step: the state is whole
+            if stopping and self.is_main:  # Ctrl-C was deferred to the end of a step: the state is whole
                 print(f"\ninterrupted: checkpoint at step {self.step} in {self.checkpoint_path}; run the same command with resume=true to go on", file=sys.stderr)
             raise
         finally:
             stop.restore()
+            self._stop = None
             if bar is not None:
                 bar.close()
             if exit_code == 0:
@@ -367,13 +481,16 @@ class _StopFlag:
             self._previous = None
 
 
-# Keys that may differ between a checkpoint's run and the run resuming it.
-RESUME_FREE_KEYS = ("steps", "resume", "out_dir", "run_name", "eval_every", "eval_batches", "ckpt_every", "threads", "peak_flops", "device", "logger", "optim", "data.cache_dir")
+# Keys that may differ between a checkpoint's run and the run resuming it.  parallel.*: a
+# checkpoint holds the whole model whatever the layout (moe.parallel.reshard); batch_size and
+# grad_accum: only the global batch (batch_size x grad_accum x data-parallel ranks) counts.
+RESUME_FREE_KEYS = ("steps", "resume", "out_dir", "run_name", "eval_every", "eval_batches", "ckpt_every", "threads", "peak_flops", "device", "logger", "optim", "data.cache_dir", "parallel", "batch_size", "grad_accum")
 
 
-def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """A checkpoint is resumed only by the config that wrote it (schedule, logging and
-    evaluation may change); anything else is a one-line ConfigError naming the keys."""
+def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size: int = 1, dp_size: int = 1) -> None:
+    """A checkpoint is resumed only by the config that wrote it (schedule, logging,
+    evaluation and the parallel layout may change, the global batch may not); anything else
+    is a one-line ConfigError naming the keys."""
     def flat(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):
@@ -382,9 +499,16 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
                 yield f"{prefix}{k}", v
 
     a, b = dict(flat(saved)), dict(flat(current))
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+    def global_batch(d: dict, dp: int) -> tuple[int, str]:
+        bs, ga = d.get("batch_size", 0), d.get("grad_accum", 1)
+        return bs * ga * dp, f"{bs}x{ga}x{dp}={bs * ga * dp}"
+
+    (n_saved, saved_how), (n_now, now_how) = global_batch(a, saved_dp_size), global_batch(b, dp_size)
+    if n_saved != n_now:
+        diff.insert(0, f"global batch (batch_size x grad_accum x data-parallel ranks): {saved_how} -> {now_how}")
     if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+        shown = ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
         raise ConfigError(f"{run_dir} holds a checkpoint of another config ({shown}); pass run_name=NEW_NAME for a new run, or resume=false to start this one over")
 
 

@@ -35,6 +35,7 @@ from moe.config import (
     from_dict,
     to_dict,
     validate,
+    validate_launch,
 )
 
 GROUPS = ("model", "moe", "data", "optim", "logger", "parallel", "experiment")
@@ -106,7 +107,13 @@ BAD = [
     ("beta2=1", ["optim.beta2=1.0"], "optim.beta2", "[0, 1)"),
     ("wandb_mode", ["logger.wandb_mode=bogus"], "logger.wandb_mode", "use offline, online or disabled"),
     ("log_every=0", ["logger.log_every=0"], "logger.log_every", ">= 1"),
-    ("parallel.backend", ["parallel.backend=ddp"], "parallel.backend", "parallel=single"),
+    ("parallel.backend", ["parallel.backend=mpi"], "parallel.backend", "parallel=single"),
+    ("ep_size=0", ["parallel=ddp", "parallel.ep_size=0"], "parallel.ep_size", ">= 1"),
+    ("ep_size_vs_num_experts", ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=3"], "parallel.ep_size", "pick an ep_size dividing num_experts"),
+    ("ep_size>1_single", ["parallel.ep_size=2"], "parallel.ep_size", "use parallel=ddp and launch with `torchrun"),
+    ("ep_size>1_dense", ["parallel=ddp", "moe=dense", "parallel.ep_size=2"], "parallel.ep_size", "set parallel.ep_size=1"),
+    ("dist_backend", ["parallel=ddp", "parallel.dist_backend=mpi"], "parallel.dist_backend", "use auto"),
+    ("timeout_s=0", ["parallel=ddp", "parallel.timeout_s=0"], "parallel.timeout_s", "positive number of seconds"),
     ("batch_size=0", ["batch_size=0"], "batch_size", ">= 1"),
     ("steps=0", ["steps=0", "optim.warmup_steps=0"], "steps", ">= 1"),
     ("steps=abc", ["steps=abc"], "steps", "expected an integer"),
@@ -127,6 +134,36 @@ BAD = [
 ]
 if not torch.cuda.is_available():
     BAD.append(("cuda_without_cuda", ["device=cuda"], "device", "use device=auto or device=cpu"))
+    BAD.append(("nccl_without_cuda", ["parallel=ddp", "parallel.dist_backend=nccl"], "parallel.dist_backend", "use parallel.dist_backend=auto"))
+
+# The launch against the config (moe-train checks it before joining a process group):
+# (id, overrides, torchrun's environment, key, fix).
+TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+BAD_LAUNCH = [
+    ("ddp_without_torchrun", ["parallel=ddp"], {}, "parallel.backend", "launch with `torchrun --nproc_per_node N --no-python moe-train parallel=ddp"),
+    ("ddp_without_master", ["parallel=ddp"], {"WORLD_SIZE": "2", "RANK": "0"}, "parallel.backend", "MASTER_ADDR, MASTER_PORT not set"),
+    ("world_vs_ep_size", ["parallel=ddp", "parallel.ep_size=2"], {**TORCHRUN_ENV, "WORLD_SIZE": "3"}, "parallel.ep_size", "start a multiple of 2 processes"),
+    ("world_vs_ep_size_4", ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=4"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.ep_size", "set parallel.ep_size to a divisor of 2"),
+    ("single_under_torchrun", ["parallel=single"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.backend", "add parallel=ddp"),
+]
+
+
+@pytest.mark.parametrize("overrides,env,key,fix", [b[1:] for b in BAD_LAUNCH], ids=[b[0] for b in BAD_LAUNCH])
+def test_bad_launch_is_one_clear_line(load, overrides, env, key, fix):
+    tc = load(overrides)
+    with pytest.raises(ConfigError) as ei:
+        validate_launch(tc, env)
+    msg = str(ei.value)
+    assert msg.strip() and "\n" not in msg, f"not one line: {msg!r}"
+    assert msg.startswith(key), f"does not lead with {key}: {msg!r}"
+    assert fix in msg, f"does not say what to do ({fix!r}): {msg!r}"
+
+
+def test_good_launches_pass(load):
+    validate_launch(load([]), {})
+    validate_launch(load([]), {"WORLD_SIZE": "1"})
+    validate_launch(load(["parallel=ddp", "parallel.ep_size=2"]), {**TORCHRUN_ENV, "WORLD_SIZE": "4"})
+    validate_launch(load(["parallel=ddp", "moe=dense"]), {**TORCHRUN_ENV, "WORLD_SIZE": "3"})
 
 
 @pytest.mark.parametrize("overrides,key,fix", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -213,11 +250,12 @@ def _moe_train() -> list[str]:
     [(["moe=foo"], "moe=foo"), (["moe=topk", "moe.top_k=9"], "moe.top_k"), (["model.d_model=100", "model.n_heads=3"], "model.d_model"),
      (["model.foo=1"], "model.foo"),  # Hydra's own "Could not override" block without the pre-check
      (["run_name=${nope}"], "hydra.run.dir"),  # Hydra's run dir interpolates run_name: its error, mapped
-     (["moe.top_k=[1,2"], "moe.top_k=[1,2")],  # Hydra's override parser
-    ids=["unknown-group-option", "top_k>num_experts", "d_model%n_heads", "unknown-key", "bad-interpolation", "unparsable"],
+     (["moe.top_k=[1,2"], "moe.top_k=[1,2"),  # Hydra's override parser
+     (["parallel=ddp", "optim.warmup_steps=1"], "parallel.backend")],  # ddp without torchrun: before any process group
+    ids=["unknown-group-option", "top_k>num_experts", "d_model%n_heads", "unknown-key", "bad-interpolation", "unparsable", "ddp-without-torchrun"],
 )
 def test_moe_train_fails_with_one_line(tmp_path, args, key):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK")}
     env["WANDB_MODE"] = "offline"
     p = subprocess.run([*_moe_train(), *args, "steps=2", "logger=none"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)

@@ -183,8 +183,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     trainer = Trainer(tiny_config(tmp_path, steps=10, ckpt_every=4), data=tiny_data)
     real_forward = Trainer._forward
 
-    def poisoned(self, split, index):
-        out = real_forward(self, split, index)
+    def poisoned(self, split, index, *args):
+        out = real_forward(self, split, index, *args)
         if split == "train" and self.step == 6:
             return ModelOutput(out.logits, out.lm_loss * float("nan"), out.aux_loss, out.z_loss, out.layer_aux)
         return out
@@ -197,8 +197,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_data):
-    """2 micro-batches of 4 == ... the data differ, so compare the mechanics: the loss reported
-    is the mean of the micro-batch losses, and the step count advances once per optimizer step."""
+    """2 micro-batches of 4 are the two halves of the step's batch of 8; the loss reported is
+    the mean of the micro-batch losses, and the step count advances once per optimizer step."""
     cfg = tiny_config(tmp_path, "dense", steps=6, grad_accum=2, batch_size=4)
     t = Trainer(cfg, data=tiny_data)
     res = t.fit()
@@ -206,8 +206,14 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_data):
     # the same micro-batches through a fresh copy of the initial model give the first logged loss
     t0 = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh")), data=tiny_data)
     with torch.no_grad():
-        manual = sum(t0._forward("train", i).lm_loss.item() for i in range(2)) / 2
+        manual = sum(t0._forward("train", 0, micro).lm_loss.item() for micro in range(2)) / 2
     assert res.history[0]["train/loss"] == pytest.approx(manual, rel=1e-6)
+    # ... and the micro-batches are the halves of one batch of 8 (so a dense run equals batch_size=8)
+    big = Trainer(dataclasses.replace(cfg, grad_accum=1, batch_size=8, out_dir=str(tmp_path / "big")), data=tiny_data)
+    with torch.no_grad():
+        assert big._forward("train", 0).lm_loss.item() == pytest.approx(manual, rel=1e-5)
+    halves = [tiny_data.get_batch("train", 0, 4, 64, cfg.seed, shard=m, num_shards=2)[0] for m in range(2)]
+    assert torch.equal(torch.cat(halves), tiny_data.get_batch("train", 0, 8, 64, cfg.seed)[0])
 
 
 def test_run_already_finished_is_reevaluated_not_retrained(tmp_path, tiny_data, capsys):

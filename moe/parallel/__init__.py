@@ -1,10 +1,13 @@
 """Expert, data and pipeline parallelism: the process groups (``state``), the all-to-all token
-dispatcher (``dispatch``) and the gradient reduction that keeps experts out of the
-data-parallel all-reduce (``grads``).  Only this package and the backends import
+dispatcher (``dispatch``), the gradient reduction that keeps experts out of the
+data-parallel all-reduce and the global gradient norm (``grads``), EP-independent
+checkpoints (``reshard``), the trainer's small metric collectives (``reduce``) and the
+torchrun backend (``ddp``).  Only this package and the backends import
 ``torch.distributed``."""
 
 from moe.parallel.dispatch import AllToAllDispatcher, AllToAllPlan
-from moe.parallel.grads import allreduce_gradients, expert_parameters, split_parameters
+from moe.parallel.grads import allreduce_gradients, clip_grad_norm_, expert_parameters, split_parameters
+from moe.parallel.reshard import gather_full_state, load_full_state
 from moe.parallel.state import ParallelState, check_expert_sharding, check_parallel_sizes, rank_groups
 
 __all__ = [
@@ -14,7 +17,10 @@ __all__ = [
     "allreduce_gradients",
     "check_expert_sharding",
     "check_parallel_sizes",
+    "clip_grad_norm_",
     "expert_parameters",
+    "gather_full_state",
+    "load_full_state",
     "rank_groups",
     "split_parameters",
 ]

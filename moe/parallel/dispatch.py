@@ -34,6 +34,7 @@ D model dim, S source ranks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,21 +47,26 @@ from moe.routing import Routing
 
 
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` of rows with split sizes; backward is the reverse exchange."""
+    """``all_to_all_single`` of rows with split sizes; backward is the reverse exchange.
+    Wall time of both goes to ``owner.comm_seconds``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, owner) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.owner = (out_splits, in_splits), group, owner
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        t0 = time.perf_counter()
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        owner.comm_seconds += time.perf_counter() - t0
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
+        t0 = time.perf_counter()
         dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        ctx.owner.comm_seconds += time.perf_counter() - t0
+        return grad_in, None, None, None, None
 
 
 @dataclass
@@ -97,6 +103,12 @@ class AllToAllDispatcher:
     Rank ``r`` of the group holds experts ``[r * E/EP, (r + 1) * E/EP)``.  ``MoELayer`` asks
     :meth:`expert_shard` which experts to build, and, for BASE in training,
     :meth:`balanced_assignment` (balanced over all tokens of the group).
+
+    ``comm_seconds`` adds up the wall time spent in this dispatcher's collectives (counts
+    exchange, token all-to-all forward and backward, BASE's gather/scatter), waiting for
+    slower ranks included; the trainer reports it as ``perf/comm_time_s``.  Exact with gloo,
+    whose collectives block; with NCCL, which returns once the kernel is queued, it is mostly
+    launch time (the counts exchange, which reads its result back, does wait).
     """
 
     def __init__(self, state_or_group: ParallelState | dist.ProcessGroup | None):
@@ -110,6 +122,7 @@ class AllToAllDispatcher:
             self.ep_size, self.ep_rank = dist.get_world_size(state_or_group), dist.get_rank(state_or_group)
         if self.ep_size > 1 and self.group is None:
             raise ValueError(f"expert-parallel size {self.ep_size} needs a process group")
+        self.comm_seconds = 0.0
 
     def __deepcopy__(self, memo):  # holds a process-group handle: a copied model shares it
         return self
@@ -136,6 +149,7 @@ class AllToAllDispatcher:
         Here one auction of sum(T) tokens runs on one rank while the others wait."""
         if self.ep_size == 1:
             return balanced_assignment(scores_TE)
+        t0 = time.perf_counter()
         T, E = scores_TE.shape
         sizes = [torch.zeros(1, dtype=torch.long, device=scores_TE.device) for _ in range(self.ep_size)]
         dist.all_gather(sizes, torch.tensor([T], dtype=torch.long, device=scores_TE.device), group=self.group)
@@ -157,6 +171,7 @@ class AllToAllDispatcher:
                 start += n
         ids = torch.empty(t_max, dtype=torch.long, device=scores_TE.device)
         dist.scatter(ids, ids_back, group=self.group, group_src=0)
+        self.comm_seconds += time.perf_counter() - t0  # the auction on EP rank 0 included: the others wait for it
         return ids[:T]
 
     # -- dispatch / combine -------------------------------------------------------------------
@@ -166,11 +181,13 @@ class AllToAllDispatcher:
         if self.ep_size == 1:
             return send_E.view(1, El)
         recv = torch.empty_like(send_E)
+        t0 = time.perf_counter()
         dist.all_to_all_single(recv, send_E, group=self.group)  # E_l counts to/from each rank
+        self.comm_seconds += time.perf_counter() - t0
         return recv.view(self.ep_size, El)
 
     def _move(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        return x if self.ep_size == 1 else _AllToAll.apply(x, out_splits, in_splits, self.group)
+        return x if self.ep_size == 1 else _AllToAll.apply(x, out_splits, in_splits, self.group, self)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, AllToAllPlan]:
         T, D = x_TD.shape

@@ -15,6 +15,9 @@ backward, the contributions of every rank of its EP group; summed over its exper
 group it holds those of all ``dp_size`` ranks, so it too is divided by ``dp_size`` (not by the
 expert-data-parallel size), and the result does not depend on ``ep_size``.  DeepSpeed's
 engine scales expert gradients the same way.
+
+Clipping (:func:`clip_grad_norm_`) takes the norm of the whole model's gradient: shared
+parameters once, every expert once, whatever the expert-parallel size.
 """
 
 from __future__ import annotations
@@ -90,3 +93,32 @@ def allreduce_gradients(model: nn.Module, state: ParallelState, *, shared: bool 
     if shared:
         _sum_and_scale(shared_params, state.dp_group, state.dp_size, state.dp_size)
     _sum_and_scale(expert_params, state.expert_dp_group, state.expert_dp_size, state.dp_size)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> torch.Tensor:
+    """Clip every gradient by the L2 norm of the *whole model's* gradient; returns that norm.
+
+    Call after :func:`allreduce_gradients`: shared gradients are then the same on every rank,
+    and so are the expert gradients within an expert-data-parallel group.  What still differs
+    is which experts a rank holds: the expert-parallel group holds each expert exactly once.
+    So the norm is ``sqrt(|shared|^2 + sum over the EP group of |local experts|^2)``, one
+    all-reduce of one number over the EP group, the same on every rank, and every rank
+    scales by the same factor (torch's ``max_norm / (norm + 1e-6)``, capped at 1).  Without
+    expert parallelism this is ``torch.nn.utils.clip_grad_norm_`` itself (bit-identical to a
+    one-process run).  ``max_norm=inf`` only measures.
+    """
+    if state.ep_size == 1:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    shared, experts = split_parameters(model)
+    shared_g = [p.grad for p in shared if p.grad is not None]
+    expert_g = [p.grad for p in experts if p.grad is not None]
+    dev = state.device
+    zero = torch.zeros((), device=dev)
+    shared_n = torch.nn.utils.get_total_norm(shared_g).to(dev) if shared_g else zero
+    expert_sq = torch.nn.utils.get_total_norm(expert_g).to(dev).square() if expert_g else zero.clone()
+    dist.all_reduce(expert_sq, group=state.ep_group)  # every expert once: the EP group holds each exactly once
+    total = (shared_n.square() + expert_sq).sqrt()
+    if max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+    return total
