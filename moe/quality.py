@@ -241,12 +241,12 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
         "",
         "## Table",
         "",
-        "| arm | final val loss | steps to dense's final val loss | vs dense | training time to it | tokens/s | total params | active params | mean load CV |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | steps | final val loss | steps to dense's final val loss | vs dense | training time to it | tokens/s | total params | active params | mean load CV |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arm']} | {_fmt(r['final_val_loss'], '.4f')} | {_fmt(r['steps_to_baseline'], ',.0f')} | "
+            f"| {r['arm']} | {r['steps']:,} | {_fmt(r['final_val_loss'], '.4f')} | {_fmt(r['steps_to_baseline'], ',.0f')} | "
             f"{_fmt(r['steps_ratio'], '.2f', '-')}{'x' if r['steps_ratio'] is not None else ''} | "
             f"{_fmt(r['time_to_baseline_s'], ',.0f', '-')}{' s' if r['time_to_baseline_s'] is not None else ''} | "
             f"{_fmt(r['tokens_per_s'], ',.0f')} | {r['total_params']:,} | {r['active_params']:,} | {_fmt(r['mean_cv'], '.3f', '-')} |"

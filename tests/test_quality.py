@@ -103,7 +103,7 @@ def test_render_keeps_the_hand_written_notes(tmp_path):
     out.write_text(render(rows, setup=setup, plots={}) + "We tried a lower aux weight.\n")
     text = render(rows, setup=setup, plots={"p": "x.png"}, notes=kept_notes(out))
     assert text.count(NOTES_MARKER) == 1 and text.rstrip().endswith("We tried a lower aux weight.")
-    assert "| base-8 | 1.9000 |" in text and "met: BASE-8 beats dense" in text and "![p](x.png)" in text
+    assert "| base-8 | 200 | 1.9000 |" in text and "met: BASE-8 beats dense" in text and "![p](x.png)" in text
 
 
 def test_arms_keep_dense_flops():
