@@ -214,7 +214,9 @@ def test_remote_equals_local_outputs_and_gradients(inproc):
 def test_invalid_replies_count_as_failed_and_never_reach_the_output(inproc, prefix, why):
     server, client, local = inproc
     torch.manual_seed(3)
-    layer = SwarmMoE(D, dht=client, uid_prefix=prefix, grid_size=[2], k_best=2, k_min=1, **FAST)
+    # a long straggler window: under load the broken reply may land well after the good one,
+    # and it must be judged on its content, not cut off as a straggler (the wait ends when both are in)
+    layer = SwarmMoE(D, dht=client, uid_prefix=prefix, grid_size=[2], k_best=2, k_min=1, **dict(FAST, timeout_after_k_min=10.0))
     x = torch.randn(8, D, requires_grad=True)
     y, aux = layer(x)
     assert set(aux.failed) == {f"{prefix}.0"} and why in aux.failed[f"{prefix}.0"], aux.failed
@@ -239,19 +241,19 @@ def test_straggler_is_cut_off_after_k_min_replies(inproc):
     server, client, local = inproc
     slow = None
     try:
-        slow = ServerProcess({"slow.0": SlowExpert(delay=3.0)}, D, initial_peers=server.maddrs, start_timeout=60)
-        layer = SwarmMoE(D, dht=client, uid_prefix="slow", grid_size=[2], k_best=2, k_min=1, forward_timeout=20.0, timeout_after_k_min=0.3)
+        slow = ServerProcess({"slow.0": SlowExpert(delay=30.0)}, D, initial_peers=server.maddrs, start_timeout=60)
+        layer = SwarmMoE(D, dht=client, uid_prefix="slow", grid_size=[2], k_best=2, k_min=1, forward_timeout=60.0, timeout_after_k_min=0.3)
         x = torch.randn(6, D)
         t0 = time.monotonic()
         y, aux = layer(x)
         elapsed = time.monotonic() - t0
         assert set(aux.failed) == {"slow.0"} and "no reply" in aux.failed["slow.0"], aux.failed
-        assert elapsed < 2.5, elapsed  # not the 3 s the straggler takes
+        assert elapsed < 15.0, elapsed  # not the 30 s the straggler takes (slack for a loaded machine)
         with torch.no_grad():
             torch.testing.assert_close(y, local["slow.1"](x), rtol=1e-4, atol=1e-5)
     finally:
         if slow is not None:
-            slow.shutdown()
+            slow.kill()  # it is asleep in its 30 s forward: a clean stop would wait that out
 
 
 @pytest.fixture(scope="module")
