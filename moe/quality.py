@@ -388,6 +388,18 @@ def run_quality(args) -> int:
             return 2
         plans.append((arm, run_dir, ov, cfg))
     steps = plans[0][3].steps
+    if not args.report_only and not any(o.startswith("peak_flops=") for o in extra):
+        # One peak for every arm, measured here before any arm runs: an arm measuring its own
+        # while others train would get a fraction of it and report MFU above 100%.
+        import torch
+
+        from moe.flops import measure_peak_flops
+        from moe.train import resolve_device
+
+        torch.set_num_threads(threads)
+        peak = measure_peak_flops(resolve_device(plans[0][3].device), seconds=1.0, n=2048)
+        print(f"moe-bench quality: matmul peak {peak / 1e9:.1f} GFLOP/s with {threads} thread(s); every arm's MFU is against it", file=sys.stderr)
+        plans = [(arm, run_dir, ov + [f"peak_flops={peak:.6g}"], cfg) for arm, run_dir, ov, cfg in plans]
     failed = [] if args.report_only else _train_arms(plans, jobs, steps, Path(args.log_dir or runs_dir / "logs"))
     runs = []
     for arm, run_dir, _, _ in plans:

@@ -130,6 +130,8 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
         assert rows[arm]["total_params"] > rows["dense"]["total_params"]
         assert rows[arm]["mean_cv"] is not None and rows[arm]["steps"] == 12
     assert rows["base-8"]["mean_cv"] == pytest.approx(0.0, abs=1e-9)  # BASE balances exactly
+    peaks = {json.loads((tmp_path / "runs" / f"quality-{a}" / "config.json").read_text())["peak_flops"] for a in ("dense-e1", "switch-e8", "gshard-e8", "base-e8")}
+    assert len(peaks) == 1 and peaks.pop() > 0  # one peak, measured before the arms, for every arm's MFU
     assert all(math.isfinite(r["final_val_loss"]) for r in rows.values())
     text = out.read_text()
     for png in ("val_loss_vs_steps.png", "val_loss_vs_time.png", "load_cv.png"):

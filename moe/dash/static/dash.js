@@ -48,8 +48,9 @@
   // data-points (how many points were drawn) so a test can check that it holds data.
   function lineChart(title, series, opts) {
     opts = opts || {};
-    const box = el("div", { class: "chart" + (opts.flag ? " collapsed" : ""), "data-chart": opts.id || title });
-    box.append(el("h3", { text: title }, opts.flag ? el("span", { class: "badge", text: opts.flag }) : null));
+    const flagClass = opts.flagClass || "collapsed";
+    const box = el("div", { class: "chart" + (opts.flag ? " " + flagClass : ""), "data-chart": opts.id || title });
+    box.append(el("h3", { text: title }, opts.flag ? el("span", { class: "badge " + flagClass, text: opts.flag }) : null));
     const pts = series.flatMap((s) => s.points);
     if (!pts.length) {
       box.append(el("div", { class: "empty", text: "no data yet" }));
@@ -244,7 +245,12 @@
     host.append(lineChart("Train loss", ser("train/loss"), { id: "train-loss", robust: true, yfmt: (v) => v.toFixed(2), legend: true }));
     host.append(lineChart("Val loss", ser("val/loss"), { id: "val-loss", robust: true, yfmt: (v) => v.toFixed(2), legend: true }));
     host.append(lineChart("Tokens / s", ser("perf/tokens_per_s"), { id: "tokens-per-s", ymin: 0, legend: true }));
-    host.append(lineChart("MFU (% of the measured matmul peak)", ser("perf/mfu", 100), { id: "mfu", ymin: 0, yfmt: (v) => v.toFixed(0) + "%", legend: true }));
+    // MFU above 100% is impossible: the run's start-up peak was measured while something else
+    // loaded the machine. Say so on the chart rather than let the number pass.
+    const over = shown.filter((r) => (r.series["perf/mfu"] || []).some((p) => p[1] > 1.0)).map((r) => r.name);
+    const mfu = lineChart("MFU (% of the measured matmul peak)", ser("perf/mfu", 100), { id: "mfu", ymin: 0, yfmt: (v) => v.toFixed(0) + "%", legend: true, flag: over.length ? "peak measured under load" : null, flagClass: "warned" });
+    if (over.length) mfu.insertBefore(el("div", { class: "hint warn", id: "mfu-warning", text: `Above 100% in ${over.join(", ")}: the matmul peak each run measured at start-up was taken while the machine was busy, so its MFU is overstated. Pass peak_flops= (moe-bench quality does) to compare runs.` }), mfu.children[1]);
+    host.append(mfu);
   }
 
   function renderLoad(snap) {
