@@ -4,6 +4,9 @@
 FFN that does the same active FLOPs per token (dense tokens/s divided by k is the most a
 sparse layer can reach), and, when DeepSpeed is installed, DeepSpeed's MoE layer in the same
 run, so the ratios are measured side by side on the same (noisy, shared) machine.
+
+``moe-bench parallel`` (``moe/bench_parallel.py``) measures train-step tokens/s at 1 and 2
+processes (DP=2, EP=2), weak scaling, with the collectives' share of the step.
 """
 
 from __future__ import annotations
@@ -173,7 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--report-only", action="store_true", help="train nothing; report on the runs already in RUNS_DIR")
     q.add_argument("--no-plots", action="store_true")
     q.add_argument("overrides", nargs="*", help="moe-train overrides for every arm, e.g. steps=3000 optim.lr=1e-3")
+    from moe import bench_parallel
+
+    par = sub.add_parser("parallel", help="train-step tokens/s at 1 vs 2 processes (DP=2, EP=2), comm share, weak-scaling efficiency", description=bench_parallel.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_parallel.add_arguments(par)
     args = p.parse_args(argv)
+    if args.what == "parallel":
+        bench_parallel.check_arguments(par, args)
+        return _write_and_print(bench_parallel.bench_parallel(args), bench_parallel.markdown_table, args.out)
     if args.what == "quality":
         from moe.quality import run_quality
 
@@ -189,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     for k in getattr(args, "k", []):
         if k < 1 or k > min(args.experts):
             p.error(f"--k {k}: must be in [1, smallest --experts]")
-    result = bench_layer(args)
-    out = Path(args.out)
+    return _write_and_print(bench_layer(args), markdown_table, args.out)
+
+
+def _write_and_print(result: dict, table, out: str) -> int:
+    """Write the result as JSON to ``out``, print its markdown table."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print()
-    print(markdown_table(result))
+    print(table(result))
     print(f"wrote {out}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -39,3 +40,40 @@ def test_layer_bench_measures_deepspeed_side_by_side(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     impls = {(r["mode"], r["impl"]) for r in json.loads(out.read_text())["rows"]}
     assert impls == {("dropless", "ours"), ("dropless", "deepspeed"), ("capacity", "ours"), ("capacity", "deepspeed")}
+
+
+def test_parallel_bench_table_and_json_from_its_own_numbers(tmp_path, capsys):
+    """`moe-bench parallel` with a tiny model: two spawned gloo ranks, every layout measured,
+    efficiency = tokens/s(2) / (2 x tokens/s(1)) from the numbers it reports (no speed bar)."""
+    from moe import bench_parallel
+
+    out = tmp_path / "parallel.json"
+    rc = main(["parallel", "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--seq-len", "32", "--batch-size", "2",
+               "--experts", "4", "--steps", "2", "--warmup", "1", "--repeats", "2", "--max-files", "10", "--cache-dir", str(tmp_path / "cache"),
+               "--timeout", "240", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "parallel" and result["threads_per_process"] == 1 and result["steps"] == 2
+    rows = {r["layout"]: r for r in result["rows"]}
+    assert [(r["layout"], r["processes"], r["ep_size"]) for r in result["rows"]] == [("1 process", 1, 1), ("DP=2", 2, 1), ("EP=2", 2, 2)]
+    one = rows["1 process"]
+    assert one["efficiency"] is None and one["comm_s"] == 0
+    for r in result["rows"]:
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and 0 <= r["comm_share"] <= 1
+        assert r["comm_share"] == pytest.approx(r["comm_s"] / r["step_s"])
+        assert len(result["rounds"][r["layout"]]) == 2  # every layout in every round
+    for name in ("DP=2", "EP=2"):
+        assert rows[name]["comm_s"] > 0  # gradient all-reduce; EP also the all-to-all
+        assert rows[name]["efficiency"] == pytest.approx(rows[name]["tokens_per_s"] / (2 * one["tokens_per_s"]))
+        # tokens/s counts both processes' tokens: 2 x batch x seq_len per step
+        m = result["rounds"][name]
+        assert statistics.median(x["tokens_per_s"] for x in m) == pytest.approx(rows[name]["tokens_per_s"])
+        assert m[0]["tokens_per_s"] == pytest.approx(2 * 2 * 32 * 2 / m[0]["seconds"])
+    printed = capsys.readouterr().out
+    table = bench_parallel.markdown_table(result)
+    assert "weak-scaling efficiency" in table and all(line in printed for line in table.splitlines())
+
+
+def test_parallel_bench_rejects_an_odd_expert_count(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["parallel", "--experts", "3", "--out", str(tmp_path / "x.json")])

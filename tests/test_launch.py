@@ -1,0 +1,111 @@
+"""launch/: the multi-node scripts users run on clusters.
+
+- ``launch/torchrun.sh`` for real: 2 "nodes" x 1 process on 127.0.0.1 (two invocations with
+  NODE_RANK=0 and 1, static rendezvous), experts split over the two nodes (EP=2), a few steps
+  of the tiny smoke model; both exit 0, rank 0 alone writes the metrics, a checkpoint exists.
+- ``launch/slurm.sbatch`` without Slurm: its syntax, and with stand-in ``scontrol`` and
+  ``srun`` on PATH (and a stand-in torchrun that prints its arguments), the real
+  launch/torchrun.sh gets the first host as master and each node's SLURM_NODEID as its rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moe import checkpoint as ckpt
+from tests.test_expert_parallel import _free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
+SLURM = ROOT / "launch" / "slurm.sbatch"
+BIN = Path(sys.executable).parent
+TIMEOUT = 300  # seconds for both nodes together (the pair needs ~20-40 s on a busy 2-core machine)
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment: no torchrun variables of an outer launch, the venv's bin first."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")}
+    env.update(PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    env.update(extra)
+    return env
+
+
+def test_scripts_are_executable_bash_with_a_documented_example():
+    for script in (TORCHRUN_SH, SLURM):
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+        assert os.stat(script).st_mode & stat.S_IXUSR
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
+    assert "NODE_RANK=0" in TORCHRUN_SH.read_text() and "sbatch" in SLURM.read_text()
+
+
+def test_torchrun_script_two_nodes_one_process_each(tmp_path):
+    run = tmp_path / "run"
+    port = _free_port()
+    args = [
+        "experiment=smoke", "parallel.ep_size=2", "moe.num_experts=4", "steps=4", "optim.warmup_steps=1",
+        "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
+        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1",
+        f"out_dir={run}", f"hydra.run.dir={run}",
+    ]
+    procs = []
+    for node in (0, 1):
+        env = _env(tmp_path, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append((subprocess.Popen(["bash", str(TORCHRUN_SH), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:  # over the time bound: end the whole launch (torchrun and its workers)
+                os.killpg(p.pid, 9)
+                p.wait(timeout=30)
+            log.close()
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
+    assert "node 0 of 2" in logs[0] and "node 1 of 2" in logs[1]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]  # once each: rank 0 (node 0) alone writes
+    assert [r["step"] for r in rows if "val/loss" in r] == [2, 4]
+    state = ckpt.load(run / "checkpoint.pt")
+    assert state["step"] == 4 and state["layout"] == {"world_size": 2, "dp_size": 2, "ep_size": 2}
+    assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # both nodes' experts gathered
+    assert logs[0].count("done: 4 steps") == 1 and "done:" not in logs[1]
+    assert "Traceback" not in logs[0] + logs[1]
+
+
+def _stand_in(path: Path, body: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_slurm_script_runs_the_torchrun_script_on_every_node(tmp_path):
+    """Stand-ins: scontrol lists two hosts, srun runs its command once per node with
+    SLURM_NODEID set, torchrun prints its arguments.  The real launch/torchrun.sh runs between."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    _stand_in(fake / "scontrol", '[[ "$1 $2 $3" == "show hostnames gpu[07-08]" ]] || exit 9\nprintf "gpu07\\ngpu08\\n"\n')
+    _stand_in(fake / "srun", 'while [[ "$1" == -* ]]; do [[ "$1" == *=* ]] && shift || shift 2; done\n'
+                             'for n in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$n "$@" || exit $?; done\n')
+    _stand_in(fake / "torchrun", 'echo "torchrun $*"\n')
+    env = _env(tmp_path, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="42", SLURM_SUBMIT_DIR=str(ROOT))
+    p = subprocess.run(["bash", str(SLURM), "moe=gshard", "out_dir=/shared/x"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("torchrun ")]
+    assert len(lines) == 2
+    for node, line in enumerate(lines):
+        assert f"--nnodes 2 --nproc_per_node 1 --node_rank {node} --master_addr gpu07 --master_port 29500" in line
+        assert line.endswith("--no-python moe-train parallel=ddp moe=gshard out_dir=/shared/x")
+
+
+def test_slurm_script_names_a_missing_torchrun_script(tmp_path):
+    env = _env(tmp_path, SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path))
+    p = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "launch/torchrun.sh not found" in p.stderr
