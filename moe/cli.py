@@ -154,6 +154,8 @@ def _train(tc: TrainConfig, state) -> None:
         _fail(str(e), code=1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        trainer.close()  # moe=hivemind: leave the swarm
     if main:
         print(format_summary(result))
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-MOE_LAYERS = ("dense", "switch", "gshard", "topk", "base")
+MOE_LAYERS = ("dense", "switch", "gshard", "topk", "base", "hivemind")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,21 @@ class MoEConfig:
     random_routing: bool = False  # GShard: keep the 2nd expert with probability min(1, 2 g2)
     normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
+    # moe=hivemind only (``moe.swarm``): experts on other peers, found through hivemind's DHT
+    grid: list[int] = field(default_factory=lambda: [8, 8])  # product-key grid; E = prod(grid)
+    k_best: int = 4  # experts per token found by beam search (Learning@home: 4)
+    k_min: int = 1  # replies a token waits for before the straggler timeout starts
+    forward_timeout: float = 30.0  # seconds a forward waits for expert replies at most
+    timeout_after_k_min: float = 1.0  # seconds for stragglers once every token has k_min replies
+    backward_timeout: float = 30.0  # seconds a backward waits for expert gradients at most
+    uid_prefix: str = "ffn"  # experts are <uid_prefix>.<i>.<j>; every sparse block calls this grid
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of the swarm (moe-join prints one)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # where the trainer's DHT peer listens
+    require_signed: bool = True  # call only experts with a signed declaration (moe.swarm.records)
+
+
+# MoEConfig fields only moe=hivemind reads (conf/moe/hivemind.yaml sets them; the other layers' files leave them out)
+SWARM_KEYS = ("grid", "k_best", "k_min", "forward_timeout", "timeout_after_k_min", "backward_timeout", "uid_prefix", "initial_peers", "host_maddrs", "require_signed")
 
 
 @dataclass
@@ -237,6 +253,8 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate_moe(m: MoEConfig) -> None:
     _check(m.name in MOE_LAYERS, f"moe.name={m.name!r} is not a known expert layer; use one of {', '.join(MOE_LAYERS)} (e.g. moe=switch)")
+    if m.name == "hivemind":  # first: its num_experts and top_k follow from grid and k_best
+        validate_swarm(m)
     _check(m.num_experts >= 1, f"moe.num_experts={m.num_experts} must be >= 1")
     _check(m.top_k >= 1, f"moe.top_k={m.top_k} must be >= 1")
     _check(m.top_k <= m.num_experts, f"moe.top_k={m.top_k} > moe.num_experts={m.num_experts}: a token cannot pick more experts than exist; lower moe.top_k or raise moe.num_experts")
@@ -258,12 +276,62 @@ def validate_moe(m: MoEConfig) -> None:
         _check(m.top_k == 1, f"moe.top_k={m.top_k}: base assigns each token to exactly one expert; set moe.top_k=1")
 
 
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_MADDR = re.compile(
+    r"^/(?:ip4/(?P<ip4>[0-9.]+)|ip6/(?P<ip6>[0-9a-fA-F:.]+)|dns[46]?/(?P<dns>[A-Za-z0-9.-]+))"
+    r"/(?:tcp|udp)/(?P<port>[0-9]+)(?:/quic(?:-v1)?)?(?:/p2p/(?P<peer>[" + _B58 + r"]+))?$"
+)
+
+
+def check_multiaddr(addr: str, *, need_peer: bool = True) -> str | None:
+    """Why ``addr`` is not a peer multiaddr hivemind can dial, or None.  Syntax only, no
+    network (and no hivemind import): ``/ip4/1.2.3.4/tcp/PORT/p2p/PEER_ID``, the ip6 and dns
+    forms, tcp or udp/quic; ``need_peer``: the ``/p2p/<peer id>`` part is required."""
+    m = _MADDR.match(addr) if isinstance(addr, str) else None
+    if m is None:
+        return "not a multiaddr like /ip4/127.0.0.1/tcp/31337/p2p/Qm... (copy the whole address a peer prints)"
+    if m["ip4"] is not None:
+        parts = m["ip4"].split(".")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) <= 255 for p in parts):
+            return f"{m['ip4']} is not an IPv4 address"
+    if not 0 <= int(m["port"]) <= 65535:
+        return f"port {m['port']} is out of range (0-65535)"
+    if need_peer and not m["peer"]:
+        return "it has no /p2p/<peer id> part; copy the whole address a peer prints"
+    return None
+
+
+def validate_swarm(m: MoEConfig) -> None:
+    """The ``moe=hivemind`` fields: grid, k_best/k_min, timeouts, prefix, peer addresses."""
+    _check(len(m.grid) >= 1 and all(g >= 1 for g in m.grid), f"moe.grid={m.grid} must be a non-empty list of positive ints, e.g. [8, 8]")
+    E = math.prod(m.grid)
+    _check(m.expert_dropout == 0, f"moe.expert_dropout={m.expert_dropout}: expert dropout is not supported on expert servers (hivemind re-runs the forward in backward); set moe.expert_dropout=0")
+    _check(m.k_best >= 1, f"moe.k_best={m.k_best} must be >= 1 (Learning@home uses 4)")
+    _check(E >= m.k_best, f"moe.k_best={m.k_best} > the grid's {E} experts (moe.grid={m.grid}); lower moe.k_best or enlarge moe.grid")
+    _check(m.num_experts == E, f"moe.num_experts={m.num_experts} but moe.grid={m.grid} has {E} experts; set moe.num_experts={E} too (run names and FLOP counts read it)")
+    _check(m.top_k == m.k_best, f"moe.top_k={m.top_k} but moe.k_best={m.k_best}; set moe.top_k={m.k_best} too (each token's experts, for FLOP counts)")
+    _check(1 <= m.k_min <= m.k_best, f"moe.k_min={m.k_min} must be in [1, moe.k_best={m.k_best}]")
+    for name in ("forward_timeout", "timeout_after_k_min", "backward_timeout"):
+        v = getattr(m, name)
+        _check(v >= 0 and math.isfinite(v), f"moe.{name}={v} must be a finite number of seconds >= 0")
+    _check(m.forward_timeout > 0 and m.backward_timeout > 0, "moe.forward_timeout and moe.backward_timeout must be > 0 seconds (30 is a safe default)")
+    _check(bool(m.uid_prefix) and "." not in m.uid_prefix and m.uid_prefix.replace("_", "").replace("-", "").isalnum(), f"moe.uid_prefix={m.uid_prefix!r} must be one word of letters, digits, '_' or '-' (no dots), e.g. ffn")
+    for i, addr in enumerate(m.initial_peers):
+        why = check_multiaddr(addr)
+        _check(why is None, f"moe.initial_peers[{i}]={addr!r}: {why}")
+    _check(len(m.host_maddrs) >= 1, "moe.host_maddrs must list at least one address to listen on, e.g. [/ip4/127.0.0.1/tcp/0]")
+    for i, addr in enumerate(m.host_maddrs):
+        why = check_multiaddr(addr, need_peer=False)
+        _check(why is None and "/p2p/" not in addr, f"moe.host_maddrs[{i}]={addr!r} must be an address to listen on like /ip4/127.0.0.1/tcp/0 (port 0: any free port)")
+
+
 def validate_parallel(cfg: TrainConfig) -> None:
     """The parallel layout on its own (the world size is only known at launch: ``validate_launch``)."""
     p = cfg.parallel
     _check(p.backend in PARALLEL_BACKENDS, f"parallel.backend={p.backend!r} is not a backend of this version; use parallel=single (one process) or parallel=ddp (torchrun)")
     _check(p.ep_size >= 1, f"parallel.ep_size={p.ep_size} must be >= 1 (1: every rank holds all experts)")
     _check(p.ep_size == 1 or p.backend != "single", f"parallel.ep_size={p.ep_size} needs {p.ep_size}+ processes but parallel.backend=single runs one; use parallel=ddp and launch with `{TORCHRUN}`, or set parallel.ep_size=1")
+    _check(cfg.moe.name != "hivemind" or p.backend == "single", f"moe=hivemind with parallel.backend={p.backend}: the swarm's experts are remote and each trainer is one process for now; use parallel=single")
     _check(p.ep_size == 1 or cfg.moe.name != "dense", f"parallel.ep_size={p.ep_size} with moe=dense: a dense model has no experts to shard; set parallel.ep_size=1 or pick an expert layer (e.g. moe=switch)")
     _check(cfg.moe.num_experts % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide moe.num_experts={cfg.moe.num_experts}: every rank of an expert-parallel group holds the same number of experts; pick an ep_size dividing num_experts")
     _check(p.dist_backend in DIST_BACKENDS, f"parallel.dist_backend={p.dist_backend!r}; use auto (nccl on CUDA, gloo on CPU), gloo or nccl")

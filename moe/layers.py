@@ -126,11 +126,22 @@ class MoELayer(nn.Module):
         return out_TD.view(shape), aux
 
 
-def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0, dispatcher=None) -> nn.Module:
+def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0, dispatcher=None, dht=None) -> nn.Module:
     """The registry: a block's FFN for ``moe.name`` (dense blocks of an MoE model pass sparse=False;
-    ``dispatcher`` goes to the MoE layer: None for local experts)."""
+    ``dispatcher`` goes to the MoE layer: None for local experts; ``dht``: the running
+    ``hivemind.DHT`` a ``moe=hivemind`` layer searches and calls experts through)."""
     if cfg.name not in MOE_LAYERS:
         raise ValueError(f"unknown expert layer moe.name={cfg.name!r}; known: {', '.join(MOE_LAYERS)}")
     if cfg.name == "dense" or not sparse:
         return DenseFFN(d_model, d_ff, activation=activation, init_scale=cfg.init_scale, dropout=dropout)
+    if cfg.name == "hivemind":
+        if dht is None:
+            raise ValueError("moe=hivemind needs a running DHT: pass dht= (moe.swarm.server.start_dht; the trainer starts one from moe.initial_peers)")
+        from moe.swarm.layer import SwarmMoE  # the swarm room imports hivemind: only when asked for
+
+        return SwarmMoE(
+            d_model, dht=dht, uid_prefix=cfg.uid_prefix, grid_size=cfg.grid, k_best=cfg.k_best, k_min=cfg.k_min,
+            forward_timeout=cfg.forward_timeout, timeout_after_k_min=cfg.timeout_after_k_min, backward_timeout=cfg.backward_timeout,
+            jitter_eps=cfg.jitter_eps, init_scale=cfg.init_scale, router_dtype=getattr(torch, cfg.router_dtype), require_signed=cfg.require_signed,
+        )
     return MoELayer(d_model, d_ff, cfg, activation=activation, dispatcher=dispatcher)

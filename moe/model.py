@@ -54,15 +54,15 @@ class CausalSelfAttention(nn.Module):
 
 class Block(nn.Module):
     """``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``; ``dispatcher`` goes to a sparse FFN
-    (None: local experts)."""
+    (None: local experts), ``dht`` to a ``moe=hivemind`` one."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool, dispatcher: Any = None):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool, dispatcher: Any = None, dht: Any = None):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         d_ff = moe.expert_d_ff if sparse and moe.name != "dense" and moe.expert_d_ff else cfg.d_ff
-        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, dispatcher=dispatcher)
+        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, dispatcher=dispatcher, dht=dht)
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
 
@@ -86,12 +86,16 @@ class TransformerLM(nn.Module):
             sparse block (e.g. a ``moe.parallel.AllToAllDispatcher`` over the expert-parallel
             group: the block then holds only its shard of the experts).  None: every expert
             local.  Passed in, so this file never touches ``torch.distributed``.
+        dht: for ``moe=hivemind``, the running ``hivemind.DHT`` every sparse block finds and
+            calls its remote experts through (started and shut down by the caller:
+            ``moe.swarm.server.start_dht`` / ``shutdown_dht``), so this file never touches the
+            network either.
 
     With the same seed every process builds the same weights, and an expert shard equals
     the matching slice of the unsharded model's (``GroupedExperts`` draws the full stack).
     """
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, make_dispatcher: Callable[[int], Any] | None = None):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, make_dispatcher: Callable[[int], Any] | None = None, dht: Any = None):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
@@ -103,7 +107,7 @@ class TransformerLM(nn.Module):
         def block(i: int) -> Block:
             sparse = is_sparse_block(i, cfg)
             dispatcher = make_dispatcher(i) if sparse and moe.name != "dense" and make_dispatcher is not None else None
-            return Block(cfg, moe, sparse=sparse, dispatcher=dispatcher)
+            return Block(cfg, moe, sparse=sparse, dispatcher=dispatcher, dht=dht)
 
         self.blocks = nn.ModuleList(block(i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)

@@ -112,6 +112,12 @@ class LoadAccumulator:
 
     def __init__(self) -> None:
         self._layers: dict[int, _LayerSums] = {}
+        self._failed: dict[int, set[str]] = {}  # layer -> remote experts that failed in the window
+
+    def add_failed(self, layer: int, uids) -> None:
+        """Remote experts (``moe=hivemind``) that failed in one step of layer ``layer``; the
+        summary reports ``moe/layer_{i}/failed_experts``, the distinct ones over the window."""
+        self._failed.setdefault(layer, set()).update(uids)
 
     def add(
         self,
@@ -153,6 +159,8 @@ class LoadAccumulator:
             out[p + "z_loss"] = _to_float(s.z) / s.n
             for j, f in enumerate(st["frac"]):
                 out[p + f"frac_e{j}"] = f
+        for i in sorted(self._failed):
+            out[f"moe/layer_{i}/failed_experts"] = float(len(self._failed[i]))
         return out
 
     def layer_fracs(self) -> dict[int, list[float]]:
@@ -199,6 +207,7 @@ class LoadAccumulator:
 
     def reset(self) -> None:
         self._layers.clear()
+        self._failed.clear()
 
     def __len__(self) -> int:
         """Number of layers seen since the last reset."""

@@ -171,7 +171,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same weights on every rank; expert shards are slices of them
         dispatcher = AllToAllDispatcher(st) if st.ep_size > 1 else None
         self._dispatchers = [dispatcher] if dispatcher is not None else []
-        self.model = TransformerLM(self.model_cfg, cfg.moe, make_dispatcher=(lambda i: dispatcher) if dispatcher is not None else None).to(self.device)
+        self.dht = _start_swarm_dht(cfg) if cfg.moe.name == "hivemind" else None  # close() stops it
+        try:
+            self.model = TransformerLM(self.model_cfg, cfg.moe, make_dispatcher=(lambda i: dispatcher) if dispatcher is not None else None, dht=self.dht).to(self.device)
+        except BaseException:
+            self.close()
+            raise
         if st.world_size > 1:  # each rank its own dropout, jitter and random-routing draws
             torch.manual_seed(_rank_seed(cfg.seed, st.rank))
         for m in self.model.modules():  # we only ever .backward() and zero .grad in place
@@ -189,6 +194,21 @@ class Trainer:
         self._comm_seconds = 0.0  # gradient and metric all-reduces (the dispatchers count their own)
         self._stop: _StopFlag | None = None
         self._stop_agreed = False  # some rank asked to stop (Ctrl-C), as of the last step
+
+    def close(self) -> None:
+        """Leave the swarm (``moe=hivemind``: stop this trainer's DHT peer).  Idempotent; a
+        no-op for the other layers.  ``moe-train`` calls it at exit, however the run ends."""
+        dht, self.dht = getattr(self, "dht", None), None
+        if dht is not None:
+            from moe.swarm.server import shutdown_dht
+
+            shutdown_dht(dht)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -293,6 +313,9 @@ class Trainer:
             sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
             for block, la in zip(self.moe_blocks, out.layer_aux):
                 load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
+                failed = getattr(la, "failed", None)  # moe=hivemind: uid -> why, forward and backward
+                if failed is not None:
+                    load.add_failed(block, (u for u in (*failed, *la.backward_failed) if not u.startswith("<")))
         if st.dp_size > 1:
             t0 = time.perf_counter()
             allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
@@ -589,5 +612,21 @@ def format_summary(r: RunResult) -> str:
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    return Trainer(cfg).fit()
+    with Trainer(cfg) as trainer:
+        return trainer.fit()
+
+
+def _start_swarm_dht(cfg: TrainConfig):
+    """This trainer's DHT peer for ``moe=hivemind``: joins ``moe.initial_peers`` (none: a new
+    swarm), listens on ``moe.host_maddrs`` (loopback by default), NAT mapping and auto-NAT off,
+    and checks signed expert records with the run's validators (``moe.swarm.records``)."""
+    from moe.swarm.records import record_validators
+    from moe.swarm.server import start_dht
+
+    m = cfg.moe
+    try:
+        return start_dht(m.initial_peers, host_maddrs=m.host_maddrs, record_validators=record_validators(m.uid_prefix))
+    except Exception as e:
+        peers = ", ".join(m.initial_peers) or "none"
+        raise ConfigError(f"moe.initial_peers: could not join the swarm (initial peers: {peers}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check that a peer is running there (moe-join prints its address)") from None
 

@@ -29,6 +29,7 @@ from moe.config import (
     ModelConfig,
     MoEConfig,
     OptimConfig,
+    SWARM_KEYS,
     ParallelConfig,
     TrainConfig,
     check_key,
@@ -78,6 +79,16 @@ BAD = [
     ("top_k=0", ["moe=topk", "moe.top_k=0"], "moe.top_k", "must be >= 1"),
     ("unknown_moe_name", ["moe.name=expert_choice"], "moe.name", "use one of dense, switch, gshard, topk, base"),
     ("switch_top_k=2", ["moe=switch", "moe.top_k=2"], "moe.top_k", "use moe=topk"),
+    # moe=hivemind (issue 4)
+    ("hivemind_k_best>grid", ["moe=hivemind", "moe.grid=[2,2]", "moe.num_experts=4", "moe.k_best=5", "moe.top_k=5"], "moe.k_best", "lower moe.k_best or enlarge moe.grid"),
+    ("hivemind_k_min>k_best", ["moe=hivemind", "moe.k_min=5"], "moe.k_min", "must be in [1, moe.k_best=4]"),
+    ("hivemind_grid_0", ["moe=hivemind", "moe.grid=[0,8]"], "moe.grid", "non-empty list of positive ints"),
+    ("hivemind_num_experts", ["moe=hivemind", "moe.grid=[4,4]"], "moe.num_experts", "set moe.num_experts=16 too"),
+    ("hivemind_peer_syntax", ["moe=hivemind", "moe.initial_peers=['127.0.0.1:31337']"], "moe.initial_peers[0]", "copy the whole address a peer prints"),
+    ("hivemind_peer_no_id", ["moe=hivemind", "moe.initial_peers=['/ip4/127.0.0.1/tcp/31337']"], "moe.initial_peers[0]", "no /p2p/<peer id> part"),
+    ("hivemind_timeout", ["moe=hivemind", "moe.forward_timeout=-1"], "moe.forward_timeout", "finite number of seconds"),
+    ("hivemind_prefix", ["moe=hivemind", "moe.uid_prefix=a.b"], "moe.uid_prefix", "no dots"),
+    ("hivemind_ddp", ["moe=hivemind", "parallel=ddp"], "moe=hivemind", "use parallel=single"),
     ("gshard_top_k=1", ["moe=gshard", "moe.top_k=1"], "moe.top_k", "use moe=topk"),
     ("base_top_k=2", ["moe=base", "moe.top_k=2"], "moe.top_k", "set moe.top_k=1"),
     ("expert_dropout=1", ["moe.expert_dropout=1.0"], "moe.expert_dropout", "[0, 1)"),
@@ -130,7 +141,7 @@ BAD = [
     ("unknown_top_level", ["learning_rate=0.1"], "learning_rate", "known keys: batch_size"),
     ("key_below_a_value", ["model.d_model.x=1"], "model.d_model.x", "set it directly (model.d_model=...)"),
     ("bad_interpolation", ["run_name=${nope}"], "run_name", "fix the ${...} reference"),
-    ("unknown_group_option", ["moe=expert_choice"], "moe=expert_choice", "choose one of base, dense, gshard, switch, topk"),
+    ("unknown_group_option", ["moe=expert_choice"], "moe=expert_choice", "choose one of base, dense, gshard, hivemind, switch, topk"),
 ]
 if not torch.cuda.is_available():
     BAD.append(("cuda_without_cuda", ["device=cuda"], "device", "use device=auto or device=cpu"))
@@ -313,8 +324,9 @@ def test_every_config_file_composes_and_validates(load, tmp_path, group, option)
 
 
 # model=base (84M parameters) takes ~10 s per build on a busy 2-core CPU: the slow set.
+# moe=hivemind needs a running swarm to build (tests/test_swarm_join.py builds and trains it).
 PAIRS = [pytest.param(m, e, marks=[pytest.mark.slow] if m == "base" else [], id=f"{m}-{e}")
-         for m in _options("model") for e in _options("moe")]
+         for m in _options("model") for e in _options("moe") if e != "hivemind"]
 
 
 @pytest.mark.parametrize("model_opt,moe_opt", PAIRS)
@@ -354,6 +366,8 @@ def test_yaml_keys_match_the_dataclasses():
         want = {f.name for f in dataclasses.fields(cls)}
         for option in _options(group):
             keys = set(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+            if group == "moe" and option != "hivemind":  # the swarm's keys live in hivemind.yaml only
+                keys |= set(SWARM_KEYS)
             assert keys == want, f"conf/{group}/{option}.yaml: missing {want - keys}, extra {keys - want}"
 
 

@@ -42,6 +42,9 @@ from moe.swarm.records import get_signed_experts
 from moe.swarm.server import check_prefix, uid_coords
 
 
+_SEARCH_BYTES = 12 * 1024  # grid scores per beam-search command (float32), well under 16 KiB pickled
+
+
 @dataclass
 class SwarmAux(LayerAux):
     """``LayerAux`` plus what the swarm did in this forward.
@@ -201,11 +204,18 @@ class SwarmMoE(nn.Module):
         calls: dict[str, _ExpertCall] = {}
         search_failed = {}
         if T:
-            pending = self._search([s.detach().float().cpu().numpy() for s in scores], K)
+            np_scores = [s.detach().float().cpu().numpy() for s in scores]
+            # one DHT command per chunk of tokens, each pickled under 16 KiB: multiprocessing
+            # sends a bigger message in two writes, and hivemind's DHT process reads its
+            # (non-blocking) command pipe so that the second part fails and the DHT dies
+            step = max(1, _SEARCH_BYTES // (4 * sum(self.grid_size)))
+            pendings = [self._search([a[t0 : t0 + step] for a in np_scores], K) for t0 in range(0, T, step)]
+            deadline = time.monotonic() + self.forward_timeout
             try:
-                found = pending.result(timeout=self.forward_timeout)
+                found = [row for p in pendings for row in p.result(timeout=max(0.0, deadline - time.monotonic()))]
             except Exception as exc:  # DHT unreachable or too slow: every token unserved this step
-                pending.cancel()
+                for p in pendings:
+                    p.cancel()
                 found = [[] for _ in range(T)]
                 search_failed["<beam search>"] = f"{type(exc).__name__}: {exc}"[:300]
             for t, row in enumerate(found):

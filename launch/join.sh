@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Join a swarm of expert servers (or start one): a thin wrapper over `moe-join`.
+#   launch/join.sh                                          # the first peer: prints the join line
+#   launch/join.sh --initial-peers /ip4/.../p2p/Qm... --serve 8 --grid 8 8 --d-model 256
+# Everything after the script name goes to moe-join (see `moe-join --help`).  Listens on
+# 127.0.0.1 unless --host/--announce is given; NAT mapping off unless --nat.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if command -v moe-join >/dev/null 2>&1; then
+  exec moe-join "$@"
+elif [ -x "$here/.venv/bin/python" ]; then
+  exec "$here/.venv/bin/python" -m moe.swarm.join "$@"
+else
+  exec python -m moe.swarm.join "$@"
+fi

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# A whole swarm on this machine, over 127.0.0.1: a DHT root (moe-join), 2 expert servers
+# (moe-join --serve) and a trainer (moe-train moe=hivemind) training a short run against
+# them; everything is stopped cleanly at the end, on Ctrl-C, or on error.
+#
+#   launch/swarm_local.sh                         # 200 steps of experiment=smoke, grid 4x4
+#   STEPS=20 launch/swarm_local.sh logger=none    # extra arguments go to moe-train
+#
+# Settings (environment): STEPS (200), GRID ("4 4"), K (k_best, 2), OUT (the run directory,
+# default runs/swarm-local), LOGS (the peers' logs, default $OUT/peers), D_MODEL/D_FF (64/128:
+# model=tiny, which experiment=smoke uses), EXPIRATION (seconds a stopped server's experts
+# stay declared, 30), START_TIMEOUT (seconds to wait for each peer, 120).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py="${PYTHON:-python}"; fi
+join=("$py" -m moe.swarm.join)
+train=("$py" -m moe.cli)
+
+STEPS="${STEPS:-200}"
+GRID="${GRID:-4 4}"
+K="${K:-2}"
+OUT="${OUT:-runs/swarm-local}"
+LOGS="${LOGS:-$OUT/peers}"
+D_MODEL="${D_MODEL:-64}"
+D_FF="${D_FF:-128}"
+EXPIRATION="${EXPIRATION:-30}"
+START_TIMEOUT="${START_TIMEOUT:-120}"
+
+read -r -a dims <<< "$GRID"
+E=1; for g in "${dims[@]}"; do E=$((E * g)); done
+per=$(( (E + 1) / 2 ))            # the 2 servers split the grid
+grid_list="$(IFS=,; echo "${dims[*]}")"
+mkdir -p "$LOGS"
+
+pids=()
+cleanup() {
+  local code=$?
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done   # moe-join leaves cleanly on SIGINT
+  for _ in $(seq 1 60); do                                                   # at most 30 s
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.5
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "swarm_local: peer $pid did not stop in 30 s; killing its process group" >&2
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  wait 2>/dev/null || true
+  exit "$code"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# wait_for FILE PATTERN PID: the first line of FILE matching PATTERN, bounded by START_TIMEOUT
+wait_for() {
+  local file=$1 pattern=$2 pid=$3 t=0
+  while [ "$t" -lt $((START_TIMEOUT * 5)) ]; do   # 2.5 x START_TIMEOUT: the peer's own limit (and one retry) comes first
+    if line=$(grep -m1 -- "$pattern" "$file" 2>/dev/null); then echo "$line"; return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then echo "swarm_local: peer $pid exited; see $file" >&2; return 1; fi
+    sleep 0.5; t=$((t + 1))
+  done
+  echo "swarm_local: no '$pattern' in $file after $((START_TIMEOUT * 5 / 2)) s" >&2
+  return 1
+}
+
+# each peer in a process group of its own (setsid): the fallback kill reaches its helpers
+setsid "${join[@]}" --prefix ffn --grid "${dims[@]}" --status-every 30 > "$LOGS/root.log" 2>&1 &
+pids+=($!)
+root=$(wait_for "$LOGS/root.log" "moe-join: address " "${pids[0]}" | awk '{print $3}')
+echo "swarm_local: DHT root at $root" >&2
+
+for i in 0 1; do
+  first=$((i * per)); n=$(( E - first < per ? E - first : per ))
+  setsid "${join[@]}" --initial-peers "$root" --serve "$n" --first "$first" --prefix ffn --grid "${dims[@]}" \
+    --d-model "$D_MODEL" --d-ff "$D_FF" --expiration "$EXPIRATION" --update-period "$(( EXPIRATION / 2 > 0 ? EXPIRATION / 2 : 1 ))" \
+    --status-every 30 --start-timeout "$START_TIMEOUT" > "$LOGS/server$i.log" 2>&1 &
+  pids+=($!)
+  wait_for "$LOGS/server$i.log" "moe-join: serving " "${pids[-1]}" >&2
+done
+
+echo "${pids[*]}" > "$LOGS/pids"   # the peers (each leads its process group), for checks
+echo "swarm_local: training $STEPS steps in $OUT" >&2
+"${train[@]}" experiment=smoke moe=hivemind "moe.initial_peers=['$root']" "moe.grid=[$grid_list]" moe.num_experts="$E" \
+  moe.k_best="$K" moe.top_k="$K" model.d_model="$D_MODEL" model.d_ff="$D_FF" steps="$STEPS" out_dir="$OUT" "$@"
+echo "swarm_local: training finished; stopping the peers" >&2

@@ -1,0 +1,250 @@
+"""``moe-join`` and ``launch/swarm_local.sh``: real processes on 127.0.0.1, no mocks.
+
+Every wait is bounded (line reads, process exits, the DHT expiration of a stopped server's
+experts, the whole local swarm run); every process a test starts is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+ROOT = Path(__file__).resolve().parent.parent
+JOIN = [sys.executable, "-m", "moe.swarm.join"]
+
+
+class Peer:
+    """A ``moe-join`` process in its own session; its stdout lines read by a thread."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([*JOIN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        self._eof = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._eof = True
+
+    def wait_line(self, start: str, timeout: float = 120.0) -> str:
+        """The first (new) stdout line starting with ``start``; fails after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.5)
+            except queue.Empty:
+                assert not self._eof, f"moe-join exited ({self.proc.poll()}) without it; output: {self.lines}"
+                continue
+            self.lines.append(line)
+            if line.strip().startswith(start):
+                return line.strip()
+        raise AssertionError(f"no line starting with {start!r} within {timeout} s; output: {self.lines}")
+
+    def stop(self) -> None:
+        """SIGKILL the session if it is still running (the clean path is tested separately)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(30)
+        try:  # helpers (DHT process, handlers, p2p daemon) of a peer that was SIGINTed are gone too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, before anything starts
+
+BAD = [
+    (["--initial-peers", "127.0.0.1:31337"], "--initial-peers '127.0.0.1:31337': not a multiaddr"),
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "no /p2p/<peer id> part"),
+    (["--initial-peers", "/ip4/999.0.0.1/tcp/1/p2p/QmAbc"], "not an IPv4 address"),
+    (["--serve", "65"], "--serve 65: the grid 8x8 has 64 experts"),
+    (["--serve", "5", "--grid", "2", "2"], "--serve 5: the grid 2x2 has 4 experts"),
+    (["--serve", "4", "--first", "62"], "(2 from --first 62)"),
+    (["--serve", "-1"], "--serve -1: the number of experts must be >= 0"),
+    (["--grid", "8", "0"], "--grid 8 0: every grid dimension must be >= 1"),
+    (["--prefix", "a.b"], "--prefix: expert prefix"),
+    (["--host", "localhost"], "--host 'localhost' is not an IPv4 address"),
+    (["--announce", "/ip4/1.2.3.4/tcp/5/p2p/QmAbc"], "--announce"),
+    (["--expiration", "1", "--update-period", "5"], "--expiration 1.0 < --update-period 5.0"),
+    (["--serve", "two"], "argument --serve: invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_is_one_line_exit_2(args, fragment):
+    p = subprocess.run([*JOIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("moe-join: error: ") and fragment in lines[0], lines[0]
+    assert not p.stdout.strip()  # nothing started
+
+
+def test_help_says_the_trainer_role_is_not_there_yet():
+    p = subprocess.run([*JOIN, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0
+    assert "hivemind.Optimizer" in p.stdout and "not implemented yet" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the first peer's join line, a serving peer found by a layer, and leaving on Ctrl-C
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_join_line_serve_and_leave_on_sigint():
+    from moe.swarm.layer import SwarmMoE
+    from moe.swarm.records import record_validators
+    from moe.swarm.server import grid_uids, shutdown_dht, start_dht
+
+    root = Peer(["--status-every", "5"])
+    server = dht = None
+    try:
+        line = root.wait_line("moe-join --initial-peers")
+        args = shlex.split(line)[1:]  # exactly what the first peer told us to run ...
+        assert args[0] == "--initial-peers" and "/p2p/" in args[1]
+        # ... with a small model and a short expiration (later flags win)
+        server = Peer([*args, "--serve", "3", "--d-model", "16", "--d-ff", "32", "--expiration", "4", "--update-period", "1", "--status-every", "1"])
+        served = server.wait_line("moe-join: serving ")
+        assert "serving 3 experts ffn.0.0 .. ffn.0.2" in served and "signed" in served
+        server.wait_line("moe-join: status: experts 3")
+
+        dht = start_dht([args[1]], record_validators=record_validators("ffn"))
+        layer = SwarmMoE(16, dht=dht, uid_prefix="ffn", grid_size=[8, 8], k_best=2, k_min=1, forward_timeout=20, timeout_after_k_min=0.5, backward_timeout=20, require_signed=True)
+        mine = {layer.flat_index((0, j)) for j in range(3)}
+        x = torch.randn(8, 16)
+        deadline = time.monotonic() + 60
+        while True:  # the declarations reach the DHT within a few seconds
+            _, aux = layer(x)
+            if aux.alive_TK.any():
+                break
+            assert time.monotonic() < deadline, f"the served experts were never used: {aux.failed}"
+            time.sleep(1)
+        assert set(aux.expert_idx_TK[aux.alive_TK].tolist()) <= mine
+
+        server.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert server.proc.wait(90) == 0
+        server.wait_line("moe-join: leaving the swarm", timeout=10)
+        deadline = time.monotonic() + 60  # expiration 4 s; the DHT drops the records after it
+        while True:
+            _, aux = layer(x)
+            if not (aux.expert_idx_TK >= 0).any():
+                break  # its experts are not found any more
+            assert not aux.alive_TK.any(), "a stopped server's expert answered"
+            assert time.monotonic() < deadline, "the stopped server's experts are still declared after 60 s"
+            time.sleep(1)
+        assert root.proc.poll() is None  # the others go on
+        assert len(grid_uids("ffn", [8, 8])) == 64
+    finally:
+        if dht is not None:
+            shutdown_dht(dht)
+        for p in (server, root):
+            if p is not None:
+                p.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/swarm_local.sh: a root, 2 expert servers and moe-train moe=hivemind, stopped cleanly
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_swarm_local_trains_and_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "STEPS": "16", "OUT": str(out), "EXPIRATION": "6", "START_TIMEOUT": "120", "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    p = subprocess.run(["bash", str(ROOT / "launch" / "swarm_local.sh"), "logger=none", "logger.log_every=2", "eval_every=0", "ckpt_every=0", "optim.warmup_steps=2"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert train and train[-1]["step"] == 16
+    assert train[-1]["train/loss"] < train[0]["train/loss"]  # the loss falls
+    assert all(f"moe/layer_{i}/failed_experts" in train[-1] for i in (0, 1))  # model=tiny: both blocks sparse
+    assert any(r.get("val/loss") for r in records)
+    pids = [int(x) for x in (out / "peers" / "pids").read_text().split()]
+    assert len(pids) == 3
+    for pid in pids:  # no leftover peer, nor any of its helpers (each peer leads its group)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+    for name in ("root", "server0", "server1"):
+        assert "moe-join: leaving the swarm" in (out / "peers" / f"{name}.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# what moe=hivemind needs from the rest of the package
+
+
+def test_failed_experts_are_counted_per_log_window():
+    from moe.telemetry import LoadAccumulator
+
+    acc = LoadAccumulator()
+    acc.add(1, torch.tensor([3.0, 1.0]), 0, 4)
+    acc.add_failed(1, ["ffn.0.1"])
+    acc.add(1, torch.tensor([2.0, 2.0]), 1, 4)
+    acc.add_failed(1, ["ffn.0.1", "ffn.0.0"])  # distinct uids over the window
+    assert acc.summary()["moe/layer_1/failed_experts"] == 2.0
+    acc.reset()
+    acc.add(1, torch.tensor([2.0, 2.0]), 0, 4)
+    acc.add_failed(1, [])
+    assert acc.summary()["moe/layer_1/failed_experts"] == 0.0
+
+
+def test_build_ffn_hivemind_needs_a_dht():
+    from moe.config import MoEConfig
+    from moe.layers import build_ffn
+
+    with pytest.raises(ValueError, match="moe=hivemind needs a running DHT"):
+        build_ffn(MoEConfig(name="hivemind", num_experts=64, top_k=4), 16, 32, sparse=True)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(300)
+def test_a_large_batch_does_not_kill_the_dht():
+    """600 tokens on an [8, 8] grid: a 39 KB beam-search command if sent whole, which kills
+    hivemind's DHT process (its non-blocking command pipe); sent in chunks it works, twice."""
+    from moe.swarm.expert import SwarmExpert
+    from moe.swarm.layer import SwarmMoE
+    from moe.swarm.server import ExpertServer, grid_uids, shutdown_dht, start_dht
+
+    uids = grid_uids("ffn", [8, 8])[:4]
+    server = ExpertServer({u: SwarmExpert(16, 32) for u in uids}, 16)
+    dht = None
+    try:
+        dht = start_dht(server.maddrs)
+        layer = SwarmMoE(16, dht=dht, uid_prefix="ffn", grid_size=[8, 8], k_best=2, k_min=1, forward_timeout=30, timeout_after_k_min=0.5, backward_timeout=30)
+        x = torch.randn(600, 16, requires_grad=True)
+        for _ in range(2):
+            y, aux = layer(x)
+            assert "<beam search>" not in aux.failed, aux.failed
+            assert aux.alive_TK.any(dim=1).all()  # every token found a live expert (4 declared, k=2)
+            y.pow(2).mean().backward()
+        assert dht.is_alive()
+    finally:
+        if dht is not None:
+            shutdown_dht(dht)
+        server.shutdown()
