@@ -60,12 +60,12 @@ trap 'exit 143' TERM
 # wait_for FILE PATTERN PID: the first line of FILE matching PATTERN, bounded by START_TIMEOUT
 wait_for() {
   local file=$1 pattern=$2 pid=$3 t=0
-  while [ "$t" -lt $((START_TIMEOUT * 5)) ]; do   # 2.5 x START_TIMEOUT: the peer's own limit (and one retry) comes first
+  while [ "$t" -lt $((START_TIMEOUT * 7)) ]; do   # 3.5 x START_TIMEOUT: the peer's own limit (and two retries) comes first
     if line=$(grep -m1 -- "$pattern" "$file" 2>/dev/null); then echo "$line"; return 0; fi
     if ! kill -0 "$pid" 2>/dev/null; then echo "swarm_local: peer $pid exited; see $file" >&2; return 1; fi
     sleep 0.5; t=$((t + 1))
   done
-  echo "swarm_local: no '$pattern' in $file after $((START_TIMEOUT * 5 / 2)) s" >&2
+  echo "swarm_local: no '$pattern' in $file after $((START_TIMEOUT * 7 / 2)) s" >&2
   return 1
 }
 

@@ -173,7 +173,7 @@ def test_join_line_serve_and_leave_on_sigint():
 @pytest.mark.timeout(900)
 def test_swarm_local_trains_and_stops_cleanly(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "STEPS": "16", "OUT": str(out), "EXPIRATION": "6", "START_TIMEOUT": "120", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "STEPS": "16", "OUT": str(out), "EXPIRATION": "6", "START_TIMEOUT": "60", "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
     p = subprocess.run(["bash", str(ROOT / "launch" / "swarm_local.sh"), "logger=none", "logger.log_every=2", "eval_every=0", "ckpt_every=0", "optim.warmup_steps=2"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             experts = {u: SwarmExpert(a.d_model, a.d_ff, activation=a.activation) for u in chosen}
             for m in experts.values():
                 m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-            for attempt in (1, 2):  # hivemind's server start very rarely hangs (seen on a loaded 2-core machine): once more
+            for attempt in (1, 2, 3):  # hivemind's server start sometimes hangs (seen on a loaded 2-core machine): try again
                 try:
                     server = ExpertServer(
                         experts, a.d_model, initial_peers=a.initial_peers, optimizer=lambda ps: torch.optim.Adam(ps, lr=a.lr),
@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     break
                 except TimeoutError:
-                    if attempt == 2:
+                    if attempt == 3:
                         raise
-                    print(f"moe-join: the expert server did not come up within {a.start_timeout:g} s; trying once more", file=sys.stderr, flush=True)
+                    print(f"moe-join: the expert server did not come up within {a.start_timeout:g} s; trying again", file=sys.stderr, flush=True)
             dht = server.dht
         else:
             dht = start_dht(a.initial_peers, **net)
