@@ -46,7 +46,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,10 +290,18 @@ class Trainer:
         self.model.train()
         loss = sum(losses) / len(losses)
         if self.state.dp_size > 1:
-            t0 = time.perf_counter()
-            loss = mean_over_dp_(torch.tensor([loss], dtype=torch.float64, device=self.device), self.state).item()
-            self._comm_seconds += time.perf_counter() - t0
+            with self._collective():
+                loss = mean_over_dp_(torch.tensor([loss], dtype=torch.float64, device=self.device), self.state).item()
         return loss
+
+    @contextmanager
+    def _collective(self):
+        """Times a collective of the trainer's own into comm_seconds()."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._comm_seconds += time.perf_counter() - t0
 
     def comm_seconds(self) -> float:
         """Wall time spent in collectives so far (this rank): dispatchers plus the trainer's own."""
@@ -317,16 +325,14 @@ class Trainer:
                 if failed is not None:
                     load.add_failed(block, (u for u in (*failed, *la.backward_failed) if not u.startswith("<")))
         if st.dp_size > 1:
-            t0 = time.perf_counter()
-            allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
-            self._comm_seconds += time.perf_counter() - t0
+            with self._collective():
+                allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
         grad_norm = clip_grad_norm_(self.model, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"), st)
         vals = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)])
         if st.dp_size > 1:  # one all-reduce: mean losses, the norm (the same everywhere), any rank's Ctrl-C
-            t0 = time.perf_counter()
             stop = float(self._stop is not None and self._stop.requested)
-            vals = sum_over_dp_(torch.cat([vals, vals.new_tensor([stop])]), st)
-            self._comm_seconds += time.perf_counter() - t0
+            with self._collective():
+                vals = sum_over_dp_(torch.cat([vals, vals.new_tensor([stop])]), st)
             self._stop_agreed = bool(vals[4] > 0)
             vals = vals[:4] / st.dp_size
         lm, aux, z, gn = vals.tolist()
@@ -373,7 +379,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
         self.wandb_id = logger.wandb_run_id
         if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
-            _write_json_atomic(self.run_dir / "config.json", to_dict(c))
+            _write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
         tokens_per_step = c.batch_size * c.grad_accum * st.dp_size * self.model_cfg.seq_len  # every rank's
         load = LoadAccumulator()
         history: list[dict[str, float]] = []
@@ -403,9 +409,8 @@ class Trainer:
                     bar.update(1)
                 if self.step % c.logger.log_every == 0 or self.step == end or stopping:
                     if st.dp_size > 1:
-                        t_merge = time.perf_counter()
-                        load.merge_ranks(lambda t: sum_over_dp_(t, st), st.dp_size)  # the global load
-                        self._comm_seconds += time.perf_counter() - t_merge
+                        with self._collective():
+                            load.merge_ranks(lambda t: sum_over_dp_(t, st), st.dp_size)  # the global load
                     dt = time.perf_counter() - window_t
                     tps = window_steps * tokens_per_step / dt
                     metrics = {k: v / window_steps for k, v in window.items()}
@@ -547,14 +552,13 @@ def _truncate_jsonl(path: Path, step: int) -> None:
             continue  # a line torn by the crash
         if rec.get("type") != "summary" and rec.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside ``path``, then rename it over: readers see old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
