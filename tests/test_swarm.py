@@ -256,6 +256,15 @@ def test_straggler_is_cut_off_after_k_min_replies(inproc):
             slow.kill()  # it is asleep in its 30 s forward: a clean stop would wait that out
 
 
+def _shut_down(client, *servers):
+    """The client's DHT first, then each server that started (None: it never did)."""
+    if client is not None:
+        shutdown_dht(client)
+    for s in servers:
+        if s is not None:
+            s.shutdown()
+
+
 @pytest.fixture(scope="module")
 def two_servers():
     """2 server processes x 4 experts on a [2, 4] grid, experts trained server-side by Adam."""
@@ -269,11 +278,7 @@ def two_servers():
         client = start_dht(a.maddrs + b.maddrs)
         yield a, b, client
     finally:
-        if client is not None:
-            shutdown_dht(client)
-        for s in (b, a):
-            if s is not None:
-                s.shutdown()
+        _shut_down(client, b, a)
 
 
 @pytest.mark.network
@@ -357,11 +362,7 @@ def test_killed_server_is_masked_out_and_reported():
         assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
         assert not aux.backward_failed
     finally:
-        if client is not None:
-            shutdown_dht(client)
-        for s in (b, a):
-            if s is not None:
-                s.shutdown()
+        _shut_down(client, b, a)
 
 
 @pytest.mark.network
