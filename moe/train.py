@@ -599,7 +599,8 @@ def format_summary(r: RunResult) -> str:
         "",
         f"done: {r.step} steps",
         f"  train loss {r.train_loss:.4f}   val loss {r.val_loss:.4f}",
-        f"  throughput {r.tokens_per_s:,.0f} tokens/s   MFU {100 * r.mfu:.1f}% (of the matmul peak measured at start-up)",
+        f"  throughput {r.tokens_per_s:,.0f} tokens/s   MFU {100 * r.mfu:.1f}% (of the matmul peak measured at start-up)"
+        + ("\n  MFU above 100%: the start-up peak was measured while the machine was busy; pass peak_flops= for a fixed one" if r.mfu > 1 else ""),
         f"  parameters {r.params['total']:,} total, {r.params['active_non_embedding']:,} active non-embedding per token",
     ]
     if r.layer_load:

@@ -223,7 +223,9 @@ def test_run_already_finished_is_reevaluated_not_retrained(tmp_path, tiny_data, 
     assert again.step == 5 and len(again.history) == 0
     assert "already finished" in capsys.readouterr().err
     text = format_summary(again)
-    assert "val loss" in text and "checkpoint" in text
+    assert "val loss" in text and "checkpoint" in text and "MFU above 100%" not in text
+    busy = format_summary(dataclasses.replace(again, mfu=2.16))  # the peak was measured under load
+    assert "MFU 216.0%" in busy and "MFU above 100%: the start-up peak was measured while the machine was busy" in busy
 
 
 @pytest.mark.slow
