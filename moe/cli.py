@@ -116,16 +116,37 @@ def _run(cfg) -> None:
         validate_launch(tc, os.environ)  # before any process group: torchrun's environment fits the config
     except ConfigError as e:
         _fail(str(e))
+    backend = tc.parallel.backend
+    if backend == "ray":  # this process is Ray's driver; the ranks are Ray Train workers
+        _train_ray(tc)
+        return
     state = None
-    if tc.parallel.backend == "ddp":
-        from moe.parallel import ddp
-
-        state = ddp.start(tc.parallel, device=tc.device)
+    if backend == "ddp":
+        from moe.parallel import ddp as launcher
+    elif backend == "deepspeed":
+        from moe.parallel import ds as launcher
+    if backend in ("ddp", "deepspeed"):
+        state = launcher.start(tc.parallel, device=tc.device)
     try:
         _train(tc, state)
     finally:
         if state is not None:
-            ddp.stop()
+            launcher.stop()
+
+
+def _train_ray(tc: TrainConfig) -> None:
+    from moe.parallel.ray_train import fit_on_ray
+    from moe.train import TrainingDiverged, format_summary
+
+    try:
+        result = fit_on_ray(tc)
+    except ConfigError as e:
+        _fail(str(e))
+    except TrainingDiverged as e:
+        _fail(str(e), code=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(format_summary(result))
 
 
 def _train(tc: TrainConfig, state) -> None:

@@ -119,10 +119,14 @@ class LoggerConfig:
     progress: bool = True
 
 
-PARALLEL_BACKENDS = ("single", "ddp")
+PARALLEL_BACKENDS = ("single", "ddp", "deepspeed", "ray")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
-# How to start a ddp run; the one-line errors below point here.
+# How to start a multi-process run; the one-line errors below point here.
 TORCHRUN = "torchrun --nproc_per_node N --no-python moe-train parallel=ddp ..."
+DEEPSPEED = "deepspeed --num_gpus N --no_local_rank $(which moe-train) parallel=deepspeed ..."
+LAUNCHERS = {"ddp": TORCHRUN, "deepspeed": DEEPSPEED}
+# The pip extra each backend's package comes with (named in the error when it is missing).
+BACKEND_PACKAGES = {"deepspeed": ("deepspeed", "deepspeed"), "ray": ("ray.train", "ray")}
 
 
 @dataclass
@@ -131,11 +135,21 @@ class ParallelConfig:
 
     ``single``: one process.  ``ddp``: one process per rank started by ``torchrun`` (its
     environment gives each process its rank), data parallel over all ranks, experts sharded
-    over groups of ``ep_size`` consecutive ranks.
+    over groups of ``ep_size`` consecutive ranks.  ``deepspeed``: the same layout started by
+    the ``deepspeed`` launcher, the model wrapped in DeepSpeed's engine (ZeRO stage
+    ``zero_stage``, pipeline stages ``pp_size``).  ``ray``: ``moe-train`` is the driver and
+    Ray Train runs ``num_workers`` ranks (on this machine, or on the cluster at
+    ``ray_address``).
     """
 
-    backend: str = "single"  # single | ddp (torchrun)
+    backend: str = "single"  # single | ddp (torchrun) | deepspeed (deepspeed launcher) | ray (Ray Train)
     ep_size: int = 1  # expert-parallel size: ranks that together hold all experts
+    pp_size: int = 1  # pipeline stages (deepspeed only)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1 or 2 (deepspeed only)
+    num_workers: int = 2  # Ray Train workers, one rank each (ray only)
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker (ray only)
+    use_gpu: bool = False  # one GPU per Ray worker (ray only)
+    ray_address: str = "local"  # local: a private Ray on this machine; auto or ray://HOST:10001: a cluster
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: float = 600.0  # a collective waiting longer than this fails the run (a rank crashed or hangs)
 
@@ -328,12 +342,33 @@ def validate_swarm(m: MoEConfig) -> None:
 def validate_parallel(cfg: TrainConfig) -> None:
     """The parallel layout on its own (the world size is only known at launch: ``validate_launch``)."""
     p = cfg.parallel
-    _check(p.backend in PARALLEL_BACKENDS, f"parallel.backend={p.backend!r} is not a backend of this version; use parallel=single (one process) or parallel=ddp (torchrun)")
+    _check(p.backend in PARALLEL_BACKENDS, f"parallel.backend={p.backend!r} is not a backend of this version; use parallel=single (one process), ddp (torchrun), deepspeed or ray")
+    if p.backend in BACKEND_PACKAGES:
+        import importlib.util
+
+        module, extra = BACKEND_PACKAGES[p.backend]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        _check(found, f"parallel.backend={p.backend} needs the {module.split('.')[0]} package, which is not installed; pip install -e '.[{extra}]' (or use parallel=ddp)")
     _check(p.ep_size >= 1, f"parallel.ep_size={p.ep_size} must be >= 1 (1: every rank holds all experts)")
     _check(p.ep_size == 1 or p.backend != "single", f"parallel.ep_size={p.ep_size} needs {p.ep_size}+ processes but parallel.backend=single runs one; use parallel=ddp and launch with `{TORCHRUN}`, or set parallel.ep_size=1")
     _check(cfg.moe.name != "hivemind" or p.backend == "single", f"moe=hivemind with parallel.backend={p.backend}: the swarm's experts are remote and each trainer is one process for now; use parallel=single")
     _check(p.ep_size == 1 or cfg.moe.name != "dense", f"parallel.ep_size={p.ep_size} with moe=dense: a dense model has no experts to shard; set parallel.ep_size=1 or pick an expert layer (e.g. moe=switch)")
     _check(cfg.moe.num_experts % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide moe.num_experts={cfg.moe.num_experts}: every rank of an expert-parallel group holds the same number of experts; pick an ep_size dividing num_experts")
+    _check(p.pp_size >= 1, f"parallel.pp_size={p.pp_size} must be >= 1 (1: no pipeline parallelism)")
+    _check(p.pp_size == 1 or p.backend == "deepspeed", f"parallel.pp_size={p.pp_size} needs parallel=deepspeed (its PipelineModule runs the stages); set parallel.pp_size=1 for parallel.backend={p.backend}")
+    _check(p.pp_size <= cfg.model.n_layers, f"parallel.pp_size={p.pp_size} > model.n_layers={cfg.model.n_layers}: every pipeline stage needs at least one block; lower pp_size")
+    _check(p.zero_stage in (0, 1, 2), f"parallel.zero_stage={p.zero_stage}; use 0, 1 or 2 (ZeRO-3 partitions the expert weights themselves, which expert parallelism already shards)")
+    _check(p.zero_stage == 0 or p.backend == "deepspeed", f"parallel.zero_stage={p.zero_stage} needs parallel=deepspeed; set parallel.zero_stage=0 for parallel.backend={p.backend}")
+    _check(p.pp_size == 1 or p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+    _check(p.num_workers >= 1, f"parallel.num_workers={p.num_workers} must be >= 1 (Ray Train workers, one rank each)")
+    _check(p.cpus_per_worker >= 1, f"parallel.cpus_per_worker={p.cpus_per_worker} must be >= 1")
+    if p.backend == "ray":
+        _check(p.num_workers % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide parallel.num_workers={p.num_workers}: run a multiple of {p.ep_size} workers or lower ep_size")
+        _check(p.ray_address in ("local", "auto") or p.ray_address.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", p.ray_address) is not None,
+               f"parallel.ray_address={p.ray_address!r}; use local (a private Ray on this machine), auto (the cluster this node joined with `ray start`) or ray://HEAD:10001")
     _check(p.dist_backend in DIST_BACKENDS, f"parallel.dist_backend={p.dist_backend!r}; use auto (nccl on CUDA, gloo on CPU), gloo or nccl")
     _check(p.timeout_s > 0 and math.isfinite(p.timeout_s), f"parallel.timeout_s={p.timeout_s} must be a positive number of seconds")
     if p.dist_backend == "nccl":
@@ -343,19 +378,22 @@ def validate_parallel(cfg: TrainConfig) -> None:
 
 
 def validate_launch(cfg: TrainConfig, env: typing.Mapping[str, str]) -> None:
-    """The launch fits the config: ``env`` is the process environment torchrun sets up
-    (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT).  Run before any process group starts, so a
-    bad launch ends every rank with the same one line instead of a hang."""
+    """The launch fits the config: ``env`` is the process environment the launcher (torchrun,
+    deepspeed) sets up (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT).  Run before any process
+    group starts, so a bad launch ends every rank with the same one line instead of a hang."""
     p = cfg.parallel
     world = env.get("WORLD_SIZE")
-    if p.backend == "single":
-        _check(world in (None, "", "1"), f"parallel.backend=single but this process is one of WORLD_SIZE={world} started together (torchrun?); add parallel=ddp, or run moe-train without torchrun")
+    if p.backend in ("single", "ray"):
+        fix = "add parallel=ddp (torchrun) or parallel=deepspeed" if p.backend == "single" else "run moe-train parallel=ray as one process: Ray starts the workers"
+        _check(world in (None, "", "1"), f"parallel.backend={p.backend} but this process is one of WORLD_SIZE={world} started together (torchrun or deepspeed?); {fix}")
         return
+    how = LAUNCHERS[p.backend]
     missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-    _check(not missing, f"parallel.backend=ddp needs the environment torchrun sets ({', '.join(missing)} not set): launch with `{TORCHRUN}`, or use parallel=single for one process")
-    _check(world.isdigit() and int(world) >= 1, f"parallel.backend=ddp: WORLD_SIZE={world!r} is not a positive integer; launch with `{TORCHRUN}`")
+    _check(not missing, f"parallel.backend={p.backend} needs the environment its launcher sets ({', '.join(missing)} not set): launch with `{how}`, or use parallel=single for one process")
+    _check(world.isdigit() and int(world) >= 1, f"parallel.backend={p.backend}: WORLD_SIZE={world!r} is not a positive integer; launch with `{how}`")
     n = int(world)
-    _check(n % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide the world size {n} (WORLD_SIZE): start a multiple of {p.ep_size} processes (torchrun --nproc_per_node) or set parallel.ep_size to a divisor of {n}")
+    _check(n % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide the world size {n} (WORLD_SIZE): start a multiple of {p.ep_size} processes or set parallel.ep_size to a divisor of {n}")
+    _check(n % (p.ep_size * p.pp_size) == 0, f"parallel.ep_size*pp_size={p.ep_size}*{p.pp_size} does not divide the world size {n} (WORLD_SIZE): start a multiple of {p.ep_size * p.pp_size} processes or lower ep_size/pp_size")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -49,7 +49,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -128,6 +128,17 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per logged step
 
 
+@dataclass
+class TrainerHooks:
+    """A backend's view of the run, called on every rank, in step (Ray Train's report is
+    collective, so every worker must call it).  ``on_log(step, metrics)`` after each train log
+    and each eval (``{"val/loss": ...}``); ``on_checkpoint(step, path)`` after each checkpoint
+    is written (the file exists on rank 0's filesystem)."""
+
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None
+
+
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
     digest = hashlib.sha256(f"{seed}/rank/{rank}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -143,11 +154,13 @@ class Trainer:
         state: ranks and process groups (``moe.parallel.ddp.start`` builds it under torchrun);
             None: one process on ``cfg.device``.  Its ``ep_size`` must be ``parallel.ep_size``.
             Every rank of the state builds a Trainer and calls ``fit()`` in step.
+        hooks: called on every rank as the run logs and checkpoints (:class:`TrainerHooks`).
     """
 
-    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, is_main: bool | None = None, state: ParallelState | None = None):
+    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, is_main: bool | None = None, state: ParallelState | None = None, hooks: TrainerHooks | None = None):
         validate(cfg)
         self.cfg = cfg
+        self.hooks = hooks or TrainerHooks()
         st = self.state = state if state is not None else ParallelState.single(resolve_device(cfg.device))
         if st.ep_size != cfg.parallel.ep_size:
             raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} but the process groups were built with ep_size={st.ep_size}; build the ParallelState from the same config")
@@ -243,6 +256,8 @@ class Trainer:
         state = self.state_dict()
         if self.is_main:
             ckpt.save_atomic(state, self.checkpoint_path)
+        if self.hooks.on_checkpoint is not None:
+            self.hooks.on_checkpoint(self.step, self.checkpoint_path)
         return self.checkpoint_path
 
     def load(self, path: Path) -> None:
@@ -425,6 +440,8 @@ class Trainer:
                     self.last_metrics = metrics
                     history.append({"step": self.step, **{k: v for k, v in metrics.items() if not k.startswith("moe/")}})
                     logger.log(self.step, metrics)
+                    if self.hooks.on_log is not None:
+                        self.hooks.on_log(self.step, metrics)
                     if bar is not None:
                         bar.set_postfix_str(_postfix(metrics))
                     load.reset()
@@ -436,6 +453,8 @@ class Trainer:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss})
                     logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(self.last_metrics))  # the latest log window's
+                    if self.hooks.on_log is not None:
+                        self.hooks.on_log(self.step, {"val/loss": val_loss})
                     if bar is not None:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f}")
                 if stopping or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
@@ -448,6 +467,8 @@ class Trainer:
                 val_loss = self.evaluate()
                 logger.log(self.step, {"val/loss": val_loss})
                 logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(self.last_metrics))
+                if self.hooks.on_log is not None:
+                    self.hooks.on_log(self.step, {"val/loss": val_loss})
             self.save()
             exit_code = 0
         except KeyboardInterrupt:

@@ -214,7 +214,7 @@ def test_good_overrides_pass(load, tmp_path):
 @pytest.mark.parametrize(
     "arg,group",
     [("moe=foo", "moe"), ("model=huge", "model"), ("data=hf", "data"), ("optim=sgd", "optim"), ("logger=tensorboard", "logger"),
-     ("parallel=deepspeed", "parallel"), ("experiment=nope", "experiment"), ("+experiment=nope", "experiment"),
+     ("parallel=mpi", "parallel"), ("experiment=nope", "experiment"), ("+experiment=nope", "experiment"),
      ("moe=switch,foo", "moe"), ("model=null", "model"), ("experiment=null", "experiment")],  # Hydra: a ValueError traceback
 )
 def test_unknown_group_option_lists_the_options(arg, group):
