@@ -101,13 +101,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices (incl. stacked expert weights and the router) decay, norms and biases don't."""
+def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: matrices (incl. stacked expert weights and the router) decay,
+    norms and biases don't.  Their order is the checkpoint's optimizer layout."""
+    o = cfg.optim
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    return [
+        {"params": decay, "weight_decay": o.weight_decay, "lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps},
+        {"params": no_decay, "weight_decay": 0.0, "lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over :func:`optimizer_groups`."""
+    return torch.optim.AdamW(optimizer_groups(model, cfg))
 
 
 @dataclass
@@ -192,10 +200,17 @@ class Trainer:
             raise
         if st.world_size > 1:  # each rank its own dropout, jitter and random-routing draws
             torch.manual_seed(_rank_seed(cfg.seed, st.rank))
-        for m in self.model.modules():  # we only ever .backward() and zero .grad in place
+        self.ds = None  # parallel=deepspeed: the engine (moe.parallel.ds_engine) steps the optimizer
+        for m in self.model.modules():  # we only ever .backward() and zero .grad in place (DeepSpeed frees them)
             if isinstance(m, GroupedExperts):
-                m.grad_into_buffers = True
-        self.optimizer = build_optimizer(self.model, cfg)
+                m.grad_into_buffers = cfg.parallel.backend != "deepspeed"
+        if cfg.parallel.backend == "deepspeed":
+            from moe.parallel import ds_engine
+
+            self.optimizer = None
+            self.ds = ds_engine.wrap(self.model, optimizer_groups(self.model, cfg), cfg, st)
+        else:
+            self.optimizer = build_optimizer(self.model, cfg)
         self.step = 0
         self.wandb_id: str | None = None
         self.last_metrics: dict[str, float] = {}  # the latest logged train metrics
@@ -233,7 +248,8 @@ class Trainer:
         """The checkpoint: the whole model and optimizer in the one-process format (expert
         shards gathered), on the main rank; None elsewhere.  Collective: every rank calls it."""
         st = self.state
-        model_sd, optim_sd = gather_full_state(self.model, self.optimizer, st)
+        optimizer = self.ds.full_optimizer() if self.ds is not None else self.optimizer  # ZeRO partitions gathered
+        model_sd, optim_sd = gather_full_state(self.model, optimizer, st)
         rngs = gather_objects(ckpt.rng_state(), st)
         if not self.is_main:
             return None
@@ -266,7 +282,12 @@ class Trainer:
         state = ckpt.load(path, map_location="cpu")  # RNG states must stay CPU tensors
         layout = state.get("layout", {"world_size": 1, "dp_size": 1, "ep_size": 1})
         check_resumable(state.get("config", {}), to_dict(self.cfg), self.run_dir, saved_dp_size=layout["dp_size"], dp_size=st.dp_size)
-        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        if self.ds is not None:  # through a one-process-layout AdamW into the engine (any ZeRO stage)
+            optimizer = self.ds.blank_optimizer()
+            load_full_state(self.model, optimizer, state["model"], state["optimizer"])
+            self.ds.load_full_optimizer(optimizer)
+        else:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         rngs = state.get("rng_ranks") or [state["rng"]]
         if len(rngs) == st.world_size:
             ckpt.set_rng_state(rngs[st.rank])
@@ -294,7 +315,7 @@ class Trainer:
         shard = micro * st.dp_size + st.dp_rank
         x, y = self.data.get_batch(split, index, c.batch_size, self.model_cfg.seq_len, c.seed, device=self.device, shard=shard, num_shards=shards)
         with self._autocast():
-            return self.model(x, y)
+            return (self.ds.engine if self.ds is not None else self.model)(x, y)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -329,20 +350,30 @@ class Trainer:
         gradient norm is NaN/inf.  One host sync per step (the finite check and the logged values).
         """
         c, st = self.cfg, self.state
+        ds = self.ds
         sums = torch.zeros(3, device=self.device)  # lm, aux, z: averaged over micro-batches
         for micro in range(c.grad_accum):
             out = self._forward("train", self.step, micro)
-            (out.total_loss(c.moe) / c.grad_accum).backward()
+            if ds is not None:  # the engine divides by grad_accum and reduces at the last micro-batch
+                ds.backward(out.total_loss(c.moe))
+                if micro < c.grad_accum - 1:
+                    ds.micro_step()
+            else:
+                (out.total_loss(c.moe) / c.grad_accum).backward()
             sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
             for block, la in zip(self.moe_blocks, out.layer_aux):
                 load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
                 failed = getattr(la, "failed", None)  # moe=hivemind: uid -> why, forward and backward
                 if failed is not None:
                     load.add_failed(block, (u for u in (*failed, *la.backward_failed) if not u.startswith("<")))
-        if st.dp_size > 1:
+        if st.dp_size > 1 and ds is None:
             with self._collective():
                 allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
-        grad_norm = clip_grad_norm_(self.model, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"), st)
+        max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
+        if ds is None or ds.stage == 0:  # ZeRO-1/2 clip inside the step, by the same global norm
+            grad_norm = clip_grad_norm_(self.model, max_norm, st)
+        else:
+            grad_norm = torch.zeros(())
         vals = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)])
         if st.dp_size > 1:  # one all-reduce: mean losses, the norm (the same everywhere), any rank's Ctrl-C
             stop = float(self._stop is not None and self._stop.requested)
@@ -351,19 +382,32 @@ class Trainer:
             self._stop_agreed = bool(vals[4] > 0)
             vals = vals[:4] / st.dp_size
         lm, aux, z, gn = vals.tolist()
-        if not all(math.isfinite(v) for v in (lm, aux, z, gn)):  # the same values on every rank: all raise together
-            kept = f"the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"training diverged at step {self.step + 1}: lm loss {lm}, aux {aux}, z {z}, grad norm {gn}; {kept}. "
-                f"Lower optim.lr, raise optim.warmup_steps or set moe.z_loss_weight=0.001"
-            )
+        self._check_finite(lm, aux, z, gn)  # the same values on every rank: all raise together
         lr = lr_at(self.step, c)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (see experts._GroupedMM)
+        if ds is not None:
+            ds.step(lr)
+            zero_norm = ds.grad_norm()
+            if zero_norm is not None:  # ZeRO-1/2: known once the step is taken (the same on every rank)
+                gn = float(zero_norm)
+                self._check_finite(lm, aux, z, gn, stepped=True)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (see experts._GroupedMM)
         self.step += 1
         return {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr, "train/grad_norm": gn}
+
+    def _check_finite(self, lm: float, aux: float, z: float, gn: float, *, stepped: bool = False) -> None:
+        """Raise TrainingDiverged unless every value is finite.  ``stepped``: the optimizer has
+        already applied this step (ZeRO-1/2 know the norm only then); it is not saved."""
+        if all(math.isfinite(v) for v in (lm, aux, z, gn)):
+            return
+        kept = f"the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: lm loss {lm}, aux {aux}, z {z}, grad norm {gn}; {kept}. "
+            f"Lower optim.lr, raise optim.warmup_steps or set moe.z_loss_weight=0.001"
+        )
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ The engine itself (ZeRO, expert parameter groups, pipeline) is built by
 from __future__ import annotations
 
 import sys
+import warnings
 
 from moe.config import ParallelConfig
 from moe.parallel import ddp
@@ -38,6 +39,9 @@ def skip_shm_comm_build() -> None:
 
 def start(cfg: ParallelConfig, device: str = "auto") -> ParallelState:
     """Join the launcher's process group, build the layout and hand the group to DeepSpeed."""
+    # ZeRO-1/2 gather partitions with torch's all_gather_into_tensor, which torch 2.13 flags as
+    # deprecated once per rank: noise on every run's console that the user cannot act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     state = ddp.start(cfg, device=device)
     try:
         import deepspeed
