@@ -6,6 +6,8 @@
 - ``launch/slurm.sbatch`` without Slurm: its syntax, and with stand-in ``scontrol`` and
   ``srun`` on PATH (and a stand-in torchrun that prints its arguments), the real
   launch/torchrun.sh gets the first host as master and each node's SLURM_NODEID as its rank.
+- ``launch/deepspeed.sh`` for real with a hostfile (one host, 2 slots: DeepSpeed's launcher
+  starts both ranks), ZeRO-2 and EP=2; a bad hostfile is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from moe import checkpoint as ckpt
 from tests.test_expert_parallel import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"
+DEEPSPEED_SH = ROOT / "launch" / "deepspeed.sh"
 BIN = Path(sys.executable).parent
 TIMEOUT = 300  # seconds for both nodes together (the pair needs ~20-40 s on a busy 2-core machine)
 
@@ -37,12 +42,12 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_scripts_are_executable_bash_with_a_documented_example():
-    for script in (TORCHRUN_SH, SLURM):
+    for script in (TORCHRUN_SH, SLURM, DEEPSPEED_SH):
         text = script.read_text()
         assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
         assert os.stat(script).st_mode & stat.S_IXUSR
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
-    assert "NODE_RANK=0" in TORCHRUN_SH.read_text() and "sbatch" in SLURM.read_text()
+    assert "NODE_RANK=0" in TORCHRUN_SH.read_text() and "sbatch" in SLURM.read_text() and "HOSTFILE=hostfile" in DEEPSPEED_SH.read_text()
 
 
 def test_torchrun_script_two_nodes_one_process_each(tmp_path):
@@ -79,6 +84,54 @@ def test_torchrun_script_two_nodes_one_process_each(tmp_path):
     assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # both nodes' experts gathered
     assert logs[0].count("done: 4 steps") == 1 and "done:" not in logs[1]
     assert "Traceback" not in logs[0] + logs[1]
+
+
+@pytest.mark.slow
+def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
+    """launch/deepspeed.sh on 2 "nodes" of one process each, named in a hostfile (localhost and
+    127.0.0.1), started once per node with NODE_RANK (DeepSpeed's --no_ssh mode); ZeRO-2 and
+    EP=2 across the nodes, 2 micro-batches per step."""
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "run"
+    (tmp_path / "hostfile").write_text("# HOST slots=N\nlocalhost slots=1\n127.0.0.1 slots=1\n")
+    args = [
+        "experiment=smoke", "parallel.zero_stage=2", "parallel.ep_size=2", "moe.num_experts=4", "steps=4", "grad_accum=2",
+        "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
+        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", f"out_dir={run}", f"hydra.run.dir={run}",
+    ]
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        env = _env(tmp_path, HOSTFILE=str(tmp_path / "hostfile"), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append((subprocess.Popen(["bash", str(DEEPSPEED_SH), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline = time.monotonic() + 2 * TIMEOUT
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(timeout=30)
+            log.close()
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
+    assert "node 0 of the hosts" in logs[0] and "node 1 of the hosts" in logs[1]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]  # rank 0 (node 0) alone writes
+    state = ckpt.load(run / "checkpoint.pt")
+    assert state["step"] == 4 and state["layout"] == {"world_size": 2, "dp_size": 2, "ep_size": 2}
+    assert state["config"]["parallel"]["zero_stage"] == 2 and state["optimizer"]["state"]  # moments gathered from ZeRO-2
+    assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # both nodes' experts
+    assert logs[0].count("done: 4 steps") == 1 and "done:" not in logs[1]
+
+
+@pytest.mark.parametrize("hostfile, why", [("", "does not exist or is empty"), ("node0 8\n", "every line must read 'HOST slots=N'")])
+def test_deepspeed_script_names_a_bad_hostfile(tmp_path, hostfile, why):
+    path = tmp_path / "hostfile"
+    path.write_text(hostfile)
+    p = subprocess.run(["bash", str(DEEPSPEED_SH), "steps=1"], cwd=tmp_path, env=_env(tmp_path, HOSTFILE=str(path)), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def _stand_in(path: Path, body: str) -> None:

@@ -71,7 +71,7 @@ def start(cfg: ParallelConfig, device: str = "auto") -> ParallelState:
         device_id=dev if dev.type == "cuda" else None,
     )
     try:
-        return ParallelState.build(cfg.ep_size, device=dev, local_rank=local_rank, timeout=timeout)
+        return ParallelState.build(cfg.ep_size, cfg.pp_size, device=dev, local_rank=local_rank, timeout=timeout)
     except BaseException:
         stop()
         raise
