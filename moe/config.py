@@ -150,6 +150,7 @@ class ParallelConfig:
     cpus_per_worker: int = 1  # CPUs Ray reserves per worker (ray only)
     use_gpu: bool = False  # one GPU per Ray worker (ray only)
     ray_address: str = "local"  # local: a private Ray on this machine; auto or ray://HOST:10001: a cluster
+    bucket_mb: float = 8.0  # gradient all-reduce buckets sent during the backward (ddp, ray); 0: one all-reduce after it
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: float = 600.0  # a collective waiting longer than this fails the run (a rank crashed or hangs)
 
@@ -363,6 +364,7 @@ def validate_parallel(cfg: TrainConfig) -> None:
     _check(p.zero_stage in (0, 1, 2), f"parallel.zero_stage={p.zero_stage}; use 0, 1 or 2 (ZeRO-3 partitions the expert weights themselves, which expert parallelism already shards)")
     _check(p.zero_stage == 0 or p.backend == "deepspeed", f"parallel.zero_stage={p.zero_stage} needs parallel=deepspeed; set parallel.zero_stage=0 for parallel.backend={p.backend}")
     _check(p.pp_size == 1 or p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+    _check(p.bucket_mb >= 0 and math.isfinite(p.bucket_mb), f"parallel.bucket_mb={p.bucket_mb} must be >= 0 (MiB per gradient all-reduce bucket; 0: one all-reduce after the backward)")
     _check(p.num_workers >= 1, f"parallel.num_workers={p.num_workers} must be >= 1 (Ray Train workers, one rank each)")
     _check(p.cpus_per_worker >= 1, f"parallel.cpus_per_worker={p.cpus_per_worker} must be >= 1")
     if p.backend == "ray":

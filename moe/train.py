@@ -59,7 +59,7 @@ from moe.data import TokenData, load_data
 from moe.experts import GroupedExperts
 from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
 from moe.model import ModelOutput, TransformerLM, count_parameters
-from moe.parallel import AllToAllDispatcher, ParallelState, allreduce_gradients, clip_grad_norm_, gather_full_state, load_full_state
+from moe.parallel import AllToAllDispatcher, OverlappedGradReducer, ParallelState, allreduce_gradients, clip_grad_norm_, gather_full_state, load_full_state
 from moe.parallel.reduce import broadcast_object, count_over_world, gather_objects, mean_over_dp_, sum_over_dp_
 from moe.sinks import MetricsLogger
 from moe.telemetry import LoadAccumulator
@@ -211,6 +211,8 @@ class Trainer:
             self.ds = ds_engine.wrap(self.model, optimizer_groups(self.model, cfg), cfg, st)
         else:
             self.optimizer = build_optimizer(self.model, cfg)
+        # data parallel without DeepSpeed: gradients all-reduced in buckets while the backward runs
+        self._reducer = OverlappedGradReducer(self.model, st, cfg.parallel.bucket_mb) if st.dp_size > 1 and self.ds is None and cfg.parallel.bucket_mb > 0 else None
         self.step = 0
         self.wandb_id: str | None = None
         self.last_metrics: dict[str, float] = {}  # the latest logged train metrics
@@ -354,6 +356,8 @@ class Trainer:
         sums = torch.zeros(3, device=self.device)  # lm, aux, z: averaged over micro-batches
         for micro in range(c.grad_accum):
             out = self._forward("train", self.step, micro)
+            if self._reducer is not None and micro == c.grad_accum - 1:
+                self._reducer.arm()  # the step's last backward: buckets go out as they complete
             if ds is not None:  # the engine divides by grad_accum and reduces at the last micro-batch
                 ds.backward(out.total_loss(c.moe))
                 if micro < c.grad_accum - 1:
@@ -367,8 +371,11 @@ class Trainer:
                 if failed is not None:
                     load.add_failed(block, (u for u in (*failed, *la.backward_failed) if not u.startswith("<")))
         if st.dp_size > 1 and ds is None:
-            with self._collective():
-                allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
+            with self._collective():  # the wait for what is still in flight (the exposed part)
+                if self._reducer is not None:
+                    self._reducer.finish()
+                else:
+                    allreduce_gradients(self.model, st)  # once per step, whatever grad_accum
         max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
         if ds is None or ds.stage == 0:  # ZeRO-1/2 clip inside the step, by the same global norm
             grad_norm = clip_grad_norm_(self.model, max_norm, st)

@@ -6,13 +6,14 @@ torchrun backend (``ddp``).  Only this package and the backends import
 ``torch.distributed``."""
 
 from moe.parallel.dispatch import AllToAllDispatcher, AllToAllPlan
-from moe.parallel.grads import allreduce_gradients, clip_grad_norm_, expert_parameters, split_parameters
+from moe.parallel.grads import OverlappedGradReducer, allreduce_gradients, clip_grad_norm_, expert_parameters, split_parameters
 from moe.parallel.reshard import gather_full_state, load_full_state
 from moe.parallel.state import ParallelState, check_expert_sharding, check_parallel_sizes, rank_groups
 
 __all__ = [
     "AllToAllDispatcher",
     "AllToAllPlan",
+    "OverlappedGradReducer",
     "ParallelState",
     "allreduce_gradients",
     "check_expert_sharding",

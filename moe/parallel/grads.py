@@ -122,3 +122,123 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> 
     if max_norm != float("inf"):
         torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
+
+
+class _Bucket:
+    __slots__ = ("params", "pending", "flat", "work")
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.pending = len(params)
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+
+class OverlappedGradReducer:
+    """:func:`allreduce_gradients`, overlapped with the backward of the step's last micro-batch.
+
+    The parameters are cut into buckets of about ``bucket_mb`` MiB, in reverse registration
+    order (roughly the order the backward produces their gradients), shared and expert
+    parameters apart (their groups differ).  A ``post_accumulate_grad`` hook on each parameter
+    counts down its bucket; when a bucket is complete, it and every complete bucket after it
+    are all-reduced asynchronously, *in bucket order*, so every rank issues the same
+    collectives in the same order whatever order its backward finished them in (DDP's rule).
+    :meth:`finish` launches what is left (parameters that got no gradient take part with
+    zeros, as in :func:`allreduce_gradients`), waits, divides by ``dp_size`` and copies back.
+    The result is that of :func:`allreduce_gradients`; only the time it is exposed changes.
+
+    Usage per step: ``arm()`` before the last micro-batch's backward, ``finish()`` after it
+    (earlier micro-batches only accumulate).  Gloo and NCCL run the collectives on their own
+    threads/streams, so the buckets travel while the backward goes on.
+    """
+
+    def __init__(self, model: nn.Module, state: ParallelState, bucket_mb: float = 8.0):
+        self.state = state
+        shared, experts = split_parameters(model)
+        self.kinds = []  # (group, group size, buckets in launch order)
+        limit = max(1, int(bucket_mb * 2**20))
+        for params, group, size in ((shared, state.dp_group, state.dp_size), (experts, state.expert_dp_group, state.expert_dp_size)):
+            buckets: list[_Bucket] = []
+            cur: list[nn.Parameter] = []
+            nbytes = 0
+            for p in reversed([p for p in params if p.requires_grad]):
+                if cur and (nbytes + p.numel() * p.element_size() > limit or p.dtype != cur[0].dtype or p.device != cur[0].device):
+                    buckets.append(_Bucket(cur))
+                    cur, nbytes = [], 0
+                cur.append(p)
+                nbytes += p.numel() * p.element_size()
+            if cur:
+                buckets.append(_Bucket(cur))
+            self.kinds.append([group, size, buckets, 0])  # 0: the next bucket to launch
+        self._where: dict[int, tuple[int, int]] = {}
+        self._handles = []
+        for k, (_, size, buckets, _) in enumerate(self.kinds):
+            for b, bucket in enumerate(buckets):
+                for p in bucket.params:
+                    self._where[id(p)] = (k, b)
+                    if size > 1:
+                        self._handles.append(p.register_post_accumulate_grad_hook(self._ready))
+        self.armed = False
+        self.launched_in_backward = 0  # buckets on their way before finish() (telemetry, tests)
+
+    def arm(self) -> None:
+        """The next backward is the step's last: launch buckets as they complete."""
+        self.armed = True
+        self.launched_in_backward = 0
+        for kind in self.kinds:
+            kind[3] = 0
+            for bucket in kind[2]:
+                bucket.pending, bucket.flat, bucket.work = len(bucket.params), None, None
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        k, b = self._where[id(p)]
+        kind = self.kinds[k]
+        kind[2][b].pending -= 1
+        while kind[3] < len(kind[2]) and kind[2][kind[3]].pending <= 0:
+            self._launch(kind, kind[2][kind[3]])
+            kind[3] += 1
+            self.launched_in_backward += 1
+
+    @staticmethod
+    def _launch(kind, bucket: _Bucket) -> None:
+        group = kind[0]
+        for p in bucket.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket.flat = torch.cat([p.grad.reshape(-1) for p in bucket.params])
+        bucket.work = dist.all_reduce(bucket.flat, group=group, async_op=True)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch the rest, wait for every bucket, average into ``.grad``."""
+        self.armed = False
+        dp = self.state.dp_size
+        for kind in self.kinds:
+            group, size, buckets, _ = kind
+            if size == 1:  # nothing to reduce: the expert shard is this rank's alone
+                for p in (p for bucket in buckets for p in bucket.params):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grads = [p.grad for bucket in buckets for p in bucket.params]
+                if grads and dp != 1:
+                    torch._foreach_div_(grads, dp)
+                continue
+            while kind[3] < len(buckets):
+                self._launch(kind, buckets[kind[3]])
+                kind[3] += 1
+            for bucket in buckets:
+                bucket.work.wait()
+                bucket.flat.div_(dp)
+                offset = 0
+                for p in bucket.params:
+                    n = p.numel()
+                    p.grad.copy_(bucket.flat[offset : offset + n].view_as(p.grad))
+                    offset += n
+                bucket.flat, bucket.work = None, None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
