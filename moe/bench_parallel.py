@@ -36,8 +36,9 @@ import torch
 
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
 
-# name -> (processes, ep_size), measured in this order every round
-LAYOUTS = {"1 process": (1, 1), "DP=2": (2, 1), "EP=2": (2, 2)}
+# name -> (processes, ep_size, bucket_mb), measured in this order every round.  bucket_mb 0:
+# the gradient all-reduce waits for the end of the backward (to show what the overlap buys).
+LAYOUTS = {"1 process": (1, 1, 8.0), "DP=2": (2, 1, 8.0), "EP=2": (2, 2, 8.0), "DP=2, no overlap": (2, 1, 0.0)}
 
 
 def _free_port() -> int:
@@ -46,9 +47,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_config(args, *, processes: int, ep_size: int, out_dir: str) -> TrainConfig:
+def train_config(args, *, processes: int, ep_size: int, out_dir: str, bucket_mb: float = 8.0) -> TrainConfig:
     """The run a measurement trains (``args``: the ``moe-bench parallel`` options)."""
-    par = ParallelConfig(backend="ddp", ep_size=ep_size, timeout_s=args.timeout) if processes > 1 else ParallelConfig()
+    par = ParallelConfig(backend="ddp", ep_size=ep_size, timeout_s=args.timeout, bucket_mb=bucket_mb) if processes > 1 else ParallelConfig()
     return TrainConfig(
         model=ModelConfig(n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, seq_len=args.seq_len, moe_every=1),
         moe=MoEConfig(name=args.moe, num_experts=args.experts, top_k=2 if args.moe == "gshard" else 1, dropless=args.moe in ("base", "topk"), aux_loss_weight=0.0 if args.moe == "base" else 0.01),
@@ -95,10 +96,10 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
         while (task := tasks.get()) is not None:
             name = task
             try:
-                processes, ep = LAYOUTS[name]
+                processes, ep, bucket_mb = LAYOUTS[name]
                 if name not in trainers:
                     st = states[ep] if processes > 1 else ParallelState.single("cpu")
-                    cfg = train_config(args, processes=processes, ep_size=ep, out_dir=os.path.join(tmp, name.replace(" ", "_")))
+                    cfg = train_config(args, processes=processes, ep_size=ep, out_dir=os.path.join(tmp, name.replace(" ", "_").replace(",", "")), bucket_mb=bucket_mb)
                     trainers[name] = Trainer(cfg, data=data, state=st, is_main=False)
                 t = trainers[name]
                 load = LoadAccumulator()
@@ -149,7 +150,7 @@ class _Pair:
         return out
 
     def measure(self, name: str) -> dict:
-        processes, _ = LAYOUTS[name]
+        processes = LAYOUTS[name][0]
         for r in range(processes):
             self.tasks[r].put(name)
         return self._collect(processes, name)[0]  # rank 0's comm time, the slowest rank's step time
@@ -181,15 +182,15 @@ def bench_parallel(args) -> dict:
                 processes = LAYOUTS[name][0]
                 m["tokens_per_s"] = processes * tokens_per_proc_step * args.steps / m["seconds"]
                 runs[name].append(m)
-                print(f"round {i + 1}/{args.repeats} {name:>9}: {m['tokens_per_s']:>9,.0f} tokens/s, step {1e3 * m['seconds'] / args.steps:,.0f} ms, comm {1e3 * m['comm_seconds'] / args.steps:,.0f} ms", flush=True)
+                print(f"round {i + 1}/{args.repeats} {name:>16}: {m['tokens_per_s']:>9,.0f} tokens/s, step {1e3 * m['seconds'] / args.steps:,.0f} ms, comm {1e3 * m['comm_seconds'] / args.steps:,.0f} ms", flush=True)
     finally:
         pair.stop()
     rows = []
-    for name, (processes, ep) in LAYOUTS.items():
+    for name, (processes, ep, bucket_mb) in LAYOUTS.items():
         tps = statistics.median(m["tokens_per_s"] for m in runs[name])
         step_s = statistics.median(m["seconds"] for m in runs[name]) / args.steps
         comm_s = statistics.median(m["comm_seconds"] for m in runs[name]) / args.steps
-        rows.append({"layout": name, "processes": processes, "ep_size": ep, "tokens_per_s": tps, "step_s": step_s, "comm_s": comm_s, "comm_share": comm_s / step_s})
+        rows.append({"layout": name, "processes": processes, "ep_size": ep, "bucket_mb": bucket_mb, "tokens_per_s": tps, "step_s": step_s, "comm_s": comm_s, "comm_share": comm_s / step_s})
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["efficiency"] = None if r["processes"] == 1 else r["tokens_per_s"] / (r["processes"] * base)

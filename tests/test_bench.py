@@ -55,14 +55,14 @@ def test_parallel_bench_table_and_json_from_its_own_numbers(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["benchmark"] == "parallel" and result["threads_per_process"] == 1 and result["steps"] == 2
     rows = {r["layout"]: r for r in result["rows"]}
-    assert [(r["layout"], r["processes"], r["ep_size"]) for r in result["rows"]] == [("1 process", 1, 1), ("DP=2", 2, 1), ("EP=2", 2, 2)]
+    assert [(r["layout"], r["processes"], r["ep_size"]) for r in result["rows"]] == [("1 process", 1, 1), ("DP=2", 2, 1), ("EP=2", 2, 2), ("DP=2, no overlap", 2, 1)]
     one = rows["1 process"]
     assert one["efficiency"] is None and one["comm_s"] == 0
     for r in result["rows"]:
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and 0 <= r["comm_share"] <= 1
         assert r["comm_share"] == pytest.approx(r["comm_s"] / r["step_s"])
         assert len(result["rounds"][r["layout"]]) == 2  # every layout in every round
-    for name in ("DP=2", "EP=2"):
+    for name in ("DP=2", "EP=2", "DP=2, no overlap"):
         assert rows[name]["comm_s"] > 0  # gradient all-reduce; EP also the all-to-all
         assert rows[name]["efficiency"] == pytest.approx(rows[name]["tokens_per_s"] / (2 * one["tokens_per_s"]))
         # tokens/s counts both processes' tokens: 2 x batch x seq_len per step
