@@ -125,6 +125,15 @@ BAD = [
     ("ep_size>1_dense", ["parallel=ddp", "moe=dense", "parallel.ep_size=2"], "parallel.ep_size", "set parallel.ep_size=1"),
     ("dist_backend", ["parallel=ddp", "parallel.dist_backend=mpi"], "parallel.dist_backend", "use auto"),
     ("timeout_s=0", ["parallel=ddp", "parallel.timeout_s=0"], "parallel.timeout_s", "positive number of seconds"),
+    ("zero_stage=3", ["parallel=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage", "use 0, 1 or 2"),
+    ("zero_stage_with_ddp", ["parallel=ddp", "parallel.zero_stage=1"], "parallel.zero_stage", "needs parallel=deepspeed"),
+    ("pp_size_with_ddp", ["parallel=ddp", "parallel.pp_size=2"], "parallel.pp_size", "needs parallel=deepspeed"),
+    ("pp_size>n_layers", ["parallel=deepspeed", "model.n_layers=2", "parallel.pp_size=3"], "parallel.pp_size", "every pipeline stage needs at least one block"),
+    ("pp_with_zero2", ["parallel=deepspeed", "parallel.pp_size=2", "parallel.zero_stage=2"], "parallel.zero_stage", "set parallel.zero_stage=1"),
+    ("bucket_mb<0", ["parallel=ddp", "parallel.bucket_mb=-1"], "parallel.bucket_mb", "must be >= 0"),
+    ("num_workers=0", ["parallel=ray", "parallel.num_workers=0"], "parallel.num_workers", ">= 1"),
+    ("ray_workers_vs_ep", ["parallel=ray", "parallel.num_workers=3", "parallel.ep_size=2"], "parallel.ep_size", "run a multiple of 2 workers"),
+    ("ray_address", ["parallel=ray", "parallel.ray_address=somewhere"], "parallel.ray_address", "use local"),
     ("batch_size=0", ["batch_size=0"], "batch_size", ">= 1"),
     ("steps=0", ["steps=0", "optim.warmup_steps=0"], "steps", ">= 1"),
     ("steps=abc", ["steps=abc"], "steps", "expected an integer"),
@@ -156,7 +165,22 @@ BAD_LAUNCH = [
     ("world_vs_ep_size", ["parallel=ddp", "parallel.ep_size=2"], {**TORCHRUN_ENV, "WORLD_SIZE": "3"}, "parallel.ep_size", "start a multiple of 2 processes"),
     ("world_vs_ep_size_4", ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=4"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.ep_size", "set parallel.ep_size to a divisor of 2"),
     ("single_under_torchrun", ["parallel=single"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.backend", "add parallel=ddp"),
+    ("deepspeed_without_launcher", ["parallel=deepspeed"], {}, "parallel.backend", "launch with `deepspeed --num_gpus N --no_local_rank"),
+    ("world_vs_ep_pp", ["parallel=deepspeed", "parallel.pp_size=2", "parallel.ep_size=2"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.ep_size*pp_size", "start a multiple of 4 processes"),
+    ("ray_under_torchrun", ["parallel=ray"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.backend", "Ray starts the workers"),
 ]
+
+
+def test_a_missing_backend_package_names_the_pip_extra(load, monkeypatch):
+    """parallel=deepspeed without deepspeed installed: one line naming the extra, before any worker."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError) as ei:
+        load(["parallel=deepspeed"])
+    msg = str(ei.value)
+    assert msg.startswith("parallel.backend=deepspeed") and "pip install -e '.[deepspeed]'" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("overrides,env,key,fix", [b[1:] for b in BAD_LAUNCH], ids=[b[0] for b in BAD_LAUNCH])
