@@ -163,6 +163,8 @@ def _train(tc: TrainConfig, state) -> None:
     try:
         # every rank reads the token cache (a first build is safe to race: it is published atomically)
         data = load_data(tc.data, progress=tc.logger.progress and main)
+        if tc.parallel.pp_size > 1:  # DeepSpeed's pipeline engine runs the stages (same fit/close interface)
+            from moe.parallel.pipeline import PipelineTrainer as Trainer
         trainer = Trainer(tc, data=data, state=state)
     except ConfigError as e:
         _fail(str(e))

@@ -15,8 +15,8 @@ Rank layout, for W processes, pipeline size P and expert-parallel size EP
   cheapest (DeepSpeed lays groups out the same way);
 - expert-data-parallel group: the ``dp_size / EP`` ranks of a stage holding the same expert
   shard (same ``ep_rank``), every ``EP``-th rank; expert gradients are reduced over it;
-- pipeline group: the ``P`` ranks with the same ``dp_rank``, one per stage (reserved: P = 1
-  until pipeline parallelism lands).
+- pipeline group: the ``P`` ranks with the same ``dp_rank``, one per stage (DeepSpeed's
+  pipeline topology lays its stages out the same way: ``moe.parallel.pipeline`` checks it).
 
 A group of one process is ``None`` (nothing to communicate); every other group is its own
 communicator, also one spanning all ranks, so the dispatcher's collectives never interleave
@@ -174,7 +174,7 @@ class ParallelState:
 
         Args:
             ep_size: ranks that together hold all experts (1: every rank holds all experts).
-            pp_size: pipeline stages (reserved; only 1 is supported by the model today).
+            pp_size: pipeline stages (``parallel=deepspeed``: DeepSpeed's pipeline engine runs them).
             device: default ``cuda:<local_rank>`` when the backend is NCCL, else CPU.
             local_rank: default ``$LOCAL_RANK`` (set by torchrun and the deepspeed launcher),
                 else the rank.

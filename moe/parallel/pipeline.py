@@ -1,0 +1,572 @@
+"""Pipeline parallelism: :class:`~moe.model.TransformerLM` as DeepSpeed ``PipelineModule`` stages,
+trained by DeepSpeed's pipeline engine (``parallel=deepspeed parallel.pp_size=P``).
+
+    deepspeed --num_gpus 2 --no_local_rank $(which moe-train) parallel=deepspeed parallel.pp_size=2 grad_accum=4
+
+**Layers.**  The model as one flat list (:func:`pipeline_layers`)::
+
+    token embedding (tied) -> position embedding -> block 0 .. block L-1 -> final norm -> LM head (tied)
+
+Activations between layers (and between stages) are a tuple ``(x_BSD, acc_2)``: ``acc_2``
+accumulates ``(sum of the MoE balancing losses, sum of the router z-losses)`` over the
+blocks seen so far; each MoE block adds its layer's terms, the loss on the last stage
+(:class:`PipelineLoss`) weights them (``lm + aux_loss_weight * acc[0] + z_loss_weight * acc[1]``,
+exactly ``ModelOutput.total_loss``), and their gradient flows back across the stages to every
+router.  DeepSpeed's engine sends a gradient back only for floating tensors and runs
+``out.backward(grad)`` on each of them, so the accumulator is created by the position
+embedding as a leaf that requires grad (shape (2,), fixed): a stage without MoE blocks
+passes it on unchanged and the engine's backward through it is a no-op.
+
+**Tied embeddings** (``model.tie_embeddings``, the default): the token embedding is a
+``TiedLayerSpec`` on the first and the last stage (the LM head reuses its weight through
+``forward_fn``); DeepSpeed broadcasts it from the first stage at start-up and all-reduces its
+gradient between the two stages after each backward.
+
+**Partitioning:** ``partition_method="type:BlockLayer"``, the same number of Transformer
+blocks per stage (the embeddings stay on the first stage, norm and head on the last).  With
+top-1 routing an MoE block costs the FLOPs of a dense one, so equal blocks mean equal compute;
+``"parameters"`` would count every expert and give MoE-heavy stages fewer blocks.
+
+**Weights.**  Every rank builds the whole one-process ``TransformerLM`` with
+``torch.manual_seed(seed)`` and copies its stage's slice into the stage's layers
+(:func:`copy_weights`), so PP=P starts from exactly PP=1's weights; the whole model is then
+dropped.  (Each process holds the whole model once, at start-up: fine for the sizes this
+trainer runs; a model that does not fit one process would need per-layer seeding instead.)
+
+**Training** (:class:`PipelineTrainer`, :func:`fit_pipeline`): torch's AdamW with the
+trainer's parameter groups, ``gradient_accumulation_steps = grad_accum`` (the micro-batches
+per step: the pipeline fills only with ``grad_accum >= pp_size``), each data-parallel rank
+and micro-batch one shard of the step's global batch (``batch_size x grad_accum x dp_size``
+sequences, the very batch :class:`moe.train.Trainer` trains on), the LR of ``moe.train.lr_at``
+set before each step, gradient clipping by the norm of the whole model's gradient (every
+stage's, the tied weight once), eval with ``engine.eval_batch``, DeepSpeed checkpoints in
+``out_dir/global_step<N>`` named by ``out_dir/pipeline.json`` (resumed when present, by the
+same layout: processes, ``pp_size``, ``zero_stage``).
+
+Telemetry: rank 0 logs what the trainer logs (``train/*`` averaged over the micro-batches and
+data-parallel replicas, ``val/loss``, ``perf/*``, and each MoE block's expert load
+``moe/layer_*``, gathered from the stage holding the block).
+
+Not supported (a one-line ``ConfigError``): expert parallelism inside stages
+(``parallel.ep_size > 1``), ``moe=hivemind``, bf16, ZeRO-2.  A Ctrl-C stops without a checkpoint.
+
+Shape suffixes: B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, to_dict, validate
+from moe.data import TokenData, load_data
+from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
+from moe.layers import LayerAux
+from moe.model import Block, TransformerLM, count_parameters, is_sparse_block
+from moe.parallel.state import ParallelState
+from moe.telemetry import LoadAccumulator
+
+PARTITION_METHOD = "type:BlockLayer"  # equal blocks per stage (module docstring)
+TIED_KEY = "tok_emb"
+PIPELINE_JSON = "pipeline.json"  # beside DeepSpeed's checkpoint: its tag, step, layout and config
+
+
+# ---------------------------------------------------------------------------------------------
+# the layers: each holds one piece of the one-process model under the name it has there
+
+
+class StageLayer(nn.Module):
+    """A pipeline layer wrapping the module ``inner`` that ``TransformerLM`` holds at ``prefix``."""
+
+    prefix = ""
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """This layer's weights under their one-process ``TransformerLM`` names."""
+        return {self.prefix + k: v for k, v in self.inner.state_dict().items()}
+
+    def copy_from(self, full_state: dict[str, torch.Tensor]) -> None:
+        own = {k[len(self.prefix):]: v for k, v in full_state.items() if k.startswith(self.prefix)}
+        self.inner.load_state_dict(own)
+
+
+class TokenEmbedding(StageLayer):
+    """ids (B, S) -> (B, S, D); tied: the LM head is this weight (:func:`tied_lm_head`)."""
+
+    prefix = "tok_emb."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inner = nn.Embedding(cfg.vocab_size, cfg.d_model)
+
+    def forward(self, idx_BS: torch.Tensor) -> torch.Tensor:
+        return self.inner(idx_BS)
+
+
+class PositionEmbedding(StageLayer):
+    """x (B, S, D) -> (dropout(x + pos), acc): starts the MoE loss accumulator."""
+
+    prefix = "pos_emb."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inner = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(x_BSD.shape[1], device=x_BSD.device)
+        # a leaf that requires grad: the engine backpropagates into every floating output
+        acc_2 = torch.zeros(2, device=x_BSD.device, dtype=torch.float32, requires_grad=True)
+        return self.drop(x_BSD + self.inner(pos)), acc_2
+
+
+class BlockLayer(StageLayer):
+    """Block ``index``: (x, acc) -> (block(x), acc + (aux_loss, z_loss) of its MoE FFN)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, index: int):
+        super().__init__()
+        self.index, self.prefix = index, f"blocks.{index}."
+        self.inner = Block(cfg, moe, sparse=is_sparse_block(index, cfg))
+        self.on_aux: Callable[[int, LayerAux], None] | None = None  # sees each training forward's LayerAux (telemetry)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, acc_2 = inputs
+        x, aux = self.inner(x)
+        if aux is not None:
+            acc_2 = acc_2 + torch.stack([aux.aux_loss, aux.z_loss]).float()
+            if self.on_aux is not None and self.training:
+                self.on_aux(self.index, aux)
+        return x, acc_2
+
+
+class FinalNorm(StageLayer):
+    prefix = "ln_f."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inner = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, acc_2 = inputs
+        return self.inner(x), acc_2
+
+
+class LMHead(StageLayer):
+    """The untied output projection (``model.tie_embeddings=false``)."""
+
+    prefix = "lm_head."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inner = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, acc_2 = inputs
+        return self.inner(x), acc_2
+
+
+def tied_lm_head(emb: TokenEmbedding, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head of a tied model: logits (B, S, V) = x @ tok_emb.weight^T."""
+    x, acc_2 = inputs
+    return F.linear(x, emb.inner.weight), acc_2
+
+
+class PipelineLoss:
+    """``loss_fn`` of the last stage: ``(logits, acc), labels -> lm + w_aux * aux + w_z * z``
+    (``ModelOutput.total_loss``, term for term).  Keeps each micro-batch's detached
+    ``(lm, aux, z)`` until :meth:`drain`, for the logs."""
+
+    def __init__(self, moe: MoEConfig):
+        self.aux_weight, self.z_weight = moe.aux_loss_weight, moe.z_loss_weight
+        self.records: list[torch.Tensor] = []
+
+    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels_BS: torch.Tensor) -> torch.Tensor:
+        logits_BSV, acc_2 = outputs
+        lm = F.cross_entropy(logits_BSV.float().view(-1, logits_BSV.shape[-1]), labels_BS.reshape(-1))
+        self.records.append(torch.stack([lm.detach(), acc_2[0].detach(), acc_2[1].detach()]))
+        # always through acc (also at weight 0): the engine needs a gradient for it
+        return lm + self.aux_weight * acc_2[0] + self.z_weight * acc_2[1]
+
+    def drain(self) -> list[torch.Tensor]:
+        out, self.records = self.records, []
+        return out
+
+
+def pipeline_layers(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list:
+    """The model as DeepSpeed layer specs, in forward order (module docstring)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if model_cfg.tie_embeddings:
+        first = TiedLayerSpec(TIED_KEY, TokenEmbedding, model_cfg, tied_weight_attr="inner.weight")
+        head = TiedLayerSpec(TIED_KEY, TokenEmbedding, model_cfg, forward_fn=tied_lm_head, tied_weight_attr="inner.weight")
+    else:
+        first, head = LayerSpec(TokenEmbedding, model_cfg), LayerSpec(LMHead, model_cfg)
+    blocks = [LayerSpec(BlockLayer, model_cfg, moe_cfg, i) for i in range(model_cfg.n_layers)]
+    return [first, LayerSpec(PositionEmbedding, model_cfg), *blocks, LayerSpec(FinalNorm, model_cfg), head]
+
+
+def stage_layers(module: nn.Module) -> list[StageLayer]:
+    """The layers this stage holds (a tied embedding once)."""
+    return [m for m in module.modules() if isinstance(m, StageLayer)]
+
+
+def copy_weights(module: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Load this stage's slice of a one-process ``TransformerLM`` state dict."""
+    with torch.no_grad():
+        for layer in stage_layers(module):
+            layer.copy_from(full_state)
+
+
+def stage_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """This stage's weights under their one-process ``TransformerLM`` names."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in stage_layers(module):
+        out.update(layer.model_state())
+    return out
+
+
+def build_pipeline_module(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, num_stages: int, seed: int, partition_method: str = PARTITION_METHOD):
+    """The ``PipelineModule`` of this rank's stage, weights equal to ``TransformerLM`` built
+    with ``torch.manual_seed(seed)``; returns ``(module, full_params)`` (parameter counts of the
+    whole model, ``count_parameters``).  Collective: every rank calls it (after
+    ``deepspeed.init_distributed``)."""
+    from deepspeed.pipe import PipelineModule
+
+    torch.manual_seed(seed)
+    full = TransformerLM(model_cfg, moe_cfg)
+    params = count_parameters(full)
+    full_state = full.state_dict()  # (detached; freed with this function's frame)
+    del full
+    with torch.no_grad():  # its start-up broadcast of the tied weight stays out of autograd
+        module = PipelineModule(layers=pipeline_layers(model_cfg, moe_cfg), num_stages=num_stages, loss_fn=PipelineLoss(moe_cfg), partition_method=partition_method)
+    copy_weights(module, full_state)
+    return module, params
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def check_pipeline_config(cfg: TrainConfig, world_size: int) -> None:
+    """What the pipeline backend does not do, as one-line ConfigErrors (before any engine)."""
+    p = cfg.parallel
+    if p.backend != "deepspeed":
+        raise ConfigError(f"parallel.pp_size={p.pp_size} needs parallel=deepspeed (DeepSpeed's pipeline engine); launch with `deepspeed --num_gpus N --no_local_rank $(which moe-train) parallel=deepspeed parallel.pp_size={p.pp_size}`")
+    if p.ep_size != 1:
+        raise ConfigError(f"parallel.ep_size={p.ep_size} with parallel.pp_size={p.pp_size}: expert parallelism inside pipeline stages is not supported; set parallel.ep_size=1 (or parallel.pp_size=1)")
+    if cfg.moe.name == "hivemind":
+        raise ConfigError("moe=hivemind with parallel.pp_size>1: the swarm's experts are remote and need one process; use parallel=single")
+    if p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+    if cfg.dtype == "bfloat16":
+        raise ConfigError("dtype=bfloat16 with parallel.pp_size>1: the pipeline runs in fp32 only; set dtype=float32 (or auto)")
+    if world_size % p.pp_size:
+        raise ConfigError(f"parallel.pp_size={p.pp_size} does not divide the world size {world_size}; start a multiple of {p.pp_size} processes")
+
+
+def ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
+    """DeepSpeed's config: micro-batch, micro-batches per step (``grad_accum``), clipping, ZeRO."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _clip_over_stages(engine) -> None:
+    """ZeRO-0's clipping (replaces ``engine.clip_fp32_gradients``).  DeepSpeed's own counts only
+    the gradients of the ranks whose model-parallel rank is 0 - under pipeline parallelism,
+    the first stage's alone.  Here: the norm of every stage's gradient (a tied weight once:
+    ``ds_pipe_replicated`` marks the copies), summed over the pipeline group, torch's clip
+    factor ``max_norm / (norm + 1e-6)`` capped at 1.  Gradients are already averaged over the
+    data-parallel ranks, so every rank computes the same norm."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    own = [p.grad for p in params if not getattr(p, "ds_pipe_replicated", False)]
+    sq = torch.nn.utils.get_total_norm(own).square() if own else torch.zeros((), device=engine.device)
+    sq = sq.reshape(1).float()
+    if engine.num_stages > 1:
+        dist.all_reduce(sq, group=engine.grid.get_pipe_parallel_group())
+    norm = sq.sqrt().reshape(())
+    torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+    engine._global_grad_norm = norm.item()
+
+
+class PipelineTrainer:
+    """One rank of a pipeline-parallel run; build on every rank, then :meth:`fit` in step.
+
+    Args:
+        cfg: the run (``parallel.pp_size > 1``, ``parallel=deepspeed``; validated here).
+        data: token data; loaded from ``cfg.data`` when None.
+        state: this process's rank and world (``moe.parallel.ds.start``); the pipeline and
+            data-parallel groups are DeepSpeed's own (``PipeDataParallelTopology``: rank =
+            stage * dp_size + dp_rank, the layout of :class:`ParallelState`).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, state: ParallelState):
+        import deepspeed
+
+        from moe.parallel.ds import skip_shm_comm_build
+        from moe.train import _rank_seed, build_optimizer
+
+        validate(cfg)
+        check_pipeline_config(cfg, state.world_size)
+        self.cfg, self.state = cfg, state
+        self.is_main = state.is_main
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir = Path(cfg.out_dir)
+        self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and self.is_main)
+        vocab = cfg.model.vocab_size or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        for split in ("train", "val"):
+            if len(getattr(self.data, split)) < self.model_cfg.seq_len + 1:
+                raise ConfigError(f"data: the {split} split has fewer than model.seq_len+1={self.model_cfg.seq_len + 1} tokens; lower model.seq_len or add data")
+        if cfg.grad_accum < cfg.parallel.pp_size and self.is_main:
+            print(f"note: grad_accum={cfg.grad_accum} micro-batches per step < parallel.pp_size={cfg.parallel.pp_size}: the pipeline never fills (stages wait for each other); raise grad_accum", file=sys.stderr)
+        skip_shm_comm_build()
+        self.module, self.params = build_pipeline_module(self.model_cfg, cfg.moe, num_stages=cfg.parallel.pp_size, seed=cfg.seed)
+        if state.world_size > 1:  # each rank its own dropout / jitter draws, as in the trainer
+            torch.manual_seed(_rank_seed(cfg.seed, state.rank))
+        grid = self.module._grid
+        self.dp_size, self.dp_rank, self.stage = grid.data_parallel_size, grid.data_parallel_id, grid.get_stage_id()
+        assert state.rank == self.stage * self.dp_size + self.dp_rank, "DeepSpeed's topology differs from ParallelState's layout"
+        optimizer = build_optimizer(self.module, cfg)
+        self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds_config(cfg, self.dp_size), dist_init_required=False)
+        if cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0:
+            self.engine.clip_fp32_gradients = lambda: _clip_over_stages(self.engine)
+        self.loss_fn: PipelineLoss = self.module.loss_fn
+        self.load = LoadAccumulator()  # this stage's MoE blocks, over the log window
+        self.moe_blocks = [i for i in range(self.model_cfg.n_layers) if is_sparse_block(i, self.model_cfg) and cfg.moe.name != "dense"]
+        for layer in stage_layers(self.module):
+            if isinstance(layer, BlockLayer):
+                layer.on_aux = lambda i, a: self.load.add(i, a.counts_E, a.num_dropped, a.num_routed, a.aux_loss.detach(), a.z_loss.detach())
+        self.step = 0
+        self.wandb_id: str | None = None
+        n_flops = self.params["active_non_embedding"] + self.params["lm_head_flop_params"]
+        self.flops_per_token = transformer_flops_per_token(n_flops, self.model_cfg.n_layers, self.model_cfg.d_model, self.model_cfg.seq_len)
+
+    def close(self) -> None:
+        """Nothing to release (the process group is the launcher's); for ``moe-train``."""
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _batches(self, split: str, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Train: micro-batch m is shard ``m * dp_size + dp_rank`` of step ``index``'s batch;
+        val: micro-batch i is shard ``dp_rank`` of val batch i (``Trainer._forward``)."""
+        c, S = self.cfg, self.model_cfg.seq_len
+        dev = self.engine.device
+        if split == "train":
+            for m in range(c.grad_accum):
+                yield self.data.get_batch("train", index, c.batch_size, S, c.seed, device=dev, shard=m * self.dp_size + self.dp_rank, num_shards=c.grad_accum * self.dp_size)
+        else:
+            for i in range(c.eval_batches):
+                yield self.data.get_batch("val", i, c.batch_size, S, c.seed, device=dev, shard=self.dp_rank, num_shards=self.dp_size)
+
+    def _mean_records(self) -> list[float]:
+        """The last stage's mean (lm, aux, z) over its micro-batches, averaged over the
+        data-parallel ranks, on every rank (one all-reduce over the world)."""
+        recs = self.loss_fn.drain()
+        vals = (torch.stack(recs).mean(0) if recs else torch.zeros(3)).to(self.engine.device, torch.float64)
+        if self.state.world_size > 1:
+            dist.all_reduce(vals)  # only the last stage's ranks hold non-zeros
+        return (vals / self.dp_size).tolist()
+
+    def _load_summary(self) -> dict[str, float]:
+        """The window's expert load of every stage's blocks (``moe/layer_*``, summed over the
+        data-parallel replicas), on rank 0 ({} elsewhere); collective.  Resets the window."""
+        if self.dp_size > 1:
+            group = self.engine.grid.get_data_parallel_group()
+            self.load.merge_ranks(lambda t: dist.all_reduce(t, group=group), self.dp_size)
+        mine = self.load.summary() if self.dp_rank == 0 else {}
+        self.load.reset()
+        every = [None] * self.state.world_size if self.is_main else None
+        dist.gather_object(mine, every, dst=0)
+        return {k: v for d in every for k, v in d.items()} if self.is_main else {}
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches (``engine.train_batch``).
+        Raises TrainingDiverged on a NaN/inf loss - after the step: the engine steps inside
+        ``train_batch`` (the last checkpoint is left in place)."""
+        from moe.train import TrainingDiverged, lr_at
+
+        lr = lr_at(self.step, self.cfg)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train_batch(self._batches("train", self.step))
+        lm, aux, z = self._mean_records()
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else float("nan")
+        self.step += 1
+        if not all(math.isfinite(v) for v in (lm, aux, z)):
+            raise TrainingDiverged(f"training diverged at step {self.step}: lm loss {lm}, aux {aux}, z {z}; lower optim.lr, raise optim.warmup_steps or set moe.z_loss_weight=0.001")
+        out = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr}
+        if self.cfg.optim.grad_clip > 0:
+            out["train/grad_norm"] = gn
+        return out
+
+    def evaluate(self) -> float:
+        """Mean validation LM loss over ``eval_batches`` batches (as ``Trainer.evaluate``)."""
+        self.engine.eval_batch(self._batches("val", 0), num_micro_batches=self.cfg.eval_batches)
+        return self._mean_records()[0]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _layout(self) -> dict[str, int]:
+        return {"world_size": self.state.world_size, "pp_size": self.cfg.parallel.pp_size, "dp_size": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage}
+
+    def save(self) -> Path:
+        """``engine.save_checkpoint`` into ``out_dir/global_step<N>`` (collective), then (rank 0)
+        ``out_dir/pipeline.json`` naming it, with the step, layout and config; older tags go."""
+        from moe.train import _write_text_atomic
+
+        tag = f"global_step{self.step}"
+        self.engine.save_checkpoint(str(self.run_dir), tag=tag, client_state={"step": self.step, "wandb_id": self.wandb_id})
+        dist.barrier()  # every rank's files are written
+        if self.is_main:
+            info = {"tag": tag, "step": self.step, "layout": self._layout(), "wandb_id": self.wandb_id, "config": to_dict(self.cfg)}
+            _write_text_atomic(self.run_dir / PIPELINE_JSON, json.dumps(info, indent=2, default=str))
+            for old in self.run_dir.glob("global_step*"):
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        return self.run_dir / tag
+
+    def _resume(self) -> bool:
+        """Load ``out_dir``'s pipeline checkpoint when there is one (and ``resume``); checks
+        the layout and config first (one-line ConfigErrors, the same on every rank)."""
+        from moe.train import CHECKPOINT, _rank_seed, check_resumable
+
+        c = self.cfg
+        if not c.resume:
+            return False
+        if (self.run_dir / CHECKPOINT).exists():
+            raise ConfigError(f"out_dir={c.out_dir} holds a {CHECKPOINT} of a run without pipeline stages, which parallel.pp_size={c.parallel.pp_size} cannot resume; pass run_name=NEW_NAME, or resume=false")
+        path = self.run_dir / PIPELINE_JSON
+        found = torch.tensor([float(path.exists())], device=self.engine.device)
+        dist.all_reduce(found)
+        if found.item() not in (0, self.state.world_size):
+            raise ConfigError(f"out_dir={c.out_dir}: some ranks see {PIPELINE_JSON} and some do not; out_dir must be on a filesystem every node sees")
+        if found.item() == 0:
+            return False
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if info["layout"] != self._layout():
+            raise ConfigError(f"out_dir={c.out_dir} holds a pipeline checkpoint of layout {info['layout']}, this run is {self._layout()}; resume with the same processes, parallel.pp_size and zero_stage, or pass resume=false")
+        check_resumable(info["config"], to_dict(c), self.run_dir, saved_dp_size=info["layout"]["dp_size"], dp_size=self.dp_size)
+        with torch.no_grad():  # (it broadcasts the tied weight again)
+            loaded, client = self.engine.load_checkpoint(str(self.run_dir), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None or client is None or client.get("step") != info["step"]:
+            raise ConfigError(f"out_dir={c.out_dir}: DeepSpeed could not load {self.run_dir / info['tag']}; pass resume=false to start over")
+        self.step, self.wandb_id = info["step"], info.get("wandb_id")
+        # RNG states are not in DeepSpeed's checkpoint: fresh streams from (seed, rank, step)
+        torch.manual_seed(_rank_seed(c.seed, self.state.rank, self.step))
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self):
+        """Train to ``cfg.steps`` (resuming ``out_dir``'s DeepSpeed checkpoint when allowed);
+        the :class:`moe.train.RunResult` on rank 0, None elsewhere."""
+        from moe.sinks import MetricsLogger
+        from moe.train import RunResult, _summary_metrics, _truncate_jsonl, _write_text_atomic
+
+        c, st = self.cfg, self.state
+        metrics_path = self.run_dir / "metrics.jsonl"
+        resumed = self._resume()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed:
+                _truncate_jsonl(metrics_path, self.step)
+                print(f"resumed from {self.run_dir} at step {self.step}", file=sys.stderr)
+            else:
+                metrics_path.unlink(missing_ok=True)
+        box = [c.peak_flops or (measure_peak_flops(self.engine.device, torch.float32, seconds=0.5, n=2048) if self.is_main else None)]
+        dist.broadcast_object_list(box, src=0)
+        peak_all = box[0] * st.world_size
+        logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
+        self.wandb_id = logger.wandb_run_id
+        if self.is_main:
+            _write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
+            logger.log(self.step, {"perf/peak_flops": box[0], "perf/flops_per_token": self.flops_per_token, **{f"params/{k}": v for k, v in self.params.items()}})
+        tokens_per_step = c.batch_size * c.grad_accum * self.dp_size * self.model_cfg.seq_len
+        history: list[dict[str, float]] = []
+        last: dict[str, float] = {}
+        window: dict[str, float] = {}
+        window_steps, window_t = 0, time.perf_counter()
+        val_loss = float("nan")
+        exit_code = 1
+        result = None
+        try:
+            while self.step < c.steps:
+                step_metrics = self.train_step()
+                for k, v in step_metrics.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
+                if self.step % c.logger.log_every == 0 or self.step == c.steps:
+                    dt = time.perf_counter() - window_t
+                    tps = window_steps * tokens_per_step / dt
+                    last = {k: v / window_steps for k, v in window.items()}
+                    last["train/lr"] = step_metrics["train/lr"]
+                    last.update({"perf/tokens_per_s": tps, "perf/step_time_s": dt / window_steps, "perf/mfu": mfu(tps, self.flops_per_token, peak_all)})
+                    history.append({"step": self.step, **last})
+                    last.update(self._load_summary())
+                    logger.log(self.step, last)
+                    window.clear()
+                    window_steps = 0
+                pause = time.perf_counter()
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                    val_loss = self.evaluate()
+                    logger.log(self.step, {"val/loss": val_loss})
+                    logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(last))
+                if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
+                    self.save()
+                window_t += time.perf_counter() - pause  # eval and checkpoints stay out of tokens/s
+            val_loss = self.evaluate()
+            logger.log(self.step, {"val/loss": val_loss})
+            logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(last))
+            ckpt = self.save()
+            exit_code = 0
+        finally:
+            if exit_code == 0 and self.is_main:
+                result = RunResult(
+                    step=self.step, train_loss=last.get("train/loss", float("nan")), val_loss=val_loss,
+                    tokens_per_s=last.get("perf/tokens_per_s", float("nan")), mfu=last.get("perf/mfu", float("nan")),
+                    layer_load=self._layer_load(last), run_dir=self.run_dir, checkpoint=ckpt, metrics=metrics_path,
+                    wandb_dir=logger.wandb_dir, params=self.params, history=history,
+                )
+                logger.summary(_summary_metrics(result))
+            logger.close(exit_code=exit_code)
+        return result
+
+
+    def _layer_load(self, last: dict[str, float]) -> dict[int, dict[str, Any]]:
+        """``RunResult.layer_load`` from the last logged metrics (as ``Trainer._result``)."""
+        fracs = LoadAccumulator.fracs_from_summary(last)
+        out = {}
+        for i in self.moe_blocks:
+            p = f"moe/layer_{i}/"
+            out[i] = {"cv": last.get(p + "cv", float("nan")), "max_over_mean": last.get(p + "max_over_mean", float("nan")), "dropped_frac": last.get(p + "dropped_frac", float("nan")), "frac": fracs.get(i, [])}
+        return out
+
+
+def fit_pipeline(tc: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
+    """Train ``tc`` with pipeline stages on every rank of ``state`` (collective); the
+    :class:`moe.train.RunResult` on rank 0, None on the other ranks."""
+    return PipelineTrainer(tc, data=data, state=state).fit()
