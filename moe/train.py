@@ -173,7 +173,7 @@ class Trainer:
         if st.ep_size != cfg.parallel.ep_size:
             raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} but the process groups were built with ep_size={st.ep_size}; build the ParallelState from the same config")
         if st.pp_size != 1:
-            raise ConfigError(f"pp_size={st.pp_size}: the trainer has no pipeline parallelism yet; build the ParallelState with pp_size=1")
+            raise ConfigError(f"pp_size={st.pp_size}: this trainer runs the whole model in one process; pipeline stages train with moe.parallel.pipeline.PipelineTrainer (moe-train picks it for parallel.pp_size > 1)")
         self.is_main = st.is_main if is_main is None else (bool(is_main) and st.is_main)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
