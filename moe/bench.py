@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
 
     par = sub.add_parser("parallel", help="train-step tokens/s at 1 vs 2 processes (DP=2, EP=2), comm share, weak-scaling efficiency", description=bench_parallel.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_parallel.add_arguments(par)
+    from moe import bench_swarm
+
+    bench_swarm.add_parser(sub)
     args = p.parse_args(argv)
+    if args.what == "swarm":
+        return bench_swarm.run(args)
     if args.what == "parallel":
         bench_parallel.check_arguments(par, args)
         return _write_and_print(bench_parallel.bench_parallel(args), bench_parallel.markdown_table, args.out)

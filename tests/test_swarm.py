@@ -23,6 +23,10 @@ from moe.swarm.server import ExpertServer, ServerProcess, grid_uids, shutdown_dh
 
 D, F_ = 16, 32
 FAST = dict(forward_timeout=15.0, timeout_after_k_min=0.5, backward_timeout=15.0)
+# for tests that assert "no live expert failed": on a loaded machine a live server may answer
+# well after the first replies and must not be cut off as a straggler (a dead peer's call
+# fails at once, its dial refused, so this costs nothing there)
+PATIENT = dict(FAST, timeout_after_k_min=10.0)
 
 
 class NaNExpert(nn.Module):
@@ -288,7 +292,7 @@ def test_layer_trains_over_two_servers(two_servers):
     backward request), even though the layer's input needs no gradient."""
     a, b, client = two_servers
     torch.manual_seed(5)
-    layer = SwarmMoE(D, dht=client, uid_prefix="ffn", grid_size=[2, 4], k_best=4, **FAST)
+    layer = SwarmMoE(D, dht=client, uid_prefix="ffn", grid_size=[2, 4], k_best=4, **PATIENT)
     opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
     x = torch.randn(48, D)
     target = 0.5 * torch.tanh(x.flip(1))
@@ -345,7 +349,7 @@ def test_killed_server_is_masked_out_and_reported():
         a = ServerProcess({u: SwarmExpert(D, F_) for u in uids[:2]}, D, start_timeout=60)
         b = ServerProcess({u: SwarmExpert(D, F_) for u in uids[2:]}, D, initial_peers=a.maddrs, start_timeout=60)
         client = start_dht(a.maddrs + b.maddrs)
-        layer = SwarmMoE(D, dht=client, uid_prefix="kill", grid_size=[2, 2], k_best=4, **FAST)
+        layer = SwarmMoE(D, dht=client, uid_prefix="kill", grid_size=[2, 2], k_best=4, **PATIENT)
         x = torch.randn(32, D, requires_grad=True)
         y, aux = layer(x)
         y.sum().backward()
@@ -438,7 +442,7 @@ def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
         client = start_dht(honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
         impostor = ExpertServer({"sig.1": ScaledIdentity(5.0)}, D, initial_peers=honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
         x = torch.randn(6, D)
-        kw = dict(dht=client, uid_prefix="sig", grid_size=[2], k_best=2, k_min=1, **FAST)
+        kw = dict(dht=client, uid_prefix="sig", grid_size=[2], k_best=2, k_min=1, **PATIENT)
 
         with torch.no_grad():
             plain = SwarmMoE(D, **kw)
@@ -462,3 +466,184 @@ def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
         for s in (impostor, honest):
             if s is not None:
                 s.shutdown()
+
+
+def _make_mp_temp_dir() -> None:
+    import multiprocessing.util
+    import os
+
+    multiprocessing.util.get_temp_dir()  # what a connection handler does on its first pickle of a pipe
+    os._exit(0)
+
+
+def test_prepare_to_fork_leaves_no_held_lock_for_a_fork_to_inherit():
+    """The hang of hivemind's server start, made deterministic: a process forked while another
+    thread holds ``tempfile``'s module lock (as hivemind's DHT-handler thread did, creating the
+    temp dir on its first pickle of a pipe) blocks forever when it needs the temp dir; after
+    ``prepare_to_fork`` it never takes that lock, so the same fork completes."""
+    import multiprocessing as mp
+    import multiprocessing.process
+    import tempfile
+
+    from moe.swarm.server import prepare_to_fork
+
+    config = multiprocessing.process.current_process()._config
+    saved = tempfile.tempdir, config.get("tempdir")
+    ctx = mp.get_context("fork")
+
+    def fork_while_lock_held():
+        with tempfile._once_lock:  # "another thread" is inside tempfile's first-time set-up
+            child = ctx.Process(target=_make_mp_temp_dir)
+            child.start()
+        child.join(5.0)
+        code = child.exitcode
+        if code is None:
+            child.kill()
+            child.join(5.0)
+        return code
+
+    try:
+        tempfile.tempdir = None  # a fresh process: no temp dir yet
+        config.pop("tempdir", None)
+        assert fork_while_lock_held() is None  # the bug: the child hangs on the inherited lock
+        prepare_to_fork()
+        assert tempfile.tempdir is not None and config.get("tempdir")
+        assert fork_while_lock_held() == 0  # the fix: nothing left to take the lock for
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is not None:
+            config["tempdir"] = saved[1]
+
+
+def _start_server(experts: dict, tries: int = 3, start_timeout: float = 60.0, **kwargs) -> ServerProcess:
+    """A ``ServerProcess``, started up to ``tries`` times (``start_timeout`` s each).  The known
+    cause of hangs at start is fixed (``prepare_to_fork``); the retry stays, bounded, for any
+    other stall of a start on a loaded machine."""
+    for attempt in range(1, tries + 1):
+        try:
+            return ServerProcess(experts, D, start_timeout=start_timeout, **kwargs)
+        except TimeoutError:
+            if attempt == tries:
+                raise
+
+
+def _weights(modules) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for m in modules for p in m.parameters()])
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_training_survives_a_sigkilled_server_and_uses_it_again_after_a_restart():
+    """4 server processes (one grid row of 2 experts each, trained server-side by Adam); the
+    layer trains; one server is SIGKILLed between two steps; training goes on with no
+    exception, the loss keeps falling, the lost experts are masked and reported (also as the
+    trainer's ``failed_experts`` metric); then a new server process serves the same uids and
+    the layer uses them again: chosen, answering, no longer failed, and stepped by the
+    gradients the layer sends them.
+
+    The restarted server starts from the killed one's *last* weights: the experts live in
+    shared memory (``share_memory()`` before the fork), so this process can read what the
+    killed server had when it died, as a peer restarting from a checkpoint taken at its last
+    step would.  (The experts' initial weights would do for the "used again" checks too; the
+    last ones keep the loss curve continuous, so "the loss keeps falling" holds across the
+    restart.)  Short declarations (re-declared every 2 s, expiring after 6 s) bound how long
+    the client's DHT cache keeps pointing at the dead peer."""
+    from moe.telemetry import LoadAccumulator
+
+    torch.manual_seed(9)
+    grid = [4, 2]
+    uids = grid_uids("rs", grid)
+    rows = [uids[2 * i : 2 * i + 2] for i in range(4)]  # server i serves rs.i.0 and rs.i.1
+    experts = [{u: SwarmExpert(D, F_).share_memory() for u in row} for row in rows]
+    opt = lambda p: torch.optim.Adam(p, lr=3e-2)  # noqa: E731
+    net = dict(optimizer=opt, update_period=2.0, expiration=6.0)
+    servers: list = [None] * 4
+    restarted = client = None
+    try:
+        servers[0] = _start_server(experts[0], **net)
+        for i in range(1, 4):
+            servers[i] = _start_server(experts[i], initial_peers=servers[0].maddrs, **net)
+        client = start_dht(servers[0].maddrs)
+        layer = SwarmMoE(D, dht=client, uid_prefix="rs", grid_size=grid, k_best=4, k_min=1, **PATIENT)
+        router_opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
+        x = torch.randn(64, D)
+        target = 0.5 * torch.tanh(x.flip(1))
+        flat = {u: layer.flat_index(uid_coords(u, "rs")) for u in uids}
+        killed = rows[3]
+
+        def step():
+            y, aux = layer(x)  # any exception here fails the test
+            loss = (y - target).pow(2).mean() + 0.01 * aux.aux_loss
+            router_opt.zero_grad()
+            loss.backward()
+            router_opt.step()
+            assert torch.isfinite(y).all() and math.isfinite(loss.item())
+            return loss.item(), aux
+
+        def used(aux, uid) -> bool:
+            """uid chosen by some token and answered every time it was chosen."""
+            mask = aux.expert_idx_TK == flat[uid]
+            return bool(mask.any() and aux.alive_TK[mask].all()) and uid not in aux.failed and uid not in aux.backward_failed
+
+        # 1. all 4 servers up
+        w_start = _weights(experts[3].values())
+        before = []
+        for _ in range(6):
+            loss, aux = step()
+            assert not aux.failed and not aux.backward_failed and aux.num_unserved == 0, (aux.failed, aux.backward_failed)
+            before.append(loss)
+        assert before[-1] < before[0], before
+        assert not torch.equal(_weights(experts[3].values()), w_start)  # the server trains them, in shared memory
+
+        # 2. SIGKILL the server of row 3 (2 of the 8 experts): no goodbye, its records stay on the DHT
+        servers[3].kill()
+        assert not servers[3].process.is_alive()
+        last = {u: _clone(m) for u, m in experts[3].items()}  # its weights when it died
+        metrics = LoadAccumulator()
+        after = []
+        for _ in range(8):
+            loss, aux = step()
+            assert set(aux.failed) | set(aux.backward_failed) <= set(killed), (aux.failed, aux.backward_failed)
+            lost = torch.zeros_like(aux.alive_TK)
+            for u in killed:
+                lost |= aux.expert_idx_TK == flat[u]
+            assert not aux.alive_TK[lost].any()  # masked: weight 0, no reply used
+            assert aux.alive_TK[~lost & (aux.expert_idx_TK >= 0)].all()  # every other expert answered
+            assert aux.num_dropped.item() == lost.sum().item()
+            metrics.add(0, aux.counts_E, aux.num_dropped, aux.num_routed)
+            metrics.add_failed(0, (u for u in (*aux.failed, *aux.backward_failed) if not u.startswith("<")))  # as the trainer does
+            after.append(loss)
+        assert metrics.summary()["moe/layer_0/failed_experts"] == 2.0  # both lost experts, reported
+        assert metrics.summary()["moe/layer_0/dropped_frac"] > 0
+        assert after[-1] < after[0] and after[-1] < before[0], (before, after)
+
+        # 3. a new server process for the same uids, from the killed one's last weights
+        revived = {u: _clone(m).share_memory() for u, m in last.items()}
+        w_revived = _weights(revived.values())
+        restarted = _start_server(revived, initial_peers=servers[0].maddrs, **net)
+        deadline, back, waited = time.monotonic() + 90.0, None, []
+        for _ in range(60):  # until the layer's DHT lookups find the new server (cached records expire in <= 6 s)
+            loss, aux = step()
+            waited.append(loss)
+            if all(used(aux, u) for u in killed):
+                back = aux
+                break
+            assert time.monotonic() < deadline, f"restarted experts not used within 90 s: failed {aux.failed}"
+            time.sleep(0.5)
+        assert back is not None, "restarted experts not used within 60 steps"
+        metrics = LoadAccumulator()
+        again, seen = [], set()
+        for _ in range(6):
+            loss, aux = step()
+            assert not aux.failed and not aux.backward_failed and aux.num_unserved == 0, (aux.failed, aux.backward_failed)
+            metrics.add_failed(0, aux.failed)
+            seen.update(u for u in killed if used(aux, u))
+            again.append(loss)
+        assert seen, "the restarted experts were not chosen again"
+        assert metrics.summary()["moe/layer_0/failed_experts"] == 0.0
+        # the restarted experts received gradients and their server stepped them
+        assert not torch.equal(_weights(revived.values()), w_revived)
+        assert again[-1] < after[0], (before, after, waited, again)
+    finally:
+        _shut_down(client, restarted, *reversed(servers))

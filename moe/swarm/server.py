@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import signal
 import time
@@ -33,6 +34,21 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
 
+def prepare_to_fork() -> None:
+    """Do, before anything forks, the one-time set-up a fork could otherwise catch half done.
+
+    hivemind forks helper processes (the DHT, connection handlers) while its threads run.  A
+    thread that sends an ``MPFuture`` over a pipe pickles a connection, and the first such
+    pickle in a process creates multiprocessing's temp dir, holding ``tempfile``'s module lock
+    (a plain ``threading.Lock``, not reset at fork) through disk I/O.  A process forked in that
+    window inherits the lock held and hangs the first time it pickles a connection itself:
+    this was hivemind's server start hanging "sometimes, on a loaded machine" (the connection
+    handler stuck in ``tempfile._gettempdir`` while the server waits for it to be ready).
+    Creating the temp dir up front leaves nothing to inherit.  Idempotent and cheap.
+    """
+    multiprocessing.util.get_temp_dir()  # tempfile.gettempdir() and its name sequence, both under that lock
+
+
 def start_dht(
     initial_peers: Iterable[str] = (),
     *,
@@ -45,6 +61,7 @@ def start_dht(
 
     ``kwargs`` go to ``hivemind.DHT`` (and from there to ``DHTNode`` and ``P2P.create``).
     """
+    prepare_to_fork()
     return DHT(
         initial_peers=list(initial_peers),
         start=True,
@@ -124,7 +141,8 @@ class ExpertServer:
     Args:
         experts: uid -> module mapping ``(N, D) -> (N, D)`` (normally ``SwarmExpert``); each uid
             ``<prefix>.<i>.<j>...`` as made by ``grid_uids``.
-        d_model: D, the width of every expert's input and output (float32 rows).
+        d_model: D, the width of every expert's input and output (float32 rows), or a
+            mapping uid -> D for experts of several widths on one server.
         initial_peers: multiaddrs of DHT peers to join; empty: this server starts a new DHT.
         host_maddrs: addresses to listen on (default 127.0.0.1, a free port).
         nat_port_map, auto_nat: hivemind's NAT traversal, off unless asked for.
@@ -148,7 +166,7 @@ class ExpertServer:
     def __init__(
         self,
         experts: Mapping[str, nn.Module],
-        d_model: int,
+        d_model: int | Mapping[str, int],
         *,
         initial_peers: Iterable[str] = (),
         host_maddrs: Sequence[str] = LOOPBACK,
@@ -168,17 +186,19 @@ class ExpertServer:
         bad = [uid for uid in experts if not is_valid_uid(uid)]
         if bad:
             raise ValueError(f"invalid expert uids {bad}: use <prefix>.<i>.<j>... (see moe.swarm.server.grid_uids)")
+        widths = dict(d_model) if isinstance(d_model, Mapping) else dict.fromkeys(experts, d_model)
+        if set(widths) != set(experts):
+            raise ValueError(f"d_model has widths for uids {sorted(widths)}, the experts are {sorted(experts)}: give one width per expert uid")
         self.uids = list(experts)
         self.dht = start_dht(initial_peers, host_maddrs=host_maddrs, nat_port_map=nat_port_map, auto_nat=auto_nat, **dht_kwargs)
         try:
-            row = BatchTensorDescriptor(d_model, dtype=torch.float32)
             backends = {
                 uid: ModuleBackend(
                     name=uid,
                     module=module,
                     optimizer=optimizer(module.parameters()) if optimizer is not None else None,
-                    args_schema=(row,),
-                    outputs_schema=row,
+                    args_schema=(BatchTensorDescriptor(widths[uid], dtype=torch.float32),),
+                    outputs_schema=BatchTensorDescriptor(widths[uid], dtype=torch.float32),
                     max_batch_size=max_batch_size,
                 )
                 for uid, module in experts.items()
@@ -247,8 +267,9 @@ class ServerProcess:
         start_timeout: seconds to wait for the child to report its addresses.
     """
 
-    def __init__(self, experts: Mapping[str, nn.Module], d_model: int, *, start_timeout: float = 90.0, **server_kwargs):
+    def __init__(self, experts: Mapping[str, nn.Module], d_model: int | Mapping[str, int], *, start_timeout: float = 90.0, **server_kwargs):
         ctx = mp.get_context("fork")
+        prepare_to_fork()
         self._conn, child_conn = ctx.Pipe()
         self.uids = list(experts)
         self.process = ctx.Process(target=_serve_in_child, args=(child_conn, dict(experts), d_model, server_kwargs), daemon=False)
@@ -294,7 +315,7 @@ class ServerProcess:
         self.shutdown()
 
 
-def _serve_in_child(conn, experts: dict, d_model: int, server_kwargs: dict) -> None:
+def _serve_in_child(conn, experts: dict, d_model, server_kwargs: dict) -> None:
     os.setsid()  # its own session: kill() reaches every process this server starts
     torch.set_num_threads(1)  # intra-op pools inherited through fork are not safe to reuse
     parent = os.getppid()

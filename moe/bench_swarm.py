@@ -1,0 +1,289 @@
+"""``moe-bench swarm``: forward+backward tokens/s of the ``hivemind`` expert layer (``SwarmMoE``)
+over loopback, against the same experts run in this process, and with 25% of the experts failing.
+
+One swarm serves every size: 4 expert-server processes on 127.0.0.1 (``ServerProcess``, one
+torch thread each), server ``r`` holding row ``r`` of a ``[4, G]`` grid.  Three arms per size,
+all with the same routers and the same expert weights (``SwarmExpert`` / ``GroupedExperts``):
+
+- ``local``: ``LocalGridMoE``, the layer's function with the experts in this process: the
+  same product-key scores, the exact top-k of the grid, the same softmax over the chosen k,
+  the experts as one ``GroupedExperts`` (dropless grouped matmuls), one torch thread by
+  default (``--threads``), as each server has;
+- ``swarm``: ``SwarmMoE`` over the 4 live servers (DHT beam search, one request per chosen
+  expert, forward and backward over loopback);
+- ``swarm, 25% failed``: ``SwarmMoE`` over a copy of the grid whose last row (25% of the
+  experts) was served by a fifth server, SIGKILLed after it declared them: the records stay
+  on the DHT (they outlive the run), the layer keeps choosing those experts, their calls fail
+  and are masked out (``aux.failed``) as in a swarm whose peers vanished.
+
+Every round measures every (size, arm) in turn, so a shared machine's drifting speed hits the
+arms alike; tokens/s is ``tokens / median seconds``.  Before timing, the swarm output is
+checked against the local one on the same input (``max_abs_diff`` in the JSON): the same
+function, so the comparison is of the same work.  The experts are not stepped (no optimizer
+on either side): every round computes the same function.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+ARMS = ("local", "swarm", "swarm, 25% failed")
+
+
+class LocalGridMoE(nn.Module):
+    """``SwarmMoE``'s function with its experts in this process (the benchmark's baseline).
+
+    Args:
+        routers: one ``moe.layers.Router`` per grid dimension (e.g. a ``SwarmMoE``'s ``routers``).
+        experts: ``GroupedExperts`` holding the grid's experts, row-major.
+        grid_size: the grid, e.g. [4, 4].
+        k: experts per token (``k_best``).
+
+    Shape suffixes: T tokens, K choices, D model dim, E grid experts.
+    """
+
+    def __init__(self, routers: nn.ModuleList, experts, grid_size, k: int):
+        super().__init__()
+        self.routers, self.experts, self.grid_size, self.k = routers, experts, list(grid_size), k
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        T = x_TD.shape[0]
+        scores_TE = None
+        for r in self.routers:  # product keys: expert (i, j) scores s0[i] + s1[j], row-major
+            s = r(x_TD)
+            scores_TE = s if scores_TE is None else (scores_TE[:, :, None] + s[:, None, :]).reshape(T, -1)
+        logits_TK, idx_TK = scores_TE.topk(self.k, dim=1)
+        w_TK = torch.softmax(logits_TK, dim=1)
+        order = idx_TK.reshape(-1).argsort(stable=True)  # (T*K,) assignments sorted by expert
+        counts = torch.bincount(idx_TK.reshape(-1), minlength=math.prod(self.grid_size)).tolist()
+        rows = order // self.k
+        y_ND = self.experts.forward_grouped(x_TD[rows], counts)
+        out_TD = torch.zeros_like(x_TD).index_add(0, rows, y_ND * w_TK.reshape(-1)[order, None].to(y_ND.dtype))
+        return out_TD.view(shape), None
+
+
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor):
+    """Seconds of one forward+backward, and the layer's aux (None for the local arm)."""
+    layer.zero_grad(set_to_none=False)
+    xi = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    y, aux = layer(xi)
+    y.float().pow(2).mean().backward()
+    return time.perf_counter() - t0, aux
+
+
+def parse_size(s: str) -> tuple[int, int, int]:
+    """``"256x1024x512"`` -> (d_model 256, d_ff 1024, tokens 512)."""
+    try:
+        D, F_, T = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--sizes {s!r}: write D x F x T, e.g. 256x1024x512 (d_model, expert d_ff, tokens)") from None
+    if min(D, F_, T) < 1:
+        raise ValueError(f"--sizes {s!r}: every number must be >= 1")
+    return D, F_, T
+
+
+def bench_swarm(args) -> dict:
+    """Start the swarm, measure every (size, arm) ``args.repeats`` times in turn, stop it all."""
+    from moe.experts import GroupedExperts
+    from moe.swarm.expert import SwarmExpert
+    from moe.swarm.layer import SwarmMoE
+    from moe.swarm.server import ServerProcess, grid_uids, shutdown_dht, start_dht
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    sizes = [parse_size(s) for s in args.sizes]
+    grid, k = list(args.grid), args.k
+    rows_total = grid[0]
+    failing_rows = range(rows_total - rows_total // 4, rows_total)  # the last quarter of the rows
+    E = math.prod(grid)
+    per_row = E // rows_total
+    layer_kw = dict(grid_size=grid, k_best=k, k_min=args.k_min, forward_timeout=args.forward_timeout, timeout_after_k_min=args.timeout_after_k_min, backward_timeout=args.forward_timeout)
+
+    # the experts of every size: the same weights for the servers and for the local arm
+    experts = []  # per size: list of E SwarmExperts, row-major
+    for D, F_, _ in sizes:
+        experts.append([SwarmExpert(D, F_) for _ in range(E)])
+    by_row: list[dict] = [{} for _ in range(rows_total)]
+    doomed: dict = {}
+    for i, (D, _, _) in enumerate(sizes):
+        for name in (f"full{i}", f"fail{i}"):
+            for e, uid in enumerate(grid_uids(name, grid)):
+                r = e // per_row
+                target = doomed if (name.startswith("fail") and r in failing_rows) else by_row[r]
+                target[uid] = copy.deepcopy(experts[i][e])
+    load_before = os.getloadavg()[0]
+    servers: list = []
+    client = None
+    t_start = time.monotonic()
+    try:
+        for group in by_row:
+            servers.append(_start_server(ServerProcess, group, args, initial_peers=servers[0].maddrs if servers else []))
+        # the fifth server: declares the failing arm's last row for longer than the run, then dies
+        _start_server(ServerProcess, doomed, args, initial_peers=servers[0].maddrs, expiration=24 * 3600.0).kill()
+        client = start_dht(servers[0].maddrs)
+        started = time.monotonic() - t_start
+
+        arms: dict[tuple, dict[str, nn.Module]] = {}
+        checks: dict[tuple, float] = {}
+        for i, (D, F_, T) in enumerate(sizes):
+            swarm = SwarmMoE(D, dht=client, uid_prefix=f"full{i}", **layer_kw)
+            failing = SwarmMoE(D, dht=client, uid_prefix=f"fail{i}", **layer_kw)
+            failing.routers.load_state_dict(swarm.routers.state_dict())
+            local_experts = GroupedExperts(E, D, F_)
+            for e, ex in enumerate(experts[i]):
+                ex.copy_into(local_experts, e)
+            local_experts.grad_into_buffers = True  # as the trainer runs it (gradients zeroed in place)
+            local = LocalGridMoE(copy.deepcopy(swarm.routers), local_experts, grid, k)
+            arms[(D, F_, T)] = {"local": local, "swarm": swarm, "swarm, 25% failed": failing}
+            x = torch.randn(T, D)
+            swarm.timeout_after_k_min = args.forward_timeout  # the check waits for every reply
+            with torch.no_grad():
+                y_s, aux = swarm(x)
+                y_l, _ = local(x)
+            swarm.timeout_after_k_min = args.timeout_after_k_min
+            if aux.failed:
+                raise RuntimeError(f"the live swarm failed experts before timing: {aux.failed}")
+            checks[(D, F_, T)] = (y_s - y_l).abs().max().item()
+
+        inputs = {size: torch.randn(size[2], size[0]) for size in sizes}
+        for size, layers in arms.items():
+            for _ in range(args.warmup):
+                for layer in layers.values():
+                    _fwd_bwd(layer, inputs[size])
+        runs: dict[str, list[dict]] = {_key(size, arm): [] for size in sizes for arm in ARMS}
+        for rnd in range(args.repeats):
+            for size, layers in arms.items():
+                line = []
+                for arm, layer in layers.items():
+                    secs, aux = _fwd_bwd(layer, inputs[size])
+                    m = {"seconds": secs}
+                    if aux is not None:
+                        m.update(failed_experts=len(set(aux.failed) | set(aux.backward_failed)), dropped_frac=(aux.num_dropped / aux.num_routed.clamp_min(1)).item(), unserved_frac=aux.num_unserved / size[2])
+                    runs[_key(size, arm)].append(m)
+                    line.append(f"{arm} {size[2] / secs:,.0f}")
+                print(f"round {rnd + 1}/{args.repeats} d_model {size[0]} d_ff {size[1]} tokens {size[2]}: " + ", ".join(line) + " tokens/s", flush=True)
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        for sp in servers:
+            sp.shutdown()
+
+    rows = []
+    for D, F_, T in sizes:
+        local_tps = None
+        for arm in ARMS:
+            ms = runs[_key((D, F_, T), arm)]
+            secs = statistics.median(m["seconds"] for m in ms)
+            tps = T / secs
+            local_tps = tps if arm == "local" else local_tps
+            row = {"d_model": D, "d_ff": F_, "tokens": T, "arm": arm, "tokens_per_s": tps, "ms": 1e3 * secs, "vs_local": tps / local_tps}
+            if arm != "local":
+                row.update({k_: statistics.mean(m[k_] for m in ms) for k_ in ("failed_experts", "dropped_frac", "unserved_frac")})
+            else:
+                row.update(failed_experts=0.0, dropped_frac=0.0, unserved_frac=0.0)
+            rows.append(row)
+    return {
+        "benchmark": "swarm",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "grid": grid,
+        "num_experts": E,
+        "k_best": k,
+        "k_min": args.k_min,
+        "forward_timeout": args.forward_timeout,
+        "timeout_after_k_min": args.timeout_after_k_min,
+        "servers": rows_total,
+        "failed_fraction": len(failing_rows) / rows_total,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "server_threads": 1,
+        "start_seconds": started,
+        "max_abs_diff_swarm_vs_local": {f"{D}x{F_}x{T}": v for (D, F_, T), v in checks.items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "rows": rows,
+        "rounds": runs,
+    }
+
+
+def _key(size, arm: str) -> str:
+    return f"{size[0]}x{size[1]}x{size[2]} {arm}"
+
+
+def _start_server(ServerProcess, experts: dict, args, **kwargs):
+    """A server process for ``experts`` (of any widths), up to 3 tries of ``--start-timeout`` s."""
+    widths = {uid: m.d_model for uid, m in experts.items()}
+    for attempt in (1, 2, 3):
+        try:
+            return ServerProcess(experts, widths, start_timeout=args.start_timeout, **kwargs)
+        except TimeoutError:
+            if attempt == 3:
+                raise
+
+
+def markdown_table(result: dict) -> str:
+    """The swarm benchmark as the table in docs/performance.md."""
+    lines = [
+        "| d_model | d_ff | tokens | arm | tokens/s | ms | vs local | failed experts / step | assignments lost | tokens unserved |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['d_model']} | {r['d_ff']} | {r['tokens']} | {r['arm']} | {r['tokens_per_s']:,.0f} | {r['ms']:,.0f} | **{r['vs_local']:.2f}** | {r['failed_experts']:.1f} | {100 * r['dropped_frac']:.0f}% | {100 * r['unserved_frac']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    """The ``moe-bench swarm`` subcommand on ``moe-bench``'s subparsers."""
+    import argparse
+
+    p = sub.add_parser("swarm", help="SwarmMoE over loopback vs the same experts local, and with 25%% of the experts failing", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["64x256x256", "128x512x512", "256x1024x1024"], metavar="DxFxT", help="d_model x expert d_ff x tokens per forward")
+    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar="G", help="expert grid; its first dimension is the number of servers, a multiple of 4 (default 4 4)")
+    p.add_argument("--k", type=int, default=4, help="k_best, experts per token (default 4, as Learning@home)")
+    p.add_argument("--k-min", type=int, default=1)
+    p.add_argument("--forward-timeout", type=float, default=30.0, help="forward and backward timeout of the layer, seconds")
+    p.add_argument("--timeout-after-k-min", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=5, help="rounds; each measures every size and arm in turn")
+    p.add_argument("--warmup", type=int, default=1, help="untimed forward+backward per arm before the rounds")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in this process, the local arm's (default 1, as each server; 0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-timeout", type=float, default=90.0, help="seconds a server start may take (3 tries)")
+    p.add_argument("--out", default="bench_results/swarm.json")
+    p.set_defaults(swarm_parser=p)
+
+
+def run(args) -> int:
+    """Check the options, run, write the JSON and print the table (``moe-bench swarm``)."""
+    from moe.bench import _write_and_print
+
+    p = args.swarm_parser
+    try:
+        for s in args.sizes:
+            parse_size(s)
+    except ValueError as e:
+        p.error(str(e))
+    if len({parse_size(s) for s in args.sizes}) != len(args.sizes):
+        p.error(f"--sizes {' '.join(args.sizes)}: a size is given twice")
+    if args.grid[0] < 4 or args.grid[0] % 4 or args.grid[1] < 1:
+        p.error(f"--grid {args.grid[0]} {args.grid[1]}: the first dimension (servers, one grid row each) must be a multiple of 4, so that 25% of the experts fail")
+    if not 1 <= args.k <= math.prod(args.grid) or not 1 <= args.k_min <= args.k:
+        p.error(f"--k {args.k} --k-min {args.k_min}: need 1 <= k-min <= k <= {math.prod(args.grid)}")
+    if args.repeats < 1 or args.warmup < 0 or args.forward_timeout <= 0 or args.timeout_after_k_min < 0 or args.start_timeout <= 0:
+        p.error("--repeats >= 1, --warmup >= 0, --forward-timeout > 0, --timeout-after-k-min >= 0 and --start-timeout > 0")
+    del args.swarm_parser
+    return _write_and_print(bench_swarm(args), markdown_table, args.out)

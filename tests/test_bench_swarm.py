@@ -1,0 +1,78 @@
+"""``moe-bench swarm`` runs, prints its table and writes JSON (tiny sizes, real servers on
+127.0.0.1; no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("hivemind")
+
+from moe.bench import main  # noqa: E402
+from moe.bench_swarm import ARMS, LocalGridMoE, markdown_table  # noqa: E402
+
+
+def test_local_grid_moe_is_the_swarm_function_on_a_hand_built_grid():
+    """No network: with routers that score expert (i, j) as a[i] + b[j], the local layer picks
+    the exact top-k of the grid and mixes the experts with a softmax over those k."""
+    import torch
+
+    from moe.experts import GroupedExperts
+    from moe.layers import Router
+
+    torch.manual_seed(0)
+    D, grid, k = 8, [2, 3], 2
+    routers = torch.nn.ModuleList(Router(D, g) for g in grid)
+    experts = GroupedExperts(6, D, 16)
+    x = torch.randn(5, D)
+    y, _ = LocalGridMoE(routers, experts, grid, k)(x)
+    s = (routers[0](x)[:, :, None] + routers[1](x)[:, None, :]).reshape(5, 6)
+    for t in range(5):
+        top = s[t].topk(k)
+        w = torch.softmax(top.values, 0)
+        ref = sum(w[j] * experts.forward_grouped(x[t : t + 1], [1 if e == top.indices[j] else 0 for e in range(6)]) for j in range(k))
+        torch.testing.assert_close(y[t : t + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(300)
+def test_swarm_bench_writes_json_with_every_row(tmp_path, capsys):
+    out = tmp_path / "swarm.json"
+    rc = main(["swarm", "--sizes", "16x32x48", "--grid", "4", "2", "--k", "2", "--repeats", "2", "--warmup", "0", "--timeout-after-k-min", "10", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "swarm" and result["servers"] == 4 and result["failed_fraction"] == 0.25
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert [(r["d_model"], r["d_ff"], r["tokens"], r["arm"]) for r in result["rows"]] == [(16, 32, 48, arm) for arm in ARMS]
+    for r in result["rows"]:
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(48 / (r["ms"] / 1e3))
+        assert r["vs_local"] == pytest.approx(r["tokens_per_s"] / rows["local"]["tokens_per_s"])
+        assert len(result["rounds"][f"16x32x48 {r['arm']}"]) == 2  # every arm in every round
+    # the live swarm computes the local layer's function, and nothing fails in it (a 10 s
+    # straggler window: a slow live server on a loaded machine is not cut off; the dead
+    # server's calls fail at once, their dial refused)
+    assert result["max_abs_diff_swarm_vs_local"]["16x32x48"] < 1e-4
+    assert rows["swarm"]["failed_experts"] == 0 and rows["swarm"]["dropped_frac"] == 0
+    # the killed server's row (2 of the 8 experts) fails and is masked, every step
+    failing = rows["swarm, 25% failed"]
+    assert 0 < failing["failed_experts"] <= 2 and 0 < failing["dropped_frac"] < 1
+    printed = capsys.readouterr().out
+    table = markdown_table(result)
+    assert "vs local" in table and all(line in printed for line in table.splitlines())
+
+
+def test_swarm_bench_rejects_a_grid_without_a_failing_quarter(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["swarm", "--grid", "3", "2", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        main(["swarm", "--sizes", "16x32", "--out", str(tmp_path / "x.json")])
+
+
+def test_moe_bench_help_lists_the_swarm_subcommand(capsys):
+    for argv in (["--help"], ["swarm", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "swarm" in out and "25% of the experts failing" in out and "--sizes" in out
