@@ -9,8 +9,8 @@ all with the same routers and the same expert weights (``SwarmExpert`` / ``Group
   same product-key scores, the exact top-k of the grid, the same softmax over the chosen k,
   the experts as one ``GroupedExperts`` (dropless grouped matmuls), one torch thread by
   default (``--threads``), as each server has;
-- ``swarm``: ``SwarmMoE`` over the 4 live servers (DHT beam search, one request per chosen
-  expert, forward and backward over loopback);
+- ``swarm``: ``SwarmMoE`` over the 4 live servers (the live experts read from the DHT, one
+  request per chosen expert, forward and backward over loopback);
 - ``swarm, 25% failed``: ``SwarmMoE`` over a copy of the grid whose last row (25% of the
   experts) was served by a fifth server, SIGKILLed after it declared them: the records stay
   on the DHT (they outlive the run), the layer keeps choosing those experts, their calls fail

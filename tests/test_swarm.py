@@ -647,3 +647,47 @@ def test_training_survives_a_sigkilled_server_and_uses_it_again_after_a_restart(
         assert again[-1] < after[0], (before, after, waited, again)
     finally:
         _shut_down(client, restarted, *reversed(servers))
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_exact_search_over_live_experts_matches_the_beam_search_and_brute_force():
+    """The layer lists the grid's live experts (one DHT lookup per dimension after the first)
+    and takes each token's k best by product-key score in one tensor op.  On a full 2D grid
+    that is exactly what hivemind's beam search returns; with experts missing it is the brute
+    force top-k over the live ones (numpy), which a beam search only approximates."""
+    import numpy as np
+
+    torch.manual_seed(5)
+    full = grid_uids("ex", [3, 4])
+    missing = {"ex.0.1", "ex.2.3", "ex.1.0"}
+    server = client = None
+    try:
+        server = ExpertServer({u: SwarmExpert(D, F_) for u in full}, D, ready_timeout=60)
+        client = start_dht(server.maddrs)
+        layer = SwarmMoE(D, dht=client, uid_prefix="ex", grid_size=[3, 4], k_best=3, **FAST)
+        live = {}
+        for _ in range(40):  # the declarations reach the DHT within a few seconds
+            live = layer.live_experts(10.0)
+            if len(live) == 12:
+                break
+            time.sleep(0.25)
+        assert {info.uid for info in live.values()} == set(full) and sorted(live) == list(range(12))
+        x = torch.randn(20, D)
+        scores = [r(x) for r in layer.routers]
+        exact = layer._exact_search(scores, 3, live)
+        beam = layer._search([s.detach().numpy() for s in scores], 3).result(timeout=30)
+        assert [[e.uid for e in row] for row in exact] == [[e.uid for e in row] for row in beam]
+        # some experts gone: the brute-force top-3 over the rest
+        some = {f: info for f, info in live.items() if info.uid not in missing}
+        got = layer._exact_search(scores, 3, some)
+        s0, s1 = (s.detach().numpy() for s in scores)
+        for t, row in enumerate(got):
+            cand = sorted(((s0[t, f // 4] + s1[t, f % 4], f) for f in some), reverse=True)[:3]
+            assert [e.uid for e in row] == [f"ex.{f // 4}.{f % 4}" for _, f in cand]
+            assert not {e.uid for e in row} & missing
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        if server is not None:
+            server.shutdown()

@@ -1,8 +1,13 @@
 """The ``hivemind`` expert layer: experts on other peers, found through the DHT (Learning@home).
 
 Per token: one router per grid dimension scores that dimension's coordinates (product keys:
-expert ``(i, j)`` scores ``s0[i] + s1[j]``); hivemind's beam search over the DHT returns the
-k best *declared* experts; each chosen expert gets one batched request with all its rows;
+expert ``(i, j)`` scores ``s0[i] + s1[j]``) and the k best *declared* experts are chosen.
+On grids of 2+ dimensions the layer reads which experts are declared (one batched DHT lookup
+per dimension after the first, the records hivemind's beam search reads) and takes every
+token's exact top k among them in one tensor op; hivemind's per-token beam search (a Python
+loop per token, most of the layer's time over loopback, and approximate when experts are
+missing) is the fallback for 1-D grids and for more token x expert pairs than
+``EXACT_SEARCH_MAX_PAIRS``.  Each chosen expert gets one batched request with all its rows;
 the layer waits until every token has ``k_min`` replies (or all it asked for), then at most
 ``timeout_after_k_min`` more, and never longer than ``forward_timeout``.  An expert that
 errs, times out, or replies with the wrong shape or dtype or with NaN/inf is a failed
@@ -43,6 +48,9 @@ from moe.swarm.server import check_prefix, uid_coords
 
 
 _SEARCH_BYTES = 12 * 1024  # grid scores per beam-search command (float32), well under 16 KiB pickled
+# Exact search scores every (token, live expert) pair at once; beyond this many pairs the layer
+# falls back to hivemind's per-token beam search (which scores a beam per token instead).
+EXACT_SEARCH_MAX_PAIRS = 1 << 22
 
 
 @dataclass
@@ -170,6 +178,46 @@ class SwarmMoE(nn.Module):
             return_future=True,
         )
 
+    def live_experts(self, timeout: float) -> dict[int, object]:
+        """Every expert declared under the grid right now: flat index -> ``ExpertInfo``.
+
+        One batched DHT lookup per grid dimension after the first (hivemind stores, under each
+        uid prefix ``<prefix>.<i>.``, the next coordinates that have a live expert), the same
+        records the beam search reads; a grid of one dimension has no such index (empty)."""
+        if len(self.grid_size) < 2:
+            return {}
+        deadline = time.monotonic() + timeout
+        level = {f"{self.prefix}.{i}.": (i,) for i in range(self.grid_size[0])}
+        live: dict[int, object] = {}
+        for d in range(1, len(self.grid_size)):
+            future = self.beam_search.get_active_successors(list(level), grid_size=self.grid_size[d], return_future=True)
+            found = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            nxt = {}
+            for prefix, successors in found.items():
+                for coord, info in successors.items():
+                    coords = level[prefix] + (int(coord),)
+                    if d == len(self.grid_size) - 1:
+                        if info.uid == ".".join([self.prefix, *map(str, coords)]):  # a record naming another uid: never call it
+                            live[self.flat_index(coords)] = info
+                    else:
+                        nxt[f"{prefix}{coord}."] = coords
+            level = nxt
+        return live
+
+    def _exact_search(self, scores: list[torch.Tensor], k: int, live: dict[int, object]) -> list[list]:
+        """Per token, the k best live experts by product-key score (best first): exact where
+        a beam search is approximate, and one tensor op for all tokens instead of a Python
+        beam per token."""
+        flat = torch.tensor(sorted(live), dtype=torch.long)
+        total = torch.zeros(scores[0].shape[0], len(flat), dtype=torch.float32)
+        rest = flat.clone()
+        for d in reversed(range(len(self.grid_size))):
+            total += scores[d].detach().float().cpu()[:, rest % self.grid_size[d]]
+            rest = rest // self.grid_size[d]
+        top = total.topk(min(k, len(flat)), dim=1).indices
+        infos = [live[int(f)] for f in flat]
+        return [[infos[j] for j in row] for row in top.tolist()]
+
     def _drop_unsigned(self, calls: dict[str, "_ExpertCall"]) -> dict[str, str]:
         """Remove (and report) the calls whose server holds no acceptable signed declaration."""
         try:
@@ -203,7 +251,19 @@ class SwarmMoE(nn.Module):
         expert_idx_TK = torch.full((T, K), -1, dtype=torch.long)
         calls: dict[str, _ExpertCall] = {}
         search_failed = {}
-        if T:
+        live = None
+        if T and len(self.grid_size) >= 2:
+            try:
+                live = self.live_experts(self.forward_timeout)
+            except Exception:  # the index is unreadable: the beam search below tries the DHT itself
+                live = None
+            if live is not None and T * len(live) > EXACT_SEARCH_MAX_PAIRS:
+                live = None
+        if T and live is not None:
+            found = self._exact_search(scores, K, live) if live else [[] for _ in range(T)]
+            if not live:
+                search_failed["<beam search>"] = "no expert of the grid is declared on the DHT"
+        elif T:
             np_scores = [s.detach().float().cpu().numpy() for s in scores]
             # one DHT command per chunk of tokens, each pickled under 16 KiB: multiprocessing
             # sends a bigger message in two writes, and hivemind's DHT process reads its
@@ -218,6 +278,7 @@ class SwarmMoE(nn.Module):
                     p.cancel()
                 found = [[] for _ in range(T)]
                 search_failed["<beam search>"] = f"{type(exc).__name__}: {exc}"[:300]
+        if T:  # the chosen experts, one call each
             for t, row in enumerate(found):
                 for j, expert in enumerate(row[:K]):
                     call = calls.get(expert.uid)
