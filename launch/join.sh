@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Join a swarm of expert servers (or start one): a thin wrapper over `moe-join`.
-#   launch/join.sh                                          # the first peer: prints the join line
+# Join a swarm (or start one) to serve experts, train collaboratively, or both: a thin wrapper
+# over `moe-join`.
+#   launch/join.sh                                          # the first peer: prints the join lines
 #   launch/join.sh --initial-peers /ip4/.../p2p/Qm... --serve 8 --grid 8 8 --d-model 256
+#   launch/join.sh --initial-peers /ip4/.../p2p/Qm... --train --target-batch-size 256 --grid 8 8 --d-model 256
 # Everything after the script name goes to moe-join (see `moe-join --help`).  Listens on
 # 127.0.0.1 unless --host/--announce is given; NAT mapping off unless --nat.
 set -euo pipefail

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # A whole swarm on this machine, over 127.0.0.1: a DHT root (moe-join), 2 expert servers
-# (moe-join --serve) and a trainer (moe-train moe=hivemind) training a short run against
-# them; everything is stopped cleanly at the end, on Ctrl-C, or on error.
+# (moe-join --serve) and 2 collaborative trainer peers (moe-join --train: hivemind.Optimizer,
+# as in DeDLOC) training the run's model together for STEPS collaborative steps; everything
+# is stopped cleanly at the end, on Ctrl-C, or on error.
 #
-#   launch/swarm_local.sh                         # 200 steps of experiment=smoke, grid 4x4
-#   STEPS=20 launch/swarm_local.sh logger=none    # extra arguments go to moe-train
+#   launch/swarm_local.sh                         # 200 collaborative steps of experiment=smoke, grid 4x4
+#   STEPS=20 launch/swarm_local.sh logger=none    # extra arguments: config overrides for the trainers
 #
-# Settings (environment): STEPS (200), GRID ("4 4"), K (k_best, 2), OUT (the run directory,
-# default runs/swarm-local), LOGS (the peers' logs, default $OUT/peers), D_MODEL/D_FF (64/128:
-# model=tiny, which experiment=smoke uses), EXPIRATION (seconds a stopped server's experts
-# stay declared, 30), START_TIMEOUT (seconds to wait for each peer, 120).
+# Settings (environment): STEPS (200), GRID ("4 4"), K (k_best, 2), TARGET (sequences per
+# collaborative step over both trainers, 32), MATCHMAKING (seconds to gather an averaging round,
+# 4), OUT (the run directory, default runs/swarm-local: trainer0/ and trainer1/ hold each
+# trainer's metrics.jsonl), LOGS (the peers' logs, default $OUT/peers), D_MODEL/D_FF (64/128:
+# model=tiny, which experiment=smoke uses), EXPIRATION (seconds a stopped server's experts stay
+# declared, 30), START_TIMEOUT (seconds to wait for each peer, 120).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py="${PYTHON:-python}"; fi
 join=("$py" -m moe.swarm.join)
-train=("$py" -m moe.cli)
 
 STEPS="${STEPS:-200}"
 GRID="${GRID:-4 4}"
 K="${K:-2}"
+TARGET="${TARGET:-32}"
+MATCHMAKING="${MATCHMAKING:-4}"
 OUT="${OUT:-runs/swarm-local}"
 LOGS="${LOGS:-$OUT/peers}"
 D_MODEL="${D_MODEL:-64}"
@@ -30,7 +34,6 @@ START_TIMEOUT="${START_TIMEOUT:-120}"
 read -r -a dims <<< "$GRID"
 E=1; for g in "${dims[@]}"; do E=$((E * g)); done
 per=$(( (E + 1) / 2 ))            # the 2 servers split the grid
-grid_list="$(IFS=,; echo "${dims[*]}")"
 mkdir -p "$LOGS"
 
 pids=()
@@ -38,7 +41,7 @@ cleanup() {
   local code=$?
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done   # moe-join leaves cleanly on SIGINT
-  for _ in $(seq 1 60); do                                                   # at most 30 s
+  for _ in $(seq 1 120); do                                                  # at most 60 s
     alive=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [ "$alive" = 0 ] && break
@@ -46,7 +49,7 @@ cleanup() {
   done
   for pid in "${pids[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then
-      echo "swarm_local: peer $pid did not stop in 30 s; killing its process group" >&2
+      echo "swarm_local: peer $pid did not stop in 60 s; killing its process group" >&2
       kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     fi
   done
@@ -84,8 +87,25 @@ for i in 0 1; do
   wait_for "$LOGS/server$i.log" "moe-join: serving " "${pids[-1]}" >&2
 done
 
+trainers=()
+for i in 0 1; do
+  setsid "${join[@]}" --initial-peers "$root" --train --steps "$STEPS" --target-batch-size "$TARGET" --matchmaking-time "$MATCHMAKING" \
+    --prefix ffn --grid "${dims[@]}" --d-model "$D_MODEL" --d-ff "$D_FF" --out "$OUT/trainer$i" --status-every 10 \
+    experiment=smoke moe.k_best="$K" moe.top_k="$K" steps="$STEPS" "$@" > "$LOGS/trainer$i.log" 2>&1 &
+  pids+=($!); trainers+=($!)
+done
 echo "${pids[*]}" > "$LOGS/pids"   # the peers (each leads its process group), for checks
-echo "swarm_local: training $STEPS steps in $OUT" >&2
-"${train[@]}" experiment=smoke moe=hivemind "moe.initial_peers=['$root']" "moe.grid=[$grid_list]" moe.num_experts="$E" \
-  moe.k_best="$K" moe.top_k="$K" model.d_model="$D_MODEL" model.d_ff="$D_FF" steps="$STEPS" out_dir="$OUT" "$@"
+for i in 0 1; do wait_for "$LOGS/trainer$i.log" "moe-join: training as" "${trainers[$i]}" >&2; done
+echo "swarm_local: 2 trainer peers training $STEPS collaborative steps in $OUT/trainer0, $OUT/trainer1" >&2
+
+# the trainers leave by themselves after STEPS collaborative steps (bounded here all the same)
+limit=$(( STEPS * 60 + 600 )); t=0; code=0
+for i in 0 1; do
+  while kill -0 "${trainers[$i]}" 2>/dev/null; do
+    if [ "$t" -ge "$limit" ]; then echo "swarm_local: the trainers did not finish in $limit s; stopping" >&2; exit 1; fi
+    sleep 1; t=$((t + 1))
+  done
+  wait "${trainers[$i]}" || { code=$?; echo "swarm_local: trainer $i exited with $code; see $LOGS/trainer$i.log" >&2; }
+done
+[ "$code" = 0 ] || exit "$code"
 echo "swarm_local: training finished; stopping the peers" >&2

@@ -87,6 +87,18 @@ BAD = [
     (["--expiration", "1", "--update-period", "5"], "--expiration 1.0 < --update-period 5.0"),
     (["--serve", "two"], "argument --serve: invalid int value"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    # the trainer role (--train): checked before anything starts, the config too
+    (["experiment=smoke"], "'experiment=smoke': config overrides are for the trainer role; add --train"),
+    (["--train", "--target-batch-size", "0"], "--target-batch-size 0 must be >= 1"),
+    (["--train", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--train", "--steps", "-1"], "--steps -1 must be >= 0"),
+    (["--train", "--matchmaking-time", "0"], "--matchmaking-time, --averaging-timeout and --load-state-timeout must be > 0"),
+    (["--train", "moe=switch"], "'moe=switch': moe-join sets moe itself"),
+    (["--train", "model.d_model=32"], "'model.d_model=32': moe-join sets model.d_model itself; use --d-model"),
+    (["--train", "model=nosuch"], "model=nosuch: there is no model config named 'nosuch'"),
+    (["--train", "optim.nosuch=1"], "optim.nosuch"),
+    (["--train", "moe.k_best=99"], "moe.k_best=99 > the grid's 64 experts"),
+    (["--train", "grad_accum=2"], "grad_accum=2: a trainer peer accumulates up to --target-batch-size by itself"),
 ]
 
 
@@ -100,10 +112,11 @@ def test_bad_input_is_one_line_exit_2(args, fragment):
     assert not p.stdout.strip()  # nothing started
 
 
-def test_help_says_the_trainer_role_is_not_there_yet():
+def test_help_names_the_three_roles():
     p = subprocess.run([*JOIN, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
-    assert "hivemind.Optimizer" in p.stdout and "not implemented yet" in p.stdout
+    assert "--serve" in p.stdout and "--train" in p.stdout and "--target-batch-size" in p.stdout
+    assert "hivemind.Optimizer" in p.stdout and "not implemented" not in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,8 +177,50 @@ def test_join_line_serve_and_leave_on_sigint():
                 p.stop()
 
 
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_serve_and_train_in_one_peer_shows_its_status_and_leaves_on_sigint(tmp_path):
+    """Both roles in one moe-join: it serves 4 experts and trains through them (and others')."""
+    root = Peer(["--status-every", "30", "--grid", "2", "2"])
+    trainer = None
+    try:
+        addr = root.wait_line("moe-join: address ").split()[2]
+        collab = root.wait_line("moe-join --initial-peers")  # the first peer prints how to join ...
+        collab = root.wait_line("moe-join --initial-peers")  # ... and how to train with it
+        assert "--train --target-batch-size" in collab
+        trainer = Peer(["--initial-peers", addr, "--serve", "4", "--train", "--grid", "2", "2", "--d-model", "32", "--d-ff", "64", "--target-batch-size", "8",
+                        "--batch-size", "4", "--matchmaking-time", "1", "--status-every", "1", "--out", str(tmp_path / "t"),
+                        "experiment=smoke", "logger=none", "moe.k_best=2", "moe.top_k=2", "model.n_heads=2", "model.seq_len=32"])
+        assert trainer.wait_line("moe-join: peer id ").split()[3].startswith("12D3Koo")
+        assert trainer.wait_line("moe-join: address ").endswith(trainer.lines[0].split()[3])  # .../p2p/<its peer id>
+        assert "serving 4 experts ffn.0.0 .. ffn.1.1" in trainer.wait_line("moe-join: serving ")
+        assert "run ffn_collab: target batch 8" in trainer.wait_line("moe-join: training as a collaborative peer")
+        trainer.wait_line("moe-join: starting at collaborative step 0")
+        deadline = time.monotonic() + 240
+        while True:  # the status line: experts, calls/s, the collaborative step, trainer peers, peers seen
+            line = trainer.wait_line("moe-join: status: ", timeout=120)
+            assert "experts 4, expert calls/s" in line and "trainer peers" in line and "peers seen" in line, line
+            if int(line.split("collaborative step ")[1].split(",")[0]) >= 2 and "tokens served" in line:
+                break
+            assert time.monotonic() < deadline, trainer.lines
+        assert "trainer peers 1," in line, line
+        assert int(line.split("tokens served by experts ")[1].split("%")[0]) > 50, line  # its own experts, called like any server's
+        assert float(line.split("expert calls/s ")[1].split(",")[0]) > 0, line
+        trainer.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert trainer.proc.wait(120) == 0
+        trainer.wait_line("moe-join: leaving the swarm", timeout=10)
+        rows = [json.loads(ln) for ln in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "train/loss" in r][:2] == [1, 2]
+        assert root.proc.poll() is None  # the others go on
+    finally:
+        for p in (trainer, root):
+            if p is not None:
+                p.stop()
+
+
 # ---------------------------------------------------------------------------------------------
-# launch/swarm_local.sh: a root, 2 expert servers and moe-train moe=hivemind, stopped cleanly
+# launch/swarm_local.sh: a root, 2 expert servers and 2 collaborative trainer peers, stopped cleanly
 
 
 @pytest.mark.network
@@ -173,26 +228,32 @@ def test_join_line_serve_and_leave_on_sigint():
 @pytest.mark.timeout(900)
 def test_swarm_local_trains_and_stops_cleanly(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "STEPS": "16", "OUT": str(out), "EXPIRATION": "6", "START_TIMEOUT": "60", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "STEPS": "5", "TARGET": "16", "OUT": str(out), "EXPIRATION": "6", "START_TIMEOUT": "60", "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
-    p = subprocess.run(["bash", str(ROOT / "launch" / "swarm_local.sh"), "logger=none", "logger.log_every=2", "eval_every=0", "ckpt_every=0", "optim.warmup_steps=2"],
+    p = subprocess.run(["bash", str(ROOT / "launch" / "swarm_local.sh"), "logger=none", "batch_size=4", "eval_every=5", "eval_batches=1", "optim.warmup_steps=1"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
     assert p.returncode == 0, p.stderr[-3000:]
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss" in r]
-    assert train and train[-1]["step"] == 16
-    assert train[-1]["train/loss"] < train[0]["train/loss"]  # the loss falls
-    assert all(f"moe/layer_{i}/failed_experts" in train[-1] for i in (0, 1))  # model=tiny: both blocks sparse
-    assert any(r.get("val/loss") for r in records)
+    for i in (0, 1):  # each trainer: its own metrics, every collaborative step up to STEPS
+        records = [json.loads(ln) for ln in (out / f"trainer{i}" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if "train/loss" in r]
+        assert train and train[-1]["step"] == 5, [r["step"] for r in train]
+        assert train[-1]["train/loss"] < train[0]["train/loss"]  # the loss falls
+        assert max(r["collab/peers"] for r in train) == 2  # the two trainers trained together
+        assert max(r["moe/served_fraction"] for r in train) > 0.5  # through the servers' experts
+        assert any(r.get("val/loss") for r in records)
+        log = (out / "peers" / f"trainer{i}.log").read_text()
+        assert "moe-join: status: experts 0, expert calls/s" in log and "collaborative step" in log
+        assert "moe-join: reached collaborative step 5" in log
     pids = [int(x) for x in (out / "peers" / "pids").read_text().split()]
-    assert len(pids) == 3
+    assert len(pids) == 5
     for pid in pids:  # no leftover peer, nor any of its helpers (each peer leads its group)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
-    for name in ("root", "server0", "server1"):
+    for name in ("root", "server0", "server1", "trainer0", "trainer1"):
         assert "moe-join: leaving the swarm" in (out / "peers" / f"{name}.log").read_text()
+    assert "moe-join: serving 8 experts" in (out / "peers" / "server0.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,24 @@
-"""``moe-join``: connect this machine to a swarm, or start one, and serve experts in it.
+"""``moe-join``: connect this machine to a swarm, or start one; serve experts in it, train as
+a collaborative peer, or both.
 
     moe-join                                        # the first peer: prints the line others run
     moe-join --initial-peers /ip4/.../p2p/Qm... --serve 8 --grid 8 8 --d-model 256 --d-ff 1024
+    moe-join --initial-peers /ip4/.../p2p/Qm... --train --target-batch-size 256 experiment=smoke
 
 With ``--serve N`` the peer hosts N experts (``moe.swarm.expert.SwarmExpert``, trained on
 this machine by its own Adam on every backward request) under the run's grid prefix, on
 the uids of the grid nobody declares yet (or from ``--first``), declared on the DHT, signed
-by default (``moe.swarm.records``).  Without it the peer is a DHT node only (e.g. the
-swarm's root).  A status line (experts served, expert calls/s, peers seen) every
-``--status-every`` seconds; Ctrl-C (SIGINT) or SIGTERM leaves cleanly: the experts stop
-being declared (their records expire after ``--expiration`` s), the other peers go on.
+by default (``moe.swarm.records``).  With ``--train`` the peer trains the run's model as a
+collaborative peer (``moe.swarm.collab.CollabTrainer``: hivemind's ``Optimizer``, DeDLOC):
+it loads the current state from the other trainer peers, then accumulates gradients on its
+own batches until the peers together reach ``--target-batch-size`` sequences, and steps
+with them; the trailing ``KEY=VALUE`` arguments are Hydra overrides of the run's config, as
+for ``moe-train`` (``experiment=smoke``, ``moe.k_best=2``, ...).  With neither the peer is a
+DHT node only (e.g. the swarm's root).  A status line (experts served, expert calls/s,
+collaborative step, trainer peers, peers seen) every ``--status-every`` seconds; Ctrl-C
+(SIGINT) or SIGTERM leaves cleanly: the optimizer says goodbye to the other trainers, the
+experts stop being declared (their records expire after ``--expiration`` s), the other
+peers go on.
 
 Safe defaults: listen on 127.0.0.1 only unless ``--host``/``--announce`` is given; NAT
 port mapping and auto-NAT off unless ``--nat``.  Bad input ends with one line
@@ -19,6 +28,7 @@ port mapping and auto-NAT off unless ``--nat``.  Bad input ends with one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -29,10 +39,16 @@ import time
 from moe.config import check_multiaddr
 
 EPILOG = (
-    "Roles: a DHT peer (always) and an expert server (--serve N).  Training as a collaborative "
-    "peer (hivemind.Optimizer, DeDLOC) is not implemented yet; train against the swarm with "
-    "`moe-train moe=hivemind moe.initial_peers=[ADDR]`."
+    "Roles: a DHT peer (always), an expert server (--serve N), a collaborative trainer peer "
+    "(--train: hivemind.Optimizer, as in DeDLOC), or both.  With --train, KEY=VALUE arguments "
+    "override the run's config as for moe-train (e.g. experiment=smoke moe.k_best=2 moe.top_k=2); "
+    "every trainer peer of a run must use the same model and optim settings.  A single trainer "
+    "(no collaboration) can also run `moe-train moe=hivemind moe.initial_peers=[ADDR]`."
 )
+
+# overrides moe-join sets from its own flags for the trainer (key -> the flag to use instead)
+_TRAIN_KEYS = {"moe": "nothing: a trainer peer always trains moe=hivemind (the swarm's experts)", "moe.uid_prefix": "--prefix", "moe.grid": "--grid", "moe.num_experts": "--grid",
+               "model.d_model": "--d-model", "moe.expert_d_ff": "--d-ff", "out_dir": "--out", "moe.initial_peers": "--initial-peers"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expiration", type=float, default=30.0, help="seconds a declaration lives after this peer stops (default 30)")
     p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (default 10)")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the DHT and the server to come up (default 120)")
+    t = p.add_argument_group("collaborative training (--train)")
+    t.add_argument("--train", action="store_true", help="train the run's model as a collaborative peer (hivemind.Optimizer)")
+    t.add_argument("--target-batch-size", type=int, default=256, help="sequences all trainer peers accumulate per collaborative step (default 256; the same on every peer)")
+    t.add_argument("--batch-size", type=int, default=None, help="sequences per local step of this peer (default: the config's batch_size)")
+    t.add_argument("--steps", type=int, default=0, help="leave after this collaborative step (default 0: train until Ctrl-C); the LR schedule's length is the config's steps=")
+    t.add_argument("--out", default=None, help="this peer's run directory, for metrics.jsonl (default runs/collab-<peer id tail>)")
+    t.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to wait for other peers to join an averaging round (default 5; 10-15 over the internet)")
+    t.add_argument("--averaging-timeout", type=float, default=30.0, help="seconds an averaging round may take before this peer goes on with its own gradients (default 30)")
+    t.add_argument("--load-state-timeout", type=float, default=60.0, help="seconds one download of the run's state from a peer may take (default 60)")
+    t.add_argument("--data-seed", type=int, default=None, help="seed of this peer's batches (default: from its peer id)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --train: Hydra overrides of the run's config, as for moe-train")
     return p
 
 
@@ -108,12 +135,70 @@ def check_args(a: argparse.Namespace) -> None:
         _fail("--update-period, --expiration, --status-every and --start-timeout must be > 0 seconds")
     if a.expiration < a.update_period:
         _fail(f"--expiration {a.expiration} < --update-period {a.update_period}: the experts would vanish between declarations; make --expiration at least the period (2x is safe)")
+    a.train_config = None
+    if not a.train:
+        if a.overrides:
+            _fail(f"{a.overrides[0]!r}: config overrides are for the trainer role; add --train (or remove them)")
+        return
+    if a.target_batch_size < 1:
+        _fail(f"--target-batch-size {a.target_batch_size} must be >= 1 (sequences per collaborative step, over all peers)")
+    if a.batch_size is not None and a.batch_size < 1:
+        _fail(f"--batch-size {a.batch_size} must be >= 1")
+    if a.steps < 0:
+        _fail(f"--steps {a.steps} must be >= 0 (0: train until Ctrl-C)")
+    if not min(a.matchmaking_time, a.averaging_timeout, a.load_state_timeout) > 0:
+        _fail("--matchmaking-time, --averaging-timeout and --load-state-timeout must be > 0 seconds")
+    a.train_config = train_config(a)
+
+
+def train_config(a: argparse.Namespace):
+    """The trainer's ``TrainConfig``: moe-train's config with ``a.overrides``, then the swarm's
+    settings from moe-join's flags; a bad override ends with one ``_fail`` line."""
+    from moe.config import ConfigError
+
+    for o in a.overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if "=" not in o or o.startswith("-"):
+            _fail(f"{o!r}: not an option; config overrides are KEY=VALUE (e.g. experiment=smoke)")
+        if key in _TRAIN_KEYS:
+            _fail(f"{o!r}: moe-join sets {key} itself; use {_TRAIN_KEYS[key]}")
+    grid = ",".join(map(str, a.grid))
+    ours = ["moe=hivemind", f"moe.uid_prefix={a.prefix}", f"moe.grid=[{grid}]", f"moe.num_experts={math.prod(a.grid)}",
+            f"model.d_model={a.d_model}", f"moe.expert_d_ff={a.d_ff}", f"out_dir={a.out or 'runs/collab'}"]
+    if a.batch_size is not None:
+        ours.append(f"batch_size={a.batch_size}")
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415 (only with --train)
+    from hydra.core.global_hydra import GlobalHydra
+
+    from moe.cli import CONF_DIR, check_group_overrides, config_from_hydra, one_line
+
+    try:
+        check_group_overrides(a.overrides)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="moe-join"):
+            cfg = compose("config", overrides=[*a.overrides, *ours])
+        tc = config_from_hydra(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    except Exception as e:  # Hydra's own errors (an unknown group, a bad override): one line
+        _fail(one_line(e))
+    if tc.parallel.backend != "single":
+        _fail(f"parallel={tc.parallel.backend}: a trainer peer is one process; its data parallelism is the collaboration (leave parallel=single)")
+    if tc.grad_accum != 1:
+        _fail(f"grad_accum={tc.grad_accum}: a trainer peer accumulates up to --target-batch-size by itself; leave grad_accum=1")
+    return tc
 
 
 def join_command(maddrs: list[str], a: argparse.Namespace) -> str:
     """The line another machine runs to join through this peer and serve experts."""
     grid = " ".join(map(str, a.grid))
     return f"moe-join --initial-peers {' '.join(maddrs)} --serve 4 --prefix {a.prefix} --grid {grid} --d-model {a.d_model} --d-ff {a.d_ff}"
+
+
+def collab_command(maddrs: list[str], a: argparse.Namespace) -> str:
+    """The line another machine runs to train with this swarm as a collaborative peer."""
+    grid = " ".join(map(str, a.grid))
+    return f"moe-join --initial-peers {' '.join(maddrs)} --train --target-batch-size {a.target_batch_size} --prefix {a.prefix} --grid {grid} --d-model {a.d_model} --d-ff {a.d_ff}"
 
 
 def train_command(maddrs: list[str], a: argparse.Namespace) -> str:
@@ -157,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         record_validators=record_validators(a.prefix),
         **({"announce_maddrs": a.announce} if a.announce else {}),
     )
-    dht = server = None
+    dht = server = trainer = train_dht = None
     calls = [0]
     try:
         if a.serve:
@@ -191,6 +276,19 @@ def main(argv: list[str] | None = None) -> None:
             dht = server.dht
         else:
             dht = start_dht(a.initial_peers, **net)
+        if a.train:  # before the signal handlers too: hivemind's averagers are forked here
+            from moe.swarm.collab import CollabTrainer
+
+            train_dht = dht
+            if server is not None:  # a peer cannot call experts through its own p2p identity ("dial to self"): a second DHT peer
+                train_dht = start_dht(visible_maddrs(dht), **{**{k: v for k, v in net.items() if k != "announce_maddrs"}, "host_maddrs": [f"/ip4/{a.host}/tcp/0"]})
+            tc = a.train_config
+            if a.out is None:
+                tc = dataclasses.replace(tc, out_dir=f"runs/collab-{train_dht.peer_id.to_base58()[-8:]}")
+            trainer = CollabTrainer(
+                tc, dht=train_dht, target_batch_size=a.target_batch_size, matchmaking_time=a.matchmaking_time,
+                averaging_timeout=a.averaging_timeout, load_state_timeout=a.load_state_timeout, data_seed=a.data_seed,
+            )
         # only now: hivemind stops its helper processes with SIGTERM, and a child forked with
         # this handler would ignore it (the shutdown then waits on it forever)
         stop = threading.Event()
@@ -211,36 +309,75 @@ def main(argv: list[str] | None = None) -> None:
             print(f"moe-join: address {m}", file=out)
         if server is not None:
             print(f"moe-join: serving {len(server.uids)} experts {server.uids[0]} .. {server.uids[-1]} (d_model {a.d_model}, d_ff {a.d_ff}, {'unsigned' if a.unsigned else 'signed'})", file=out)
-        else:
+        elif trainer is None:
             print("moe-join: DHT peer only (no experts served)", file=out)
+        if trainer is not None:
+            tc = trainer.cfg
+            if train_dht is not dht:
+                print(f"moe-join: the trainer is DHT peer {train_dht.peer_id.to_base58()} (its experts are called like any server's)", file=out)
+            print(f"moe-join: training as a collaborative peer of run {trainer.opt.run_id}: target batch {a.target_batch_size} sequences per collaborative step, "
+                  f"{tc.batch_size} per local step here; LR schedule over {tc.steps} steps; metrics in {tc.out_dir}/metrics.jsonl", file=out)
         if not a.initial_peers:
             print("moe-join: a new swarm.  To serve experts in it, run:", file=out)
         else:
             print("moe-join: joined.  Others can join through this peer too:", file=out)
         print(f"  {join_command(maddrs, a)}", file=out)
-        print("moe-join: to train against it:", file=out)
+        print("moe-join: to train with it as a collaborative peer (same config overrides on every trainer), or as a single trainer:", file=out)
+        print(f"  {collab_command(maddrs, a)}" + (" " + " ".join(a.overrides) if a.overrides else ""), file=out)
         print(f"  {train_command(maddrs, a)}", file=out)
         print("moe-join: Ctrl-C leaves the swarm", file=out, flush=True)
+        if trainer is not None:
+            step = trainer.load_state()
+            print(f"moe-join: loaded the run's state: collaborative step {step}" if step else "moe-join: starting at collaborative step 0 (no trainer peer has state to share yet)", file=out, flush=True)
 
-        last_t, last_calls = time.monotonic(), 0
-        while not stop.wait(a.status_every):
+        last_t, last_calls, last_loss, last_served = time.monotonic(), 0, None, 0.0
+
+        def status() -> None:
+            nonlocal last_t, last_calls
             now = time.monotonic()
             try:
                 peers = dht.run_coroutine(_peers_seen, return_future=True).result(10)
             except Exception:
                 peers = -1
-            rate = (calls[0] - last_calls) / (now - last_t)
+            rate = (calls[0] - last_calls) / max(now - last_t, 1e-9)
             last_t, last_calls = now, calls[0]
             served = len(server.uids) if server is not None else 0
-            print(f"moe-join: status: experts {served}, expert calls/s {rate:.1f}, peers seen {peers if peers >= 0 else '?'}", file=out, flush=True)
+            line = f"moe-join: status: experts {served}, expert calls/s {rate:.1f}"
+            if trainer is not None:
+                line += f", collaborative step {trainer.collab_step}, trainer peers {trainer.num_peers}, local steps {trainer.local_steps}"
+                if last_loss is not None:
+                    line += f", loss {last_loss:.4f}, tokens served by experts {100 * last_served:.0f}%"
+            print(f"{line}, peers seen {peers if peers >= 0 else '?'}", file=out, flush=True)
+
+        if trainer is None:
+            while not stop.wait(a.status_every):
+                status()
+        else:
+            next_status = time.monotonic() + a.status_every
+            while not stop.is_set():
+                if a.steps and trainer.collab_step >= a.steps:
+                    print(f"moe-join: reached collaborative step {trainer.collab_step} (--steps {a.steps})", file=out, flush=True)
+                    break
+                record = trainer.train_step()
+                if record is not None:
+                    last_loss, last_served = record["train/loss"], record["moe/served_fraction"]
+                if time.monotonic() >= next_status:
+                    status()
+                    next_status = time.monotonic() + a.status_every
         print("moe-join: leaving the swarm", file=out, flush=True)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if server is not None:
-            server.shutdown()
-        elif dht is not None:
-            shutdown_dht(dht)
+        try:
+            if trainer is not None:
+                trainer.shutdown()  # goodbye to the other trainers, averagers stopped
+        finally:
+            if train_dht is not None and train_dht is not dht:
+                shutdown_dht(train_dht)
+            if server is not None:
+                server.shutdown()
+            elif dht is not None:
+                shutdown_dht(dht)
     sys.exit(0)
 
 

@@ -13,6 +13,13 @@ Another peer can still add its own, separately signed claim to the same uid (a r
 an impostor: ``get_signed_experts`` returns every claim with its owner key, for the caller
 to choose whom it trusts).  hivemind's own expert records (``declare_experts``, read by the
 beam search) are not signed; moving the layer's search onto these records is still to do.
+
+Collaborative training (``moe.swarm.collab``, hivemind's ``Optimizer``) keeps each trainer
+peer's progress under ``<prefix>_collab_progress``, one subkey per peer: its
+``[owner:<RSA public key>]`` (hivemind's ``ProgressTracker`` format).  The same
+``RSASignatureValidator`` makes those writable (and deletable) by their owner only, and
+``record_validators`` also checks their shape (hivemind's ``TrainingProgressSchema``) on
+every peer of the run, servers and the root included.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import pydantic.v1 as pydantic
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator, conbytes
+from hivemind.optim.progress_tracker import TrainingProgressSchema
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -45,12 +53,28 @@ def records_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}_experts"
 
 
+def collab_run_id(prefix: str) -> str:
+    """The ``run_id`` of the run's collaborative trainers (hivemind's ``Optimizer``): every
+    DHT key they use starts with it, e.g. ``ffn_collab_progress``."""
+    return f"{check_prefix(prefix)}_collab"
+
+
+def progress_key(prefix: str) -> str:
+    """The DHT key of the trainer peers' signed progress records (hivemind's ``ProgressTracker``)."""
+    return f"{collab_run_id(prefix)}_progress"
+
+
 def record_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> list:
     """Validators every peer of the run passes as ``record_validators`` to its DHT.
 
-    ``private_key``: this peer's identity (default: hivemind's process-wide key).
+    ``private_key``: this peer's identity (default: hivemind's process-wide key).  A trainer
+    peer's progress records are signed with it too (``moe.swarm.collab``).
     """
-    return [RSASignatureValidator(private_key), SchemaValidator(ExpertRecordsSchema, allow_extra_keys=True, prefix=check_prefix(prefix))]
+    return [
+        RSASignatureValidator(private_key),
+        SchemaValidator(ExpertRecordsSchema, allow_extra_keys=True, prefix=check_prefix(prefix)),
+        SchemaValidator(TrainingProgressSchema, allow_extra_keys=True, prefix=collab_run_id(prefix)),
+    ]
 
 
 def _signer(dht: DHT) -> RSASignatureValidator:
@@ -60,6 +84,11 @@ def _signer(dht: DHT) -> RSASignatureValidator:
         if isinstance(v, RSASignatureValidator):
             return v
     raise ValueError("this DHT has no RSASignatureValidator: start it with record_validators=moe.swarm.records.record_validators(prefix)")
+
+
+def signing_key(dht: DHT) -> RSAPrivateKey:
+    """The private key ``dht`` signs its protected records with (from ``record_validators``)."""
+    return _signer(dht)._private_key
 
 
 def declare_signed_experts(dht: DHT, prefix: str, uids: list[str], *, expiration: float = 60.0, validator: RSASignatureValidator | None = None) -> dict[str, bool]:
