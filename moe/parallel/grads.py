@@ -144,7 +144,9 @@ class OverlappedGradReducer:
     are all-reduced asynchronously, *in bucket order*, so every rank issues the same
     collectives in the same order whatever order its backward finished them in (DDP's rule).
     :meth:`finish` launches what is left (parameters that got no gradient take part with
-    zeros, as in :func:`allreduce_gradients`), waits, divides by ``dp_size`` and copies back.
+    zeros, as in :func:`allreduce_gradients`), waits and divides by ``dp_size``.  The
+    gradients are views into their bucket's flat buffer (bound before the backward), so
+    nothing is copied into a bucket or back.
     The result is that of :func:`allreduce_gradients`; only the time it is exposed changes.
 
     Usage per step: ``arm()`` before the last micro-batch's backward, ``finish()`` after it
@@ -188,7 +190,9 @@ class OverlappedGradReducer:
         for kind in self.kinds:
             kind[3] = 0
             for bucket in kind[2]:
-                bucket.pending, bucket.flat, bucket.work = len(bucket.params), None, None
+                bucket.pending, bucket.work = len(bucket.params), None
+                if kind[1] > 1:
+                    self._bind(bucket)  # before the backward: it accumulates into the buffer
 
     def _ready(self, p: nn.Parameter) -> None:
         if not self.armed:
@@ -202,13 +206,31 @@ class OverlappedGradReducer:
             self.launched_in_backward += 1
 
     @staticmethod
-    def _launch(kind, bucket: _Bucket) -> None:
-        group = kind[0]
+    def _bind(bucket: _Bucket) -> None:
+        """Make every gradient of the bucket a view into one flat buffer (DDP's
+        ``gradient_as_bucket_view``): autograd accumulates straight into it, the all-reduce
+        runs on it in place, and no gradient is copied into a bucket or back.  A gradient that
+        was replaced by another tensor since (or never existed) is copied in / zeroed."""
+        if bucket.flat is None:
+            bucket.flat = torch.zeros(sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+        base = bucket.flat.untyped_storage().data_ptr()
+        offset = 0
         for p in bucket.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket.flat = torch.cat([p.grad.reshape(-1) for p in bucket.params])
-        bucket.work = dist.all_reduce(bucket.flat, group=group, async_op=True)
+            n = p.numel()
+            g = p.grad
+            if g is None or g.untyped_storage().data_ptr() != base:
+                view = bucket.flat[offset : offset + n].view_as(p)
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
+                p.grad = view
+            offset += n
+
+    @classmethod
+    def _launch(cls, kind, bucket: _Bucket) -> None:
+        cls._bind(bucket)  # (a no-op while the gradients are still its views)
+        bucket.work = dist.all_reduce(bucket.flat, group=kind[0], async_op=True)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -230,13 +252,8 @@ class OverlappedGradReducer:
                 kind[3] += 1
             for bucket in buckets:
                 bucket.work.wait()
-                bucket.flat.div_(dp)
-                offset = 0
-                for p in bucket.params:
-                    n = p.numel()
-                    p.grad.copy_(bucket.flat[offset : offset + n].view_as(p.grad))
-                    offset += n
-                bucket.flat, bucket.work = None, None
+                bucket.flat.div_(dp)  # the gradients are its views
+                bucket.work = None
 
     def remove(self) -> None:
         for h in self._handles:
