@@ -327,7 +327,9 @@ def test_ep2_equals_ep1(pair, name, E, k, dropless, mode, extra):
     if name == "base":  # balanced over all 15 tokens of the group, not per rank
         assert r0["counts_total"] == balanced_capacities(sum(SIZES), E).float().tolist()
     if not dropless and name != "base":  # each rank's C from its own T: here they differ
-        assert r0["recv_splits"] == [E // 2 * expert_capacity(T, E, k, 0.75, 0) for T in SIZES]
+        caps = [E // 2 * expert_capacity(T, E, k, 0.75, 0) for T in SIZES]
+        # only kept rows travel (no padded slots): at most each source's capacity
+        assert all(r <= c for r, c in zip(r0["recv_splits"], caps))
         if not extra.get("random_routing"):
             assert r0["num_dropped"] > 0  # 9 tokens, E * ceil(0.75 * k * 9 / E) < 9 k slots
 
@@ -526,7 +528,10 @@ def test_rank_layout():
 
 @pytest.mark.parametrize("name, k, dropless", [("switch", 1, True), ("gshard", 2, False), ("topk", 3, True), ("base", 1, True)])
 def test_one_process_all_to_all_dispatcher_equals_local(name, k, dropless):
-    """ep_size 1: the all-to-all dispatcher communicates nothing and equals the local one."""
+    """ep_size 1: the all-to-all dispatcher communicates nothing and equals the local one:
+    bit-exact, except the expert weight gradients in capacity mode, which it computes on the
+    kept rows grouped (the local dispatcher on the padded (E, C, D) batch): the same sums
+    in another order, equal to 1e-6."""
     cfg = _cfg(name, 4, k, dropless, random_routing=False)
     torch.manual_seed(0)
     local = MoELayer(D, FF, cfg)
@@ -544,7 +549,8 @@ def test_one_process_all_to_all_dispatcher_equals_local(name, k, dropless):
     (y2 * x).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
     for (n, p1), p2 in zip(local.named_parameters(), ep.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=0, atol=0, msg=n)
+        tol = dict(rtol=1e-6, atol=1e-6) if not dropless and n.startswith("experts.") else dict(rtol=0, atol=0)
+        torch.testing.assert_close(p1.grad, p2.grad, **tol, msg=n)
     assert copy.deepcopy(ep).dispatcher is ep.dispatcher  # a copied model shares the process groups
 
 
