@@ -113,6 +113,20 @@ def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     ]
 
 
+def model_config(cfg: TrainConfig, data: TokenData):
+    """``cfg.model`` with the vocabulary taken from the tokenizer (``vocab_size=0``), checked
+    against the data: a one-line ConfigError when the model cannot train on it."""
+    vocab = cfg.model.vocab_size or data.vocab_size
+    if vocab < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    for split in ("train", "val"):
+        n = len(getattr(data, split))
+        if n < model_cfg.seq_len + 1:
+            raise ConfigError(f"data: the {split} split has {n} tokens, fewer than model.seq_len+1={model_cfg.seq_len + 1}; lower model.seq_len, raise data.val_fraction or add data")
+    return model_cfg
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over :func:`optimizer_groups`."""
     return torch.optim.AdamW(optimizer_groups(model, cfg))
@@ -181,14 +195,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.run_dir = Path(cfg.out_dir)
         self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and self.is_main)
-        vocab = cfg.model.vocab_size or self.data.vocab_size
-        if vocab < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
-        for split in ("train", "val"):
-            n = len(getattr(self.data, split))
-            if n < self.model_cfg.seq_len + 1:
-                raise ConfigError(f"data: the {split} split has {n} tokens, fewer than model.seq_len+1={self.model_cfg.seq_len + 1}; lower model.seq_len, raise data.val_fraction or add data")
+        self.model_cfg = model_config(cfg, self.data)
         torch.manual_seed(cfg.seed)  # the same weights on every rank; expert shards are slices of them
         dispatcher = AllToAllDispatcher(st) if st.ep_size > 1 else None
         self._dispatchers = [dispatcher] if dispatcher is not None else []

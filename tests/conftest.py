@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,11 @@ def tiny_config(out_dir, moe: str = "switch", **overrides) -> TrainConfig:
         threads=0,
     )
     return dataclasses.replace(cfg, **overrides)
+
+
+def conf_command(config: str, starts_with: str) -> list[str]:
+    """The command a conf/ file's comment shows (the first comment line starting with
+    ``starts_with``), split into words as written: tests run what the docs say."""
+    text = (Path(__file__).resolve().parent.parent / "conf" / config).read_text()
+    line = next(ln for ln in text.splitlines() if ln.lstrip("# ").startswith(starts_with))
+    return line.lstrip("# ").split()

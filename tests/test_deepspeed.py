@@ -35,17 +35,9 @@ pytest.importorskip("deepspeed")
 
 from moe.config import ParallelConfig  # noqa: E402
 from moe.train import Trainer  # noqa: E402
-from tests.test_expert_parallel import WorkerPair  # noqa: E402
-from tests.test_parallel_train import B, _assert_same_run, _assert_states_close, _cfg, _clipped, _metrics, _reference  # noqa: E402
+from tests.conftest import conf_command  # noqa: E402
+from tests.test_parallel_train import B, pair, _assert_same_run, _assert_states_close, _cfg, _clipped, _metrics, _reference  # noqa: E402,F401  (pair: the 2-rank worker fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def pair():
-    w = WorkerPair()
-    yield w
-    w.stop()
 
 
 def _ds(cfg, stage: int, ep: int = 2):
@@ -141,10 +133,7 @@ def test_zero2_checkpoint_resumes_in_one_process_and_zero1_resumes_itself(pair, 
 
 
 def _launch_command() -> list[str]:
-    """The command in conf/parallel/deepspeed.yaml's comment, as written there."""
-    text = (ROOT / "conf" / "parallel" / "deepspeed.yaml").read_text()
-    line = next(ln for ln in text.splitlines() if ln.lstrip("# ").startswith("deepspeed --num_gpus"))
-    return line.lstrip("# ").split()
+    return conf_command("parallel/deepspeed.yaml", "deepspeed --num_gpus")
 
 
 @pytest.mark.slow

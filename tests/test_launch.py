@@ -41,6 +41,26 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _run_nodes(tmp_path: Path, script: Path, args: list[str], envs: list[dict[str, str]], timeout: float) -> tuple[list[int], list[str]]:
+    """Run ``script args`` once per "node" (one environment each) at the same time, each in
+    its own session; past ``timeout`` seconds in all, every launch is killed with its whole
+    process group.  Returns the exit codes and each node's output."""
+    procs = []
+    for node, env in enumerate(envs):
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append((subprocess.Popen(["bash", str(script), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:  # over the time bound: end the whole launch (the launcher and its workers)
+                os.killpg(p.pid, 9)
+                p.wait(timeout=30)
+            log.close()
+    return codes, [(tmp_path / f"node{n}.log").read_text() for n in range(len(envs))]
+
+
 def test_scripts_are_executable_bash_with_a_documented_example():
     for script in (TORCHRUN_SH, SLURM, DEEPSPEED_SH):
         text = script.read_text()
@@ -59,21 +79,8 @@ def test_torchrun_script_two_nodes_one_process_each(tmp_path):
         "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1",
         f"out_dir={run}", f"hydra.run.dir={run}",
     ]
-    procs = []
-    for node in (0, 1):
-        env = _env(tmp_path, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen(["bash", str(TORCHRUN_SH), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:  # over the time bound: end the whole launch (torchrun and its workers)
-                os.killpg(p.pid, 9)
-                p.wait(timeout=30)
-            log.close()
-    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    envs = [_env(tmp_path, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for node in (0, 1)]
+    codes, logs = _run_nodes(tmp_path, TORCHRUN_SH, args, envs, TIMEOUT)
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
     assert "node 0 of 2" in logs[0] and "node 1 of 2" in logs[1]
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -100,21 +107,8 @@ def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
         "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", f"out_dir={run}", f"hydra.run.dir={run}",
     ]
     port = _free_port()
-    procs = []
-    for node in (0, 1):
-        env = _env(tmp_path, HOSTFILE=str(tmp_path / "hostfile"), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen(["bash", str(DEEPSPEED_SH), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
-    deadline = time.monotonic() + 2 * TIMEOUT
-    try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait(timeout=30)
-            log.close()
-    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    envs = [_env(tmp_path, HOSTFILE=str(tmp_path / "hostfile"), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for node in (0, 1)]
+    codes, logs = _run_nodes(tmp_path, DEEPSPEED_SH, args, envs, 2 * TIMEOUT)
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
     assert "node 0 of the hosts" in logs[0] and "node 1 of the hosts" in logs[1]
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]

@@ -6,7 +6,6 @@ and compared in float64 with the layer's two internal dropless paths forced in t
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

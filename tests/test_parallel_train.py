@@ -446,10 +446,9 @@ def test_trainer_refuses_a_state_of_another_ep_size(tmp_path, tiny_data):
 
 
 def _launch_command() -> list[str]:
-    """The command in conf/parallel/ddp.yaml's comment, as written there."""
-    text = (Path(__file__).resolve().parent.parent / "conf" / "parallel" / "ddp.yaml").read_text()
-    line = next(ln for ln in text.splitlines() if "torchrun" in ln and "--no-python moe-train" in ln)
-    return line.lstrip("# ").split()
+    from tests.conftest import conf_command
+
+    return conf_command("parallel/ddp.yaml", "torchrun --nproc_per_node")
 
 
 def test_torchrun_end_to_end(tmp_path):

@@ -39,18 +39,11 @@ from moe.model import TransformerLM  # noqa: E402
 from moe.train import Trainer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_expert_parallel import WorkerPair, _free_port  # noqa: E402
+from tests.test_parallel_train import pair  # noqa: E402,F401  (the module-scoped 2-rank worker pair)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 M = 2  # micro-batches per step (= pp_size: the pipeline fills)
 B = 4  # sequences per micro-batch
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def pair():
-    w = WorkerPair()
-    yield w
-    w.stop()
 
 
 def _cfg(out_dir, *, pp: int, steps: int = 3, zero: int = 0, **over):

@@ -285,10 +285,9 @@ def test_divergence_on_the_workers_is_training_diverged_in_the_driver(ray_local,
 
 
 def _launch_command() -> list[str]:
-    """The local command in conf/parallel/ray.yaml's comment, as written there."""
-    text = (ROOT / "conf" / "parallel" / "ray.yaml").read_text()
-    line = next(ln for ln in text.splitlines() if ln.lstrip("# ").startswith("moe-train parallel=ray parallel.num_workers"))
-    return line.lstrip("# ").split()
+    from tests.conftest import conf_command
+
+    return conf_command("parallel/ray.yaml", "moe-train parallel=ray parallel.num_workers")
 
 
 @pytest.mark.slow

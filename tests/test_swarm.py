@@ -656,8 +656,6 @@ def test_exact_search_over_live_experts_matches_the_beam_search_and_brute_force(
     and takes each token's k best by product-key score in one tensor op.  On a full 2D grid
     that is exactly what hivemind's beam search returns; with experts missing it is the brute
     force top-k over the live ones (numpy), which a beam search only approximates."""
-    import numpy as np
-
     torch.manual_seed(5)
     full = grid_uids("ex", [3, 4])
     missing = {"ex.0.1", "ex.2.3", "ex.1.0"}

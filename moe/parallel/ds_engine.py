@@ -187,12 +187,8 @@ class DeepSpeedRun:
         """This rank's optimizer state as a plain AdamW in the one-process layout (its expert
         shard only; ``gather_full_state`` gathers the experts).  Collective at ZeRO-1/2."""
         opt = self.blank_optimizer()
-        if self.stage == 0:
-            inner = self.engine.optimizer
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if p in inner.state:
-                        opt.state[p] = inner.state[p]
+        if self.stage == 0:  # the engine steps our AdamW itself: share its per-parameter state
+            _share_state(self.engine.optimizer, opt)
             return opt
         from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -233,11 +229,7 @@ class DeepSpeedRun:
         """Put a one-process-layout AdamW state (this rank's shard, after ``load_full_state``)
         and the model's current weights into the engine.  Collective-free."""
         if self.stage == 0:
-            inner = self.engine.optimizer
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if p in opt.state:
-                        inner.state[p] = opt.state[p]
+            _share_state(opt, self.engine.optimizer)
             return
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -271,6 +263,14 @@ class DeepSpeedRun:
                         "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
                         "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
                     }
+
+
+def _share_state(src: torch.optim.Optimizer, dst: torch.optim.Optimizer) -> None:
+    """dst's per-parameter state becomes src's (the same tensors), parameter by parameter."""
+    for g in dst.param_groups:
+        for p in g["params"]:
+            if p in src.state:
+                dst.state[p] = src.state[p]
 
 
 def wrap(model: nn.Module, canonical_groups: list[dict[str, Any]], cfg, state: ParallelState) -> DeepSpeedRun:

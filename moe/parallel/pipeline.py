@@ -55,7 +55,6 @@ Shape suffixes: B batch, S sequence, D model dim, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -321,7 +320,7 @@ class PipelineTrainer:
         import deepspeed
 
         from moe.parallel.ds import skip_shm_comm_build
-        from moe.train import _rank_seed, build_optimizer
+        from moe.train import _rank_seed, build_optimizer, model_config
 
         validate(cfg)
         check_pipeline_config(cfg, state.world_size)
@@ -331,13 +330,7 @@ class PipelineTrainer:
             torch.set_num_threads(cfg.threads)
         self.run_dir = Path(cfg.out_dir)
         self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and self.is_main)
-        vocab = cfg.model.vocab_size or self.data.vocab_size
-        if vocab < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
-        for split in ("train", "val"):
-            if len(getattr(self.data, split)) < self.model_cfg.seq_len + 1:
-                raise ConfigError(f"data: the {split} split has fewer than model.seq_len+1={self.model_cfg.seq_len + 1} tokens; lower model.seq_len or add data")
+        self.model_cfg = model_config(cfg, self.data)  # the same checks as the Trainer's
         if cfg.grad_accum < cfg.parallel.pp_size and self.is_main:
             print(f"note: grad_accum={cfg.grad_accum} micro-batches per step < parallel.pp_size={cfg.parallel.pp_size}: the pipeline never fills (stages wait for each other); raise grad_accum", file=sys.stderr)
         skip_shm_comm_build()
