@@ -30,11 +30,18 @@ def read_records(path: Path) -> list:
         if kind == 0:  # padding up to the end of the block
             pos += left
             continue
+        if pos + 7 + n > len(data):  # the tail wandb-core is still writing: read it next time
+            break
         parts += data[pos + 7 : pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
             rec = pb.Record()
-            rec.ParseFromString(parts)
+            try:
+                rec.ParseFromString(parts)
+            except Exception:
+                if pos >= len(data):  # the last record, caught mid-write
+                    break
+                raise
             out.append(rec)
             parts = b""
     return out
