@@ -83,6 +83,29 @@ def test_bad_ray_address_and_device_mismatches(tmp_path):
     check_ray_run(dataclasses.replace(tc, parallel=dataclasses.replace(tc.parallel, ray_address="auto", num_workers=64)), {}, cpu_count=2)  # a cluster's CPUs are checked once connected
 
 
+def test_an_address_where_nothing_listens_is_one_line_before_ray_starts():
+    """parallel.ray_address=HOST:PORT with no Ray head there: a ConfigError within seconds
+    (Ray itself retries the head for many minutes), and Ray was never initialised."""
+    import ray
+
+    from moe.parallel.ray_train import _connected, unreachable
+    from tests.test_expert_parallel import _free_port
+
+    port = _free_port()  # free: nothing listens on it
+    assert unreachable(f"127.0.0.1:{port}") is not None and unreachable("auto") is None
+    import socket
+
+    with socket.socket() as listening:  # something that answers: no complaint
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert unreachable(f"ray://127.0.0.1:{listening.getsockname()[1]}") is None
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=f"parallel.ray_address=127.0.0.1:{port}: nothing answers there"):
+        with _connected(ParallelConfig(backend="ray", ray_address=f"127.0.0.1:{port}")):
+            pass
+    assert time.monotonic() - t0 < 30 and not ray.is_initialized()
+
+
 def test_ray_under_torchrun_is_refused_before_ray_starts(tmp_path, monkeypatch):
     tc = _ray_cfg(tmp_path)
     with pytest.raises(ConfigError, match=r"parallel\.backend=ray but this process is one of WORLD_SIZE=2 .*run moe-train parallel=ray as one process"):

@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -181,6 +182,19 @@ def local_ray(p: ParallelConfig) -> Iterator[None]:
             ray_constants.ENABLE_RAY_CLUSTER = was
 
 
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts no TCP connection within ``timeout``
+    seconds; None when it does, and for ``auto`` (Ray finds the cluster this node joined)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 @contextmanager
 def _connected(p: ParallelConfig) -> Iterator[None]:
     """Ray for this run: the one already initialised in this process, a private local one, or
@@ -193,6 +207,9 @@ def _connected(p: ParallelConfig) -> Iterator[None]:
         with local_ray(p):
             yield
     else:
+        why = unreachable(p.ray_address)
+        if why is not None:  # Ray itself would retry the head for many minutes before failing
+            raise ConfigError(f"parallel.ray_address={p.ray_address}: nothing answers there ({why}); start the head with `ray start --head` (launch/ray_cluster.sh head) and check the address, or use parallel.ray_address=local")
         try:
             ray.init(address=p.ray_address, log_to_driver=True, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
