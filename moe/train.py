@@ -403,7 +403,7 @@ class Trainer:
             zero_norm = ds.grad_norm()
             if zero_norm is not None:  # ZeRO-1/2: known once the step is taken (the same on every rank)
                 gn = float(zero_norm)
-                self._check_finite(lm, aux, z, gn, stepped=True)
+                self._check_finite(lm, aux, z, gn)  # (this step is applied already, and not saved)
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -412,9 +412,8 @@ class Trainer:
         self.step += 1
         return {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr, "train/grad_norm": gn}
 
-    def _check_finite(self, lm: float, aux: float, z: float, gn: float, *, stepped: bool = False) -> None:
-        """Raise TrainingDiverged unless every value is finite.  ``stepped``: the optimizer has
-        already applied this step (ZeRO-1/2 know the norm only then); it is not saved."""
+    def _check_finite(self, lm: float, aux: float, z: float, gn: float) -> None:
+        """Raise TrainingDiverged unless every value is finite."""
         if all(math.isfinite(v) for v in (lm, aux, z, gn)):
             return
         kept = f"the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path.exists() else "no checkpoint was written yet"

@@ -146,9 +146,8 @@ class DeepSpeedRun:
     """The engine of one rank.  Build with :func:`wrap`; the trainer calls :meth:`backward`
     for each micro-batch and :meth:`step` once per optimizer step."""
 
-    def __init__(self, engine, model: nn.Module, canonical_groups: list[dict[str, Any]], stage: int):
+    def __init__(self, engine, canonical_groups: list[dict[str, Any]], stage: int):
         self.engine = engine
-        self.model = model
         self.stage = stage
         self._canonical = canonical_groups  # the one-process optimizer layout (checkpoints)
 
@@ -294,4 +293,4 @@ def wrap(model: nn.Module, canonical_groups: list[dict[str, Any]], cfg, state: P
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, state), dist_init_required=False)
     if n_marked and not engine.has_moe_layers:
         raise RuntimeError("DeepSpeed's engine did not take the model's expert layers; this DeepSpeed version is not supported")
-    return DeepSpeedRun(engine, model, canonical_groups, cfg.parallel.zero_stage)
+    return DeepSpeedRun(engine, canonical_groups, cfg.parallel.zero_stage)
