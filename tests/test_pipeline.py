@@ -12,6 +12,8 @@ processes (one stage each, 127.0.0.1, one torch thread) against one process.
   micro-batches by a hook, before clipping) equals the one-process model's, and it differs
   between ``aux_loss_weight=1`` and ``0``.
 - **PP=2 x DP=2 on 4 processes == one process with grad_accum=2M** (slow).
+- **Ctrl-C on one stage** stops every stage after the same step, checkpointed there, and the
+  run resumes from it (slow).
 - The ``deepspeed`` launcher end to end with ``parallel.pp_size=2`` (slow).
 
 Tolerance: fp32, ``rtol = atol = 1e-5`` (the stages and the one process add the same numbers;
@@ -80,6 +82,36 @@ def case_fit(rank, states, *, cfg, data):
     t = PipelineTrainer(cfg, data=data, state=states[1])
     res = t.fit()
     return {"history": None if res is None else res.history, "stage": t.stage, "weights": {k: v.clone() for k, v in stage_state_dict(t.module).items()}, "step": t.step}
+
+
+def case_ctrl_c_on_the_last_stage(rank, states, *, cfg, data):
+    """Rank 1 (the last stage) alone gets Ctrl-C during step 2: both stages stop after step 3
+    (the flag rides on the step's loss all-reduce) and checkpoint there."""
+    import signal
+
+    from moe.parallel.pipeline import PipelineTrainer
+
+    _join_deepspeed(rank)
+    real = PipelineTrainer.train_step
+
+    def step(self):
+        out = real(self)
+        if rank == 1 and self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    PipelineTrainer.train_step = step
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        t = PipelineTrainer(cfg, data=data, state=states[1])
+        try:
+            t.fit()
+        except KeyboardInterrupt:
+            return ("interrupted", t.step)
+        return ("finished", t.step)
+    finally:
+        PipelineTrainer.train_step = real
+        signal.signal(signal.SIGINT, previous)
 
 
 def case_first_router_grad(rank, states, *, cfg, data):
@@ -207,6 +239,18 @@ def test_the_moe_losses_reach_the_first_stage_router(pair, tmp_path, tiny_data):
         grads[w] = got[0]
     diff = (grads[1.0] - grads[0.0]).norm()
     assert diff > 1e-2 * grads[0.0].norm(), (diff, grads[0.0].norm())  # the balancing loss moved it
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_stage_stops_both_with_a_checkpoint_that_resumes(pair, tmp_path, tiny_data):
+    cfg = _cfg(tmp_path, pp=2, steps=6, ckpt_every=0)
+    assert pair.run(case_ctrl_c_on_the_last_stage, cfg=cfg, data=tiny_data) == [("interrupted", 3), ("interrupted", 3)]
+    info = json.loads((tmp_path / "pipeline.json").read_text())
+    assert info["tag"] == "global_step3" and info["step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]  # the stop step is logged
+    got = pair.run(case_fit, cfg=dataclasses.replace(cfg, steps=4, resume=True), data=tiny_data)
+    assert [g["step"] for g in got] == [4, 4] and [h["step"] for h in got[0]["history"]] == [4]
 
 
 def test_unsupported_layouts_are_one_line_config_errors(tmp_path):

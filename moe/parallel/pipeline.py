@@ -352,6 +352,8 @@ class PipelineTrainer:
                 layer.on_aux = lambda i, a: self.load.add(i, a.counts_E, a.num_dropped, a.num_routed, a.aux_loss.detach(), a.z_loss.detach())
         self.step = 0
         self.wandb_id: str | None = None
+        self._stop = None  # moe.train._StopFlag while fit runs: this rank's Ctrl-C
+        self._stop_agreed = False  # some rank asked to stop, as of the last step
         n_flops = self.params["active_non_embedding"] + self.params["lm_head_flop_params"]
         self.flops_per_token = transformer_flops_per_token(n_flops, self.model_cfg.n_layers, self.model_cfg.d_model, self.model_cfg.seq_len)
 
@@ -374,12 +376,16 @@ class PipelineTrainer:
 
     def _mean_records(self) -> list[float]:
         """The last stage's mean (lm, aux, z) over its micro-batches, averaged over the
-        data-parallel ranks, on every rank (one all-reduce over the world)."""
+        data-parallel ranks, on every rank (one all-reduce over the world, which also tells
+        every rank whether any rank asked to stop: ``_stop_agreed``)."""
         recs = self.loss_fn.drain()
         vals = (torch.stack(recs).mean(0) if recs else torch.zeros(3)).to(self.engine.device, torch.float64)
+        stop = float(self._stop is not None and self._stop.requested)
+        vals = torch.cat([vals, vals.new_tensor([stop])])
         if self.state.world_size > 1:
-            dist.all_reduce(vals)  # only the last stage's ranks hold non-zeros
-        return (vals / self.dp_size).tolist()
+            dist.all_reduce(vals)  # only the last stage's ranks hold non-zero losses
+        self._stop_agreed = bool(vals[3] > 0)
+        return (vals[:3] / self.dp_size).tolist()
 
     def _load_summary(self) -> dict[str, float]:
         """The window's expert load of every stage's blocks (``moe/layer_*``, summed over the
@@ -478,7 +484,7 @@ class PipelineTrainer:
         """Train to ``cfg.steps`` (resuming ``out_dir``'s DeepSpeed checkpoint when allowed);
         the :class:`moe.train.RunResult` on rank 0, None elsewhere."""
         from moe.sinks import MetricsLogger
-        from moe.train import RunResult, _summary_metrics, _truncate_jsonl, _write_text_atomic
+        from moe.train import RunResult, _postfix, _progress, _StopFlag, _summary_metrics, _truncate_jsonl, _write_text_atomic
 
         c, st = self.cfg, self.state
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -506,13 +512,20 @@ class PipelineTrainer:
         val_loss = float("nan")
         exit_code = 1
         result = None
+        ckpt = None
+        stopping = False  # some rank's Ctrl-C: every rank stops after the same step and checkpoints
+        bar = _progress(self.step, c.steps, enabled=c.logger.progress and self.is_main)
+        self._stop = _StopFlag()
         try:
             while self.step < c.steps:
                 step_metrics = self.train_step()
+                stopping = self._stop_agreed
                 for k, v in step_metrics.items():
                     window[k] = window.get(k, 0.0) + v
                 window_steps += 1
-                if self.step % c.logger.log_every == 0 or self.step == c.steps:
+                if bar is not None:
+                    bar.update(1)
+                if self.step % c.logger.log_every == 0 or self.step == c.steps or stopping:
                     dt = time.perf_counter() - window_t
                     tps = window_steps * tokens_per_step / dt
                     last = {k: v / window_steps for k, v in window.items()}
@@ -521,6 +534,8 @@ class PipelineTrainer:
                     history.append({"step": self.step, **last})
                     last.update(self._load_summary())
                     logger.log(self.step, last)
+                    if bar is not None:
+                        bar.set_postfix_str(_postfix(last))
                     window.clear()
                     window_steps = 0
                 pause = time.perf_counter()
@@ -528,8 +543,14 @@ class PipelineTrainer:
                     val_loss = self.evaluate()
                     logger.log(self.step, {"val/loss": val_loss})
                     logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(last))
-                if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
-                    self.save()
+                    if bar is not None:
+                        bar.write(f"step {self.step}: val loss {val_loss:.4f}")
+                if stopping or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
+                    ckpt = self.save()
+                if stopping:
+                    if self.is_main:
+                        print(f"\ninterrupted: checkpoint at step {self.step} in {ckpt}; run the same command with resume=true to go on", file=sys.stderr)
+                    raise KeyboardInterrupt
                 window_t += time.perf_counter() - pause  # eval and checkpoints stay out of tokens/s
             val_loss = self.evaluate()
             logger.log(self.step, {"val/loss": val_loss})
@@ -537,6 +558,10 @@ class PipelineTrainer:
             ckpt = self.save()
             exit_code = 0
         finally:
+            self._stop.restore()
+            self._stop = None
+            if bar is not None:
+                bar.close()
             if exit_code == 0 and self.is_main:
                 result = RunResult(
                     step=self.step, train_loss=last.get("train/loss", float("nan")), val_loss=val_loss,
