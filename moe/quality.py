@@ -450,8 +450,10 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
     todo = list(plans)
     running: dict[str, tuple] = {}
     failed: list[str] = []
-    done_steps: dict[str, int] = {}
-    bar = tqdm(total=steps * len(plans), desc="quality", unit="step", file=sys.stderr, dynamic_ncols=True)
+    # Arms already trained (or part-trained) count from the start, so the rate and the ETA are
+    # those of the steps this command trains, not inflated by a finished arm's steps.
+    done_steps = {arm.name: min(steps, _last_step(run_dir / "metrics.jsonl")) for arm, run_dir, _, _ in plans}
+    bar = tqdm(total=steps * len(plans), initial=sum(done_steps.values()), desc="quality", unit="step", file=sys.stderr, dynamic_ncols=True)
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     try:
         while todo or running:
