@@ -167,7 +167,8 @@ def steps_to_reach(steps: list[int], losses: list[float], target: float) -> floa
 
 def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
     """One table row per run: final val loss, steps (and wall-clock) to reach the baseline's
-    final val loss and their ratio to the baseline's, tokens/s, parameters, mean load CV."""
+    final val loss and their ratio to the baseline's, the val-loss gap to the baseline half way
+    and at the end, tokens/s, parameters, mean load CV."""
     base = next((r for r in runs if r.name == baseline), None)
     target = base.val_loss[-1] if base and base.val_loss else None
     base_steps = base.val_steps[-1] if base and base.val_steps else None
@@ -176,6 +177,10 @@ def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
         reach = steps_to_reach(r.val_steps, r.val_loss, target) if target is not None else None
         cvs = [c for c in r.cv if not math.isnan(c)]
         tps = [t for t in r.tokens_per_s if not math.isnan(t)]
+        gap_mid = gap_end = None
+        if base is not None and base.val_steps and r.val_steps:
+            gap_mid = _interp(base_steps / 2, r.val_steps, r.val_loss) - _interp(base_steps / 2, base.val_steps, base.val_loss)
+            gap_end = _interp(base_steps, r.val_steps, r.val_loss) - target
         rows.append({
             "arm": r.name,
             "steps": r.val_steps[-1] if r.val_steps else 0,
@@ -183,6 +188,8 @@ def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
             "steps_to_baseline": reach,
             "steps_ratio": reach / base_steps if reach is not None and base_steps else None,
             "time_to_baseline_s": r.time_at(reach) if reach is not None else None,
+            "gap_mid": gap_mid,  # val loss minus the baseline's at half the baseline's steps
+            "gap_end": gap_end,  # ... and at its last step
             "train_time_s": r.train_time_s[-1] if r.train_time_s else math.nan,
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else math.nan,  # the median log window
             "total_params": r.params.get("total", 0),
@@ -241,14 +248,15 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
         "",
         "## Table",
         "",
-        "| arm | steps | final val loss | steps to dense's final val loss | vs dense | training time to it | tokens/s | total params | active params | mean load CV |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | steps | final val loss | steps to dense's final val loss | vs dense | training time to it | val loss minus dense's: half way / end | tokens/s | total params | active params | mean load CV |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['steps']:,} | {_fmt(r['final_val_loss'], '.4f')} | {_fmt(r['steps_to_baseline'], ',.0f')} | "
             f"{_fmt(r['steps_ratio'], '.2f', '-')}{'x' if r['steps_ratio'] is not None else ''} | "
             f"{_fmt(r['time_to_baseline_s'], ',.0f', '-')}{' s' if r['time_to_baseline_s'] is not None else ''} | "
+            f"{_fmt(r.get('gap_mid'), '+.4f', '-')} / {_fmt(r.get('gap_end'), '+.4f', '-')} | "
             f"{_fmt(r['tokens_per_s'], ',.0f')} | {r['total_params']:,} | {r['active_params']:,} | {_fmt(r['mean_cv'], '.3f', '-')} |"
         )
     checks = bar_checks(rows)
@@ -308,6 +316,29 @@ def plot(runs: list[RunCurves], out_dir: Path) -> dict[str, Path]:
         fig.tight_layout()
         figs[title] = out_dir / f"{key}.png"
         fig.savefig(figs[title])
+        plt.close(fig)
+    base = next((r for r in runs if r.name == "dense" and r.val_steps), None)
+    others = [r for r in runs if r is not base and r.val_steps]
+    if base is not None and others:  # the curves overlap at this scale; their gap does not
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        ax.axhline(0.0, color="black", linewidth=1.0, label="dense")
+        kept = []  # the gaps after the first fifth of training: the y range (the start is noise)
+        for r in others:
+            xs = [s for s in r.val_steps if base.val_steps[0] <= s <= base.val_steps[-1]]
+            ys = [_interp(s, r.val_steps, r.val_loss) - _interp(s, base.val_steps, base.val_loss) for s in xs]
+            ax.plot(xs, ys, **style(r))
+            kept += [y for x, y in zip(xs, ys) if x >= base.val_steps[-1] / 5]
+        if kept:
+            pad = 0.1 * (max(kept + [0.0]) - min(kept + [0.0])) or 0.01
+            ax.set_ylim(min(kept + [0.0]) - pad, max(kept + [0.0]) + pad)
+        ax.set_xlabel("step")
+        ax.set_ylabel("val loss minus dense's (nats/token)")
+        ax.set_title("Val loss minus dense's at the same step (below 0: ahead of dense)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs["Val loss minus dense's vs steps"] = out_dir / "val_loss_gap_vs_steps.png"
+        fig.savefig(figs["Val loss minus dense's vs steps"])
         plt.close(fig)
     moe_runs = [r for r in runs if any(not math.isnan(c) for c in r.cv)]
     if moe_runs:

@@ -91,6 +91,12 @@ def test_summarize_and_the_bar():
     assert by["switch-8"]["steps_to_baseline"] == pytest.approx(200.0) and by["switch-8"]["steps_ratio"] == pytest.approx(0.5)
     assert by["switch-8"]["time_to_baseline_s"] == pytest.approx(20.0)
     assert by["gshard-8"]["steps_to_baseline"] is None and by["gshard-8"]["mean_cv"] == pytest.approx(0.2)
+    # the gap to dense half way (step 200: 2.0 - 2.5) and at dense's last step (1.7 - 2.0)
+    assert by["switch-8"]["gap_mid"] == pytest.approx(-0.5) and by["switch-8"]["gap_end"] == pytest.approx(-0.3)
+    assert by["gshard-8"]["gap_mid"] == pytest.approx(0.1) and by["gshard-8"]["gap_end"] == pytest.approx(0.05)
+    assert by["dense"]["gap_mid"] == 0.0
+    odd = summarize([_curve("dense", [3.0, 2.5, 2.2], every=100), _curve("switch-8", [2.9, 2.3, 2.1], every=100)])
+    assert odd[1]["gap_mid"] == pytest.approx((2.9 + 2.3) / 2 - (3.0 + 2.5) / 2)  # step 150: between two evals
     checks = {claim.split(" ")[0]: met for claim, met, _ in bar_checks(rows)}
     assert checks == {"Switch-8": True, "GShard-8": False}
 
@@ -103,7 +109,7 @@ def test_render_keeps_the_hand_written_notes(tmp_path):
     out.write_text(render(rows, setup=setup, plots={}) + "We tried a lower aux weight.\n")
     text = render(rows, setup=setup, plots={"p": "x.png"}, notes=kept_notes(out))
     assert text.count(NOTES_MARKER) == 1 and text.rstrip().endswith("We tried a lower aux weight.")
-    assert "| base-8 | 200 | 1.9000 |" in text and "met: BASE-8 beats dense" in text and "![p](x.png)" in text
+    assert "| base-8 | 200 | 1.9000 |" in text and "| -0.1000 / -0.1000 |" in text and "met: BASE-8 beats dense" in text and "![p](x.png)" in text
 
 
 def test_arms_keep_dense_flops():
@@ -134,7 +140,7 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     assert len(peaks) == 1 and peaks.pop() > 0  # one peak, measured before the arms, for every arm's MFU
     assert all(math.isfinite(r["final_val_loss"]) for r in rows.values())
     text = out.read_text()
-    for png in ("val_loss_vs_steps.png", "val_loss_vs_time.png", "load_cv.png"):
+    for png in ("val_loss_vs_steps.png", "val_loss_vs_time.png", "val_loss_gap_vs_steps.png", "load_cv.png"):
         assert (tmp_path / "results_plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"results_plots/{png}" in text
     out.write_text(text + "hand-written note\n")
