@@ -605,7 +605,11 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size:
                 yield f"{prefix}{k}", v
 
     a, b = dict(flat(saved)), dict(flat(current))
-    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+    # A key the checkpoint does not have, at its default now, came with a newer version of
+    # this package: the run that wrote the checkpoint behaved as the default does.
+    defaults = dict(flat(to_dict(TrainConfig())))
+    added = {k for k in set(b) - set(a) if k in defaults and b[k] == defaults[k]}
+    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in added and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
     def global_batch(d: dict, dp: int) -> tuple[int, str]:
         bs, ga = d.get("batch_size", 0), d.get("grad_accum", 1)
         return bs * ga * dp, f"{bs}x{ga}x{dp}={bs * ga * dp}"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe import checkpoint as ckpt
-from moe.config import ConfigError, MoEConfig
+from moe.config import ConfigError, MoEConfig, to_dict
 from moe.model import ModelOutput
 from moe.train import Trainer, TrainingDiverged, format_summary, lr_at
 from tests.conftest import tiny_config
@@ -83,6 +83,26 @@ def test_resume_refuses_another_config_with_one_line(tmp_path, tiny_data):
     # resume=false starts over instead
     res = Trainer(dataclasses.replace(tiny_config(tmp_path, "switch", steps=6), resume=False, moe=MoEConfig(name="switch", num_experts=4, dropless=True)), data=tiny_data).fit()
     assert res.step == 6 and len(res.history) == 6
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_while_the_key_is_at_its_default(tmp_path):
+    """Keys a newer version added (absent from the saved config) block a resume only when set
+    away from their default."""
+    from moe.train import check_resumable
+
+    current = to_dict(tiny_config(tmp_path, "switch"))
+    saved = json.loads(json.dumps(current))
+    for k in ("forward_timeout", "grid", "host_maddrs"):  # as a checkpoint written before the swarm keys
+        del saved["moe"][k]
+    check_resumable(saved, current, tmp_path)
+    changed = json.loads(json.dumps(current))
+    changed["moe"]["forward_timeout"] = 5.0
+    with pytest.raises(ConfigError, match=r"moe\.forward_timeout: None -> 5\.0"):
+        check_resumable(saved, changed, tmp_path)
+    changed = json.loads(json.dumps(current))
+    changed["moe"]["not_a_key"] = 1  # unknown to this version: not a default, still a difference
+    with pytest.raises(ConfigError, match=r"moe\.not_a_key: None -> 1"):
+        check_resumable(saved, changed, tmp_path)
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_data):
