@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--smoke", action="store_true", help="tiny shapes and a dozen steps: checks the pipeline in seconds")
     q.add_argument("--report-only", action="store_true", help="train nothing; report on the runs already in RUNS_DIR")
     q.add_argument("--no-plots", action="store_true")
+    q.add_argument("--final-eval", type=int, default=None, metavar="N", help="evaluate every finished arm's final checkpoint on N val batches, paired with dense (default 256, 4 with --smoke; 0: skip)")
     q.add_argument("overrides", nargs="*", help="moe-train overrides for every arm, e.g. steps=3000 optim.lr=1e-3")
     from moe import bench_parallel
 

@@ -199,6 +199,70 @@ def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
     return rows
 
 
+def paired_gaps(per_batch: dict[str, list[float]], baseline: str = "dense") -> dict[str, dict]:
+    """The final checkpoints on the same ``N`` val batches: each arm's mean loss, and its gap
+    to the baseline as the mean of the per-batch differences with its standard error (the
+    batches are shared, so the pairing removes their difficulty from the noise)."""
+    base = per_batch.get(baseline)
+    out = {}
+    for name, losses in per_batch.items():
+        n = len(losses)
+        row = {"batches": n, "val_loss": sum(losses) / n, "gap": None, "gap_se": None, "batches_ahead": None}
+        if base is not None and len(base) == n and name != baseline and n > 1:
+            d = [a - b for a, b in zip(losses, base)]
+            mean = sum(d) / n
+            row.update(gap=mean, gap_se=math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n), batches_ahead=sum(x < 0 for x in d))
+        out[name] = row
+    return out
+
+
+def final_eval(plans, batches: int, *, progress: bool = True) -> dict[str, list[float]]:
+    """Each finished arm's final checkpoint on val batches ``0..batches-1`` (the training
+    evals used the first ``eval_batches`` of them): {arm: per-batch LM loss}.  Cached in the
+    run's ``final_eval.json`` (keyed by the checkpoint's step and the batch count)."""
+    import torch
+
+    from moe.checkpoint import load as load_ckpt
+    from moe.data import load_data
+    from moe.train import Trainer
+
+    out, data = {}, None
+    for arm, run_dir, _, cfg in plans:
+        path = run_dir / "checkpoint.pt"
+        if not path.exists():
+            continue
+        step = int(load_ckpt(path)["step"])
+        if step < cfg.steps:
+            continue  # not finished: no final eval
+        cache = run_dir / "final_eval.json"
+        try:
+            got = json.loads(cache.read_text())
+            if got["step"] == step and got["batches"] == batches:
+                out[arm.name] = got["losses"]
+                continue
+        except (OSError, ValueError, KeyError):
+            pass
+        if data is None:
+            data = load_data(cfg.data, progress=False)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        t = Trainer(cfg, data=data)
+        try:
+            t.load(path)
+            t.model.eval()
+            losses = []
+            with torch.no_grad():
+                for i in range(batches):
+                    losses.append(t._forward("val", i).lm_loss.item())
+            if progress:
+                print(f"moe-bench quality: {arm.name}: final checkpoint (step {step}) on {batches} val batches: {sum(losses) / batches:.4f}", file=sys.stderr)
+        finally:
+            t.close()
+        cache.write_text(json.dumps({"step": step, "batches": batches, "losses": losses}))
+        out[arm.name] = losses
+    return out
+
+
 def bar_checks(rows: list[dict], baseline: str = "dense") -> list[tuple[str, bool | None, str]]:
     """Issue 6's bar, each as (claim, met?, evidence); met is None when an arm is missing."""
     by = {r["arm"]: r for r in rows}
@@ -211,9 +275,15 @@ def bar_checks(rows: list[dict], baseline: str = "dense") -> list[tuple[str, boo
                     f"{ratio:.2f}x" if ratio is not None else "never reached"))
     for arm in ("gshard-8", "base-8"):
         if base and arm in by:
+            claim = f"{arm.split('-')[0].capitalize().replace('Gshard', 'GShard').replace('Base', 'BASE')}-8 beats dense at equal steps"
+            f = by[arm].get("final_eval")
+            if f and f.get("gap") is not None:  # the paired final eval: ahead by more than its noise
+                met = f["gap"] + 2 * f["gap_se"] < 0
+                out.append((claim, met, f"final checkpoints on {f['batches']} val batches: {f['gap']:+.4f} ± {2 * f['gap_se']:.4f} (2 SE) against dense"
+                            + ("" if met or f["gap"] >= 0 else "; ahead, but within the noise")))
+                continue
             d = by[arm]["final_val_loss"] - base["final_val_loss"]
-            out.append((f"{arm.split('-')[0].capitalize().replace('Gshard', 'GShard').replace('Base', 'BASE')}-8 beats dense at equal steps",
-                        d < 0, f"final val loss {by[arm]['final_val_loss']:.4f} vs dense {base['final_val_loss']:.4f} ({d:+.4f})"))
+            out.append((claim, d < 0, f"final val loss {by[arm]['final_val_loss']:.4f} vs dense {base['final_val_loss']:.4f} ({d:+.4f})"))
     return out
 
 
@@ -259,6 +329,24 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
             f"{_fmt(r.get('gap_mid'), '+.4f', '-')} / {_fmt(r.get('gap_end'), '+.4f', '-')} | "
             f"{_fmt(r['tokens_per_s'], ',.0f')} | {r['total_params']:,} | {r['active_params']:,} | {_fmt(r['mean_cv'], '.3f', '-')} |"
         )
+    finals = [r for r in rows if r.get("final_eval")]
+    if finals:
+        n = finals[0]["final_eval"]["batches"]
+        lines += [
+            "",
+            f"## The final checkpoints on {n} val batches",
+            "",
+            f"Each arm's last checkpoint on the same {n} val batches ({n * setup['tokens_per_step']:,} tokens; the training-time evals"
+            " used the first of them). The gap is the mean of the per-batch differences from dense, with twice its standard"
+            " error: the batches are shared, so their difficulty cancels out of the noise.",
+            "",
+            "| arm | val loss | minus dense's | ± 2 SE | batches where it beats dense |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in finals:
+            f = r["final_eval"]
+            ahead = f"{f['batches_ahead']} / {f['batches']}" if f["batches_ahead"] is not None else "-"
+            lines.append(f"| {r['arm']} | {f['val_loss']:.4f} | {_fmt(f['gap'], '+.4f', '-')} | {_fmt(f['gap_se'] and 2 * f['gap_se'], '.4f', '-')} | {ahead} |")
     checks = bar_checks(rows)
     if checks:
         lines += ["", "## The bar", ""]
@@ -441,6 +529,11 @@ def run_quality(args) -> int:
     if not runs:
         return 1
     rows = summarize(runs)
+    n_eval = args.final_eval if args.final_eval is not None else (4 if args.smoke else 256)
+    if n_eval > 0:
+        gaps = paired_gaps(final_eval(plans, n_eval))
+        for r in rows:
+            r["final_eval"] = gaps.get(r["arm"])
     c = plans[0][3]
     setup = {
         "command": "moe-bench quality " + " ".join(a for a in (args.argv or [])),

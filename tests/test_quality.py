@@ -9,7 +9,7 @@ import random
 import pytest
 
 from moe.bench import main as bench_main
-from moe.quality import NOTES_MARKER, Arm, RunCurves, bar_checks, kept_notes, load_run, parse_arm, render, steps_to_reach, summarize
+from moe.quality import NOTES_MARKER, Arm, RunCurves, bar_checks, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
 
 
 def _naive_reach(steps, losses, target, grid=20000):
@@ -101,6 +101,28 @@ def test_summarize_and_the_bar():
     assert checks == {"Switch-8": True, "GShard-8": False}
 
 
+def test_paired_gaps_against_statistics():
+    import statistics
+
+    rng = random.Random(1)
+    dense = [rng.uniform(1.0, 2.0) for _ in range(50)]  # batch difficulty varies a lot ...
+    moe = [d - 0.01 + rng.gauss(0, 0.005) for d in dense]  # ... the gap little
+    got = paired_gaps({"dense": dense, "switch-8": moe, "short": moe[:10]})
+    diffs = [a - b for a, b in zip(moe, dense)]
+    assert got["switch-8"]["gap"] == pytest.approx(statistics.fmean(diffs))
+    assert got["switch-8"]["gap_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(50))
+    assert got["switch-8"]["gap_se"] < 0.1 * statistics.stdev(dense) / math.sqrt(50)  # the pairing removed the difficulty
+    assert got["switch-8"]["batches_ahead"] == sum(d < 0 for d in diffs)
+    assert got["switch-8"]["val_loss"] == pytest.approx(statistics.fmean(moe))
+    assert got["dense"]["gap"] is None and got["short"]["gap"] is None  # not paired: other batches
+    # the bar reads the paired gap: ahead by more than 2 SE is met, ahead within it is not
+    rows = summarize([_curve("dense", [3.0, 2.0]), _curve("gshard-8", [2.9, 1.9]), _curve("base-8", [2.9, 1.9])])
+    rows[1]["final_eval"] = {"batches": 50, "gap": -0.01, "gap_se": 0.002}
+    rows[2]["final_eval"] = {"batches": 50, "gap": -0.003, "gap_se": 0.002}
+    checks = {claim.split(" ")[0]: (met, ev) for claim, met, ev in bar_checks(rows)}
+    assert checks["GShard-8"][0] is True and checks["BASE-8"][0] is False and "within the noise" in checks["BASE-8"][1]
+
+
 def test_render_keeps_the_hand_written_notes(tmp_path):
     rows = summarize([_curve("dense", [3.0, 2.0]), _curve("base-8", [2.9, 1.9], cv=0.0)])
     setup = {"command": "moe-bench quality", "commit": "abc", "seed": 1, "date": "d", "machine": "m", "model": "m", "tokens_per_step": 2048,
@@ -139,7 +161,17 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     peaks = {json.loads((tmp_path / "runs" / f"quality-{a}" / "config.json").read_text())["peak_flops"] for a in ("dense-e1", "switch-e8", "gshard-e8", "base-e8")}
     assert len(peaks) == 1 and peaks.pop() > 0  # one peak, measured before the arms, for every arm's MFU
     assert all(math.isfinite(r["final_val_loss"]) for r in rows.values())
+    # the final checkpoints on 4 val batches (--smoke), paired with dense; the first 2 batches are the training evals'
+    assert all(r["final_eval"]["batches"] == 4 for r in rows.values())
+    assert rows["dense"]["final_eval"]["gap"] is None and all(rows[a]["final_eval"]["gap"] is not None for a in ("switch-8", "gshard-8", "base-8"))
+    cached = json.loads((tmp_path / "runs" / "quality-switch-e8" / "final_eval.json").read_text())
+    assert cached["step"] == 12 and len(cached["losses"]) == 4
+    assert rows["switch-8"]["final_eval"]["val_loss"] == pytest.approx(sum(cached["losses"]) / 4)
+    for arm, run in (("dense", "dense-e1"), ("switch-8", "switch-e8"), ("base-8", "base-e8")):  # reloaded model == the trained one
+        first = json.loads((tmp_path / "runs" / f"quality-{run}" / "final_eval.json").read_text())["losses"][:2]
+        assert rows[arm]["final_val_loss"] == pytest.approx(sum(first) / 2, rel=1e-6), arm
     text = out.read_text()
+    assert "## The final checkpoints on 4 val batches" in text
     for png in ("val_loss_vs_steps.png", "val_loss_vs_time.png", "val_loss_gap_vs_steps.png", "load_cv.png"):
         assert (tmp_path / "results_plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"results_plots/{png}" in text
