@@ -336,8 +336,8 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
             "",
             f"## The final checkpoints on {n} val batches",
             "",
-            f"Each arm's last checkpoint on the same {n} val batches ({n * setup['tokens_per_step']:,} tokens; the training-time evals"
-            " used the first of them). The gap is the mean of the per-batch differences from dense, with twice its standard"
+            f"Each arm's last checkpoint on the same {n} val batches ({n * setup.get('tokens_per_eval_batch', setup['tokens_per_step']):,} tokens; the training-time evals"
+            f" used the first {setup.get('eval_batches', '')} of them). The gap is the mean of the per-batch differences from dense, with twice its standard"
             " error: the batches are shared, so their difficulty cancels out of the noise.",
             "",
             "| arm | val loss | minus dense's | ± 2 SE | batches where it beats dense |",
@@ -548,6 +548,8 @@ def run_quality(args) -> int:
         "data": f"{c.data.tokenizer} tokenizer" + (f", first {c.data.max_files} files" if c.data.max_files else ", the embedded stdlib corpus"),
         "jobs": jobs,
         "threads": threads,
+        "eval_batches": c.eval_batches,
+        "tokens_per_eval_batch": c.batch_size * c.model.seq_len,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
