@@ -313,8 +313,10 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
         f"- Data: {setup['data']}",
         "- Equal compute per token: top-1 experts (switch, base) are the dense FFN's size; gshard's top-2 experts have"
         " half its hidden size, so two of them cost one dense FFN. The active-parameter column shows it (the router adds E x d_model).",
-        f"- Arms ran {setup['jobs']} at a time with {setup['threads']} thread(s) each, so tokens/s and wall-clock compare arms"
-        " within this run, not with other machines.",
+        (f"- Arms ran {setup['jobs']} at a time with {setup['threads']} thread(s) each, so tokens/s and wall-clock compare arms"
+         " within this run, not with other machines." if not setup.get("report_only") else
+         "- Reported on runs trained by earlier invocations (`--report-only`): their tokens/s and wall-clock are as measured"
+         " then, with however many arms shared the machine; compare them with care."),
         "",
         "## Table",
         "",
@@ -549,6 +551,7 @@ def run_quality(args) -> int:
         "jobs": jobs,
         "threads": threads,
         "eval_batches": c.eval_batches,
+        "report_only": bool(args.report_only),
         "tokens_per_eval_batch": c.batch_size * c.model.seq_len,
     }
     out = Path(args.out)

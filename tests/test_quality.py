@@ -178,4 +178,5 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     out.write_text(text + "hand-written note\n")
     assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
     assert out.read_text().rstrip().endswith("hand-written note")
+    assert "- Arms ran 2 at a time" in text and "Reported on runs trained by earlier invocations" in out.read_text()
     assert "| dense |" in capsys.readouterr().out
