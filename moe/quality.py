@@ -473,13 +473,18 @@ def _last_step(metrics: Path) -> int:
     try:
         with open(metrics, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
+            start = max(0, f.tell() - 8192)
+            f.seek(start)
             lines = f.read().decode("utf-8", "replace").splitlines()
-        for line in reversed(lines[1:] if len(lines) > 1 else lines):
+        if start > 0:
+            lines = lines[1:]  # it starts mid-record
+        for line in reversed(lines):
             try:
-                return int(json.loads(line).get("step", 0))
-            except (ValueError, AttributeError):
+                r = json.loads(line)
+            except ValueError:
                 continue
+            if isinstance(r, dict) and "step" in r:  # (the end-of-run summary record has none)
+                return int(r["step"])
     except OSError:
         pass
     return 0

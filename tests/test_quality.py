@@ -75,6 +75,16 @@ def test_load_run_reads_curves_time_and_cv(tmp_path):
         load_run(tmp_path / "missing")
 
 
+def test_last_step_skips_the_summary_record(tmp_path):
+    from moe.quality import _last_step
+
+    _write_metrics(tmp_path / "r", [{"step": 0}, {"step": 1500, "val/loss": 1.2}, {"type": "summary", "final/val_loss": 1.2}])
+    assert _last_step(tmp_path / "r" / "metrics.jsonl") == 1500  # a finished arm counts as done from the start
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 7}\n{"step": 8, "trunc')  # a record being written
+    assert _last_step(tmp_path / "r" / "metrics.jsonl") == 7
+    assert _last_step(tmp_path / "missing.jsonl") == 0
+
+
 def _curve(name, losses, every=100, cv=math.nan):
     steps = [every * (i + 1) for i in range(len(losses))]
     return RunCurves(name, val_steps=steps, val_loss=losses, train_steps=steps, train_time_s=[0.1 * s for s in steps],
