@@ -9,8 +9,9 @@ tokens, schedule and seed; only the FFN changes.  Active FLOPs per token stay eq
 
 The runner starts ``--jobs`` arms at a time with ``cpu_count // jobs`` threads each, polls
 their ``metrics.jsonl`` for one progress bar, and then writes the report (a markdown table
-and PNG plots).  A finished arm is not re-trained: ``moe-train`` resumes from its checkpoint
-and only re-evaluates, so a crashed comparison is re-run with the same command.  Reading and
+and PNG plots).  A finished arm is not launched again (its run dir's config must match the
+arm's: other overrides are a one-line error before anything starts), and a part-trained one
+resumes from its checkpoint, so a crashed comparison is re-run with the same command.  Reading and
 reporting (:func:`load_run`, :func:`steps_to_reach`, :func:`summarize`, :func:`render`) are
 pure and tested without training.
 """
@@ -469,32 +470,47 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _last_step(metrics: Path) -> int:
+def _tail_records(metrics: Path, nbytes: int = 8192) -> list[dict]:
+    """The whole records among the last ``nbytes`` of a ``metrics.jsonl`` ([] if none)."""
     try:
         with open(metrics, "rb") as f:
             f.seek(0, os.SEEK_END)
-            start = max(0, f.tell() - 8192)
+            start = max(0, f.tell() - nbytes)
             f.seek(start)
             lines = f.read().decode("utf-8", "replace").splitlines()
-        if start > 0:
-            lines = lines[1:]  # it starts mid-record
-        for line in reversed(lines):
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and "step" in r:  # (the end-of-run summary record has none)
-                return int(r["step"])
     except OSError:
-        pass
+        return []
+    if start > 0:
+        lines = lines[1:]  # it starts mid-record
+    out = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # e.g. a record still being written
+        if isinstance(r, dict):
+            out.append(r)
+    return out
+
+
+def _last_step(metrics: Path) -> int:
+    for r in reversed(_tail_records(metrics)):
+        if "step" in r:  # (the end-of-run summary record has none)
+            return int(r["step"])
     return 0
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    """The run reached ``steps`` and ended cleanly (its summary record is written last)."""
+    recs = _tail_records(run_dir / "metrics.jsonl")
+    return bool(recs) and recs[-1].get("type") == "summary" and _last_step(run_dir / "metrics.jsonl") >= steps
 
 
 def run_quality(args) -> int:
     """Plan every arm (validating its config before anything starts), train the missing
     ones, and write the report."""
     from moe.cli import config_from_hydra
-    from moe.config import ConfigError
+    from moe.config import ConfigError, to_dict
 
     arms = [parse_arm(a) for a in args.arms.split(",")] if args.arms else list(DEFAULT_ARMS)
     extra = list(args.overrides) + (SMOKE_OVERRIDES if args.smoke else [])
@@ -514,7 +530,27 @@ def run_quality(args) -> int:
             return 2
         plans.append((arm, run_dir, ov, cfg))
     steps = plans[0][3].steps
-    if not args.report_only and not any(o.startswith("peak_flops=") for o in extra):
+    # A finished arm is not launched again; but only if it is this arm: a run dir trained with
+    # other overrides is the same one-line error moe-train would give, before anything starts.
+    from moe.train import check_resumable
+
+    todo = []
+    for plan in plans:
+        arm, run_dir, _, cfg = plan
+        if not _finished(run_dir, steps):
+            todo.append(plan)
+            continue
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            todo.append(plan)  # no readable config.json: let moe-train decide
+            continue
+        try:
+            check_resumable(saved, to_dict(cfg), run_dir)
+        except ConfigError as e:
+            print(f"moe-bench quality: error: arm {arm.name}: {e}", file=sys.stderr)
+            return 2
+    if not args.report_only and todo and not any(o.startswith("peak_flops=") for o in extra):
         # One peak for every arm, measured here before any arm runs: an arm measuring its own
         # while others train would get a fraction of it and report MFU above 100%.
         import torch
@@ -525,8 +561,8 @@ def run_quality(args) -> int:
         torch.set_num_threads(threads)
         peak = measure_peak_flops(resolve_device(plans[0][3].device), seconds=1.0, n=2048)
         print(f"moe-bench quality: matmul peak {peak / 1e9:.1f} GFLOP/s with {threads} thread(s); every arm's MFU is against it", file=sys.stderr)
-        plans = [(arm, run_dir, ov + [f"peak_flops={peak:.6g}"], cfg) for arm, run_dir, ov, cfg in plans]
-    failed = [] if args.report_only else _train_arms(plans, jobs, steps, Path(args.log_dir or runs_dir / "logs"))
+        todo = [(arm, run_dir, ov + [f"peak_flops={peak:.6g}"], cfg) for arm, run_dir, ov, cfg in todo]
+    failed = [] if args.report_only or not todo else _train_arms(todo, jobs, steps, Path(args.log_dir or runs_dir / "logs"))
     runs = []
     for arm, run_dir, _, _ in plans:
         try:

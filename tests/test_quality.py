@@ -186,6 +186,13 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
         assert (tmp_path / "results_plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"results_plots/{png}" in text
     out.write_text(text + "hand-written note\n")
+    metrics = {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in ("dense-e1", "switch-e8")}
+    assert bench_main(argv) == 0  # finished arms are not launched again: their metrics stay as they were
+    assert {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in metrics} == metrics
+    capsys.readouterr()
+    assert bench_main(argv + ["moe.aux_loss_weight=0.5"]) == 2  # ... unless the overrides changed: one line, nothing run
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
     assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
     assert out.read_text().rstrip().endswith("hand-written note")
     assert "- Arms ran 2 at a time" in text and "Reported on runs trained by earlier invocations" in out.read_text()
