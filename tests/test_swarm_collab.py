@@ -145,7 +145,10 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
         assert sa >= 4 and sb >= 4, (sa, sb)
         assert max(r["collab/peers"] for r in ha) == 2 and max(r["collab/peers"] for r in hb) == 2
         assert max(r["moe/served_fraction"] for r in ha + hb) > 0.5  # the tokens went to the server's experts
-        assert na < 4 * TARGET // BATCH and nb < 4 * TARGET // BATCH  # neither did the 4 steps' batches alone
+        # both contributed, and at least one stepped on fewer batches than the 4 steps need (a
+        # faster peer may fill a round alone while the other is still starting: hivemind steps
+        # when the swarm's samples reach the target, whoever sent them)
+        assert na > 0 and nb > 0 and min(na, nb) < 4 * TARGET // BATCH, (na, nb)
         sa, pa = _state(a)
         sb, pb = _state(b)
         assert sa == sb
