@@ -387,6 +387,18 @@ def plot(runs: list[RunCurves], out_dir: Path) -> dict[str, Path]:
         color = {"dense": "black", "switch": "tab:blue", "gshard": "tab:orange", "base": "tab:green"}.get(fam, None)
         return {"color": color, "linestyle": "--" if r.name.endswith("-16") else "-", "label": r.name, "linewidth": 1.4}
 
+    def save(fig, ax, *, xlabel: str, ylabel: str, title: str, key: str, png: str) -> None:
+        """Label, grid and legend the axes; write ``out_dir/png`` as ``figs[key]``."""
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs[key] = out_dir / png
+        fig.savefig(figs[key])
+        plt.close(fig)
+
     for key, title, xs_of, xlabel in (
         ("val_loss_vs_steps", "Val loss vs steps", lambda r: r.val_steps, "step"),
         ("val_loss_vs_time", "Val loss vs training time", lambda r: [r.time_at(s) for s in r.val_steps], "training seconds (eval excluded)"),
@@ -399,15 +411,7 @@ def plot(runs: list[RunCurves], out_dir: Path) -> dict[str, Path]:
         tail = [r.val_loss[len(r.val_loss) // 5] for r in runs if r.val_loss]  # leave the first fifth's steep drop out of the y range
         if tail:
             ax.set_ylim(lo - 0.02 * abs(lo), max(tail))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss (nats/token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figs[title] = out_dir / f"{key}.png"
-        fig.savefig(figs[title])
-        plt.close(fig)
+        save(fig, ax, xlabel=xlabel, ylabel="val loss (nats/token)", title=title, key=title, png=f"{key}.png")
     base = next((r for r in runs if r.name == "dense" and r.val_steps), None)
     others = [r for r in runs if r is not base and r.val_steps]
     if base is not None and others:  # the curves overlap at this scale; their gap does not
@@ -422,29 +426,15 @@ def plot(runs: list[RunCurves], out_dir: Path) -> dict[str, Path]:
         if kept:
             pad = 0.1 * (max(kept + [0.0]) - min(kept + [0.0])) or 0.01
             ax.set_ylim(min(kept + [0.0]) - pad, max(kept + [0.0]) + pad)
-        ax.set_xlabel("step")
-        ax.set_ylabel("val loss minus dense's (nats/token)")
-        ax.set_title("Val loss minus dense's at the same step (below 0: ahead of dense)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figs["Val loss minus dense's vs steps"] = out_dir / "val_loss_gap_vs_steps.png"
-        fig.savefig(figs["Val loss minus dense's vs steps"])
-        plt.close(fig)
+        save(fig, ax, xlabel="step", ylabel="val loss minus dense's (nats/token)", title="Val loss minus dense's at the same step (below 0: ahead of dense)",
+             key="Val loss minus dense's vs steps", png="val_loss_gap_vs_steps.png")
     moe_runs = [r for r in runs if any(not math.isnan(c) for c in r.cv)]
     if moe_runs:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         for r in moe_runs:
             ax.plot(r.train_steps, r.cv, **style(r))
-        ax.set_xlabel("step")
-        ax.set_ylabel("load CV (mean over MoE layers)")
-        ax.set_title("Expert-load coefficient of variation over training")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figs["Load CV over training"] = out_dir / "load_cv.png"
-        fig.savefig(figs["Load CV over training"])
-        plt.close(fig)
+        save(fig, ax, xlabel="step", ylabel="load CV (mean over MoE layers)", title="Expert-load coefficient of variation over training",
+             key="Load CV over training", png="load_cv.png")
     return figs
 
 
