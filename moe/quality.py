@@ -496,6 +496,22 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return bool(recs) and recs[-1].get("type") == "summary" and _last_step(run_dir / "metrics.jsonl") >= steps
 
 
+def _start_step(run_dir: Path, steps: int) -> int:
+    """The step an arm's run starts from: ``steps`` if it finished, else its checkpoint's step
+    (the trainer drops the metrics records logged after the checkpoint when it resumes)."""
+    if _finished(run_dir, steps):
+        return steps
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return 0
+    try:
+        import torch
+
+        return min(steps, int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]))
+    except Exception:  # a checkpoint torn by a crash: the trainer will say so, one arm in
+        return 0
+
+
 def run_quality(args) -> int:
     """Plan every arm (validating its config before anything starts), train the missing
     ones, and write the report."""
@@ -612,7 +628,10 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
     failed: list[str] = []
     # Arms already trained (or part-trained) count from the start, so the rate and the ETA are
     # those of the steps this command trains, not inflated by a finished arm's steps.
-    done_steps = {arm.name: min(steps, _last_step(run_dir / "metrics.jsonl")) for arm, run_dir, _, _ in plans}
+    # A part-trained arm counts from its checkpoint's step, not its last logged one: the metrics
+    # logged after the checkpoint are dropped on resume, and the bar must not run backwards.
+    start = {arm.name: _start_step(run_dir, steps) for arm, run_dir, _, _ in plans}
+    done_steps = dict(start)
     bar = tqdm(total=steps * len(plans), initial=sum(done_steps.values()), desc="quality", unit="step", file=sys.stderr, dynamic_ncols=True)
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     try:
@@ -624,7 +643,7 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
                 running[arm.name] = (proc, log, run_dir)
             time.sleep(1.0)
             for name, (proc, log, run_dir) in list(running.items()):
-                done_steps[name] = min(steps, _last_step(run_dir / "metrics.jsonl"))
+                done_steps[name] = max(start[name], min(steps, _last_step(run_dir / "metrics.jsonl")))
                 if proc.poll() is not None:
                     log.close()
                     del running[name]

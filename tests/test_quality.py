@@ -85,6 +85,24 @@ def test_last_step_skips_the_summary_record(tmp_path):
     assert _last_step(tmp_path / "missing.jsonl") == 0
 
 
+def test_a_part_trained_arm_starts_from_its_checkpoint_step(tmp_path):
+    # The trainer drops the records logged after the checkpoint when it resumes, so the last
+    # logged step (375) would make the progress bar run backwards to 250.
+    from moe import checkpoint as ckpt
+    from moe.quality import _start_step
+
+    run = tmp_path / "r"
+    _write_metrics(run, [{"step": 250}, {"step": 375}])
+    assert _start_step(run, 1500) == 0  # no checkpoint yet: it starts over
+    ckpt.save_atomic({"step": 250, "model": {}}, run / "checkpoint.pt")
+    assert _start_step(run, 1500) == 250
+    _write_metrics(run, [{"step": 1500}, {"type": "summary", "final/val_loss": 1.2}])
+    assert _start_step(run, 1500) == 1500  # finished
+    (run / "checkpoint.pt").write_bytes(b"torn")
+    _write_metrics(run, [{"step": 375}])
+    assert _start_step(run, 1500) == 0
+
+
 def _curve(name, losses, every=100, cv=math.nan):
     steps = [every * (i + 1) for i in range(len(losses))]
     return RunCurves(name, val_steps=steps, val_loss=losses, train_steps=steps, train_time_s=[0.1 * s for s in steps],
