@@ -106,28 +106,34 @@ def case_global_grad_norm(rank, states, *, cfg, data):
     return norm, t.params["total"], sum(p.numel() for p in t.model.parameters())
 
 
-def case_ctrl_c_on_one_rank(rank, states, *, cfg, data):
-    """Rank 1 alone gets Ctrl-C after step 2: both ranks stop (and checkpoint) at step 3."""
-    real = Trainer.train_step
+def fit_with_ctrl_c_on_rank_1(trainer_cls, make, rank):
+    """Patch ``trainer_cls.train_step`` so that rank 1 alone gets SIGINT after step 2, build the
+    trainer with ``make()``, fit it; ("interrupted" | "finished", the step it stopped at)."""
+    real = trainer_cls.train_step
 
-    def step(self, load):
-        out = real(self, load)
+    def step(self, *args):
+        out = real(self, *args)
         if rank == 1 and self.step == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    Trainer.train_step = step
+    trainer_cls.train_step = step
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
+        t = make()
         try:
             t.fit()
         except KeyboardInterrupt:
             return ("interrupted", t.step)
         return ("finished", t.step)
     finally:
-        Trainer.train_step = real
+        trainer_cls.train_step = real
         signal.signal(signal.SIGINT, previous)
+
+
+def case_ctrl_c_on_one_rank(rank, states, *, cfg, data):
+    """Rank 1 alone gets Ctrl-C after step 2: both ranks stop (and checkpoint) at step 3."""
+    return fit_with_ctrl_c_on_rank_1(Trainer, lambda: Trainer(cfg, data=data, state=states[cfg.parallel.ep_size]), rank)
 
 
 def case_nan_on_one_rank(rank, states, *, cfg, data):

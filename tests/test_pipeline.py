@@ -41,7 +41,7 @@ from moe.model import TransformerLM  # noqa: E402
 from moe.train import Trainer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_expert_parallel import WorkerPair, _free_port  # noqa: E402
-from tests.test_parallel_train import pair  # noqa: E402,F401  (the module-scoped 2-rank worker pair)
+from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1, pair  # noqa: E402,F401  (pair: the module-scoped 2-rank worker pair)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 M = 2  # micro-batches per step (= pp_size: the pipeline fills)
@@ -87,31 +87,10 @@ def case_fit(rank, states, *, cfg, data):
 def case_ctrl_c_on_the_last_stage(rank, states, *, cfg, data):
     """Rank 1 (the last stage) alone gets Ctrl-C during step 2: both stages stop after step 3
     (the flag rides on the step's loss all-reduce) and checkpoint there."""
-    import signal
-
     from moe.parallel.pipeline import PipelineTrainer
 
     _join_deepspeed(rank)
-    real = PipelineTrainer.train_step
-
-    def step(self):
-        out = real(self)
-        if rank == 1 and self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    PipelineTrainer.train_step = step
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        t = PipelineTrainer(cfg, data=data, state=states[1])
-        try:
-            t.fit()
-        except KeyboardInterrupt:
-            return ("interrupted", t.step)
-        return ("finished", t.step)
-    finally:
-        PipelineTrainer.train_step = real
-        signal.signal(signal.SIGINT, previous)
+    return fit_with_ctrl_c_on_rank_1(PipelineTrainer, lambda: PipelineTrainer(cfg, data=data, state=states[1]), rank)
 
 
 def case_first_router_grad(rank, states, *, cfg, data):
