@@ -315,9 +315,9 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
         "- Equal compute per token: top-1 experts (switch, base) are the dense FFN's size; gshard's top-2 experts have"
         " half its hidden size, so two of them cost one dense FFN. The active-parameter column shows it (the router adds E x d_model).",
         (f"- Arms ran {setup['jobs']} at a time with {setup['threads']} thread(s) each, so tokens/s and wall-clock compare arms"
-         " within this run, not with other machines." if not setup.get("report_only") else
-         "- Reported on runs trained by earlier invocations (`--report-only`): their tokens/s and wall-clock are as measured"
-         " then, with however many arms shared the machine; compare them with care."),
+         " within this run, not with other machines." if not setup.get("trained_earlier") else
+         f"- Trained by earlier invocations with this config (their run dirs' config.json match it): {', '.join(setup['trained_earlier'])}."
+         " Their tokens/s and wall-clock are as measured then, with however many arms shared the machine; compare them with care."),
         "",
         "## Table",
         "",
@@ -598,7 +598,7 @@ def run_quality(args) -> int:
         "jobs": jobs,
         "threads": threads,
         "eval_batches": c.eval_batches,
-        "report_only": bool(args.report_only),
+        "trained_earlier": [arm.name for arm, *_ in plans if args.report_only or all(arm is not t[0] for t in todo)],
         "tokens_per_eval_batch": c.batch_size * c.model.seq_len,
     }
     out = Path(args.out)

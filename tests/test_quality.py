@@ -207,11 +207,13 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     metrics = {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in ("dense-e1", "switch-e8")}
     assert bench_main(argv) == 0  # finished arms are not launched again: their metrics stay as they were
     assert {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in metrics} == metrics
+    assert "- Trained by earlier invocations with this config (their run dirs' config.json match it): dense, switch-8, gshard-8, base-8." in out.read_text()
     capsys.readouterr()
     assert bench_main(argv + ["moe.aux_loss_weight=0.5"]) == 2  # ... unless the overrides changed: one line, nothing run
     err = capsys.readouterr().err
     assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
     assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
     assert out.read_text().rstrip().endswith("hand-written note")
-    assert "- Arms ran 2 at a time" in text and "Reported on runs trained by earlier invocations" in out.read_text()
+    assert "- Arms ran 2 at a time" in text and "- Trained by earlier invocations" not in text  # the first run trained them all
+    assert "- Trained by earlier invocations with this config" in out.read_text()
     assert "| dense |" in capsys.readouterr().out
