@@ -512,6 +512,30 @@ def _start_step(run_dir: Path, steps: int) -> int:
         return 0
 
 
+# moe-train lets a resumed run change its schedule and length (to extend a run, say); an arm of
+# the comparison may not: its curve would mix two schedules, or a longer run would be read as
+# this one.
+SAME_TRAINING_KEYS = ("steps", "optim", "batch_size", "grad_accum")
+
+
+def _check_same_training(saved: dict, current: dict, run_dir: Path) -> None:
+    from moe.config import ConfigError
+
+    def pick(d: dict) -> dict:
+        out = {}
+        for k in SAME_TRAINING_KEYS:
+            v = d.get(k)
+            for sub, x in (v.items() if isinstance(v, dict) else [("", v)]):
+                out[f"{k}.{sub}" if sub else k] = x
+        return out
+
+    a, b = pick(saved), pick(current)
+    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k in a]
+    if diff:
+        raise ConfigError(f"{run_dir} was trained with another schedule ({', '.join(diff[:4])}); every arm of a comparison needs the same one:"
+                          " pass --runs-dir NEW_DIR, or move that run dir away")
+
+
 def run_quality(args) -> int:
     """Plan every arm (validating its config before anything starts), train the missing
     ones, and write the report."""
@@ -519,7 +543,7 @@ def run_quality(args) -> int:
     from moe.config import ConfigError, to_dict
 
     arms = [parse_arm(a) for a in args.arms.split(",")] if args.arms else list(DEFAULT_ARMS)
-    extra = list(args.overrides) + (SMOKE_OVERRIDES if args.smoke else [])
+    extra = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides)  # the user's overrides win
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     runs_dir = Path(args.runs_dir).resolve()
@@ -545,14 +569,13 @@ def run_quality(args) -> int:
         arm, run_dir, _, cfg = plan
         if not _finished(run_dir, steps):
             todo.append(plan)
-            continue
         try:
             saved = json.loads((run_dir / "config.json").read_text())
         except (OSError, ValueError):
-            todo.append(plan)  # no readable config.json: let moe-train decide
-            continue
+            continue  # a new arm (or no readable config.json: moe-train decides)
         try:
             check_resumable(saved, to_dict(cfg), run_dir)
+            _check_same_training(saved, to_dict(cfg), run_dir)
         except ConfigError as e:
             print(f"moe-bench quality: error: arm {arm.name}: {e}", file=sys.stderr)
             return 2

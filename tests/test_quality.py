@@ -212,6 +212,11 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     assert bench_main(argv + ["moe.aux_loss_weight=0.5"]) == 2  # ... unless the overrides changed: one line, nothing run
     err = capsys.readouterr().err
     assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
+    # moe-train would resume with another schedule or length; an arm of a comparison may not
+    assert bench_main(argv + ["optim.lr=0.003"]) == 2
+    assert "was trained with another schedule (optim.lr: 0.002 -> 0.003)" in capsys.readouterr().err
+    assert bench_main(argv + ["steps=24"]) == 2
+    assert "was trained with another schedule (steps: 12 -> 24)" in capsys.readouterr().err
     assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
     assert out.read_text().rstrip().endswith("hand-written note")
     assert "- Arms ran 2 at a time" in text and "- Trained by earlier invocations" not in text  # the first run trained them all
