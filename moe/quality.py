@@ -676,7 +676,7 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
                     else:
                         done_steps[name] = steps
             bar.n = sum(done_steps.values())
-            bar.set_postfix_str(" ".join(sorted(running)))
+            bar.set_postfix_str(" ".join(sorted(running)), refresh=False)  # one refresh a poll, not two
             bar.refresh()
     finally:
         for proc, log, _ in running.values():  # Ctrl-C: each arm finishes its step and checkpoints
