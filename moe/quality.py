@@ -569,6 +569,8 @@ def run_quality(args) -> int:
         arm, run_dir, _, cfg = plan
         if not _finished(run_dir, steps):
             todo.append(plan)
+            if not (run_dir / "checkpoint.pt").exists():
+                continue  # nothing to resume: moe-train starts it over
         try:
             saved = json.loads((run_dir / "config.json").read_text())
         except (OSError, ValueError):
