@@ -9,7 +9,7 @@ import random
 import pytest
 
 from moe.bench import main as bench_main
-from moe.quality import NOTES_MARKER, Arm, RunCurves, bar_checks, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
+from moe.quality import NOTES_MARKER, Arm, _compose, RunCurves, bar_checks, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
 
 
 def _naive_reach(steps, losses, target, grid=20000):
@@ -213,8 +213,9 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
     # moe-train would resume with another schedule or length; an arm of a comparison may not
-    assert bench_main(argv + ["optim.lr=0.003"]) == 2
-    assert "was trained with another schedule (optim.lr: 0.002 -> 0.003)" in capsys.readouterr().err
+    lr = _compose(["experiment=quality"]).optim.lr
+    assert bench_main(argv + [f"optim.lr={lr / 2}"]) == 2
+    assert f"was trained with another schedule (optim.lr: {lr!r} -> {lr / 2!r})" in capsys.readouterr().err
     assert bench_main(argv + ["steps=24"]) == 2
     assert "was trained with another schedule (steps: 12 -> 24)" in capsys.readouterr().err
     assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
