@@ -483,17 +483,21 @@ def _tail_records(metrics: Path, nbytes: int = 8192) -> list[dict]:
     return out
 
 
-def _last_step(metrics: Path) -> int:
-    for r in reversed(_tail_records(metrics)):
+def _step_of(records: list[dict]) -> int:
+    for r in reversed(records):
         if "step" in r:  # (the end-of-run summary record has none)
             return int(r["step"])
     return 0
 
 
+def _last_step(metrics: Path) -> int:
+    return _step_of(_tail_records(metrics))
+
+
 def _finished(run_dir: Path, steps: int) -> bool:
     """The run reached ``steps`` and ended cleanly (its summary record is written last)."""
     recs = _tail_records(run_dir / "metrics.jsonl")
-    return bool(recs) and recs[-1].get("type") == "summary" and _last_step(run_dir / "metrics.jsonl") >= steps
+    return bool(recs) and recs[-1].get("type") == "summary" and _step_of(recs) >= steps
 
 
 def _start_step(run_dir: Path, steps: int) -> int:
@@ -576,8 +580,9 @@ def run_quality(args) -> int:
         except (OSError, ValueError):
             continue  # a new arm (or no readable config.json: moe-train decides)
         try:
-            check_resumable(saved, to_dict(cfg), run_dir)
-            _check_same_training(saved, to_dict(cfg), run_dir)
+            current = to_dict(cfg)
+            check_resumable(saved, current, run_dir)
+            _check_same_training(saved, current, run_dir)
         except ConfigError as e:
             print(f"moe-bench quality: error: arm {arm.name}: {e}", file=sys.stderr)
             return 2
@@ -593,6 +598,7 @@ def run_quality(args) -> int:
         peak = measure_peak_flops(resolve_device(plans[0][3].device), seconds=1.0, n=2048)
         print(f"moe-bench quality: matmul peak {peak / 1e9:.1f} GFLOP/s with {threads} thread(s); every arm's MFU is against it", file=sys.stderr)
         todo = [(arm, run_dir, ov + [f"peak_flops={peak:.6g}"], cfg) for arm, run_dir, ov, cfg in todo]
+    trained_here = {arm.name for arm, *_ in todo}
     failed = [] if args.report_only or not todo else _train_arms(todo, jobs, steps, Path(args.log_dir or runs_dir / "logs"))
     runs = []
     for arm, run_dir, _, _ in plans:
@@ -623,7 +629,7 @@ def run_quality(args) -> int:
         "jobs": jobs,
         "threads": threads,
         "eval_batches": c.eval_batches,
-        "trained_earlier": [arm.name for arm, *_ in plans if args.report_only or all(arm is not t[0] for t in todo)],
+        "trained_earlier": [arm.name for arm, *_ in plans if args.report_only or arm.name not in trained_here],
         "tokens_per_eval_batch": c.batch_size * c.model.seq_len,
     }
     out = Path(args.out)
