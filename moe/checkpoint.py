@@ -40,9 +40,11 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """``mmap=True`` maps the tensors instead of reading them: for a peek at the step or the
+    config of a large checkpoint."""
     # weights_only=False: the state holds RNG states and plain config dicts we wrote ourselves.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
 
 
 def rng_state() -> dict[str, Any]:

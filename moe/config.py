@@ -257,6 +257,17 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"a.b.c": leaf}``: the form that config diffs are shown in."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # validation: one check, one line
 

@@ -232,7 +232,7 @@ def final_eval(plans, batches: int, *, progress: bool = True) -> dict[str, list[
         path = run_dir / "checkpoint.pt"
         if not path.exists():
             continue
-        step = int(load_ckpt(path)["step"])
+        step = int(load_ckpt(path, mmap=True)["step"])
         if step < cfg.steps:
             continue  # not finished: no final eval
         cache = run_dir / "final_eval.json"
@@ -509,11 +509,30 @@ def _start_step(run_dir: Path, steps: int) -> int:
     if not path.exists():
         return 0
     try:
-        import torch
+        from moe.checkpoint import load
 
-        return min(steps, int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]))
+        return min(steps, int(load(path, mmap=True)["step"]))
     except Exception:  # a checkpoint torn by a crash: the trainer will say so, one arm in
         return 0
+
+
+def _file_sig(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _steps_done(run_dir: Path, start: int, stale: tuple | None, steps: int) -> int:
+    """An arm's progress while it trains.  Until moe-train has touched its metrics.jsonl
+    (``stale`` is the file's signature at launch) the records in it may be ones it is about to
+    drop (logged after the checkpoint, or by a run that never checkpointed): count from
+    ``start`` until then, so the bar never jumps ahead and back."""
+    path = run_dir / "metrics.jsonl"
+    if _file_sig(path) == stale:
+        return start
+    return max(start, min(steps, _last_step(path)))
 
 
 # moe-train lets a resumed run change its schedule and length (to extend a run, say); an arm of
@@ -523,18 +542,10 @@ SAME_TRAINING_KEYS = ("steps", "optim", "batch_size", "grad_accum")
 
 
 def _check_same_training(saved: dict, current: dict, run_dir: Path) -> None:
-    from moe.config import ConfigError
+    from moe.config import ConfigError, flatten
 
-    def pick(d: dict) -> dict:
-        out = {}
-        for k in SAME_TRAINING_KEYS:
-            v = d.get(k)
-            for sub, x in (v.items() if isinstance(v, dict) else [("", v)]):
-                out[f"{k}.{sub}" if sub else k] = x
-        return out
-
-    a, b = pick(saved), pick(current)
-    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k in a]
+    a, b = ({k: v for k, v in flatten(d).items() if k.split(".")[0] in SAME_TRAINING_KEYS} for d in (saved, current))
+    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a) if a[k] != b.get(k)]
     if diff:
         raise ConfigError(f"{run_dir} was trained with another schedule ({', '.join(diff[:4])}); every arm of a comparison needs the same one:"
                           " pass --runs-dir NEW_DIR, or move that run dir away")
@@ -663,6 +674,7 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
     # logged after the checkpoint are dropped on resume, and the bar must not run backwards.
     start = {arm.name: _start_step(run_dir, steps) for arm, run_dir, _, _ in plans}
     done_steps = dict(start)
+    stale: dict[str, tuple | None] = {}
     bar = tqdm(total=steps * len(plans), initial=sum(done_steps.values()), desc="quality", unit="step", file=sys.stderr, dynamic_ncols=True)
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     try:
@@ -672,9 +684,10 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
                 log = open(log_dir / f"{arm.run_name}.log", "w")
                 proc = subprocess.Popen([sys.executable, "-m", "moe.cli", *ov, "logger.progress=false"], stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[arm.name] = (proc, log, run_dir)
+                stale[arm.name] = _file_sig(run_dir / "metrics.jsonl")
             time.sleep(1.0)
             for name, (proc, log, run_dir) in list(running.items()):
-                done_steps[name] = max(start[name], min(steps, _last_step(run_dir / "metrics.jsonl")))
+                done_steps[name] = _steps_done(run_dir, start[name], stale[name], steps)
                 if proc.poll() is not None:
                     log.close()
                     del running[name]

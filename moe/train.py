@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 
 from moe import checkpoint as ckpt
-from moe.config import ConfigError, TrainConfig, to_dict, validate
+from moe.config import ConfigError, TrainConfig, flatten, to_dict, validate
 from moe.data import TokenData, load_data
 from moe.experts import GroupedExperts
 from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
@@ -597,17 +597,10 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size:
     """A checkpoint is resumed only by the config that wrote it (schedule, logging,
     evaluation and the parallel layout may change, the global batch may not); anything else
     is a one-line ConfigError naming the keys."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    a, b = dict(flat(saved)), dict(flat(current))
+    a, b = flatten(saved), flatten(current)
     # A key the checkpoint does not have, at its default now, came with a newer version of
     # this package: the run that wrote the checkpoint behaved as the default does.
-    defaults = dict(flat(to_dict(TrainConfig())))
+    defaults = flatten(to_dict(TrainConfig()))
     added = {k for k in set(b) - set(a) if k in defaults and b[k] == defaults[k]}
     diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in added and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
     def global_batch(d: dict, dp: int) -> tuple[int, str]:

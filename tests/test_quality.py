@@ -103,6 +103,32 @@ def test_a_part_trained_arm_starts_from_its_checkpoint_step(tmp_path):
     assert _start_step(run, 1500) == 0
 
 
+def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
+    # Until moe-train rewrites metrics.jsonl, its stale tail (375) must not show: the bar
+    # would jump to 375 and back to the checkpoint's 250 (or to 0 for a run started over).
+    from moe.quality import _file_sig, _steps_done
+    from moe.train import _truncate_jsonl
+
+    run = tmp_path / "r"
+    path = run / "metrics.jsonl"
+    _write_metrics(run, [{"step": 250}, {"step": 375}])
+    stale = _file_sig(path)
+    assert _steps_done(run, 250, stale, 1500) == 250  # launched, trainer not yet started
+    _truncate_jsonl(path, 250)  # what the trainer does on resume
+    assert _steps_done(run, 250, stale, 1500) == 250
+    with path.open("a") as f:
+        f.write('{"step": 275}\n')
+    assert _steps_done(run, 250, stale, 1500) == 275
+    _write_metrics(run, [{"step": 200}])  # a run that never checkpointed: it starts over
+    stale = _file_sig(path)
+    assert _steps_done(run, 0, stale, 1500) == 0
+    path.unlink()  # what the trainer does on a fresh start
+    assert _steps_done(run, 0, stale, 1500) == 0
+    _write_metrics(run, [{"step": 25}])
+    assert _steps_done(run, 0, stale, 1500) == 25
+    assert _steps_done(tmp_path / "new", 0, None, 1500) == 0  # a new arm, no file yet
+
+
 def _curve(name, losses, every=100, cv=math.nan):
     steps = [every * (i + 1) for i in range(len(losses))]
     return RunCurves(name, val_steps=steps, val_loss=losses, train_steps=steps, train_time_s=[0.1 * s for s in steps],
