@@ -105,6 +105,10 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # The experts' learning rate as a multiple of lr (their weight decay scales with it, as
+    # AdamW's does).  Each expert learns from about top_k/E of the tokens, so its gradient is
+    # noisier than a shared weight's, while Adam's step is the same size.
+    expert_lr_scale: float = 1.0
 
 
 @dataclass
@@ -446,6 +450,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 <= o.beta2 < 1, f"optim.beta2={o.beta2} must be in [0, 1) (0.95-0.999 is typical)")
     _check(o.eps > 0, f"optim.eps={o.eps} must be > 0 (1e-8 is typical)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    _check(0 <= o.expert_lr_scale and math.isfinite(o.expert_lr_scale), f"optim.expert_lr_scale={o.expert_lr_scale} must be a number >= 0 (1: the experts learn at optim.lr)")
+    _check(o.expert_lr_scale == 1 or cfg.moe.name not in ("dense", "hivemind"),
+           f"optim.expert_lr_scale={o.expert_lr_scale} with moe={cfg.moe.name}: " + ("a dense model has no experts" if cfg.moe.name == "dense" else "the swarm's experts train on their servers, with the servers' optimizer") + "; set optim.expert_lr_scale=1")
 
     lg = cfg.logger
     _check(lg.wandb_mode in ("offline", "online", "disabled"), f"logger.wandb_mode={lg.wandb_mode!r}; use offline, online or disabled")

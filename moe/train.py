@@ -103,14 +103,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW's parameter groups: matrices (incl. stacked expert weights and the router) decay,
-    norms and biases don't.  Their order is the checkpoint's optimizer layout."""
+    norms and biases don't.  With ``optim.expert_lr_scale != 1`` each splits in two, shared
+    parameters then expert ones, and a group's ``lr_scale`` is the multiple of the schedule's
+    learning rate it trains at (:func:`set_lr`).  Their order is the checkpoint's optimizer
+    layout (at scale 1 it is the two groups it always was)."""
     o = cfg.optim
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": o.weight_decay, "lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps},
-        {"params": no_decay, "weight_decay": 0.0, "lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps},
-    ]
+    split: list[tuple[list, float, float]] = [(decay, o.weight_decay, 1.0), (no_decay, 0.0, 1.0)]
+    if o.expert_lr_scale != 1.0:
+        from moe.parallel import expert_parameters
+
+        expert_ids = {id(p) for _, p in expert_parameters(model)}
+        split = [(sub, wd, scale) for params, wd, _ in split
+                 for sub, scale in (([p for p in params if id(p) not in expert_ids], 1.0), ([p for p in params if id(p) in expert_ids], o.expert_lr_scale)) if sub]
+    return [{"params": params, "weight_decay": wd, "lr": o.lr * scale, "lr_scale": scale, "betas": (o.beta1, o.beta2), "eps": o.eps}
+            for params, wd, scale in split]
+
+
+def set_lr(param_groups: list[dict[str, Any]], lr: float) -> None:
+    """The schedule's learning rate into every group, times the group's ``lr_scale``."""
+    for group in param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def model_config(cfg: TrainConfig, data: TokenData):
@@ -405,8 +419,7 @@ class Trainer:
                 gn = float(zero_norm)
                 self._check_finite(lm, aux, z, gn)  # (this step is applied already, and not saved)
         else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer.param_groups, lr)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (see experts._GroupedMM)
         self.step += 1
@@ -590,6 +603,9 @@ class _StopFlag:
 # Keys that may differ between a checkpoint's run and the run resuming it.  parallel.*: a
 # checkpoint holds the whole model whatever the layout (moe.parallel.reshard); batch_size and
 # grad_accum: only the global batch (batch_size x grad_accum x data-parallel ranks) counts.
+# optim.expert_lr_scale may not (it splits the optimizer's groups, and a checkpoint's groups
+# bring their own lr_scale back with them).
+RESUME_FIXED_KEYS = ("optim.expert_lr_scale",)
 RESUME_FREE_KEYS = ("steps", "resume", "out_dir", "run_name", "eval_every", "eval_batches", "ckpt_every", "threads", "peak_flops", "device", "logger", "optim", "data.cache_dir", "parallel", "batch_size", "grad_accum")
 
 
@@ -602,7 +618,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size:
     # this package: the run that wrote the checkpoint behaved as the default does.
     defaults = flatten(to_dict(TrainConfig()))
     added = {k for k in set(b) - set(a) if k in defaults and b[k] == defaults[k]}
-    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in added and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in added and (k in RESUME_FIXED_KEYS or not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))]
     def global_batch(d: dict, dp: int) -> tuple[int, str]:
         bs, ga = d.get("batch_size", 0), d.get("grad_accum", 1)
         return bs * ga * dp, f"{bs}x{ga}x{dp}={bs * ga * dp}"

@@ -101,6 +101,21 @@ def test_zero_with_capacity_aux_loss_equals_one_process_with_grad_accum(pair, tm
 
 
 @pytest.mark.slow
+def test_zero1_with_an_expert_lr_scale_equals_one_process(pair, tmp_path, tiny_data):
+    # The scaled expert groups survive DeepSpeed's split into shared and expert groups and
+    # ZeRO's flattening: 3 steps match the one-process run at the same scale (whose experts
+    # move at the scale: tests/test_train.py), not at scale 1.
+    over = {"dropless": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.0}
+
+    def scaled(cfg):
+        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, expert_lr_scale=0.25))
+
+    par = pair.run(case_ds_fit, cfg=scaled(_ds(_cfg(tmp_path / "ds", "switch", world=2, **over), 1)), data=tiny_data)[0]
+    ref = _reference(scaled(_cfg(tmp_path / "ref", "switch", batch_size=2 * B, **over)), tiny_data)
+    _assert_same_run(par, ref, keys=("train/loss", "train/grad_norm"))
+
+
+@pytest.mark.slow
 def test_zero2_grad_accum_equals_one_process(pair, tmp_path, tiny_data):
     over = {"dropless": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.0}
     par = pair.run(case_ds_fit, cfg=_ds(_cfg(tmp_path / "ds", "switch", world=2, grad_accum=2, **over), 2), data=tiny_data)[0]

@@ -105,6 +105,64 @@ def test_a_checkpoint_from_before_a_config_key_existed_resumes_while_the_key_is_
         check_resumable(saved, changed, tmp_path)
 
 
+def _expert_lr(cfg, scale):
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, expert_lr_scale=scale))
+
+
+@pytest.mark.parametrize("moe", ["switch", "gshard"])
+def test_expert_lr_scale_scales_the_experts_first_step_and_nothing_else(tmp_path, tiny_data, moe):
+    """Oracle: Adam's first step from the same weights and the same gradient is linear in the
+    learning rate (lr x (m/sqrt(v) + weight decay x w)), so at scale 0.5 every expert weight
+    moves exactly half as far as at scale 1, and every other weight exactly as far."""
+    from moe.parallel import expert_parameters
+
+    moved = {}
+    for scale in (1.0, 0.5):
+        cfg = _expert_lr(tiny_config(tmp_path / str(scale), moe, steps=1), scale)
+        t = Trainer(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=0)), data=tiny_data)
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        t.fit()
+        moved[scale] = {k: t.model.state_dict()[k] - before[k] for k in before}
+        experts = {n for n, _ in expert_parameters(t.model)}
+        groups = t.optimizer.param_groups
+        if scale == 1:
+            assert len(groups) == 2  # the checkpoint layout it always had: decay, no decay
+        else:  # the expert weights, and only they, are in the scaled groups
+            scaled = {id(p) for g in groups if g["lr_scale"] == scale for p in g["params"]}
+            assert scaled == {id(p) for _, p in expert_parameters(t.model)}
+    assert experts and any(n for n in moved[1.0] if n not in experts)
+    for name, d in moved[1.0].items():
+        if not d.abs().max() > 0:
+            continue  # a weight the first step did not touch (none at the scale either)
+        want = 0.5 * d if name in experts else d
+        torch.testing.assert_close(moved[0.5][name], want, rtol=1e-5, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_expert_lr_scale_follows_the_schedule_and_zero_freezes_the_experts(tmp_path, tiny_data):
+    from moe.parallel import expert_parameters
+
+    cfg = _expert_lr(tiny_config(tmp_path, "switch", steps=8), 0.0)
+    t = Trainer(cfg, data=tiny_data)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.fit()
+    experts = {n for n, _ in expert_parameters(t.model)}
+    for n, p in t.model.named_parameters():
+        if n in experts:
+            assert torch.equal(p, before[n]), n
+        elif p.dim() >= 2:
+            assert not torch.equal(p, before[n]), n
+    for g in t.optimizer.param_groups:  # the last step's learning rate, times the group's scale
+        assert g["lr"] == pytest.approx(lr_at(7, cfg) * g["lr_scale"])
+
+
+def test_resume_refuses_another_expert_lr_scale(tmp_path, tiny_data):
+    # The rest of optim may change on resume; this one may not: the checkpoint's groups would
+    # bring their old lr_scale back.
+    Trainer(tiny_config(tmp_path, "switch", steps=6, ckpt_every=3), data=tiny_data).fit(stop_after=3)
+    with pytest.raises(ConfigError, match=r"optim\.expert_lr_scale: 1\.0 -> 0\.5"):
+        Trainer(_expert_lr(tiny_config(tmp_path, "switch", steps=6, ckpt_every=3), 0.5), data=tiny_data).fit()
+
+
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_data):
     Trainer(tiny_config(tmp_path, steps=10, ckpt_every=4), data=tiny_data).fit(stop_after=6)  # ckpt at 4, logged to 6
     # simulate the crash: put the step-4 checkpoint back (fit(stop_after) saved at 6)

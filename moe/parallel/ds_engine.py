@@ -165,8 +165,9 @@ class DeepSpeedRun:
 
     def step(self, lr: float) -> None:
         """The optimizer step at the accumulation boundary, with this step's LR."""
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
+        from moe.train import set_lr
+
+        set_lr(self.engine.optimizer.param_groups, lr)
         self.engine.step()
 
     def grad_norm(self) -> torch.Tensor | None:

@@ -405,11 +405,10 @@ class PipelineTrainer:
         """One optimizer step over ``grad_accum`` micro-batches (``engine.train_batch``).
         Raises TrainingDiverged on a NaN/inf loss - after the step: the engine steps inside
         ``train_batch`` (the last checkpoint is left in place)."""
-        from moe.train import TrainingDiverged, lr_at
+        from moe.train import TrainingDiverged, lr_at, set_lr
 
         lr = lr_at(self.step, self.cfg)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer.param_groups, lr)
         self.engine.train_batch(self._batches("train", self.step))
         lm, aux, z = self._mean_records()
         gn = self.engine.get_global_grad_norm()
