@@ -68,6 +68,10 @@ class Arm:
         return out
 
 
+# Overrides about the experts alone: the dense arm has none, and trains without them (so it
+# stays the baseline of the comparison it would be without them).
+EXPERT_ONLY_OVERRIDES = ("optim.expert_lr_scale=",)
+
 DEFAULT_ARMS = [
     Arm("dense"),
     Arm("switch", 8), Arm("gshard", 8, 2), Arm("base", 8),
@@ -567,7 +571,8 @@ def run_quality(args) -> int:
     plans = []
     for arm in arms:
         run_dir = runs_dir / arm.run_name
-        ov = ["experiment=quality", *arm.overrides(d_ff), *extra, f"threads={threads}", f"hydra.run.dir={run_dir}"]
+        own = [o for o in extra if not (arm.moe == "dense" and o.startswith(EXPERT_ONLY_OVERRIDES))]
+        ov = ["experiment=quality", *arm.overrides(d_ff), *own, f"threads={threads}", f"hydra.run.dir={run_dir}"]
         try:
             cfg = config_from_hydra(_compose([o for o in ov if not o.startswith("hydra.")] + [f"out_dir={run_dir}"]))
         except ConfigError as e:

@@ -238,6 +238,10 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     assert bench_main(argv + ["moe.aux_loss_weight=0.5"]) == 2  # ... unless the overrides changed: one line, nothing run
     err = capsys.readouterr().err
     assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
+    # an expert-only override leaves dense as it was: the first arm refused is switch-8
+    assert bench_main(argv + ["optim.expert_lr_scale=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "arm switch-8: " in err and "(optim.expert_lr_scale: 1.0 -> 0.5)" in err and "dense" not in err
     # moe-train would resume with another schedule or length; an arm of a comparison may not
     lr = _compose(["experiment=quality"]).optim.lr
     assert bench_main(argv + [f"optim.lr={lr / 2}"]) == 2
