@@ -54,9 +54,10 @@ def _cfg(out_dir, *, pp: int, steps: int = 3, zero: int = 0, **over):
     c = tiny_config(out_dir, "switch", steps=steps, batch_size=B, grad_accum=M)
     moe_over = {k[4:]: over.pop(k) for k in list(over) if k.startswith("moe_")}
     model_over = {k[6:]: over.pop(k) for k in list(over) if k.startswith("model_")}
+    optim_over = {k[6:]: over.pop(k) for k in list(over) if k.startswith("optim_")}
     moe = dataclasses.replace(c.moe, **{"jitter_eps": 0.0, "capacity_factor": 0.75, "min_capacity": 0, "aux_loss_weight": 0.1, "z_loss_weight": 0.001, **moe_over})
     par = ParallelConfig(backend="deepspeed", pp_size=pp, zero_stage=zero) if pp > 1 else ParallelConfig()
-    optim = dataclasses.replace(c.optim, warmup_steps=1, grad_clip=0.05)
+    optim = dataclasses.replace(c.optim, **{"warmup_steps": 1, "grad_clip": 0.05, **optim_over})
     return dataclasses.replace(c, moe=moe, model=dataclasses.replace(c.model, **model_over), parallel=par, optim=optim, **over)
 
 
@@ -134,7 +135,7 @@ def _reference_router_grad(cfg, data) -> torch.Tensor:
 
 LAYOUTS = {
     "moe-on-both-stages-tied": {},
-    "dense-first-stage-untied": {"model_moe_every": 2, "model_tie_embeddings": False},
+    "dense-first-stage-untied-experts-at-half-lr": {"model_moe_every": 2, "model_tie_embeddings": False, "optim_expert_lr_scale": 0.5},
     "zero1-stopped-after-2-steps-and-resumed": {"zero": 1},
 }
 
