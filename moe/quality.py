@@ -571,7 +571,7 @@ def run_quality(args) -> int:
     plans = []
     for arm in arms:
         run_dir = runs_dir / arm.run_name
-        own = [o for o in extra if not (arm.moe == "dense" and o.startswith(EXPERT_ONLY_OVERRIDES))]
+        own = [o for o in extra if not (arm.moe == "dense" and o.lstrip("+").startswith(EXPERT_ONLY_OVERRIDES))]
         ov = ["experiment=quality", *arm.overrides(d_ff), *own, f"threads={threads}", f"hydra.run.dir={run_dir}"]
         try:
             cfg = config_from_hydra(_compose([o for o in ov if not o.startswith("hydra.")] + [f"out_dir={run_dir}"]))
@@ -686,10 +686,10 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
         while todo or running:
             while todo and len(running) < jobs:
                 arm, run_dir, ov, _ = todo.pop(0)
+                stale[arm.name] = _file_sig(run_dir / "metrics.jsonl")  # before the trainer can touch it
                 log = open(log_dir / f"{arm.run_name}.log", "w")
                 proc = subprocess.Popen([sys.executable, "-m", "moe.cli", *ov, "logger.progress=false"], stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[arm.name] = (proc, log, run_dir)
-                stale[arm.name] = _file_sig(run_dir / "metrics.jsonl")
             time.sleep(1.0)
             for name, (proc, log, run_dir) in list(running.items()):
                 done_steps[name] = _steps_done(run_dir, start[name], stale[name], steps)

@@ -311,6 +311,11 @@ class Trainer:
             self.ds.load_full_optimizer(optimizer)
         else:
             load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            # load_state_dict brought back the checkpoint's weight decay, betas and eps; the
+            # config resuming it may change them (as the DeepSpeed path, which loads the
+            # per-parameter state alone, always did)
+            for group, now in zip(self.optimizer.param_groups, optimizer_groups(self.model, self.cfg), strict=True):
+                group.update({k: v for k, v in now.items() if k != "params"})
         rngs = state.get("rng_ranks") or [state["rng"]]
         if len(rngs) == st.world_size:
             ckpt.set_rng_state(rngs[st.rank])

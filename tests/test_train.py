@@ -155,9 +155,18 @@ def test_expert_lr_scale_follows_the_schedule_and_zero_freezes_the_experts(tmp_p
         assert g["lr"] == pytest.approx(lr_at(7, cfg) * g["lr_scale"])
 
 
+def test_resume_takes_the_new_weight_decay_and_betas(tmp_path, tiny_data):
+    # optim.* may change on resume; the checkpoint's optimizer groups must not bring the old back
+    Trainer(tiny_config(tmp_path, "switch", steps=6, ckpt_every=3), data=tiny_data).fit(stop_after=3)
+    cfg = tiny_config(tmp_path, "switch", steps=6, ckpt_every=3)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay=0.5, beta2=0.99, eps=1e-6))
+    t = Trainer(cfg, data=tiny_data)
+    t.fit()
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in t.optimizer.param_groups] == [(0.5, (0.9, 0.99), 1e-6), (0.0, (0.9, 0.99), 1e-6)]
+
+
 def test_resume_refuses_another_expert_lr_scale(tmp_path, tiny_data):
-    # The rest of optim may change on resume; this one may not: the checkpoint's groups would
-    # bring their old lr_scale back.
+    # The rest of optim may change on resume; this one may not: it changes the optimizer's groups.
     Trainer(tiny_config(tmp_path, "switch", steps=6, ckpt_every=3), data=tiny_data).fit(stop_after=3)
     with pytest.raises(ConfigError, match=r"optim\.expert_lr_scale: 1\.0 -> 0\.5"):
         Trainer(_expert_lr(tiny_config(tmp_path, "switch", steps=6, ckpt_every=3), 0.5), data=tiny_data).fit()
