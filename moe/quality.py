@@ -555,6 +555,14 @@ def _check_same_training(saved: dict, current: dict, run_dir: Path) -> None:
                           " pass --runs-dir NEW_DIR, or move that run dir away")
 
 
+def _schedule(cfgs: list) -> str:
+    """The setup's schedule line; the experts' rate is the MoE arms' (dense has no experts)."""
+    c = cfgs[0]
+    expert_lr = next((x.optim.expert_lr_scale for x in cfgs if x.optim.expert_lr_scale != 1), 1.0)
+    return (f"AdamW lr {c.optim.lr:g}" + (f" (the experts' {expert_lr:g}x that)" if expert_lr != 1 else "")
+            + f", {c.optim.warmup_steps} warmup steps, cosine to {c.optim.min_lr_ratio:g}x; eval every {c.eval_every} steps on {c.eval_batches} batches")
+
+
 def run_quality(args) -> int:
     """Plan every arm (validating its config before anything starts), train the missing
     ones, and write the report."""
@@ -640,8 +648,8 @@ def run_quality(args) -> int:
         "model": f"{c.model.n_layers} layers, d_model {c.model.d_model}, {c.model.n_heads} heads, d_ff {c.model.d_ff}, MoE every {c.model.moe_every} blocks",
         "tokens_per_step": c.batch_size * c.grad_accum * c.model.seq_len,
         "steps": c.steps,
-        "schedule": f"AdamW lr {c.optim.lr:g}, {c.optim.warmup_steps} warmup steps, cosine to {c.optim.min_lr_ratio:g}x; eval every {c.eval_every} steps on {c.eval_batches} batches",
-        "data": f"{c.data.tokenizer} tokenizer" + (f", first {c.data.max_files} files" if c.data.max_files else ", the embedded stdlib corpus"),
+        "schedule": _schedule([cfg for *_, cfg in plans]),
+        "data": f"{c.data.tokenizer} tokenizer" + (f" (vocab {c.data.vocab_size})" if c.data.tokenizer == "bpe" else "") + (f", first {c.data.max_files} files" if c.data.max_files else ", the embedded stdlib corpus"),
         "jobs": jobs,
         "threads": threads,
         "eval_batches": c.eval_batches,

@@ -129,6 +129,18 @@ def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
     assert _steps_done(tmp_path / "new", 0, None, 1500) == 0  # a new arm, no file yet
 
 
+def test_the_setup_names_the_experts_learning_rate(tmp_path):
+    import dataclasses
+
+    from moe.quality import _schedule
+    from tests.conftest import tiny_config
+
+    dense, switch = tiny_config(tmp_path, "dense"), tiny_config(tmp_path, "switch")
+    assert _schedule([dense, switch]).startswith(f"AdamW lr {dense.optim.lr:g}, ")
+    switch = dataclasses.replace(switch, optim=dataclasses.replace(switch.optim, expert_lr_scale=0.5))
+    assert _schedule([dense, switch]).startswith(f"AdamW lr {dense.optim.lr:g} (the experts' 0.5x that), ")
+
+
 def _curve(name, losses, every=100, cv=math.nan):
     steps = [every * (i + 1) for i in range(len(losses))]
     return RunCurves(name, val_steps=steps, val_loss=losses, train_steps=steps, train_time_s=[0.1 * s for s in steps],
