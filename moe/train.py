@@ -108,17 +108,18 @@ def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     learning rate it trains at (:func:`set_lr`).  Their order is the checkpoint's optimizer
     layout (at scale 1 it is the two groups it always was)."""
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    split: list[tuple[list, float, float]] = [(decay, o.weight_decay, 1.0), (no_decay, 0.0, 1.0)]
+    shared, experts = list(model.parameters()), []
     if o.expert_lr_scale != 1.0:
-        from moe.parallel import expert_parameters
+        from moe.parallel import split_parameters
 
-        expert_ids = {id(p) for _, p in expert_parameters(model)}
-        split = [(sub, wd, scale) for params, wd, _ in split
-                 for sub, scale in (([p for p in params if id(p) not in expert_ids], 1.0), ([p for p in params if id(p) in expert_ids], o.expert_lr_scale)) if sub]
-    return [{"params": params, "weight_decay": wd, "lr": o.lr * scale, "lr_scale": scale, "betas": (o.beta1, o.beta2), "eps": o.eps}
-            for params, wd, scale in split]
+        shared, experts = split_parameters(model)
+    groups = []
+    for matrices, wd in ((True, o.weight_decay), (False, 0.0)):
+        for params, scale in ((shared, 1.0), (experts, o.expert_lr_scale)):
+            picked = [p for p in params if (p.dim() >= 2) == matrices]
+            if picked or params is shared:  # (at scale 1: the two groups, as always)
+                groups.append({"params": picked, "weight_decay": wd, "lr": o.lr * scale, "lr_scale": scale, "betas": (o.beta1, o.beta2), "eps": o.eps})
+    return groups
 
 
 def set_lr(param_groups: list[dict[str, Any]], lr: float) -> None:
