@@ -184,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     from moe import bench_swarm
 
     bench_swarm.add_parser(sub)
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if args.what == "quality":
+        # Overrides may come between options (`--arms switch-8 steps=3000 --jobs 1 seed=2`):
+        # argparse leaves a positional list after the first option unclaimed, so gather them here.
+        args.overrides += [u for u in unknown if not u.startswith("-")]
+        unknown = [u for u in unknown if u.startswith("-")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.what == "swarm":
         return bench_swarm.run(args)
     if args.what == "parallel":

@@ -201,7 +201,7 @@ def test_render_keeps_the_hand_written_notes(tmp_path):
 
 
 def test_arms_keep_dense_flops():
-    assert Arm("dense").overrides(768) == ["moe=dense"]
+    assert Arm("dense").overrides(768) == ["moe=dense", "optim.expert_lr_scale=1"]
     assert Arm("switch", 8).overrides(768) == ["moe=switch", "moe.num_experts=8"]
     assert parse_arm("gshard-16").overrides(768) == ["moe=gshard", "moe.num_experts=16", "moe.expert_d_ff=384"]
     with pytest.raises(ValueError, match="not divisible"):
@@ -247,13 +247,19 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     assert {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in metrics} == metrics
     assert "- Trained by earlier invocations with this config (their run dirs' config.json match it): dense, switch-8, gshard-8, base-8." in out.read_text()
     capsys.readouterr()
-    assert bench_main(argv + ["moe.aux_loss_weight=0.5"]) == 2  # ... unless the overrides changed: one line, nothing run
+    # ... unless the overrides changed: one line, nothing run.  Overrides may sit on either side
+    # of the options (argparse alone would refuse the second group).
+    assert bench_main(argv[:1] + ["moe.aux_loss_weight=0.5"] + argv[1:] + ["seed=1337"]) == 2
     err = capsys.readouterr().err
     assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
+    with pytest.raises(SystemExit):
+        bench_main(argv + ["--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
     # an expert-only override leaves dense as it was: the first arm refused is switch-8
-    assert bench_main(argv + ["optim.expert_lr_scale=0.5"]) == 2
+    scale = _compose(["experiment=quality"]).optim.expert_lr_scale
+    assert bench_main(argv + [f"optim.expert_lr_scale={scale / 2}"]) == 2
     err = capsys.readouterr().err
-    assert "arm switch-8: " in err and "(optim.expert_lr_scale: 1.0 -> 0.5)" in err and "dense" not in err
+    assert "arm switch-8: " in err and f"(optim.expert_lr_scale: {scale!r} -> {scale / 2!r})" in err and "dense" not in err
     # moe-train would resume with another schedule or length; an arm of a comparison may not
     lr = _compose(["experiment=quality"]).optim.lr
     assert bench_main(argv + [f"optim.lr={lr / 2}"]) == 2
