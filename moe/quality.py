@@ -58,8 +58,8 @@ class Arm:
 
     def overrides(self, d_ff: int) -> list[str]:
         """``moe-train`` overrides for this arm; ``d_ff`` is the dense FFN's hidden size."""
-        if self.moe == "dense":
-            return ["moe=dense"]
+        if self.moe == "dense":  # no experts, so no experts' rate (the experiment's is the MoE arms')
+            return ["moe=dense", "optim.expert_lr_scale=1"]
         out = [f"moe={self.moe}", f"moe.num_experts={self.num_experts}"]
         if self.top_k > 1:  # k experts of d_ff/k each: the same FLOPs as one dense FFN
             if d_ff % self.top_k:
