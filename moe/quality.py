@@ -68,9 +68,13 @@ class Arm:
         return out
 
 
-# Overrides about the experts alone: the dense arm has none, and trains without them (so it
-# stays the baseline of the comparison it would be without them).
-EXPERT_ONLY_OVERRIDES = ("optim.expert_lr_scale=",)
+def expert_only(override: str) -> bool:
+    """An override about the routers or experts alone (``moe.capacity_factor=2``,
+    ``optim.expert_lr_scale=0.5``): the dense arm has neither and trains without it, so one dense
+    run is the baseline of every router lever.  ``moe.init_scale`` is dense's FFN init too."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key == "optim.expert_lr_scale" or (key.startswith("moe.") and key != "moe.init_scale")
+
 
 DEFAULT_ARMS = [
     Arm("dense"),
@@ -579,7 +583,7 @@ def run_quality(args) -> int:
     plans = []
     for arm in arms:
         run_dir = runs_dir / arm.run_name
-        own = [o for o in extra if not (arm.moe == "dense" and o.lstrip("+").startswith(EXPERT_ONLY_OVERRIDES))]
+        own = [o for o in extra if not (arm.moe == "dense" and expert_only(o))]
         ov = ["experiment=quality", *arm.overrides(d_ff), *own, f"threads={threads}", f"hydra.run.dir={run_dir}"]
         try:
             cfg = config_from_hydra(_compose([o for o in ov if not o.startswith("hydra.")] + [f"out_dir={run_dir}"]))

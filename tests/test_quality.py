@@ -9,7 +9,7 @@ import random
 import pytest
 
 from moe.bench import main as bench_main
-from moe.quality import NOTES_MARKER, Arm, _compose, RunCurves, bar_checks, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
+from moe.quality import NOTES_MARKER, Arm, _compose, RunCurves, bar_checks, expert_only, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
 
 
 def _naive_reach(steps, losses, target, grid=20000):
@@ -211,6 +211,13 @@ def test_arms_keep_dense_flops():
             parse_arm(bad)
 
 
+def test_router_and_expert_overrides_skip_the_dense_arm():
+    for o in ("moe.capacity_factor=2.0", "++moe.dropless=true", "moe.aux_loss_weight=0.001", "optim.expert_lr_scale=0.5"):
+        assert expert_only(o), o
+    for o in ("moe.init_scale=0.1", "optim.lr=1e-3", "model.d_ff=512", "steps=3000", "moe=switch"):
+        assert not expert_only(o), o
+
+
 def test_smoke_comparison_end_to_end(tmp_path, capsys):
     """Four real (tiny) moe-train runs, two at a time, then the report and its plots."""
     out = tmp_path / "results.md"
@@ -251,7 +258,7 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     # of the options (argparse alone would refuse the second group).
     assert bench_main(argv[:1] + ["moe.aux_loss_weight=0.5"] + argv[1:] + ["seed=1337"]) == 2
     err = capsys.readouterr().err
-    assert "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
+    assert "arm switch-8: " in err and "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
     with pytest.raises(SystemExit):
         bench_main(argv + ["--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
