@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import platform
 import queue
-import socket
 import statistics
 import tempfile
 import time
@@ -35,16 +34,11 @@ import traceback
 import torch
 
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
+from moe.parallel.ports import free_port
 
 # name -> (processes, ep_size, bucket_mb), measured in this order every round.  bucket_mb 0:
 # the gradient all-reduce waits for the end of the backward (to show what the overlap buys).
 LAYOUTS = {"1 process": (1, 1, 8.0), "DP=2": (2, 1, 8.0), "EP=2": (2, 2, 8.0), "DP=2, no overlap": (2, 1, 0.0)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_config(args, *, processes: int, ep_size: int, out_dir: str, bucket_mb: float = 8.0) -> TrainConfig:
@@ -131,7 +125,7 @@ class _Pair:
         self.timeout = args.timeout
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(2)]
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, port, args, self.tasks[r], self.results), daemon=True) for r in range(2)]
         for p in self.procs:
             p.start()

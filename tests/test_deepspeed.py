@@ -34,6 +34,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from moe.config import ParallelConfig  # noqa: E402
+from moe.parallel.ports import free_port  # noqa: E402
 from moe.train import Trainer  # noqa: E402
 from tests.conftest import conf_command  # noqa: E402
 from tests.test_parallel_train import B, pair, _assert_same_run, _assert_states_close, _cfg, _clipped, _metrics, _reference  # noqa: E402,F401  (pair: the 2-rank worker fixture)
@@ -160,7 +161,7 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     launcher, exe = shutil.which("deepspeed", path=bin_dir), shutil.which("moe-train", path=bin_dir)
     assert launcher and exe, "deepspeed / moe-train not installed next to the interpreter"
     rest = cmd[cmd.index("moe-train)") + 1:]
-    args = [launcher, *cmd[1:4], "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), exe, *rest]
+    args = [launcher, *cmd[1:4], "--master_addr", "127.0.0.1", "--master_port", str(free_port()), exe, *rest]
     args += ["parallel.ep_size=2", "moe.num_experts=4", "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1",
              "logger.log_every=1", "logger.wandb=false", "peak_flops=1e11", "data.max_files=10", "threads=1"]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -179,7 +180,3 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     assert "ShareMemComm" not in p.stdout + p.stderr  # the shm op was not built
 
 
-def _free_port() -> int:
-    from tests.test_expert_parallel import _free_port as free
-
-    return free()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import queue
-import socket
 import traceback
 from datetime import timedelta
 
@@ -44,6 +43,7 @@ from moe.experts import GroupedExperts
 from moe.layers import MoELayer
 from moe.model import TransformerLM
 from moe.routing import expert_capacity
+from moe.parallel.ports import free_port
 from moe.parallel import (
     AllToAllDispatcher,
     ParallelState,
@@ -65,12 +65,6 @@ START_TIMEOUT = 240.0
 
 # ---------------------------------------------------------------------------------------------
 # the worker pair
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
@@ -108,7 +102,7 @@ class WorkerPair:
         ctx = multiprocessing.get_context("spawn")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(self.world)]
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, self.world, port, self.tasks[r], self.results), daemon=True) for r in range(self.world)]
         for p in self.procs:
             p.start()

@@ -38,9 +38,10 @@ pytest.importorskip("deepspeed")
 
 from moe.config import ConfigError, ParallelConfig  # noqa: E402
 from moe.model import TransformerLM  # noqa: E402
+from moe.parallel.ports import free_port  # noqa: E402
 from moe.train import Trainer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.test_expert_parallel import WorkerPair, _free_port  # noqa: E402
+from tests.test_expert_parallel import WorkerPair  # noqa: E402
 from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1, pair  # noqa: E402,F401  (pair: the module-scoped 2-rank worker pair)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -277,7 +278,7 @@ def test_deepspeed_launcher_trains_two_pipeline_stages(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     launcher, exe = shutil.which("deepspeed", path=bin_dir), shutil.which("moe-train", path=bin_dir)
     assert launcher and exe, "deepspeed / moe-train not installed next to the interpreter"
-    args = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), exe,
+    args = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), exe,
             "parallel=deepspeed", "parallel.pp_size=2", "parallel.zero_stage=1", "experiment=smoke", "moe.num_experts=4", "grad_accum=2",
             "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
             "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1"]

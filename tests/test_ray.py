@@ -89,9 +89,9 @@ def test_an_address_where_nothing_listens_is_one_line_before_ray_starts():
     import ray
 
     from moe.parallel.ray_train import _connected, unreachable
-    from tests.test_expert_parallel import _free_port
+    from moe.parallel.ports import free_port
 
-    port = _free_port()  # free: nothing listens on it
+    port = free_port()  # free: nothing listens on it
     assert unreachable(f"127.0.0.1:{port}") is not None and unreachable("auto") is None
     import socket
 
