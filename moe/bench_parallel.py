@@ -110,6 +110,7 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
                 results.put((rank, True, {"seconds": secs, "comm_seconds": comm}))
             except BaseException:
                 results.put((rank, False, traceback.format_exc()))
+    trainers = states = st = t = sync = None  # nothing holds a group once the process group goes: stop() frees them
     ddp.stop()
 
 

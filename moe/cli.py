@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from moe.config import ConfigError, TrainConfig, check_key, from_dict, validate, validate_launch
@@ -120,18 +121,35 @@ def _run(cfg) -> None:
     if backend == "ray":  # this process is Ray's driver; the ranks are Ray Train workers
         _train_ray(tc)
         return
-    state = None
-    if backend == "ddp":
-        from moe.parallel import ddp as launcher
-    elif backend == "deepspeed":
-        from moe.parallel import ds as launcher
     if backend in ("ddp", "deepspeed"):
-        state = launcher.start(tc.parallel, device=tc.device)
+        train_in_process_group(tc)
+    else:
+        _train(tc, None)
+
+
+def train_in_process_group(tc: TrainConfig) -> None:
+    """This rank's part of a ``parallel=ddp`` or ``parallel=deepspeed`` run: join the launcher's
+    process group, train, and leave it, freeing every group before the interpreter exits.
+
+    A process group lives while anything references it, and its gloo worker threads with it.
+    One that outlives the interpreter can abort a finished rank at exit ('terminate called
+    without an active exception': a worker thread releasing a collective's tensors after
+    Python is gone), and torchrun then holds the other nodes at its exit barrier for 300 s.
+    So the state, and the frames of an exception on its way out (the trainer is in them), let
+    go of their groups before ``stop()`` destroys them."""
+    if tc.parallel.backend == "deepspeed":
+        from moe.parallel import ds as launcher
+    else:
+        from moe.parallel import ddp as launcher
+    state = launcher.start(tc.parallel, device=tc.device)
     try:
         _train(tc, state)
     finally:
-        if state is not None:
-            launcher.stop()
+        del state
+        exc = sys.exc_info()[1]
+        if exc is not None:  # the finished frames keep their locals (the trainer, its model) alive
+            traceback.clear_frames(exc.__traceback__)
+        launcher.stop()
 
 
 def _train_ray(tc: TrainConfig) -> None:

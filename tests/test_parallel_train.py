@@ -50,9 +50,10 @@ import torch
 from moe import checkpoint as ckpt
 from moe.config import ConfigError, ParallelConfig, to_dict
 from moe.parallel import ParallelState
+from moe.parallel.ports import free_port
 from moe.train import Trainer, check_resumable
 from tests.conftest import tiny_config
-from tests.test_expert_parallel import WorkerPair, _free_port
+from tests.test_expert_parallel import WorkerPair
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B = 4  # sequences per rank
@@ -401,7 +402,7 @@ def _peer(rank: int, port: int, behaviour: str, results) -> None:
 def test_a_dead_or_hung_peer_ends_the_collective_within_the_timeout(behaviour):
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_peer, args=(r, port, behaviour, results), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
@@ -424,6 +425,80 @@ def test_a_dead_or_hung_peer_ends_the_collective_within_the_timeout(behaviour):
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux: /proc), one worker loop per group and more."""
+    return sorted(n for n in (p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")) if "gloo" in n)
+
+
+def _rank_of_a_cli_run(rank: int, port: int, cfg, results) -> None:
+    """One rank of ``moe-train parallel=<ddp|deepspeed>`` as the entry point runs it (torchrun's
+    environment set by hand): train, then report the gloo threads still alive."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        import gc
+
+        from moe.cli import train_in_process_group
+
+        gc.disable()  # only what the entry point frees counts, not a collection that happens to run
+        train_in_process_group(cfg)
+        left = _gloo_threads()
+        # the names are torch's: a live group of one shows them (so an empty list means something)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.all_reduce(torch.ones(1))
+        deadline = time.monotonic() + 10  # a thread names itself once it runs
+        while not (live := len(_gloo_threads())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dist.destroy_process_group()
+        results.put((rank, (left, live > 0)))
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+@pytest.mark.parametrize("backend, ep, pp", [
+    ("ddp", 2, 1),
+    pytest.param("deepspeed", 2, 1, marks=pytest.mark.slow),
+    pytest.param("deepspeed", 1, 2, marks=pytest.mark.slow, id="deepspeed-pipeline"),
+])
+def test_a_finished_rank_frees_every_process_group_before_exit(tmp_path, backend, ep, pp):
+    """Every group the run made (world, expert, data; DeepSpeed's expert groups and its
+    pipeline grid) is destroyed before the interpreter exits.  A group still alive then keeps
+    gloo worker threads that may release a collective's tensors after Python is gone, aborting
+    a finished rank ('terminate called without an active exception'); torchrun then held the
+    other node at its exit barrier for 300 s."""
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    cfg = _cfg(tmp_path / "run", "switch", ep=ep, world=2, steps=2)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend=backend, pp_size=pp), ckpt_every=1,
+                              data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_of_a_cli_run, args=(r, port, cfg, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = {}
+        for _ in range(2):
+            try:
+                rank, value = results.get(timeout=240)
+            except queue.Empty:
+                pytest.fail(f"no answer within 240 s: {got}")
+            got[rank] = value
+        assert got == {0: ([], True), 1: ([], True)}, got
+        rows = _metrics(Path(cfg.out_dir) / "metrics.jsonl")
+        assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # it did train, through the collectives
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +538,7 @@ def test_torchrun_end_to_end(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     torchrun = shutil.which("torchrun", path=bin_dir)
     assert torchrun, "torchrun not installed next to the interpreter"
-    args = [torchrun, "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *cmd[1:]]
+    args = [torchrun, "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]
     args += ["moe.num_experts=4", "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false", "peak_flops=1e11", "data.max_files=10"]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")

@@ -19,6 +19,7 @@ a later option.)
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 import torch
@@ -62,6 +63,12 @@ def start(cfg: ParallelConfig, device: str = "auto") -> ParallelState:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = timedelta(seconds=cfg.timeout_s)
+    # torch.distributed.nn.functional binds ``group.WORLD`` as its functions' default argument
+    # when first imported, and torch imports it lazily (torch._dynamo -> fsdp -> _shard) once
+    # training runs: after the group is up, those defaults would hold the world group forever,
+    # past destroy_process_group and into interpreter exit.  Imported now, they hold None.
+    import torch.distributed.nn  # noqa: F401
+
     dist.init_process_group(
         backend,
         init_method="env://",
@@ -78,6 +85,13 @@ def start(cfg: ParallelConfig, device: str = "auto") -> ParallelState:
 
 
 def stop() -> None:
-    """Leave the process group (no-op when none is up)."""
+    """Leave the process group (no-op when none is up) and free its groups now.
+
+    ``destroy_process_group`` only unregisters the groups: each lives on, with its gloo worker
+    threads, while something references it.  Callers drop their :class:`ParallelState` (and
+    whatever holds its groups) first; the collection here frees the reference cycles that
+    still do, so no worker thread outlives the interpreter (one that does can abort the
+    process at exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

@@ -42,18 +42,33 @@ def start(cfg: ParallelConfig, device: str = "auto") -> ParallelState:
     # ZeRO-1/2 gather partitions with torch's all_gather_into_tensor, which torch 2.13 flags as
     # deprecated once per rank: noise on every run's console that the user cannot act on.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # Imported before the group is up: DeepSpeed's torch backend binds ``GroupMember.WORLD`` as
+    # its barrier's default argument at import, which would keep the world group alive past
+    # destroy_process_group (ddp.start imports torch.distributed.nn first for the same reason).
+    import deepspeed
+
+    skip_shm_comm_build()
     state = ddp.start(cfg, device=device)
     try:
-        import deepspeed
-
-        skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend=ddp.dist_backend(cfg, device), auto_mpi_discovery=False, verbose=False)
     except BaseException:
+        del state  # so stop() frees its groups
         ddp.stop()
         raise
     return state
 
 
 def stop() -> None:
-    """Leave the process group (no-op when none is up)."""
+    """Leave the process group (no-op when none is up), with DeepSpeed's references to its
+    groups: ``deepspeed.utils.groups`` keeps the expert groups it made (its own
+    ``destroy_process_group`` releases them), and the pipeline engine's send/recv module keeps
+    its grid and groups in module globals that nothing of DeepSpeed's resets.  A group still
+    referenced outlives ``ddp.stop()``, with worker threads that can abort the exit."""
+    comm = sys.modules.get("deepspeed.comm")
+    if comm is not None and comm.is_initialized():
+        comm.destroy_process_group()
+    p2p = sys.modules.get("deepspeed.runtime.pipe.p2p")
+    for name in ("_grid", "_groups") if p2p is not None else ():
+        if getattr(p2p, name, None) is not None:
+            setattr(p2p, name, None)
     ddp.stop()

@@ -22,6 +22,8 @@ parameters once, every expert once, whatever the expert-parallel size.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -134,6 +136,22 @@ class _Bucket:
         self.work = None
 
 
+def _weak_hook(method):
+    """A parameter hook that calls ``method`` while its object lives, without keeping it alive.
+
+    Python's collector does not see a tensor's hooks, so a hook holding the reducer, which
+    holds the parameter, is a cycle it never frees: the reducer's process groups (and their
+    gloo threads) would outlive the run, into the interpreter's exit."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(p: nn.Parameter) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(p)
+
+    return hook
+
+
 class OverlappedGradReducer:
     """:func:`allreduce_gradients`, overlapped with the backward of the step's last micro-batch.
 
@@ -179,7 +197,7 @@ class OverlappedGradReducer:
                 for p in bucket.params:
                     self._where[id(p)] = (k, b)
                     if size > 1:
-                        self._handles.append(p.register_post_accumulate_grad_hook(self._ready))
+                        self._handles.append(p.register_post_accumulate_grad_hook(_weak_hook(self._ready)))
         self.armed = False
         self.launched_in_backward = 0  # buckets on their way before finish() (telemetry, tests)
 
