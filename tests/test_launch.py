@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from moe import checkpoint as ckpt
-from tests.test_expert_parallel import _free_port
+from moe.parallel.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
@@ -44,14 +44,20 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def _run_nodes(tmp_path: Path, script: Path, args: list[str], envs: list[dict[str, str]], timeout: float) -> tuple[list[int], list[str]]:
     """Run ``script args`` once per "node" (one environment each) at the same time, each in
     its own session; past ``timeout`` seconds in all, every launch is killed with its whole
-    process group.  Returns the exit codes and each node's output."""
+    process group.  Returns the exit codes (a string for a launch that had to be killed, so the
+    caller's assertion shows every node's output) and each node's output."""
     procs = []
     for node, env in enumerate(envs):
         log = open(tmp_path / f"node{node}.log", "w")
         procs.append((subprocess.Popen(["bash", str(script), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
     deadline = time.monotonic() + timeout
+    codes: list[int | str] = []
     try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p, _ in procs]
+        for p, _ in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(f"still running after {timeout:.0f} s")
     finally:
         for p, log in procs:
             if p.poll() is None:  # over the time bound: end the whole launch (the launcher and its workers)
@@ -72,11 +78,11 @@ def test_scripts_are_executable_bash_with_a_documented_example():
 
 def test_torchrun_script_two_nodes_one_process_each(tmp_path):
     run = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     args = [
         "experiment=smoke", "parallel.ep_size=2", "moe.num_experts=4", "steps=4", "optim.warmup_steps=1",
         "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
-        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1",
+        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", "parallel.timeout_s=120",
         f"out_dir={run}", f"hydra.run.dir={run}",
     ]
     envs = [_env(tmp_path, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for node in (0, 1)]
@@ -104,9 +110,9 @@ def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
     args = [
         "experiment=smoke", "parallel.zero_stage=2", "parallel.ep_size=2", "moe.num_experts=4", "steps=4", "grad_accum=2",
         "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
-        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", f"out_dir={run}", f"hydra.run.dir={run}",
+        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", "parallel.timeout_s=120", f"out_dir={run}", f"hydra.run.dir={run}",
     ]
-    port = _free_port()
+    port = free_port()
     envs = [_env(tmp_path, HOSTFILE=str(tmp_path / "hostfile"), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for node in (0, 1)]
     codes, logs = _run_nodes(tmp_path, DEEPSPEED_SH, args, envs, 2 * TIMEOUT)
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
