@@ -30,6 +30,7 @@ different orders, nothing more):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -398,15 +399,29 @@ def _peer(rank: int, port: int, behaviour: str, results) -> None:
         results.put((rank, traceback.format_exc(), 0.0))
 
 
-@pytest.mark.parametrize("behaviour", ["crash", "hang"])
-def test_a_dead_or_hung_peer_ends_the_collective_within_the_timeout(behaviour):
+@contextlib.contextmanager
+def _two_ranks(target, *args):
+    """Spawn ``target(rank, port, *args, results)`` as ranks 0 and 1 (a fresh port); yields the
+    results queue.  On leaving, rank 0 gets 30 s to exit and whatever still runs is killed."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_peer, args=(r, port, behaviour, results), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, results), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     try:
+        yield results
+    finally:
+        procs[0].join(timeout=30)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+
+
+@pytest.mark.parametrize("behaviour", ["crash", "hang"])
+def test_a_dead_or_hung_peer_ends_the_collective_within_the_timeout(behaviour):
+    with _two_ranks(_peer, behaviour) as results:  # the hung rank 1 is still asleep at the end: killed
         got = {}
         deadline = time.monotonic() + 120
         while 0 not in got or got[0][0] == "started":
@@ -419,12 +434,6 @@ def test_a_dead_or_hung_peer_ends_the_collective_within_the_timeout(behaviour):
         what, dt = got[0]
         assert what not in ("no error",) and "Traceback" not in what, what
         assert dt < 30, f"the survivor waited {dt:.0f} s"
-    finally:
-        procs[0].join(timeout=10)
-        for p in procs:  # the hung rank 1 is still asleep: ours to end
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
 
 
 def _gloo_threads() -> list[str]:
@@ -476,13 +485,7 @@ def test_a_finished_rank_frees_every_process_group_before_exit(tmp_path, backend
     cfg = _cfg(tmp_path / "run", "switch", ep=ep, world=2, steps=2)
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend=backend, pp_size=pp), ckpt_every=1,
                               data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_of_a_cli_run, args=(r, port, cfg, results), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
+    with _two_ranks(_rank_of_a_cli_run, cfg) as results:
         got = {}
         for _ in range(2):
             try:
@@ -493,12 +496,6 @@ def test_a_finished_rank_frees_every_process_group_before_exit(tmp_path, backend
         assert got == {0: ([], True), 1: ([], True)}, got
         rows = _metrics(Path(cfg.out_dir) / "metrics.jsonl")
         assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # it did train, through the collectives
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------
