@@ -502,6 +502,18 @@ def test_a_finished_rank_frees_every_process_group_before_exit(tmp_path, backend
 # no processes
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_ddp_start_on_a_gpu_device_reaches_torch():
+    """``device=cuda:N`` selects the GPU before joining the group.  On a CPU-only build torch
+    itself refuses; a NameError from start() (a function-level import once made ``torch``
+    local there) would mean the GPU path breaks before it begins."""
+    from moe.parallel import ddp
+
+    with pytest.raises(Exception) as info:
+        ddp.start(ParallelConfig(backend="ddp"), device="cuda:0")
+    assert not isinstance(info.value, NameError), info.value
+
+
 def test_resuming_at_another_layout_needs_the_same_global_batch(tmp_path):
     """parallel.* may change on resume; batch_size and grad_accum only as far as the global
     batch (batch_size x grad_accum x data-parallel ranks) stays the same."""

@@ -25,6 +25,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+# torch.distributed.nn.functional binds ``group.WORLD`` as its functions' default argument when
+# first imported, and torch imports it lazily (torch._dynamo -> fsdp -> _shard) once training
+# runs: after the group is up, those defaults would hold the world group forever, past
+# destroy_process_group and into interpreter exit.  Imported here, before start(), they hold None.
+import torch.distributed.nn  # noqa: F401
+
 from moe.config import ParallelConfig
 from moe.parallel.state import ParallelState
 
@@ -63,12 +69,6 @@ def start(cfg: ParallelConfig, device: str = "auto") -> ParallelState:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = timedelta(seconds=cfg.timeout_s)
-    # torch.distributed.nn.functional binds ``group.WORLD`` as its functions' default argument
-    # when first imported, and torch imports it lazily (torch._dynamo -> fsdp -> _shard) once
-    # training runs: after the group is up, those defaults would hold the world group forever,
-    # past destroy_process_group and into interpreter exit.  Imported now, they hold None.
-    import torch.distributed.nn  # noqa: F401
-
     dist.init_process_group(
         backend,
         init_method="env://",
