@@ -1,9 +1,9 @@
 """Expert, data and pipeline parallelism: the process groups (``state``), the all-to-all token
 dispatcher (``dispatch``), the gradient reduction that keeps experts out of the
 data-parallel all-reduce and the global gradient norm (``grads``), EP-independent
-checkpoints (``reshard``), the trainer's small metric collectives (``reduce``) and the
-torchrun backend (``ddp``).  Only this package and the backends import
-``torch.distributed``."""
+checkpoints (``reshard``), the trainer's small metric collectives (``reduce``), rendezvous
+ports (``ports``) and the torchrun backend (``ddp``).  Only this package and the backends
+import ``torch.distributed``."""
 
 from moe.parallel.dispatch import AllToAllDispatcher, AllToAllPlan
 from moe.parallel.grads import OverlappedGradReducer, allreduce_gradients, clip_grad_norm_, expert_parameters, split_parameters

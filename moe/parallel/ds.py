@@ -68,7 +68,6 @@ def stop() -> None:
     if comm is not None and comm.is_initialized():
         comm.destroy_process_group()
     p2p = sys.modules.get("deepspeed.runtime.pipe.p2p")
-    for name in ("_grid", "_groups") if p2p is not None else ():
-        if getattr(p2p, name, None) is not None:
-            setattr(p2p, name, None)
+    if p2p is not None:
+        p2p._grid = p2p._groups = None
     ddp.stop()

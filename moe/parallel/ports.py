@@ -5,7 +5,7 @@ it draws the source port of every outgoing connection from.  A rendezvous on suc
 fail in two rare ways: another process's connection takes the port before the store binds it,
 or a client retrying ``connect()`` before the store listens is given that very port as its
 source and connects to itself (TCP simultaneous open), then waits forever for an answer.  A
-port below the ephemeral range is never handed out implicitly, so neither can happen.
+port outside the ephemeral range is never handed out implicitly, so neither can happen.
 """
 
 from __future__ import annotations
