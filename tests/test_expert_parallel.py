@@ -50,6 +50,7 @@ from moe.parallel import (
     allreduce_gradients,
     check_expert_sharding,
     check_parallel_sizes,
+    ddp,
     expert_parameters,
     rank_groups,
     split_parameters,
@@ -85,7 +86,8 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
             results.put((rank, True, fn(rank, states, **kwargs)))
         except BaseException:
             results.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
+    del states  # so stop() frees every group before the worker exits
+    ddp.stop()
 
 
 class WorkerPair:

@@ -394,6 +394,7 @@ def _peer(rank: int, port: int, behaviour: str, results) -> None:
             results.put((rank, "no error", time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - what a collective raises when the peer is gone
             results.put((rank, type(e).__name__, time.perf_counter() - t0))
+        del state  # so stop() frees its groups
         ddp.stop()
     except BaseException:
         results.put((rank, traceback.format_exc(), 0.0))
