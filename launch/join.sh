@@ -11,7 +11,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if command -v moe-join >/dev/null 2>&1; then
   exec moe-join "$@"
 elif [ -x "$here/.venv/bin/python" ]; then
-  exec "$here/.venv/bin/python" -m moe.swarm.join "$@"
+  exec "$here/.venv/bin/python" -m moe.cli.join "$@"
 else
-  exec python -m moe.swarm.join "$@"
+  exec python -m moe.cli.join "$@"
 fi

@@ -17,7 +17,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py="${PYTHON:-python}"; fi
-join=("$py" -m moe.swarm.join)
+join=("$py" -m moe.cli.join)
 
 STEPS="${STEPS:-200}"
 GRID="${GRID:-4 4}"

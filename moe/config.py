@@ -1,6 +1,6 @@
 """Typed configuration: one dataclass per Hydra group, validated before anything runs.
 
-Hydra's ``DictConfig`` stops at the entry point (``moe.cli``); the package only ever sees
+Hydra's ``DictConfig`` stops at the entry point (``moe.cli.train``); the package only ever sees
 these dataclasses, so every component can be built in a test without Hydra.  ``validate``
 collects the first problem as a :class:`ConfigError` whose message names the key and the fix.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
-from moe.data import load_data
+from moe.training.data import load_data
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +48,6 @@ def tiny_config(out_dir, moe: str = "switch", **overrides) -> TrainConfig:
 def conf_command(config: str, starts_with: str) -> list[str]:
     """The command a conf/ file's comment shows (the first comment line starting with
     ``starts_with``), split into words as written: tests run what the docs say."""
-    text = (Path(__file__).resolve().parent.parent / "conf" / config).read_text()
+    text = (Path(__file__).resolve().parent.parent / "moe" / "conf" / config).read_text()
     line = next(ln for ln in text.splitlines() if ln.lstrip("# ").startswith(starts_with))
     return line.lstrip("# ").split()

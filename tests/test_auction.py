@@ -1,4 +1,4 @@
-"""Tests for moe.auction: exact balance, optimality against scipy's assignment solver, edge cases."""
+"""Tests for moe.model.auction: exact balance, optimality against scipy's assignment solver, edge cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe.auction import balanced_assignment, balanced_capacities
+from moe.model.auction import balanced_assignment, balanced_capacities
 
 # Stated guarantee with the default eps: objective >= optimum - 1e-6 * (max - min); we add float slack.
 DEFAULT_REL_TOL = 1e-6

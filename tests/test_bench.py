@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from moe.bench import main, markdown_table
+from moe.bench.cli import main, markdown_table
 
 
 def test_layer_bench_writes_json_with_every_row(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_layer_bench_rejects_k_larger_than_experts(tmp_path):
 def test_layer_bench_measures_deepspeed_side_by_side(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "layer.json"
-    cmd = [sys.executable, "-m", "moe.bench", "layer", "--d-model", "32", "--d-ff", "64", "--tokens", "256", "--experts", "4", "--k", "1", "--repeats", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "moe.bench.cli", "layer", "--d-model", "32", "--d-ff", "64", "--tokens", "256", "--experts", "4", "--k", "1", "--repeats", "1", "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     impls = {(r["mode"], r["impl"]) for r in json.loads(out.read_text())["rows"]}
@@ -45,7 +45,7 @@ def test_layer_bench_measures_deepspeed_side_by_side(tmp_path):
 def test_parallel_bench_table_and_json_from_its_own_numbers(tmp_path, capsys):
     """`moe-bench parallel` with a tiny model: two spawned gloo ranks, every layout measured,
     efficiency = tokens/s(2) / (2 x tokens/s(1)) from the numbers it reports (no speed bar)."""
-    from moe import bench_parallel
+    from moe.bench import parallel as bench_parallel
 
     out = tmp_path / "parallel.json"
     rc = main(["parallel", "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--seq-len", "32", "--batch-size", "2",

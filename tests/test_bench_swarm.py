@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("hivemind")
 
-from moe.bench import main  # noqa: E402
-from moe.bench_swarm import ARMS, LocalGridMoE, markdown_table  # noqa: E402
+from moe.bench.cli import main  # noqa: E402
+from moe.bench.swarm import ARMS, LocalGridMoE, markdown_table  # noqa: E402
 
 
 def test_local_grid_moe_is_the_swarm_function_on_a_hand_built_grid():
@@ -18,8 +18,8 @@ def test_local_grid_moe_is_the_swarm_function_on_a_hand_built_grid():
     the exact top-k of the grid and mixes the experts with a softmax over those k."""
     import torch
 
-    from moe.experts import GroupedExperts
-    from moe.layers import Router
+    from moe.model.experts import GroupedExperts
+    from moe.model.layers import Router
 
     torch.manual_seed(0)
     D, grid, k = 8, [2, 3], 2

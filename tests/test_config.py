@@ -21,7 +21,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from moe.cli import CONF_DIR, check_group_overrides, config_from_hydra
+from moe.cli.train import CONF_DIR, check_group_overrides, config_from_hydra
 from moe.config import (
     ConfigError,
     DataConfig,
@@ -280,7 +280,7 @@ def test_check_key():
 
 def _moe_train() -> list[str]:
     exe = shutil.which("moe-train", path=str(Path(sys.executable).parent)) or shutil.which("moe-train")
-    return [exe] if exe else [sys.executable, "-m", "moe.cli"]
+    return [exe] if exe else [sys.executable, "-m", "moe.cli.train"]
 
 
 @pytest.mark.parametrize(
@@ -330,14 +330,14 @@ def test_every_config_file_composes_and_validates(load, tmp_path, group, option)
     elif group == "data":
         assert (tc.data.path != "") == (option == "files")
     elif group == "optim":
-        from moe.train import build_optimizer
+        from moe.training.loop import build_optimizer
 
         model = torch.nn.Linear(4, 4)
         opt = build_optimizer(model, tc)
         model(torch.ones(2, 4)).sum().backward()
         opt.step()
     elif group == "logger":
-        from moe.sinks import MetricsLogger
+        from moe.training.sinks import MetricsLogger
 
         with MetricsLogger(tmp_path / "log", dataclasses.replace(tc.logger, wandb=False), run_config=to_dict(tc)) as lg:
             lg.log(1, {"train/loss": 1.0})
@@ -358,7 +358,7 @@ PAIRS = [pytest.param(m, e, marks=[pytest.mark.slow] if m == "base" else [], id=
 
 @pytest.mark.parametrize("model_opt,moe_opt", PAIRS)
 def test_every_model_moe_pair_builds_and_runs_forward(load, model_opt, moe_opt):
-    from moe.model import TransformerLM
+    from moe.model.transformer import TransformerLM
 
     tc = load([f"model={model_opt}", f"moe={moe_opt}"])
     torch.manual_seed(0)
@@ -373,7 +373,7 @@ def test_every_model_moe_pair_builds_and_runs_forward(load, model_opt, moe_opt):
 
 
 def test_smoke_experiment_builds_and_runs_forward(load):
-    from moe.model import TransformerLM
+    from moe.model.transformer import TransformerLM
 
     tc = load(["experiment=smoke", "moe=gshard"])
     assert tc.run_name == "smoke-gshard" and tc.model.n_layers == 2

@@ -14,7 +14,7 @@ import pytest
 from moe.dash.cli import main as dash_main
 from moe.dash.data import collapses, config_diff, find_runs, read_run, snapshot
 from moe.dash.server import make_server, page, serve_in_thread
-from moe.train import Trainer
+from moe.training.loop import Trainer
 from tests.conftest import tiny_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

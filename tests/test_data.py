@@ -1,4 +1,4 @@
-"""Tests for moe.data: corpus discovery, splits, tokenizers, the token cache and batches."""
+"""Tests for moe.training.data: corpus discovery, splits, tokenizers, the token cache and batches."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from moe import data as D
+from moe.training import data as D
 from moe.config import ConfigError, DataConfig
-from moe.data import TokenData, Tokenizer, load_data, split_by_file, stdlib_files
+from moe.training.data import TokenData, Tokenizer, load_data, split_by_file, stdlib_files
 
 UNICODE = "héllo wörld — 日本語 🙂\n\tdef f(x):\r\n    return x ** 2  # ∑ <|endoftext|> \x7f\n"
 

@@ -35,7 +35,7 @@ pytest.importorskip("deepspeed")
 
 from moe.config import ParallelConfig  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
-from moe.train import Trainer  # noqa: E402
+from moe.training.loop import Trainer  # noqa: E402
 from tests.conftest import conf_command  # noqa: E402
 from tests.test_parallel_train import B, pair, _assert_same_run, _assert_states_close, _cfg, _clipped, _metrics, _reference  # noqa: E402,F401  (pair: the 2-rank worker fixture)
 

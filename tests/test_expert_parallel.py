@@ -36,13 +36,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe.auction import balanced_capacities
+from moe.model.auction import balanced_capacities
 from moe.config import ConfigError, ModelConfig, MoEConfig
-from moe.dispatch import LocalDispatcher
-from moe.experts import GroupedExperts
-from moe.layers import MoELayer
-from moe.model import TransformerLM
-from moe.routing import expert_capacity
+from moe.model.dispatch import LocalDispatcher
+from moe.model.experts import GroupedExperts
+from moe.model.layers import MoELayer
+from moe.model.transformer import TransformerLM
+from moe.model.routing import expert_capacity
 from moe.parallel.ports import free_port
 from moe.parallel import (
     AllToAllDispatcher,

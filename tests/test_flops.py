@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
+from moe.training.flops import measure_peak_flops, mfu, transformer_flops_per_token
 
 
 def test_transformer_flops_per_token_hand_numbers():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from moe.config import MoEConfig
-from moe.experts import GroupedExperts
-from moe.layers import MoELayer
+from moe.model.experts import GroupedExperts
+from moe.model.layers import MoELayer
 
 
 def _layer(dropless: bool, into_grad: bool = True) -> MoELayer:
@@ -87,7 +87,7 @@ def test_off_by_default_so_autograd_grad_is_right_with_grad_allocated(dropless):
 
 
 def test_trainer_turns_it_on(tmp_path, tiny_data):
-    from moe.train import Trainer
+    from moe.training.loop import Trainer
     from tests.conftest import tiny_config
 
     t = Trainer(tiny_config(tmp_path), data=tiny_data)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from moe import checkpoint as ckpt
+from moe.training import checkpoint as ckpt
 from moe.parallel.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

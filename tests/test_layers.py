@@ -1,4 +1,4 @@
-"""Tests for moe.layers / moe.experts / moe.dispatch: equivalences, outputs AND gradients.
+"""Tests for moe.model.layers / moe.model.experts / moe.model.dispatch: equivalences, outputs AND gradients.
 
 References are written out naively here (a per-token loop, a per-group matmul, a dense FFN)
 and compared in float64 with the layer's two internal dropless paths forced in turn.
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moe.experts as experts_mod
-from moe.auction import balanced_assignment
+import moe.model.experts as experts_mod
+from moe.model.auction import balanced_assignment
 from moe.config import MoEConfig
-from moe.experts import GroupedExperts, grouped_mm
-from moe.layers import DenseFFN, MoELayer, Router, build_ffn
-from moe.routing import expert_capacity
+from moe.model.experts import GroupedExperts, grouped_mm
+from moe.model.layers import DenseFFN, MoELayer, Router, build_ffn
+from moe.model.routing import expert_capacity
 
 D, FF = 6, 10
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64 throughout (the router too)

@@ -1,6 +1,6 @@
 """Multi-process training: the trainer on 2 (and 4) real gloo processes equals one process.
 
-Every worker runs the real :class:`moe.train.Trainer` with a :class:`ParallelState` (one torch
+Every worker runs the real :class:`moe.training.loop.Trainer` with a :class:`ParallelState` (one torch
 thread per process, 127.0.0.1); the one-process references run in the test process.  What
 "equal" means, per case (tolerance: fp32, ``rtol = atol = 1e-5`` on losses, gradient norms and
 every parameter after 3 steps; the 2 processes and the reference sum the same numbers in
@@ -48,11 +48,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import checkpoint as ckpt
+from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, ParallelConfig, to_dict
 from moe.parallel import ParallelState
 from moe.parallel.ports import free_port
-from moe.train import Trainer, check_resumable
+from moe.training.loop import Trainer, check_resumable
 from tests.conftest import tiny_config
 from tests.test_expert_parallel import WorkerPair
 
@@ -140,8 +140,8 @@ def case_ctrl_c_on_one_rank(rank, states, *, cfg, data):
 
 def case_nan_on_one_rank(rank, states, *, cfg, data):
     """Rank 1's loss alone turns NaN at step 2: every rank stops there, before stepping."""
-    from moe.model import ModelOutput
-    from moe.train import TrainingDiverged
+    from moe.model.transformer import ModelOutput
+    from moe.training.loop import TrainingDiverged
 
     t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
     real = t._forward
@@ -256,7 +256,7 @@ def case_overlap(rank, states, *, cfg, data, steps):
     """The trainer's steps with its bucketed reducer; returns (buckets per kind, buckets sent
     during the last backward, the rank-0 state) - or, with bucket_mb=0, the one-shot path."""
     t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
-    from moe.telemetry import LoadAccumulator
+    from moe.training.telemetry import LoadAccumulator
 
     sent = []
     for _ in range(steps):
@@ -450,7 +450,7 @@ def _rank_of_a_cli_run(rank: int, port: int, cfg, results) -> None:
     try:
         import gc
 
-        from moe.cli import train_in_process_group
+        from moe.cli.train import train_in_process_group
 
         gc.disable()  # only what the entry point frees counts, not a collection that happens to run
         train_in_process_group(cfg)

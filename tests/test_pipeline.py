@@ -37,9 +37,9 @@ import torch
 pytest.importorskip("deepspeed")
 
 from moe.config import ConfigError, ParallelConfig  # noqa: E402
-from moe.model import TransformerLM  # noqa: E402
+from moe.model.transformer import TransformerLM  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
-from moe.train import Trainer  # noqa: E402
+from moe.training.loop import Trainer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_expert_parallel import WorkerPair  # noqa: E402
 from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1, pair  # noqa: E402,F401  (pair: the module-scoped 2-rank worker pair)

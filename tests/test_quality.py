@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from moe.bench import main as bench_main
-from moe.quality import NOTES_MARKER, Arm, _compose, RunCurves, bar_checks, expert_only, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
+from moe.bench.cli import main as bench_main
+from moe.bench.quality import NOTES_MARKER, Arm, _compose, RunCurves, bar_checks, expert_only, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
 
 
 def _naive_reach(steps, losses, target, grid=20000):
@@ -76,7 +76,7 @@ def test_load_run_reads_curves_time_and_cv(tmp_path):
 
 
 def test_last_step_skips_the_summary_record(tmp_path):
-    from moe.quality import _last_step
+    from moe.bench.quality import _last_step
 
     _write_metrics(tmp_path / "r", [{"step": 0}, {"step": 1500, "val/loss": 1.2}, {"type": "summary", "final/val_loss": 1.2}])
     assert _last_step(tmp_path / "r" / "metrics.jsonl") == 1500  # a finished arm counts as done from the start
@@ -88,8 +88,8 @@ def test_last_step_skips_the_summary_record(tmp_path):
 def test_a_part_trained_arm_starts_from_its_checkpoint_step(tmp_path):
     # The trainer drops the records logged after the checkpoint when it resumes, so the last
     # logged step (375) would make the progress bar run backwards to 250.
-    from moe import checkpoint as ckpt
-    from moe.quality import _start_step
+    from moe.training import checkpoint as ckpt
+    from moe.bench.quality import _start_step
 
     run = tmp_path / "r"
     _write_metrics(run, [{"step": 250}, {"step": 375}])
@@ -106,8 +106,8 @@ def test_a_part_trained_arm_starts_from_its_checkpoint_step(tmp_path):
 def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
     # Until moe-train rewrites metrics.jsonl, its stale tail (375) must not show: the bar
     # would jump to 375 and back to the checkpoint's 250 (or to 0 for a run started over).
-    from moe.quality import _file_sig, _steps_done
-    from moe.train import _truncate_jsonl
+    from moe.bench.quality import _file_sig, _steps_done
+    from moe.training.loop import _truncate_jsonl
 
     run = tmp_path / "r"
     path = run / "metrics.jsonl"
@@ -132,7 +132,7 @@ def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
 def test_the_setup_names_the_experts_learning_rate(tmp_path):
     import dataclasses
 
-    from moe.quality import _schedule
+    from moe.bench.quality import _schedule
     from tests.conftest import tiny_config
 
     dense, switch = tiny_config(tmp_path, "dense"), tiny_config(tmp_path, "switch")

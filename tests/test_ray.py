@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from moe import checkpoint as ckpt
+from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, DataConfig, OptimConfig, ParallelConfig
 from moe.parallel.ray_train import RAY_DIR, RAY_RUN_NAME, RayReporter, check_cluster, check_ray_run, fit_on_ray, train_on_ray, worker_error
-from moe.train import TrainingDiverged
+from moe.training.loop import TrainingDiverged
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent

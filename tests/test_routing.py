@@ -1,4 +1,4 @@
-"""Tests for moe.routing: router math on hand-written logits, checked against the papers' formulas.
+"""Tests for moe.model.routing: router math on hand-written logits, checked against the papers' formulas.
 
 Expected values are computed here from the definitions (Switch: Fedus et al. 2021; GShard:
 Lepikhin et al. 2021, Algorithm 1; ST-MoE z-loss; BASE: Lewis et al. 2021), with ``math`` on
@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe.auction import balanced_assignment
-from moe.routing import (
+from moe.model.auction import balanced_assignment
+from moe.model.routing import (
     Routing,
     base_route,
     expert_capacity,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe.config import LoggerConfig
-from moe.sinks import MetricsLogger
+from moe.training.sinks import MetricsLogger
 from tests.wandb_file import history, logged_table, offline_run
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 pytest.importorskip("hivemind")
 
-from moe.experts import GroupedExperts  # noqa: E402
+from moe.model.experts import GroupedExperts  # noqa: E402
 from moe.swarm.expert import SwarmExpert  # noqa: E402
 from moe.swarm.layer import SwarmMoE, grid_balance_loss  # noqa: E402
 from moe.swarm.server import ExpertServer, ServerProcess, grid_uids, shutdown_dht, start_dht, uid_coords  # noqa: E402
@@ -549,7 +549,7 @@ def test_training_survives_a_sigkilled_server_and_uses_it_again_after_a_restart(
     last ones keep the loss curve continuous, so "the loss keeps falling" holds across the
     restart.)  Short declarations (re-declared every 2 s, expiring after 6 s) bound how long
     the client's DHT cache keeps pointing at the dead peer."""
-    from moe.telemetry import LoadAccumulator
+    from moe.training.telemetry import LoadAccumulator
 
     torch.manual_seed(9)
     grid = [4, 2]

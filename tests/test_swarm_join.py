@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("hivemind")
 
 ROOT = Path(__file__).resolve().parent.parent
-JOIN = [sys.executable, "-m", "moe.swarm.join"]
+JOIN = [sys.executable, "-m", "moe.cli.join"]
 
 
 class Peer:
@@ -261,7 +261,7 @@ def test_swarm_local_trains_and_stops_cleanly(tmp_path):
 
 
 def test_failed_experts_are_counted_per_log_window():
-    from moe.telemetry import LoadAccumulator
+    from moe.training.telemetry import LoadAccumulator
 
     acc = LoadAccumulator()
     acc.add(1, torch.tensor([3.0, 1.0]), 0, 4)
@@ -277,7 +277,7 @@ def test_failed_experts_are_counted_per_log_window():
 
 def test_build_ffn_hivemind_needs_a_dht():
     from moe.config import MoEConfig
-    from moe.layers import build_ffn
+    from moe.model.layers import build_ffn
 
     with pytest.raises(ValueError, match="moe=hivemind needs a running DHT"):
         build_ffn(MoEConfig(name="hivemind", num_experts=64, top_k=4), 16, 32, sparse=True)

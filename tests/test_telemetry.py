@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe.telemetry import LoadAccumulator, load_stats
+from moe.training.telemetry import LoadAccumulator, load_stats
 
 
 def test_balanced_counts():

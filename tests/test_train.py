@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import checkpoint as ckpt
+from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, MoEConfig, to_dict
-from moe.model import ModelOutput
-from moe.train import Trainer, TrainingDiverged, format_summary, lr_at
+from moe.model.transformer import ModelOutput
+from moe.training.loop import Trainer, TrainingDiverged, format_summary, lr_at
 from tests.conftest import tiny_config
 
 
@@ -88,7 +88,7 @@ def test_resume_refuses_another_config_with_one_line(tmp_path, tiny_data):
 def test_a_checkpoint_from_before_a_config_key_existed_resumes_while_the_key_is_at_its_default(tmp_path):
     """Keys a newer version added (absent from the saved config) block a resume only when set
     away from their default."""
-    from moe.train import check_resumable
+    from moe.training.loop import check_resumable
 
     current = to_dict(tiny_config(tmp_path, "switch"))
     saved = json.loads(json.dumps(current))

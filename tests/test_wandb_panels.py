@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from moe.config import LoggerConfig, to_dict
-from moe.quality import load_run
-from moe.train import Trainer
-from moe.wandb_panels import Panel, RunKeys, add_wandb_parser, build_report, build_workspace, has_api_key, panel_plan, run_wandb, scan_run
+from moe.bench.quality import load_run
+from moe.training.loop import Trainer
+from moe.dash.wandb_panels import Panel, RunKeys, add_wandb_parser, build_report, build_workspace, has_api_key, panel_plan, run_wandb, scan_run
 from tests.conftest import tiny_config
 from tests.wandb_file import history, logged_table, offline_run, run_config
 

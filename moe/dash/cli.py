@@ -32,7 +32,7 @@ def _dash_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["wandb"]:
-        from moe.wandb_panels import add_wandb_parser, run_wandb
+        from moe.dash.wandb_panels import add_wandb_parser, run_wandb
 
         p = argparse.ArgumentParser(prog="moe-dash")
         add_wandb_parser(p.add_subparsers(dest="what", required=True))

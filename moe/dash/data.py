@@ -1,7 +1,7 @@
 """What the dashboard shows, read from run directories: pure functions over files, no server.
 
 A run directory is any folder holding a ``metrics.jsonl`` (written by the trainer, see
-moe/sinks.py) and usually a ``config.json``.  :func:`scan` finds them under a root and turns
+moe/training/sinks.py) and usually a ``config.json``.  :func:`scan` finds them under a root and turns
 each into a compact dict of series the page draws; :func:`config_diff` lists the config keys
 whose values differ between runs; :func:`collapses` flags layers whose routing collapsed.
 

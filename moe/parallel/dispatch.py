@@ -1,7 +1,7 @@
 """Expert-parallel token dispatcher: experts sharded over the expert-parallel (EP) group,
 tokens moved to them and back by all-to-all with uneven split sizes.
 
-Same two calls as :class:`moe.dispatch.LocalDispatcher`, so :class:`moe.layers.MoELayer` does
+Same two calls as :class:`moe.model.dispatch.LocalDispatcher`, so :class:`moe.model.layers.MoELayer` does
 not change: routing is computed on this rank's own T tokens over all E experts (the router
 is replicated), ``dispatch`` sends every kept (token, choice) row to the rank holding its
 expert, ``combine`` brings the expert outputs back and sums them per token.
@@ -42,10 +42,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe.auction import balanced_assignment
-from moe.dispatch import DispatchPlan
+from moe.model.auction import balanced_assignment
+from moe.model.dispatch import DispatchPlan
 from moe.parallel.state import ParallelState, check_expert_sharding
-from moe.routing import Routing
+from moe.model.routing import Routing
 
 
 class _AllToAll(torch.autograd.Function):

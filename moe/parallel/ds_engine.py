@@ -165,7 +165,7 @@ class DeepSpeedRun:
 
     def step(self, lr: float) -> None:
         """The optimizer step at the accumulation boundary, with this step's LR."""
-        from moe.train import set_lr
+        from moe.training.loop import set_lr
 
         set_lr(self.engine.optimizer.param_groups, lr)
         self.engine.step()
@@ -276,7 +276,7 @@ def _share_state(src: torch.optim.Optimizer, dst: torch.optim.Optimizer) -> None
 def wrap(model: nn.Module, canonical_groups: list[dict[str, Any]], cfg, state: ParallelState) -> DeepSpeedRun:
     """Build DeepSpeed's engine around ``model`` (on its device, weights identical on every
     rank).  ``canonical_groups``: the optimizer groups of a one-process run
-    (``moe.train.optimizer_groups``)."""
+    (``moe.training.loop.optimizer_groups``)."""
     import deepspeed
 
     from moe.parallel.ds import skip_shm_comm_build

@@ -2,7 +2,7 @@
 all-reduce and are reduced within their expert-data-parallel group instead.
 
 Which parameters are experts' is read from the modules, not from marks on the parameters: a
-module whose class sets ``expert_parallel = True`` (:class:`moe.experts.GroupedExperts`)
+module whose class sets ``expert_parallel = True`` (:class:`moe.model.experts.GroupedExperts`)
 holds expert weights, sharded over the expert-parallel group.  (DeepSpeed marks each
 parameter ``allreduce = False``; attributes on a parameter are lost by ``copy.deepcopy``, which
 would silently put the experts back into the data-parallel all-reduce.  A DeepSpeed backend

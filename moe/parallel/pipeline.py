@@ -1,4 +1,4 @@
-"""Pipeline parallelism: :class:`~moe.model.TransformerLM` as DeepSpeed ``PipelineModule`` stages,
+"""Pipeline parallelism: :class:`~moe.model.transformer.TransformerLM` as DeepSpeed ``PipelineModule`` stages,
 trained by DeepSpeed's pipeline engine (``parallel=deepspeed parallel.pp_size=P``).
 
     deepspeed --num_gpus 2 --no_local_rank $(which moe-train) parallel=deepspeed parallel.pp_size=2 grad_accum=4
@@ -37,7 +37,7 @@ trainer runs; a model that does not fit one process would need per-layer seeding
 trainer's parameter groups, ``gradient_accumulation_steps = grad_accum`` (the micro-batches
 per step: the pipeline fills only with ``grad_accum >= pp_size``), each data-parallel rank
 and micro-batch one shard of the step's global batch (``batch_size x grad_accum x dp_size``
-sequences, the very batch :class:`moe.train.Trainer` trains on), the LR of ``moe.train.lr_at``
+sequences, the very batch :class:`moe.training.loop.Trainer` trains on), the LR of ``moe.training.loop.lr_at``
 set before each step, gradient clipping by the norm of the whole model's gradient (every
 stage's, the tied weight once), eval with ``engine.eval_batch``, DeepSpeed checkpoints in
 ``out_dir/global_step<N>`` named by ``out_dir/pipeline.json`` (resumed when present, by the
@@ -69,12 +69,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, to_dict, validate
-from moe.data import TokenData, load_data
-from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
-from moe.layers import LayerAux
-from moe.model import Block, TransformerLM, count_parameters, is_sparse_block
+from moe.training.data import TokenData, load_data
+from moe.training.flops import measure_peak_flops, mfu, transformer_flops_per_token
+from moe.model.layers import LayerAux
+from moe.model.transformer import Block, TransformerLM, count_parameters, is_sparse_block
 from moe.parallel.state import ParallelState
-from moe.telemetry import LoadAccumulator
+from moe.training.telemetry import LoadAccumulator
 
 PARTITION_METHOD = "type:BlockLayer"  # equal blocks per stage (module docstring)
 TIED_KEY = "tok_emb"
@@ -320,7 +320,7 @@ class PipelineTrainer:
         import deepspeed
 
         from moe.parallel.ds import skip_shm_comm_build
-        from moe.train import _rank_seed, build_optimizer, model_config
+        from moe.training.loop import _rank_seed, build_optimizer, model_config
 
         validate(cfg)
         check_pipeline_config(cfg, state.world_size)
@@ -352,7 +352,7 @@ class PipelineTrainer:
                 layer.on_aux = lambda i, a: self.load.add(i, a.counts_E, a.num_dropped, a.num_routed, a.aux_loss.detach(), a.z_loss.detach())
         self.step = 0
         self.wandb_id: str | None = None
-        self._stop = None  # moe.train._StopFlag while fit runs: this rank's Ctrl-C
+        self._stop = None  # moe.training.loop._StopFlag while fit runs: this rank's Ctrl-C
         self._stop_agreed = False  # some rank asked to stop, as of the last step
         n_flops = self.params["active_non_embedding"] + self.params["lm_head_flop_params"]
         self.flops_per_token = transformer_flops_per_token(n_flops, self.model_cfg.n_layers, self.model_cfg.d_model, self.model_cfg.seq_len)
@@ -405,7 +405,7 @@ class PipelineTrainer:
         """One optimizer step over ``grad_accum`` micro-batches (``engine.train_batch``).
         Raises TrainingDiverged on a NaN/inf loss - after the step: the engine steps inside
         ``train_batch`` (the last checkpoint is left in place)."""
-        from moe.train import TrainingDiverged, lr_at, set_lr
+        from moe.training.loop import TrainingDiverged, lr_at, set_lr
 
         lr = lr_at(self.step, self.cfg)
         set_lr(self.engine.optimizer.param_groups, lr)
@@ -434,7 +434,7 @@ class PipelineTrainer:
     def save(self) -> Path:
         """``engine.save_checkpoint`` into ``out_dir/global_step<N>`` (collective), then (rank 0)
         ``out_dir/pipeline.json`` naming it, with the step, layout and config; older tags go."""
-        from moe.train import _write_text_atomic
+        from moe.training.loop import _write_text_atomic
 
         tag = f"global_step{self.step}"
         self.engine.save_checkpoint(str(self.run_dir), tag=tag, client_state={"step": self.step, "wandb_id": self.wandb_id})
@@ -450,7 +450,7 @@ class PipelineTrainer:
     def _resume(self) -> bool:
         """Load ``out_dir``'s pipeline checkpoint when there is one (and ``resume``); checks
         the layout and config first (one-line ConfigErrors, the same on every rank)."""
-        from moe.train import CHECKPOINT, _rank_seed, check_resumable
+        from moe.training.loop import CHECKPOINT, _rank_seed, check_resumable
 
         c = self.cfg
         if not c.resume:
@@ -481,9 +481,9 @@ class PipelineTrainer:
 
     def fit(self):
         """Train to ``cfg.steps`` (resuming ``out_dir``'s DeepSpeed checkpoint when allowed);
-        the :class:`moe.train.RunResult` on rank 0, None elsewhere."""
-        from moe.sinks import MetricsLogger
-        from moe.train import RunResult, _postfix, _progress, _StopFlag, _summary_metrics, _truncate_jsonl, _write_text_atomic
+        the :class:`moe.training.loop.RunResult` on rank 0, None elsewhere."""
+        from moe.training.sinks import MetricsLogger
+        from moe.training.loop import RunResult, _postfix, _progress, _StopFlag, _summary_metrics, _truncate_jsonl, _write_text_atomic
 
         c, st = self.cfg, self.state
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -585,5 +585,5 @@ class PipelineTrainer:
 
 def fit_pipeline(tc: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
     """Train ``tc`` with pipeline stages on every rank of ``state`` (collective); the
-    :class:`moe.train.RunResult` on rank 0, None on the other ranks."""
+    :class:`moe.training.loop.RunResult` on rank 0, None on the other ranks."""
     return PipelineTrainer(tc, data=data, state=state).fit()

@@ -1,5 +1,5 @@
 """The ``ray`` backend: ``moe-train`` is Ray's driver; Ray Train's ``TorchTrainer`` runs
-``parallel.num_workers`` ranks, each the same :class:`moe.train.Trainer` as under torchrun.
+``parallel.num_workers`` ranks, each the same :class:`moe.training.loop.Trainer` as under torchrun.
 
     moe-train parallel=ray parallel.num_workers=2 parallel.ep_size=2 experiment=smoke
 
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 from moe.config import ConfigError, ParallelConfig, TrainConfig, validate, validate_launch
 
 if TYPE_CHECKING:
-    from moe.train import RunResult
+    from moe.training.loop import RunResult
 
 RAY_DIR = "ray"  # Ray Train's storage inside out_dir: <out_dir>/ray/train/checkpoint_*
 RAY_RUN_NAME = "train"
@@ -229,14 +229,14 @@ def _check_v2() -> None:
 
 
 def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
-    """Run ``tc`` on Ray Train; returns (rank 0's :class:`moe.train.RunResult`, Ray's
+    """Run ``tc`` on Ray Train; returns (rank 0's :class:`moe.training.loop.RunResult`, Ray's
     ``ray.train.Result``: the last reported metrics and the latest checkpoint).
 
     Raises the workers' ``ConfigError`` / ``TrainingDiverged`` as themselves (module docstring).
     """
     check_ray_run(tc, os.environ)
     tc = _absolute(tc)
-    from moe.data import load_data
+    from moe.training.data import load_data
 
     load_data(tc.data, progress=tc.logger.progress)  # bad data fails here; the workers then read the cache
     _check_v2()
@@ -270,7 +270,7 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            from moe.train import TrainingDiverged
+            from moe.training.loop import TrainingDiverged
 
             err = worker_error(e)
             if isinstance(err, (ConfigError, TrainingDiverged)):
@@ -284,7 +284,7 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
 
 
 def fit_on_ray(tc: TrainConfig) -> RunResult:
-    """``moe-train parallel=ray``: train ``tc`` on Ray Train, return rank 0's :class:`moe.train.RunResult`."""
+    """``moe-train parallel=ray``: train ``tc`` on Ray Train, return rank 0's :class:`moe.training.loop.RunResult`."""
     return train_on_ray(tc)[0]
 
 
@@ -292,7 +292,7 @@ def worker_error(e: BaseException) -> BaseException:
     """The exception to raise in the driver for Ray's ``TrainingFailedError`` ``e``: a worker's
     ``ConfigError`` or ``TrainingDiverged`` (every rank raises those together; a peer may
     instead see its collective fail), else the lowest rank's own exception, else ``e``."""
-    from moe.train import TrainingDiverged
+    from moe.training.loop import TrainingDiverged
 
     failures = getattr(e, "worker_failures", None) or {}
     ordered = [failures[r] for r in sorted(failures)]
@@ -369,9 +369,9 @@ def train_loop_per_worker(config: dict) -> RunResult | None:
     import ray.train
     import ray.train.torch
 
-    from moe.data import load_data
+    from moe.training.data import load_data
     from moe.parallel.state import ParallelState
-    from moe.train import Trainer, TrainerHooks
+    from moe.training.loop import Trainer, TrainerHooks
 
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs each report at INFO through the root logger
     tc: TrainConfig = config["tc"]

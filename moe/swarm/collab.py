@@ -11,7 +11,7 @@ through the DHT's matchmaking) and take one optimizer step each: the *collaborat
 downloads the current parameters, optimizer state and collaborative step from another peer
 (``load_state``), and the others keep stepping when one leaves.
 
-Learning rate: ``moe.train.lr_at(collaborative step)``, through hivemind's scheduler hook (a
+Learning rate: ``moe.training.loop.lr_at(collaborative step)``, through hivemind's scheduler hook (a
 ``LambdaLR`` hivemind steps once per collaborative step and re-aligns when state is loaded),
 so every peer, late joiners included, is on the same point of the schedule.
 
@@ -34,11 +34,11 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import get_dht_time
 
 from moe.config import TrainConfig, validate
-from moe.data import TokenData, load_data
-from moe.model import TransformerLM
-from moe.sinks import MetricsLogger
+from moe.training.data import TokenData, load_data
+from moe.model.transformer import TransformerLM
+from moe.training.sinks import MetricsLogger
 from moe.swarm.records import collab_run_id, signing_key
-from moe.train import lr_at
+from moe.training.loop import lr_at
 
 
 def peer_seed(dht: DHT) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moe.experts import ACTIVATIONS, GroupedExperts, activation_fn, small_init_
+from moe.model.experts import ACTIVATIONS, GroupedExperts, activation_fn, small_init_
 
 
 class SwarmExpert(nn.Module):

@@ -42,7 +42,7 @@ from hivemind.moe.client.expert import expert_backward, expert_forward, get_serv
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from torch.autograd.function import once_differentiable
 
-from moe.layers import LayerAux, Router
+from moe.model.layers import LayerAux, Router
 from moe.swarm.records import get_signed_experts
 from moe.swarm.server import check_prefix, uid_coords
 
@@ -116,7 +116,7 @@ class SwarmMoE(nn.Module):
         timeout_after_k_min: seconds to wait for stragglers once every token has k_min replies.
         backward_timeout: seconds a backward waits for expert gradients at most; an expert
             that does not answer in time passes no gradient back to the input.
-        jitter_eps, init_scale, router_dtype: as ``moe.layers.Router`` (one per grid dim).
+        jitter_eps, init_scale, router_dtype: as ``moe.model.layers.Router`` (one per grid dim).
         require_signed: call an expert only if its server holds a signed declaration for
             its uid (``moe.swarm.records``; servers with ``sign_records=True``): hivemind's
             beam-search records are unsigned, so any peer can point a uid at itself.  A

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.config import ModelConfig, MoEConfig
-from moe.layers import LayerAux, build_ffn
+from moe.model.layers import LayerAux, build_ffn
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from moe.config import ConfigError, TrainConfig, check_key, from_dict, validate, validate_launch
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # moe/conf: shipped inside the package
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -154,7 +154,7 @@ def train_in_process_group(tc: TrainConfig) -> None:
 
 def _train_ray(tc: TrainConfig) -> None:
     from moe.parallel.ray_train import fit_on_ray
-    from moe.train import TrainingDiverged, format_summary
+    from moe.training.loop import TrainingDiverged, format_summary
 
     try:
         result = fit_on_ray(tc)
@@ -170,8 +170,8 @@ def _train_ray(tc: TrainConfig) -> None:
 def _train(tc: TrainConfig, state) -> None:
     import dataclasses
 
-    from moe.data import load_data
-    from moe.train import Trainer, TrainingDiverged, format_summary
+    from moe.training.data import load_data
+    from moe.training.loop import Trainer, TrainingDiverged, format_summary
 
     main = state is None or state.is_main
     if state is not None:  # rank 0's run directory for all (Hydra resolved it on each rank: ${now:} may differ)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe.auction import balanced_assignment
+from moe.model.auction import balanced_assignment
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Every layer maps ``(..., D) -> ((..., D), LayerAux | None)``; ``build_ffn`` is the registry
 that turns ``moe.name`` into a layer, so one config override switches between them.
-An MoE layer is a router (parameters), a routing function (pure, ``moe.routing``), a
-dispatcher (moves tokens, ``moe.dispatch``) and grouped experts (``moe.experts``).
+An MoE layer is a router (parameters), a routing function (pure, ``moe.model.routing``), a
+dispatcher (moves tokens, ``moe.model.dispatch``) and grouped experts (``moe.model.experts``).
 
 Shape suffixes: T tokens, E experts, D model dim, F hidden dim.
 """
@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from moe.config import MOE_LAYERS, MoEConfig
-from moe.dispatch import LocalDispatcher
-from moe.experts import GroupedExperts, activation_fn, small_init_
-from moe.routing import Routing, base_route, gshard_route, switch_route, topk_route
+from moe.model.dispatch import LocalDispatcher
+from moe.model.experts import GroupedExperts, activation_fn, small_init_
+from moe.model.routing import Routing, base_route, gshard_route, switch_route, topk_route
 
 
 @dataclass

@@ -43,7 +43,7 @@ class LocalGridMoE(nn.Module):
     """``SwarmMoE``'s function with its experts in this process (the benchmark's baseline).
 
     Args:
-        routers: one ``moe.layers.Router`` per grid dimension (e.g. a ``SwarmMoE``'s ``routers``).
+        routers: one ``moe.model.layers.Router`` per grid dimension (e.g. a ``SwarmMoE``'s ``routers``).
         experts: ``GroupedExperts`` holding the grid's experts, row-major.
         grid_size: the grid, e.g. [4, 4].
         k: experts per token (``k_best``).
@@ -96,7 +96,7 @@ def parse_size(s: str) -> tuple[int, int, int]:
 
 def bench_swarm(args) -> dict:
     """Start the swarm, measure every (size, arm) ``args.repeats`` times in turn, stop it all."""
-    from moe.experts import GroupedExperts
+    from moe.model.experts import GroupedExperts
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.layer import SwarmMoE
     from moe.swarm.server import ServerProcess, grid_uids, shutdown_dht, start_dht
@@ -269,7 +269,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """Check the options, run, write the JSON and print the table (``moe-bench swarm``)."""
-    from moe.bench import _write_and_print
+    from moe.bench.cli import _write_and_print
 
     p = args.swarm_parser
     try:

@@ -8,7 +8,7 @@ gradients all-reduced) and EP=2 (``ep_size=2``: each rank holds half the experts
 by all-to-all).  Each rank keeps the same per-process batch (weak scaling), so 2 processes
 process twice the tokens of one per step; the rounds alternate so a shared machine's drifting
 speed hits all layouts alike.  A measurement is ``warmup`` untimed steps, then ``steps`` timed
-calls of the real :meth:`moe.train.Trainer.train_step` (forward, backward, gradient
+calls of the real :meth:`moe.training.loop.Trainer.train_step` (forward, backward, gradient
 all-reduce, clipping, AdamW), between two barriers; the step time is the slowest rank's.
 
 - tokens/s: ``processes * batch_size * seq_len * steps / seconds`` (median over rounds);
@@ -68,10 +68,10 @@ def train_config(args, *, processes: int, ep_size: int, out_dir: str, bucket_mb:
 def _worker(rank: int, port: int, args, tasks, results) -> None:
     """One of the two ranks: join the gloo group, then measure what the task queue asks."""
     torch.set_num_threads(1)
-    from moe.data import load_data
+    from moe.training.data import load_data
     from moe.parallel import ParallelState, ddp
     from moe.parallel.reduce import count_over_world, gather_objects
-    from moe.train import Trainer
+    from moe.training.loop import Trainer
 
     try:
         # what torchrun would set for this rank: the ddp backend joins the group the same way as in training
@@ -83,7 +83,7 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         return
-    from moe.telemetry import LoadAccumulator
+    from moe.training.telemetry import LoadAccumulator
 
     trainers: dict[str, Trainer] = {}  # built once per layout, stepped on across rounds
     with tempfile.TemporaryDirectory(prefix=f"bench-parallel-{rank}-") as tmp:
@@ -162,7 +162,7 @@ class _Pair:
 
 def bench_parallel(args) -> dict:
     """Measure every layout ``args.repeats`` times in turn; the result as JSON-ready data."""
-    from moe.data import load_data
+    from moe.training.data import load_data
 
     load_data(DataConfig(tokenizer="byte", max_files=args.max_files, cache_dir=args.cache_dir), progress=False)  # the token cache, built once before the workers read it
     cfg = train_config(args, processes=1, ep_size=1, out_dir="")

@@ -170,7 +170,7 @@ def train_config(a: argparse.Namespace):
     from hydra import compose, initialize_config_dir  # noqa: PLC0415 (only with --train)
     from hydra.core.global_hydra import GlobalHydra
 
-    from moe.cli import CONF_DIR, check_group_overrides, config_from_hydra, one_line
+    from moe.cli.train import CONF_DIR, check_group_overrides, config_from_hydra, one_line
 
     try:
         check_group_overrides(a.overrides)

@@ -5,7 +5,7 @@ FFN that does the same active FLOPs per token (dense tokens/s divided by k is th
 sparse layer can reach), and, when DeepSpeed is installed, DeepSpeed's MoE layer in the same
 run, so the ratios are measured side by side on the same (noisy, shared) machine.
 
-``moe-bench parallel`` (``moe/bench_parallel.py``) measures train-step tokens/s at 1 and 2
+``moe-bench parallel`` (``moe/bench/parallel.py``) measures train-step tokens/s at 1 and 2
 processes (DP=2, EP=2), weak scaling, with the collectives' share of the step.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from moe.config import MoEConfig
-from moe.layers import DenseFFN, MoELayer
+from moe.model.layers import DenseFFN, MoELayer
 
 
 def _fwd_bwd_once(layer: nn.Module, x: torch.Tensor, call) -> float:
@@ -177,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--no-plots", action="store_true")
     q.add_argument("--final-eval", type=int, default=None, metavar="N", help="evaluate every finished arm's final checkpoint on N val batches, paired with dense (default 256, 4 with --smoke; 0: skip)")
     q.add_argument("overrides", nargs="*", help="moe-train overrides for every arm, e.g. steps=3000 optim.lr=1e-3")
-    from moe import bench_parallel
+    from moe.bench import parallel as bench_parallel
 
     par = sub.add_parser("parallel", help="train-step tokens/s at 1 vs 2 processes (DP=2, EP=2), comm share, weak-scaling efficiency", description=bench_parallel.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_parallel.add_arguments(par)
-    from moe import bench_swarm
+    from moe.bench import swarm as bench_swarm
 
     bench_swarm.add_parser(sub)
     args, unknown = p.parse_known_args(argv)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_parallel.check_arguments(par, args)
         return _write_and_print(bench_parallel.bench_parallel(args), bench_parallel.markdown_table, args.out)
     if args.what == "quality":
-        from moe.quality import run_quality
+        from moe.bench.quality import run_quality
 
         args.argv = list(sys.argv[2:] if argv is None else argv[1:])
         try:

@@ -53,16 +53,16 @@ from typing import Any, Callable
 
 import torch
 
-from moe import checkpoint as ckpt
+from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, TrainConfig, flatten, to_dict, validate
-from moe.data import TokenData, load_data
-from moe.experts import GroupedExperts
-from moe.flops import measure_peak_flops, mfu, transformer_flops_per_token
-from moe.model import ModelOutput, TransformerLM, count_parameters
+from moe.training.data import TokenData, load_data
+from moe.model.experts import GroupedExperts
+from moe.training.flops import measure_peak_flops, mfu, transformer_flops_per_token
+from moe.model.transformer import ModelOutput, TransformerLM, count_parameters
 from moe.parallel import AllToAllDispatcher, OverlappedGradReducer, ParallelState, allreduce_gradients, clip_grad_norm_, gather_full_state, load_full_state
 from moe.parallel.reduce import broadcast_object, count_over_world, gather_objects, mean_over_dp_, sum_over_dp_
-from moe.sinks import MetricsLogger
-from moe.telemetry import LoadAccumulator
+from moe.training.sinks import MetricsLogger
+from moe.training.telemetry import LoadAccumulator
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -1,4 +1,4 @@
-"""Token dispatchers: move tokens to the experts a :class:`~moe.routing.Routing` chose, and back.
+"""Token dispatchers: move tokens to the experts a :class:`~moe.model.routing.Routing` chose, and back.
 
 ``dispatch(x_TD, routing)`` returns the experts' input and a plan; ``combine(y, plan)``
 returns the weighted sum of each token's expert outputs, ``(T, D)``.  The local dispatcher
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.auction import balanced_assignment
-from moe.routing import Routing
+from moe.model.auction import balanced_assignment
+from moe.model.routing import Routing
 
 
 @dataclass
