@@ -91,7 +91,7 @@ trainers=()
 for i in 0 1; do
   setsid "${join[@]}" --initial-peers "$root" --train --steps "$STEPS" --target-batch-size "$TARGET" --matchmaking-time "$MATCHMAKING" \
     --prefix ffn --grid "${dims[@]}" --d-model "$D_MODEL" --d-ff "$D_FF" --out "$OUT/trainer$i" --status-every 10 \
-    experiment=smoke moe.k_best="$K" moe.top_k="$K" steps="$STEPS" "$@" > "$LOGS/trainer$i.log" 2>&1 &
+    experiment=smoke moe.swarm.k_best="$K" moe.top_k="$K" steps="$STEPS" "$@" > "$LOGS/trainer$i.log" 2>&1 &
   pids+=($!); trainers+=($!)
 done
 echo "${pids[*]}" > "$LOGS/pids"   # the peers (each leads its process group), for checks

@@ -40,6 +40,23 @@ class ModelConfig:
 
 
 @dataclass
+class SwarmConfig:
+    """``moe=hivemind``: experts on other peers, found through hivemind's DHT (``moe.swarm.*``;
+    the other layers ignore it)."""
+
+    grid: list[int] = field(default_factory=lambda: [8, 8])  # product-key grid; E = prod(grid)
+    k_best: int = 4  # experts per token found by the search (Learning@home: 4); = moe.top_k
+    k_min: int = 1  # replies a token waits for before the straggler timeout starts
+    forward_timeout: float = 30.0  # seconds a forward waits for expert replies at most
+    timeout_after_k_min: float = 1.0  # seconds for stragglers once every token has k_min replies
+    backward_timeout: float = 30.0  # seconds a backward waits for expert gradients at most
+    uid_prefix: str = "ffn"  # experts are <uid_prefix>.<i>.<j>; every sparse block calls this grid
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of the swarm (moe-join prints one)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # where the trainer's DHT peer listens
+    require_signed: bool = True  # call only experts with a signed declaration (moe.swarm.records)
+
+
+@dataclass
 class MoEConfig:
     """The expert layer. ``name`` picks the router family; one override switches it."""
 
@@ -59,21 +76,28 @@ class MoEConfig:
     random_routing: bool = False  # GShard: keep the 2nd expert with probability min(1, 2 g2)
     normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
-    # moe=hivemind only (``moe.swarm``): experts on other peers, found through hivemind's DHT
-    grid: list[int] = field(default_factory=lambda: [8, 8])  # product-key grid; E = prod(grid)
-    k_best: int = 4  # experts per token found by beam search (Learning@home: 4)
-    k_min: int = 1  # replies a token waits for before the straggler timeout starts
-    forward_timeout: float = 30.0  # seconds a forward waits for expert replies at most
-    timeout_after_k_min: float = 1.0  # seconds for stragglers once every token has k_min replies
-    backward_timeout: float = 30.0  # seconds a backward waits for expert gradients at most
-    uid_prefix: str = "ffn"  # experts are <uid_prefix>.<i>.<j>; every sparse block calls this grid
-    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of the swarm (moe-join prints one)
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # where the trainer's DHT peer listens
-    require_signed: bool = True  # call only experts with a signed declaration (moe.swarm.records)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)  # moe=hivemind only: the remote experts
 
 
-# MoEConfig fields only moe=hivemind reads (conf/moe/hivemind.yaml sets them; the other layers' files leave them out)
-SWARM_KEYS = ("grid", "k_best", "k_min", "forward_timeout", "timeout_after_k_min", "backward_timeout", "uid_prefix", "initial_peers", "host_maddrs", "require_signed")
+# The swarm's keys sat directly under moe. (moe.grid, ...) before they had their own node.
+SWARM_KEYS = tuple(f.name for f in dataclasses.fields(SwarmConfig))
+
+
+def upgrade_config_dict(d: dict) -> dict:
+    """A config dict as an older version of this package wrote it (a checkpoint's), in today's
+    layout: the swarm's keys move from ``moe.<key>`` to ``moe.swarm.<key>``.  A copy; the
+    argument is left as it is."""
+    out = dict(d)
+    moe = out.get("moe")
+    if isinstance(moe, dict) and any(k in moe for k in SWARM_KEYS):
+        moe = dict(moe)
+        swarm = dict(moe.get("swarm") or {})
+        for k in SWARM_KEYS:
+            if k in moe:
+                swarm.setdefault(k, moe.pop(k))
+        moe["swarm"] = swarm
+        out["moe"] = moe
+    return out
 
 
 @dataclass
@@ -283,7 +307,7 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate_moe(m: MoEConfig) -> None:
     _check(m.name in MOE_LAYERS, f"moe.name={m.name!r} is not a known expert layer; use one of {', '.join(MOE_LAYERS)} (e.g. moe=switch)")
-    if m.name == "hivemind":  # first: its num_experts and top_k follow from grid and k_best
+    if m.name == "hivemind":  # first: its num_experts and top_k follow from moe.swarm's grid and k_best
         validate_swarm(m)
     _check(m.num_experts >= 1, f"moe.num_experts={m.num_experts} must be >= 1")
     _check(m.top_k >= 1, f"moe.top_k={m.top_k} must be >= 1")
@@ -332,27 +356,28 @@ def check_multiaddr(addr: str, *, need_peer: bool = True) -> str | None:
 
 
 def validate_swarm(m: MoEConfig) -> None:
-    """The ``moe=hivemind`` fields: grid, k_best/k_min, timeouts, prefix, peer addresses."""
-    _check(len(m.grid) >= 1 and all(g >= 1 for g in m.grid), f"moe.grid={m.grid} must be a non-empty list of positive ints, e.g. [8, 8]")
-    E = math.prod(m.grid)
+    """The ``moe=hivemind`` fields (``moe.swarm.*``): grid, k_best/k_min, timeouts, prefix, peer addresses."""
+    s = m.swarm
+    _check(len(s.grid) >= 1 and all(g >= 1 for g in s.grid), f"moe.swarm.grid={s.grid} must be a non-empty list of positive ints, e.g. [8, 8]")
+    E = math.prod(s.grid)
     _check(m.expert_dropout == 0, f"moe.expert_dropout={m.expert_dropout}: expert dropout is not supported on expert servers (hivemind re-runs the forward in backward); set moe.expert_dropout=0")
-    _check(m.k_best >= 1, f"moe.k_best={m.k_best} must be >= 1 (Learning@home uses 4)")
-    _check(E >= m.k_best, f"moe.k_best={m.k_best} > the grid's {E} experts (moe.grid={m.grid}); lower moe.k_best or enlarge moe.grid")
-    _check(m.num_experts == E, f"moe.num_experts={m.num_experts} but moe.grid={m.grid} has {E} experts; set moe.num_experts={E} too (run names and FLOP counts read it)")
-    _check(m.top_k == m.k_best, f"moe.top_k={m.top_k} but moe.k_best={m.k_best}; set moe.top_k={m.k_best} too (each token's experts, for FLOP counts)")
-    _check(1 <= m.k_min <= m.k_best, f"moe.k_min={m.k_min} must be in [1, moe.k_best={m.k_best}]")
+    _check(s.k_best >= 1, f"moe.swarm.k_best={s.k_best} must be >= 1 (Learning@home uses 4)")
+    _check(E >= s.k_best, f"moe.swarm.k_best={s.k_best} > the grid's {E} experts (moe.swarm.grid={s.grid}); lower moe.swarm.k_best or enlarge moe.swarm.grid")
+    _check(m.num_experts == E, f"moe.num_experts={m.num_experts} but moe.swarm.grid={s.grid} has {E} experts; set moe.num_experts={E} too (run names and FLOP counts read it)")
+    _check(m.top_k == s.k_best, f"moe.top_k={m.top_k} but moe.swarm.k_best={s.k_best}; set moe.top_k={s.k_best} too (each token's experts, for FLOP counts)")
+    _check(1 <= s.k_min <= s.k_best, f"moe.swarm.k_min={s.k_min} must be in [1, moe.swarm.k_best={s.k_best}]")
     for name in ("forward_timeout", "timeout_after_k_min", "backward_timeout"):
-        v = getattr(m, name)
-        _check(v >= 0 and math.isfinite(v), f"moe.{name}={v} must be a finite number of seconds >= 0")
-    _check(m.forward_timeout > 0 and m.backward_timeout > 0, "moe.forward_timeout and moe.backward_timeout must be > 0 seconds (30 is a safe default)")
-    _check(bool(m.uid_prefix) and "." not in m.uid_prefix and m.uid_prefix.replace("_", "").replace("-", "").isalnum(), f"moe.uid_prefix={m.uid_prefix!r} must be one word of letters, digits, '_' or '-' (no dots), e.g. ffn")
-    for i, addr in enumerate(m.initial_peers):
+        v = getattr(s, name)
+        _check(v >= 0 and math.isfinite(v), f"moe.swarm.{name}={v} must be a finite number of seconds >= 0")
+    _check(s.forward_timeout > 0 and s.backward_timeout > 0, "moe.swarm.forward_timeout and moe.swarm.backward_timeout must be > 0 seconds (30 is a safe default)")
+    _check(bool(s.uid_prefix) and "." not in s.uid_prefix and s.uid_prefix.replace("_", "").replace("-", "").isalnum(), f"moe.swarm.uid_prefix={s.uid_prefix!r} must be one word of letters, digits, '_' or '-' (no dots), e.g. ffn")
+    for i, addr in enumerate(s.initial_peers):
         why = check_multiaddr(addr)
-        _check(why is None, f"moe.initial_peers[{i}]={addr!r}: {why}")
-    _check(len(m.host_maddrs) >= 1, "moe.host_maddrs must list at least one address to listen on, e.g. [/ip4/127.0.0.1/tcp/0]")
-    for i, addr in enumerate(m.host_maddrs):
+        _check(why is None, f"moe.swarm.initial_peers[{i}]={addr!r}: {why}")
+    _check(len(s.host_maddrs) >= 1, "moe.swarm.host_maddrs must list at least one address to listen on, e.g. [/ip4/127.0.0.1/tcp/0]")
+    for i, addr in enumerate(s.host_maddrs):
         why = check_multiaddr(addr, need_peer=False)
-        _check(why is None and "/p2p/" not in addr, f"moe.host_maddrs[{i}]={addr!r} must be an address to listen on like /ip4/127.0.0.1/tcp/0 (port 0: any free port)")
+        _check(why is None and "/p2p/" not in addr, f"moe.swarm.host_maddrs[{i}]={addr!r} must be an address to listen on like /ip4/127.0.0.1/tcp/0 (port 0: any free port)")
 
 
 def validate_parallel(cfg: TrainConfig) -> None:

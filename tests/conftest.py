@@ -51,3 +51,12 @@ def conf_command(config: str, starts_with: str) -> list[str]:
     text = (Path(__file__).resolve().parent.parent / "moe" / "conf" / config).read_text()
     line = next(ln for ln in text.splitlines() if ln.lstrip("# ").startswith(starts_with))
     return line.lstrip("# ").split()
+
+
+def rank_trainer(cfg: TrainConfig, data, state):
+    """A Trainer for one rank of a launched run, with the backend ``moe-train`` would build for
+    ``parallel.backend`` (``moe.parallel.launch``)."""
+    from moe.parallel.launch import launcher
+    from moe.training.loop import Trainer
+
+    return Trainer(cfg, backend=launcher(cfg.parallel.backend).backend(cfg, state, data))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from moe.cli.train import CONF_DIR, check_group_overrides, config_from_hydra
+from moe.cli.config import CONF_DIR, check_group_overrides, config_from_hydra
 from moe.config import (
     ConfigError,
     DataConfig,
@@ -80,15 +80,15 @@ BAD = [
     ("unknown_moe_name", ["moe.name=expert_choice"], "moe.name", "use one of dense, switch, gshard, topk, base"),
     ("switch_top_k=2", ["moe=switch", "moe.top_k=2"], "moe.top_k", "use moe=topk"),
     # moe=hivemind (issue 4)
-    ("hivemind_k_best>grid", ["moe=hivemind", "moe.grid=[2,2]", "moe.num_experts=4", "moe.k_best=5", "moe.top_k=5"], "moe.k_best", "lower moe.k_best or enlarge moe.grid"),
-    ("hivemind_k_min>k_best", ["moe=hivemind", "moe.k_min=5"], "moe.k_min", "must be in [1, moe.k_best=4]"),
-    ("hivemind_grid_0", ["moe=hivemind", "moe.grid=[0,8]"], "moe.grid", "non-empty list of positive ints"),
+    ("hivemind_k_best>grid", ["moe=hivemind", "moe.swarm.grid=[2,2]", "moe.num_experts=4", "moe.swarm.k_best=5", "moe.top_k=5"], "moe.swarm.k_best", "lower moe.swarm.k_best or enlarge moe.swarm.grid"),
+    ("hivemind_k_min>k_best", ["moe=hivemind", "moe.swarm.k_min=5"], "moe.swarm.k_min", "must be in [1, moe.swarm.k_best=4]"),
+    ("hivemind_grid_0", ["moe=hivemind", "moe.swarm.grid=[0,8]"], "moe.swarm.grid", "non-empty list of positive ints"),
     ("hivemind_expert_lr_scale", ["moe=hivemind", "optim.expert_lr_scale=0.5"], "optim.expert_lr_scale", "train on their servers"),
-    ("hivemind_num_experts", ["moe=hivemind", "moe.grid=[4,4]"], "moe.num_experts", "set moe.num_experts=16 too"),
-    ("hivemind_peer_syntax", ["moe=hivemind", "moe.initial_peers=['127.0.0.1:31337']"], "moe.initial_peers[0]", "copy the whole address a peer prints"),
-    ("hivemind_peer_no_id", ["moe=hivemind", "moe.initial_peers=['/ip4/127.0.0.1/tcp/31337']"], "moe.initial_peers[0]", "no /p2p/<peer id> part"),
-    ("hivemind_timeout", ["moe=hivemind", "moe.forward_timeout=-1"], "moe.forward_timeout", "finite number of seconds"),
-    ("hivemind_prefix", ["moe=hivemind", "moe.uid_prefix=a.b"], "moe.uid_prefix", "no dots"),
+    ("hivemind_num_experts", ["moe=hivemind", "moe.swarm.grid=[4,4]"], "moe.num_experts", "set moe.num_experts=16 too"),
+    ("hivemind_peer_syntax", ["moe=hivemind", "moe.swarm.initial_peers=['127.0.0.1:31337']"], "moe.swarm.initial_peers[0]", "copy the whole address a peer prints"),
+    ("hivemind_peer_no_id", ["moe=hivemind", "moe.swarm.initial_peers=['/ip4/127.0.0.1/tcp/31337']"], "moe.swarm.initial_peers[0]", "no /p2p/<peer id> part"),
+    ("hivemind_timeout", ["moe=hivemind", "moe.swarm.forward_timeout=-1"], "moe.swarm.forward_timeout", "finite number of seconds"),
+    ("hivemind_prefix", ["moe=hivemind", "moe.swarm.uid_prefix=a.b"], "moe.swarm.uid_prefix", "no dots"),
     ("hivemind_ddp", ["moe=hivemind", "parallel=ddp"], "moe=hivemind", "use parallel=single"),
     ("gshard_top_k=1", ["moe=gshard", "moe.top_k=1"], "moe.top_k", "use moe=topk"),
     ("base_top_k=2", ["moe=base", "moe.top_k=2"], "moe.top_k", "set moe.top_k=1"),
@@ -330,7 +330,7 @@ def test_every_config_file_composes_and_validates(load, tmp_path, group, option)
     elif group == "data":
         assert (tc.data.path != "") == (option == "files")
     elif group == "optim":
-        from moe.training.loop import build_optimizer
+        from moe.training.optim import build_optimizer
 
         model = torch.nn.Linear(4, 4)
         opt = build_optimizer(model, tc)
@@ -392,9 +392,13 @@ def test_yaml_keys_match_the_dataclasses():
     for group, cls in classes.items():
         want = {f.name for f in dataclasses.fields(cls)}
         for option in _options(group):
-            keys = set(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
-            if group == "moe" and option != "hivemind":  # the swarm's keys live in hivemind.yaml only
-                keys |= set(SWARM_KEYS)
+            loaded = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+            keys = set(loaded)
+            if group == "moe" and option != "hivemind":  # the swarm node lives in hivemind.yaml only
+                keys |= {"swarm"}
+            if group == "moe" and option == "hivemind":
+                swarm_keys = set(loaded.swarm)
+                assert swarm_keys == set(SWARM_KEYS), f"conf/moe/hivemind.yaml swarm: missing {set(SWARM_KEYS) - swarm_keys}, extra {swarm_keys - set(SWARM_KEYS)}"
             assert keys == want, f"conf/{group}/{option}.yaml: missing {want - keys}, extra {keys - want}"
 
 

@@ -36,7 +36,7 @@ pytest.importorskip("deepspeed")
 from moe.config import ParallelConfig  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
-from tests.conftest import conf_command  # noqa: E402
+from tests.conftest import conf_command, rank_trainer  # noqa: E402
 from tests.test_parallel_train import B, pair, _assert_same_run, _assert_states_close, _cfg, _clipped, _metrics, _reference  # noqa: E402,F401  (pair: the 2-rank worker fixture)
 
 
@@ -64,10 +64,10 @@ def case_ds_fit(rank, states, *, cfg, data, stop_after=None, resume_from=None):
         shutil.copy(resume_from, Path(cfg.out_dir) / "checkpoint.pt")
     if resume_from is not None:
         torch.distributed.barrier()
-    t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
-    info = {"engine": type(t.ds.engine).__name__, "optimizer_class": type(t.ds.optimizer).__name__, "moe": t.ds.engine.has_moe_layers}
+    t = rank_trainer(cfg, data, states[cfg.parallel.ep_size])
+    info = {"engine": type(t.backend.ds.engine).__name__, "optimizer_class": type(t.backend.ds.optimizer).__name__, "moe": t.backend.ds.engine.has_moe_layers}
     res = t.fit(stop_after=stop_after)
-    final = t.state_dict()
+    final = t.backend.state_dict()
     if rank != 0:
         return None
     return {"history": res.history, "model": final["model"], "optimizer": final["optimizer"], "step": res.step, **info}

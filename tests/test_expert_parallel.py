@@ -44,6 +44,7 @@ from moe.model.layers import MoELayer
 from moe.model.transformer import TransformerLM
 from moe.model.routing import expert_capacity
 from moe.parallel.ports import free_port
+from moe.model.experts import expert_parameters, split_parameters
 from moe.parallel import (
     AllToAllDispatcher,
     ParallelState,
@@ -51,9 +52,7 @@ from moe.parallel import (
     check_expert_sharding,
     check_parallel_sizes,
     ddp,
-    expert_parameters,
     rank_groups,
-    split_parameters,
 )
 
 WORLD = 2

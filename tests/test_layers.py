@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import moe.model.experts as experts_mod
 from moe.model.auction import balanced_assignment
 from moe.config import MoEConfig
-from moe.model.experts import GroupedExperts, grouped_mm
+from moe.model.experts import GroupedExperts
+from moe.ops import grouped_mm
 from moe.model.layers import DenseFFN, MoELayer, Router, build_ffn
 from moe.model.routing import expert_capacity
 

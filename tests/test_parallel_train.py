@@ -51,9 +51,10 @@ import torch
 from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, ParallelConfig, to_dict
 from moe.parallel import ParallelState
+from moe.parallel.ddp import DDPBackend
 from moe.parallel.ports import free_port
 from moe.training.loop import Trainer, check_resumable
-from tests.conftest import tiny_config
+from tests.conftest import rank_trainer, tiny_config
 from tests.test_expert_parallel import WorkerPair
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -86,11 +87,11 @@ def _clipped(cfg, clip: float = 0.05):
 
 def case_fit(rank, states, *, cfg, data, stop_after=None):
     """Build a Trainer on this rank, train; rank 0 returns history, start-up and final state."""
-    t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
-    init = t.state_dict()  # collective: every rank gathers
+    t = rank_trainer(cfg, data, states[cfg.parallel.ep_size])
+    init = t.backend.state_dict()  # collective: every rank gathers
     init = {k: v.clone() for k, v in init["model"].items()} if rank == 0 else None  # (may share the live weights)
     res = t.fit(stop_after=stop_after)
-    final = t.state_dict()
+    final = t.backend.state_dict()
     if rank != 0:
         return None
     return {"history": res.history, "init": init, "model": final["model"], "optimizer": final["optimizer"], "step": res.step}
@@ -101,10 +102,10 @@ def case_global_grad_norm(rank, states, *, cfg, data):
     expert counted once, on every rank, whatever it holds."""
     from moe.parallel import clip_grad_norm_
 
-    t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
+    t = rank_trainer(cfg, data, states[cfg.parallel.ep_size])
     for p in t.model.parameters():
         p.grad = torch.ones_like(p)
-    norm = clip_grad_norm_(t.model, float("inf"), t.state).item()
+    norm = clip_grad_norm_(t.model, float("inf"), t.backend.state).item()
     return norm, t.params["total"], sum(p.numel() for p in t.model.parameters())
 
 
@@ -135,7 +136,7 @@ def fit_with_ctrl_c_on_rank_1(trainer_cls, make, rank):
 
 def case_ctrl_c_on_one_rank(rank, states, *, cfg, data):
     """Rank 1 alone gets Ctrl-C after step 2: both ranks stop (and checkpoint) at step 3."""
-    return fit_with_ctrl_c_on_rank_1(Trainer, lambda: Trainer(cfg, data=data, state=states[cfg.parallel.ep_size]), rank)
+    return fit_with_ctrl_c_on_rank_1(Trainer, lambda: rank_trainer(cfg, data, states[cfg.parallel.ep_size]), rank)
 
 
 def case_nan_on_one_rank(rank, states, *, cfg, data):
@@ -143,8 +144,8 @@ def case_nan_on_one_rank(rank, states, *, cfg, data):
     from moe.model.transformer import ModelOutput
     from moe.training.loop import TrainingDiverged
 
-    t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
-    real = t._forward
+    t = rank_trainer(cfg, data, states[cfg.parallel.ep_size])
+    real = t.backend.forward
 
     def poisoned(split, index, *args):
         out = real(split, index, *args)
@@ -152,7 +153,7 @@ def case_nan_on_one_rank(rank, states, *, cfg, data):
             return ModelOutput(out.logits, out.lm_loss * float("nan"), out.aux_loss, out.z_loss, out.layer_aux)
         return out
 
-    t._forward = poisoned
+    t.backend.forward = poisoned
     try:
         t.fit()
     except TrainingDiverged as e:  # (step, message, weights untouched by the NaN)
@@ -168,7 +169,7 @@ def _reference(cfg, data, stop_after=None):
     t = Trainer(cfg, data=data)
     init = {k: v.clone() for k, v in t.model.state_dict().items()}
     res = t.fit(stop_after=stop_after)
-    return {"history": res.history, "init": init, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "step": res.step}
+    return {"history": res.history, "init": init, "model": t.model.state_dict(), "optimizer": t.backend.optimizer.state_dict(), "step": res.step}
 
 
 def _assert_states_close(got: dict, want: dict, **tol):
@@ -255,15 +256,15 @@ def test_ep2_equals_one_process_with_grad_accum_aux_loss_and_capacity(pair, tmp_
 def case_overlap(rank, states, *, cfg, data, steps):
     """The trainer's steps with its bucketed reducer; returns (buckets per kind, buckets sent
     during the last backward, the rank-0 state) - or, with bucket_mb=0, the one-shot path."""
-    t = Trainer(cfg, data=data, state=states[cfg.parallel.ep_size])
+    t = rank_trainer(cfg, data, states[cfg.parallel.ep_size])
     from moe.training.telemetry import LoadAccumulator
 
     sent = []
     for _ in range(steps):
         t.train_step(LoadAccumulator())
-        sent.append(t._reducer.launched_in_backward if t._reducer is not None else 0)
-    buckets = [len(k[2]) for k in t._reducer.kinds] if t._reducer is not None else []
-    sd = t.state_dict()
+        sent.append(t.backend.reducer.launched_in_backward if t.backend.reducer is not None else 0)
+    buckets = [len(k[2]) for k in t.backend.reducer.kinds] if t.backend.reducer is not None else []
+    sd = t.backend.state_dict()
     return (buckets, sent, sd["model"] if rank == 0 else None)
 
 
@@ -313,11 +314,11 @@ def test_ep2_checkpoint_loads_at_ep1_with_optimizer_state(pair, tmp_path, tiny_d
     shutil.copy(saved, tmp_path / "ep1" / "checkpoint.pt")
     cfg = _cfg(tmp_path / "ep1", "switch", steps=5, batch_size=2 * B, dropless=True, aux_loss_weight=0.0)
     t = Trainer(cfg, data=tiny_data)
-    t.load(saved)  # weights and AdamW moments exactly the file's
+    t.backend.restore(ckpt.load(saved))  # weights and AdamW moments exactly the file's
     _assert_states_close(t.model.state_dict(), state["model"], rtol=0, atol=0)
     for i, s in state["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(t.optimizer.state_dict()["state"][i][name], s[name])
+            assert torch.equal(t.backend.optimizer.state_dict()["state"][i][name], s[name])
     t = Trainer(cfg, data=tiny_data)
     res = t.fit()  # resumes at step 3 and trains steps 4 and 5 as one process
     _assert_same_run({"history": res.history, "model": t.model.state_dict(), "step": res.step}, cont, keys=NO_AUX)
@@ -529,7 +530,7 @@ def test_resuming_at_another_layout_needs_the_same_global_batch(tmp_path):
 
 def test_trainer_refuses_a_state_of_another_ep_size(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match=r"parallel\.ep_size=2 but the process groups were built with ep_size=1"):
-        Trainer(_cfg(tmp_path, "switch", ep=2, world=2), data=tiny_data, state=ParallelState.single())
+        DDPBackend(_cfg(tmp_path, "switch", ep=2, world=2), ParallelState.single(), data=tiny_data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from moe.config import ConfigError, ParallelConfig  # noqa: E402
 from moe.model.transformer import TransformerLM  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import rank_trainer, tiny_config  # noqa: E402
 from tests.test_expert_parallel import WorkerPair  # noqa: E402
 from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1, pair  # noqa: E402,F401  (pair: the module-scoped 2-rank worker pair)
 
@@ -78,34 +78,33 @@ def _join_deepspeed(rank: int) -> None:
 
 
 def case_fit(rank, states, *, cfg, data):
-    from moe.parallel.pipeline import PipelineTrainer, stage_state_dict
+    from moe.parallel.pipeline import stage_state_dict
 
     _join_deepspeed(rank)
-    t = PipelineTrainer(cfg, data=data, state=states[1])
+    t = rank_trainer(cfg, data, states[1])
     res = t.fit()
-    return {"history": None if res is None else res.history, "stage": t.stage, "weights": {k: v.clone() for k, v in stage_state_dict(t.module).items()}, "step": t.step}
+    return {"history": None if res is None else res.history, "stage": t.backend.stage, "weights": {k: v.clone() for k, v in stage_state_dict(t.backend.module).items()}, "step": t.step}
 
 
 def case_ctrl_c_on_the_last_stage(rank, states, *, cfg, data):
     """Rank 1 (the last stage) alone gets Ctrl-C during step 2: both stages stop after step 3
     (the flag rides on the step's loss all-reduce) and checkpoint there."""
-    from moe.parallel.pipeline import PipelineTrainer
-
     _join_deepspeed(rank)
-    return fit_with_ctrl_c_on_rank_1(PipelineTrainer, lambda: PipelineTrainer(cfg, data=data, state=states[1]), rank)
+    return fit_with_ctrl_c_on_rank_1(Trainer, lambda: rank_trainer(cfg, data, states[1]), rank)
 
 
 def case_first_router_grad(rank, states, *, cfg, data):
     """One step; the first stage returns block 0's router gradient summed over micro-batches."""
-    from moe.parallel.pipeline import BlockLayer, PipelineTrainer
+    from moe.parallel.pipeline import BlockLayer
+    from moe.training.telemetry import LoadAccumulator
 
     _join_deepspeed(rank)
-    t = PipelineTrainer(cfg, data=data, state=states[1])
+    t = rank_trainer(cfg, data, states[1])
     grads = []
-    for layer in t.module.modules():
+    for layer in t.backend.module.modules():
         if isinstance(layer, BlockLayer) and layer.prefix == "blocks.0.":
             layer.inner.ffn.router.weight_ED.register_hook(lambda g: grads.append(g.detach().clone()))
-    t.train_step()
+    t.train_step(LoadAccumulator())
     return torch.stack(grads).sum(0) if grads else None
 
 

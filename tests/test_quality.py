@@ -107,7 +107,7 @@ def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
     # Until moe-train rewrites metrics.jsonl, its stale tail (375) must not show: the bar
     # would jump to 375 and back to the checkpoint's 250 (or to 0 for a run started over).
     from moe.bench.quality import _file_sig, _steps_done
-    from moe.training.loop import _truncate_jsonl
+    from moe.training.sinks import truncate_jsonl as _truncate_jsonl
 
     run = tmp_path / "r"
     path = run / "metrics.jsonl"

@@ -19,7 +19,9 @@ pytest.importorskip("hivemind")
 from moe.model.experts import GroupedExperts  # noqa: E402
 from moe.swarm.expert import SwarmExpert  # noqa: E402
 from moe.swarm.layer import SwarmMoE, grid_balance_loss  # noqa: E402
-from moe.swarm.server import ExpertServer, ServerProcess, grid_uids, shutdown_dht, start_dht, uid_coords  # noqa: E402
+from moe.swarm.dht import shutdown_dht, start_dht  # noqa: E402
+from moe.swarm.server import ExpertServer, ServerProcess
+from moe.swarm.uids import grid_uids, uid_coords
 
 D, F_ = 16, 32
 FAST = dict(forward_timeout=15.0, timeout_after_k_min=0.5, backward_timeout=15.0)
@@ -377,7 +379,7 @@ def test_signed_expert_record_cannot_be_overwritten_by_another_key():
     from hivemind.utils.crypto import RSAPrivateKey
 
     from moe.swarm.records import declare_signed_experts, get_signed_experts, record_validators, records_key
-    from moe.swarm.server import visible_maddrs
+    from moe.swarm.dht import visible_maddrs
 
     key_a, key_b = RSAPrivateKey(), RSAPrivateKey()
     val_a, val_b = record_validators("ffn", key_a), record_validators("ffn", key_b)
@@ -485,7 +487,7 @@ def test_prepare_to_fork_leaves_no_held_lock_for_a_fork_to_inherit():
     import multiprocessing.process
     import tempfile
 
-    from moe.swarm.server import prepare_to_fork
+    from moe.swarm.dht import prepare_to_fork
 
     config = multiprocessing.process.current_process()._config
     saved = tempfile.tempdir, config.get("tempdir")

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("hivemind")
 
-from moe.config import LoggerConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig  # noqa: E402
+from moe.config import LoggerConfig, MoEConfig, ModelConfig, OptimConfig, SwarmConfig, TrainConfig  # noqa: E402
 
 PREFIX = "ffn"
 GRID = [2, 2]
@@ -30,8 +30,9 @@ def swarm_config(out_dir, seed: int = 0, steps: int = 60) -> TrainConfig:
     """A 2-block model, both blocks on the swarm's 2x2 grid of remote experts."""
     return TrainConfig(
         model=ModelConfig(n_layers=2, d_model=D_MODEL, n_heads=2, d_ff=D_FF, seq_len=32, moe_every=1),
-        moe=MoEConfig(name="hivemind", num_experts=4, top_k=2, k_best=2, k_min=1, grid=list(GRID), uid_prefix=PREFIX, dropless=True,
-                      forward_timeout=20, backward_timeout=20, timeout_after_k_min=0.5, require_signed=True),
+        moe=MoEConfig(name="hivemind", num_experts=4, top_k=2, dropless=True,
+                      swarm=SwarmConfig(k_best=2, k_min=1, grid=list(GRID), uid_prefix=PREFIX, forward_timeout=20, backward_timeout=20,
+                                        timeout_after_k_min=0.5, require_signed=True)),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
         logger=LoggerConfig(wandb=False, wandb_mode="disabled", progress=False, console=False),
         out_dir=str(out_dir), steps=steps, batch_size=BATCH, eval_every=0, eval_batches=2, ckpt_every=0, seed=seed,
@@ -47,7 +48,7 @@ def _peer_main(conn, initial_peers, cfg, data, load_first):
 
     from moe.swarm.collab import CollabTrainer
     from moe.swarm.records import record_validators
-    from moe.swarm.server import shutdown_dht, start_dht
+    from moe.swarm.dht import shutdown_dht, start_dht
 
     parent = os.getppid()
     dht = start_dht(initial_peers, record_validators=record_validators(PREFIX, RSAPrivateKey()))  # a key of its own
@@ -126,7 +127,8 @@ def train_all(peers, target: int, seconds: float):
 @pytest.mark.timeout(900)
 def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, tiny_data):
     from moe.swarm.expert import SwarmExpert
-    from moe.swarm.server import ServerProcess, grid_uids
+    from moe.swarm.server import ServerProcess
+    from moe.swarm.uids import grid_uids
 
     torch.manual_seed(0)
     server = ServerProcess({u: SwarmExpert(D_MODEL, D_FF) for u in grid_uids(PREFIX, GRID)}, D_MODEL,
@@ -215,7 +217,7 @@ def test_progress_records_are_signed_and_owned():
     from hivemind.utils.crypto import RSAPrivateKey
 
     from moe.swarm.records import collab_run_id, progress_key, record_validators, signing_key
-    from moe.swarm.server import shutdown_dht, start_dht
+    from moe.swarm.dht import shutdown_dht, start_dht
 
     owner_key, other_key = RSAPrivateKey(), RSAPrivateKey()
     owner = start_dht(record_validators=record_validators(PREFIX, owner_key))

@@ -97,7 +97,7 @@ BAD = [
     (["--train", "model.d_model=32"], "'model.d_model=32': moe-join sets model.d_model itself; use --d-model"),
     (["--train", "model=nosuch"], "model=nosuch: there is no model config named 'nosuch'"),
     (["--train", "optim.nosuch=1"], "optim.nosuch"),
-    (["--train", "moe.k_best=99"], "moe.k_best=99 > the grid's 64 experts"),
+    (["--train", "moe.swarm.k_best=99"], "moe.swarm.k_best=99 > the grid's 64 experts"),
     (["--train", "grad_accum=2"], "grad_accum=2: a trainer peer accumulates up to --target-batch-size by itself"),
 ]
 
@@ -129,7 +129,8 @@ def test_help_names_the_three_roles():
 def test_join_line_serve_and_leave_on_sigint():
     from moe.swarm.layer import SwarmMoE
     from moe.swarm.records import record_validators
-    from moe.swarm.server import grid_uids, shutdown_dht, start_dht
+    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.uids import grid_uids
 
     root = Peer(["--status-every", "5"])
     server = dht = None
@@ -191,7 +192,7 @@ def test_serve_and_train_in_one_peer_shows_its_status_and_leaves_on_sigint(tmp_p
         assert "--train --target-batch-size" in collab
         trainer = Peer(["--initial-peers", addr, "--serve", "4", "--train", "--grid", "2", "2", "--d-model", "32", "--d-ff", "64", "--target-batch-size", "8",
                         "--batch-size", "4", "--matchmaking-time", "1", "--status-every", "1", "--out", str(tmp_path / "t"),
-                        "experiment=smoke", "logger=none", "moe.k_best=2", "moe.top_k=2", "model.n_heads=2", "model.seq_len=32"])
+                        "experiment=smoke", "logger=none", "moe.swarm.k_best=2", "moe.top_k=2", "model.n_heads=2", "model.seq_len=32"])
         assert trainer.wait_line("moe-join: peer id ").split()[3].startswith("12D3Koo")
         assert trainer.wait_line("moe-join: address ").endswith(trainer.lines[0].split()[3])  # .../p2p/<its peer id>
         assert "serving 4 experts ffn.0.0 .. ffn.1.1" in trainer.wait_line("moe-join: serving ")
@@ -290,7 +291,9 @@ def test_a_large_batch_does_not_kill_the_dht():
     hivemind's DHT process (its non-blocking command pipe); sent in chunks it works, twice."""
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.layer import SwarmMoE
-    from moe.swarm.server import ExpertServer, grid_uids, shutdown_dht, start_dht
+    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.server import ExpertServer
+    from moe.swarm.uids import grid_uids
 
     uids = grid_uids("ffn", [8, 8])[:4]
     server = ExpertServer({u: SwarmExpert(16, 32) for u in uids}, 16)

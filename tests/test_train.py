@@ -17,7 +17,9 @@ import torch
 from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, MoEConfig, to_dict
 from moe.model.transformer import ModelOutput
-from moe.training.loop import Trainer, TrainingDiverged, format_summary, lr_at
+from moe.training.loop import Trainer, TrainingDiverged
+from moe.training.optim import lr_at
+from moe.training.report import format_summary
 from tests.conftest import tiny_config
 
 
@@ -88,21 +90,42 @@ def test_resume_refuses_another_config_with_one_line(tmp_path, tiny_data):
 def test_a_checkpoint_from_before_a_config_key_existed_resumes_while_the_key_is_at_its_default(tmp_path):
     """Keys a newer version added (absent from the saved config) block a resume only when set
     away from their default."""
-    from moe.training.loop import check_resumable
+    from moe.training.checkpoint import check_resumable
 
     current = to_dict(tiny_config(tmp_path, "switch"))
     saved = json.loads(json.dumps(current))
     for k in ("forward_timeout", "grid", "host_maddrs"):  # as a checkpoint written before the swarm keys
-        del saved["moe"][k]
+        del saved["moe"]["swarm"][k]
     check_resumable(saved, current, tmp_path)
     changed = json.loads(json.dumps(current))
-    changed["moe"]["forward_timeout"] = 5.0
-    with pytest.raises(ConfigError, match=r"moe\.forward_timeout: None -> 5\.0"):
+    changed["moe"]["swarm"]["forward_timeout"] = 5.0
+    with pytest.raises(ConfigError, match=r"moe\.swarm\.forward_timeout: None -> 5\.0"):
         check_resumable(saved, changed, tmp_path)
     changed = json.loads(json.dumps(current))
     changed["moe"]["not_a_key"] = 1  # unknown to this version: not a default, still a difference
     with pytest.raises(ConfigError, match=r"moe\.not_a_key: None -> 1"):
         check_resumable(saved, changed, tmp_path)
+
+
+def test_a_checkpoint_with_the_swarm_keys_directly_under_moe_resumes(tmp_path, tiny_data):
+    """Checkpoints written before the swarm's keys moved to moe.swarm (moe.grid, ...): the saved
+    config is read in today's layout, so the run resumes; a changed swarm key still blocks it."""
+    from moe.config import SWARM_KEYS
+    from moe.training.checkpoint import check_resumable
+
+    cfg = tiny_config(tmp_path, "switch", steps=6, ckpt_every=3)
+    Trainer(cfg, data=tiny_data).fit(stop_after=3)
+    state = ckpt.load(tmp_path / "checkpoint.pt")
+    old = state["config"]["moe"]
+    old.update(old.pop("swarm"))  # the layout before the move
+    assert set(SWARM_KEYS) <= set(old) and "swarm" not in old
+    ckpt.save_atomic(state, tmp_path / "checkpoint.pt")
+    res = Trainer(cfg, data=tiny_data).fit()
+    assert res.step == 6 and [h["step"] for h in res.history] == [4, 5, 6]
+    changed = to_dict(cfg)
+    changed["moe"]["swarm"]["k_min"] = 2
+    with pytest.raises(ConfigError, match=r"moe\.swarm\.k_min: 1 -> 2"):
+        check_resumable(state["config"], changed, tmp_path)
 
 
 def _expert_lr(cfg, scale):
@@ -114,7 +137,7 @@ def test_expert_lr_scale_scales_the_experts_first_step_and_nothing_else(tmp_path
     """Oracle: Adam's first step from the same weights and the same gradient is linear in the
     learning rate (lr x (m/sqrt(v) + weight decay x w)), so at scale 0.5 every expert weight
     moves exactly half as far as at scale 1, and every other weight exactly as far."""
-    from moe.parallel import expert_parameters
+    from moe.model.experts import expert_parameters
 
     moved = {}
     for scale in (1.0, 0.5):
@@ -124,7 +147,7 @@ def test_expert_lr_scale_scales_the_experts_first_step_and_nothing_else(tmp_path
         t.fit()
         moved[scale] = {k: t.model.state_dict()[k] - before[k] for k in before}
         experts = {n for n, _ in expert_parameters(t.model)}
-        groups = t.optimizer.param_groups
+        groups = t.backend.optimizer.param_groups
         if scale == 1:
             assert len(groups) == 2  # the checkpoint layout it always had: decay, no decay
         else:  # the expert weights, and only they, are in the scaled groups
@@ -139,7 +162,7 @@ def test_expert_lr_scale_scales_the_experts_first_step_and_nothing_else(tmp_path
 
 
 def test_expert_lr_scale_follows_the_schedule_and_zero_freezes_the_experts(tmp_path, tiny_data):
-    from moe.parallel import expert_parameters
+    from moe.model.experts import expert_parameters
 
     cfg = _expert_lr(tiny_config(tmp_path, "switch", steps=8), 0.0)
     t = Trainer(cfg, data=tiny_data)
@@ -151,7 +174,7 @@ def test_expert_lr_scale_follows_the_schedule_and_zero_freezes_the_experts(tmp_p
             assert torch.equal(p, before[n]), n
         elif p.dim() >= 2:
             assert not torch.equal(p, before[n]), n
-    for g in t.optimizer.param_groups:  # the last step's learning rate, times the group's scale
+    for g in t.backend.optimizer.param_groups:  # the last step's learning rate, times the group's scale
         assert g["lr"] == pytest.approx(lr_at(7, cfg) * g["lr_scale"])
 
 
@@ -162,7 +185,7 @@ def test_resume_takes_the_new_weight_decay_and_betas(tmp_path, tiny_data):
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay=0.5, beta2=0.99, eps=1e-6))
     t = Trainer(cfg, data=tiny_data)
     t.fit()
-    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in t.optimizer.param_groups] == [(0.5, (0.9, 0.99), 1e-6), (0.0, (0.9, 0.99), 1e-6)]
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in t.backend.optimizer.param_groups] == [(0.5, (0.9, 0.99), 1e-6), (0.0, (0.9, 0.99), 1e-6)]
 
 
 def test_resume_refuses_another_expert_lr_scale(tmp_path, tiny_data):
@@ -268,15 +291,15 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, steps=10, ckpt_every=4), data=tiny_data)
-    real_forward = Trainer._forward
+    real_forward = trainer.backend.forward
 
-    def poisoned(self, split, index, *args):
-        out = real_forward(self, split, index, *args)
-        if split == "train" and self.step == 6:
+    def poisoned(split, index, *args):
+        out = real_forward(split, index, *args)
+        if split == "train" and trainer.step == 6:
             return ModelOutput(out.logits, out.lm_loss * float("nan"), out.aux_loss, out.z_loss, out.layer_aux)
         return out
 
-    monkeypatch.setattr(Trainer, "_forward", poisoned)
+    monkeypatch.setattr(trainer.backend, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match=r"diverged at step 7: lm loss nan.*last good checkpoint") as e:
         trainer.fit()
     assert "\n" not in str(e.value)
@@ -293,12 +316,12 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_data):
     # the same micro-batches through a fresh copy of the initial model give the first logged loss
     t0 = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "fresh")), data=tiny_data)
     with torch.no_grad():
-        manual = sum(t0._forward("train", 0, micro).lm_loss.item() for micro in range(2)) / 2
+        manual = sum(t0.backend.forward("train", 0, micro).lm_loss.item() for micro in range(2)) / 2
     assert res.history[0]["train/loss"] == pytest.approx(manual, rel=1e-6)
     # ... and the micro-batches are the halves of one batch of 8 (so a dense run equals batch_size=8)
     big = Trainer(dataclasses.replace(cfg, grad_accum=1, batch_size=8, out_dir=str(tmp_path / "big")), data=tiny_data)
     with torch.no_grad():
-        assert big._forward("train", 0).lm_loss.item() == pytest.approx(manual, rel=1e-5)
+        assert big.backend.forward("train", 0).lm_loss.item() == pytest.approx(manual, rel=1e-5)
     halves = [tiny_data.get_batch("train", 0, 4, 64, cfg.seed, shard=m, num_shards=2)[0] for m in range(2)]
     assert torch.equal(torch.cat(halves), tiny_data.get_batch("train", 0, 8, 64, cfg.seed)[0])
 

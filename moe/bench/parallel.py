@@ -34,7 +34,13 @@ import traceback
 import torch
 
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
+from moe.parallel import ParallelState, ddp
 from moe.parallel.ports import free_port
+from moe.parallel.reduce import count_over_world, gather_objects
+from moe.training.backend import Backend
+from moe.training.data import load_data
+from moe.training.loop import Trainer
+from moe.training.telemetry import LoadAccumulator
 
 # name -> (processes, ep_size, bucket_mb), measured in this order every round.  bucket_mb 0:
 # the gradient all-reduce waits for the end of the backward (to show what the overlap buys).
@@ -68,11 +74,6 @@ def train_config(args, *, processes: int, ep_size: int, out_dir: str, bucket_mb:
 def _worker(rank: int, port: int, args, tasks, results) -> None:
     """One of the two ranks: join the gloo group, then measure what the task queue asks."""
     torch.set_num_threads(1)
-    from moe.training.data import load_data
-    from moe.parallel import ParallelState, ddp
-    from moe.parallel.reduce import count_over_world, gather_objects
-    from moe.training.loop import Trainer
-
     try:
         # what torchrun would set for this rank: the ddp backend joins the group the same way as in training
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -83,8 +84,6 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         return
-    from moe.training.telemetry import LoadAccumulator
-
     trainers: dict[str, Trainer] = {}  # built once per layout, stepped on across rounds
     with tempfile.TemporaryDirectory(prefix=f"bench-parallel-{rank}-") as tmp:
         while (task := tasks.get()) is not None:
@@ -92,25 +91,25 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
             try:
                 processes, ep, bucket_mb = LAYOUTS[name]
                 if name not in trainers:
-                    st = states[ep] if processes > 1 else ParallelState.single("cpu")
                     cfg = train_config(args, processes=processes, ep_size=ep, out_dir=os.path.join(tmp, name.replace(" ", "_").replace(",", "")), bucket_mb=bucket_mb)
-                    trainers[name] = Trainer(cfg, data=data, state=st, is_main=False)
+                    backend = ddp.DDPBackend(cfg, states[ep], data=data) if processes > 1 else Backend(cfg, data=data)  # (rank 1 idles in "1 process")
+                    trainers[name] = Trainer(cfg, backend=backend)
                 t = trainers[name]
                 load = LoadAccumulator()
                 for _ in range(args.warmup):
                     t.train_step(load)
-                sync = (lambda: count_over_world(True, t.state)) if processes > 1 else (lambda: None)
+                sync = (lambda: count_over_world(True, t.backend.state)) if processes > 1 else (lambda: None)
                 sync()
                 c0, t0 = t.comm_seconds(), time.perf_counter()
                 for _ in range(args.steps):
                     t.train_step(load)
                 sync()  # every rank done: the slowest one sets the time
                 secs, comm = time.perf_counter() - t0, t.comm_seconds() - c0
-                secs = max(gather_objects(secs, t.state) or [secs]) if processes > 1 else secs
+                secs = max(gather_objects(secs, t.backend.state) or [secs]) if processes > 1 else secs
                 results.put((rank, True, {"seconds": secs, "comm_seconds": comm}))
             except BaseException:
                 results.put((rank, False, traceback.format_exc()))
-    trainers = states = st = t = sync = None  # nothing holds a group once the process group goes: stop() frees them
+    trainers = states = t = sync = backend = None  # nothing holds a group once the process group goes: stop() frees them
     ddp.stop()
 
 

@@ -231,9 +231,9 @@ def final_eval(plans, batches: int, *, progress: bool = True) -> dict[str, list[
     run's ``final_eval.json`` (keyed by the checkpoint's step and the batch count)."""
     import torch
 
+    from moe.training.backend import Backend
     from moe.training.checkpoint import load as load_ckpt
     from moe.training.data import load_data
-    from moe.training.loop import Trainer
 
     out, data = {}, None
     for arm, run_dir, _, cfg in plans:
@@ -255,18 +255,18 @@ def final_eval(plans, batches: int, *, progress: bool = True) -> dict[str, list[
             data = load_data(cfg.data, progress=False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        t = Trainer(cfg, data=data)
+        b = Backend(cfg, data=data)
         try:
-            t.load(path)
-            t.model.eval()
+            b.restore(b.open_checkpoint(run_dir))
+            b.model.eval()
             losses = []
             with torch.no_grad():
                 for i in range(batches):
-                    losses.append(t._forward("val", i).lm_loss.item())
+                    losses.append(b.forward("val", i).lm_loss.item())
             if progress:
                 print(f"moe-bench quality: {arm.name}: final checkpoint (step {step}) on {batches} val batches: {sum(losses) / batches:.4f}", file=sys.stderr)
         finally:
-            t.close()
+            b.close()
         cache.write_text(json.dumps({"step": step, "batches": batches, "losses": losses}))
         out[arm.name] = losses
     return out
@@ -452,7 +452,7 @@ def plot(runs: list[RunCurves], out_dir: Path) -> dict[str, Path]:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from moe.cli.train import CONF_DIR
+    from moe.cli.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="config", overrides=overrides)
@@ -570,7 +570,7 @@ def _schedule(cfgs: list) -> str:
 def run_quality(args) -> int:
     """Plan every arm (validating its config before anything starts), train the missing
     ones, and write the report."""
-    from moe.cli.train import config_from_hydra
+    from moe.cli.config import config_from_hydra
     from moe.config import ConfigError, to_dict
 
     arms = [parse_arm(a) for a in args.arms.split(",")] if args.arms else list(DEFAULT_ARMS)
@@ -594,7 +594,7 @@ def run_quality(args) -> int:
     steps = plans[0][3].steps
     # A finished arm is not launched again; but only if it is this arm: a run dir trained with
     # other overrides is the same one-line error moe-train would give, before anything starts.
-    from moe.training.loop import check_resumable
+    from moe.training.checkpoint import check_resumable
 
     todo = []
     for plan in plans:
@@ -620,7 +620,7 @@ def run_quality(args) -> int:
         import torch
 
         from moe.training.flops import measure_peak_flops
-        from moe.training.loop import resolve_device
+        from moe.training.backend import resolve_device
 
         torch.set_num_threads(threads)
         peak = measure_peak_flops(resolve_device(plans[0][3].device), seconds=1.0, n=2048)

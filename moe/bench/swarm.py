@@ -99,7 +99,9 @@ def bench_swarm(args) -> dict:
     from moe.model.experts import GroupedExperts
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.layer import SwarmMoE
-    from moe.swarm.server import ServerProcess, grid_uids, shutdown_dht, start_dht
+    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.server import ServerProcess
+    from moe.swarm.uids import grid_uids
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ collaborative peer (``moe.swarm.collab.CollabTrainer``: hivemind's ``Optimizer``
 it loads the current state from the other trainer peers, then accumulates gradients on its
 own batches until the peers together reach ``--target-batch-size`` sequences, and steps
 with them; the trailing ``KEY=VALUE`` arguments are Hydra overrides of the run's config, as
-for ``moe-train`` (``experiment=smoke``, ``moe.k_best=2``, ...).  With neither the peer is a
+for ``moe-train`` (``experiment=smoke``, ``moe.swarm.k_best=2``, ...).  With neither the peer is a
 DHT node only (e.g. the swarm's root).  A status line (experts served, expert calls/s,
 collaborative step, trainer peers, peers seen) every ``--status-every`` seconds; Ctrl-C
 (SIGINT) or SIGTERM leaves cleanly: the optimizer says goodbye to the other trainers, the
@@ -36,19 +36,20 @@ import sys
 import threading
 import time
 
-from moe.config import check_multiaddr
+from moe.cli.config import compose
+from moe.config import ConfigError, check_multiaddr
 
 EPILOG = (
     "Roles: a DHT peer (always), an expert server (--serve N), a collaborative trainer peer "
     "(--train: hivemind.Optimizer, as in DeDLOC), or both.  With --train, KEY=VALUE arguments "
-    "override the run's config as for moe-train (e.g. experiment=smoke moe.k_best=2 moe.top_k=2); "
+    "override the run's config as for moe-train (e.g. experiment=smoke moe.swarm.k_best=2 moe.top_k=2); "
     "every trainer peer of a run must use the same model and optim settings.  A single trainer "
-    "(no collaboration) can also run `moe-train moe=hivemind moe.initial_peers=[ADDR]`."
+    "(no collaboration) can also run `moe-train moe=hivemind moe.swarm.initial_peers=[ADDR]`."
 )
 
 # overrides moe-join sets from its own flags for the trainer (key -> the flag to use instead)
-_TRAIN_KEYS = {"moe": "nothing: a trainer peer always trains moe=hivemind (the swarm's experts)", "moe.uid_prefix": "--prefix", "moe.grid": "--grid", "moe.num_experts": "--grid",
-               "model.d_model": "--d-model", "moe.expert_d_ff": "--d-ff", "out_dir": "--out", "moe.initial_peers": "--initial-peers"}
+_TRAIN_KEYS = {"moe": "nothing: a trainer peer always trains moe=hivemind (the swarm's experts)", "moe.swarm.uid_prefix": "--prefix", "moe.swarm.grid": "--grid",
+               "moe.num_experts": "--grid", "model.d_model": "--d-model", "moe.expert_d_ff": "--d-ff", "out_dir": "--out", "moe.swarm.initial_peers": "--initial-peers"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moe-join", description="Join a swarm of expert servers (hivemind DHT), or start one.", epilog=EPILOG)
     p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR", help="addresses of running peers (as printed by the first peer); none: start a new swarm")
     p.add_argument("--serve", type=int, default=0, metavar="N", help="serve N experts of the grid (default 0: a DHT peer only)")
-    p.add_argument("--prefix", default="ffn", help="the run's grid prefix, moe.uid_prefix (default ffn)")
-    p.add_argument("--grid", type=int, nargs="+", default=[8, 8], metavar="G", help="the run's grid, moe.grid (default 8 8)")
+    p.add_argument("--prefix", default="ffn", help="the run's grid prefix, moe.swarm.uid_prefix (default ffn)")
+    p.add_argument("--grid", type=int, nargs="+", default=[8, 8], metavar="G", help="the run's grid, moe.swarm.grid (default 8 8)")
     p.add_argument("--first", type=int, default=None, metavar="I", help="serve grid uids I..I+N-1 (row-major); default: the first N nobody declares")
     p.add_argument("--d-model", type=int, default=256, help="model.d_model of the run (default 256, model=small)")
     p.add_argument("--d-ff", type=int, default=1024, help="each expert's hidden size (default 1024)")
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
     p.add_argument("--announce", nargs="+", default=[], metavar="MULTIADDR", help="addresses other peers should dial, e.g. /ip4/PUBLIC_IP/tcp/PORT")
     p.add_argument("--nat", action="store_true", help="turn on hivemind's NAT port mapping (UPnP) and auto-NAT (off by default: both send traffic off the machine)")
-    p.add_argument("--unsigned", action="store_true", help="do not sign expert declarations (trainers with moe.require_signed=true will not use them)")
+    p.add_argument("--unsigned", action="store_true", help="do not sign expert declarations (trainers with moe.swarm.require_signed=true will not use them)")
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between re-declarations of the experts (default 15)")
     p.add_argument("--expiration", type=float, default=30.0, help="seconds a declaration lives after this peer stops (default 30)")
     p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (default 10)")
@@ -116,7 +117,7 @@ def check_args(a: argparse.Namespace) -> None:
         _fail(f"--first {a.first}: must be in [0, {E}) for --grid {' '.join(map(str, a.grid))}")
     if a.serve > E - first:
         _fail(f"--serve {a.serve}: the grid {'x'.join(map(str, a.grid))} has {E} experts" + (f" ({E - first} from --first {first})" if first else "") + "; serve fewer or use a larger --grid")
-    from moe.swarm.server import check_prefix  # noqa: PLC0415 (hivemind: only after the cheap checks)
+    from moe.swarm.uids import check_prefix  # noqa: PLC0415 (hivemind: only after the cheap checks)
 
     try:
         a.prefix = check_prefix(a.prefix)
@@ -154,8 +155,6 @@ def check_args(a: argparse.Namespace) -> None:
 def train_config(a: argparse.Namespace):
     """The trainer's ``TrainConfig``: moe-train's config with ``a.overrides``, then the swarm's
     settings from moe-join's flags; a bad override ends with one ``_fail`` line."""
-    from moe.config import ConfigError
-
     for o in a.overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if "=" not in o or o.startswith("-"):
@@ -163,25 +162,14 @@ def train_config(a: argparse.Namespace):
         if key in _TRAIN_KEYS:
             _fail(f"{o!r}: moe-join sets {key} itself; use {_TRAIN_KEYS[key]}")
     grid = ",".join(map(str, a.grid))
-    ours = ["moe=hivemind", f"moe.uid_prefix={a.prefix}", f"moe.grid=[{grid}]", f"moe.num_experts={math.prod(a.grid)}",
+    ours = ["moe=hivemind", f"moe.swarm.uid_prefix={a.prefix}", f"moe.swarm.grid=[{grid}]", f"moe.num_experts={math.prod(a.grid)}",
             f"model.d_model={a.d_model}", f"moe.expert_d_ff={a.d_ff}", f"out_dir={a.out or 'runs/collab'}"]
     if a.batch_size is not None:
         ours.append(f"batch_size={a.batch_size}")
-    from hydra import compose, initialize_config_dir  # noqa: PLC0415 (only with --train)
-    from hydra.core.global_hydra import GlobalHydra
-
-    from moe.cli.train import CONF_DIR, check_group_overrides, config_from_hydra, one_line
-
     try:
-        check_group_overrides(a.overrides)
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="moe-join"):
-            cfg = compose("config", overrides=[*a.overrides, *ours])
-        tc = config_from_hydra(cfg)
+        tc = compose([*a.overrides, *ours], job_name="moe-join")
     except ConfigError as e:
         _fail(str(e))
-    except Exception as e:  # Hydra's own errors (an unknown group, a bad override): one line
-        _fail(one_line(e))
     if tc.parallel.backend != "single":
         _fail(f"parallel={tc.parallel.backend}: a trainer peer is one process; its data parallelism is the collaboration (leave parallel=single)")
     if tc.grad_accum != 1:
@@ -204,7 +192,7 @@ def collab_command(maddrs: list[str], a: argparse.Namespace) -> str:
 def train_command(maddrs: list[str], a: argparse.Namespace) -> str:
     grid = ",".join(map(str, a.grid))
     E = math.prod(a.grid)
-    return f"moe-train moe=hivemind moe.initial_peers=[{','.join(maddrs)}] moe.uid_prefix={a.prefix} moe.grid=[{grid}] moe.num_experts={E} model.d_model={a.d_model}"
+    return f"moe-train moe=hivemind moe.swarm.initial_peers=[{','.join(maddrs)}] moe.swarm.uid_prefix={a.prefix} moe.swarm.grid=[{grid}] moe.num_experts={E} model.d_model={a.d_model}"
 
 
 async def _peers_seen(dht, node) -> int:
@@ -230,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.records import record_validators
-    from moe.swarm.server import ExpertServer, grid_uids, shutdown_dht, start_dht, visible_maddrs
+    from moe.swarm.dht import shutdown_dht, start_dht, visible_maddrs
+    from moe.swarm.server import ExpertServer
+    from moe.swarm.uids import grid_uids
 
     torch.set_num_threads(1)
     if a.seed is not None:

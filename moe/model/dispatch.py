@@ -1,13 +1,14 @@
 """Token dispatchers: move tokens to the experts a :class:`~moe.model.routing.Routing` chose, and back.
 
-``dispatch(x_TD, routing)`` returns the experts' input and a plan; ``combine(y, plan)``
-returns the weighted sum of each token's expert outputs, ``(T, D)``.  The local dispatcher
-here keeps every expert on this process; an all-to-all dispatcher (expert parallelism) and a
-remote one (experts on other peers) implement the same two calls, so the MoE layer does not
-change when experts move.  A dispatcher also says which experts this process holds
-(``expert_shard``) and solves BASE's balanced assignment over the tokens it balances
-(``balanced_assignment``): this process's here, the expert-parallel group's in
-``moe.parallel.dispatch``.
+:class:`TokenDispatcher` is the interface the MoE layer talks to.  ``dispatch(x_TD, routing)``
+returns the experts' input and a plan; ``combine(y, plan)`` returns the weighted sum of each
+token's expert outputs, ``(T, D)``.  The local dispatcher here keeps every expert on this
+process; the all-to-all dispatcher of expert parallelism (``moe.parallel.dispatch``) moves
+rows between ranks behind the same calls, so the MoE layer does not change when experts
+move.  A dispatcher also says which experts this process holds (``expert_shard``), solves
+BASE's balanced assignment over the tokens it balances (``balanced_assignment``: this
+process's here, the expert-parallel group's there) and counts the wall time it spends
+moving rows (``comm_seconds``).
 
 Two layouts:
 - grouped (dropless): ``x_ND`` rows sorted by expert plus ``counts`` per expert;
@@ -18,6 +19,7 @@ Shape suffixes: T tokens, K choices, N routed rows, E experts, C capacity, D mod
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +39,37 @@ class DispatchPlan:
     num_tokens: int
 
 
-class LocalDispatcher:
-    """All experts live in this process."""
+class TokenDispatcher(ABC):
+    """Moves a layer's routed rows to its experts and back.
+
+    The layer calls, per forward: ``expert_shard`` once at construction (which experts to
+    build), ``balanced_assignment`` (BASE, in training), ``dispatch`` and then ``combine``.
+    The output of ``dispatch`` is the experts' input in one of the two layouts above; the
+    plan tells ``combine`` how to bring the experts' output back.
+    """
+
+    comm_seconds: float = 0.0  # wall time spent moving rows between processes so far
 
     def expert_shard(self, num_experts: int) -> tuple[int, int]:
-        """(first expert, number of experts) held here: all of them."""
+        """(first expert, number of experts) this process holds; default: all of them."""
         return 0, num_experts
 
     def balanced_assignment(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """BASE's balanced assignment over the tokens this dispatcher sees: this process's."""
+        """BASE's balanced assignment over the tokens this dispatcher balances; default: this
+        process's own."""
         return balanced_assignment(scores_TE.detach())
+
+    @abstractmethod
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+        """The experts' input (grouped rows or a padded buffer) and the plan back."""
+
+    @abstractmethod
+    def combine(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``(T, D)``: each token's expert outputs, weighted and summed."""
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All experts live in this process."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         T, D = x_TD.shape

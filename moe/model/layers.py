@@ -1,7 +1,12 @@
 """The FFN slot of a Transformer block: the dense baseline and the MoE layer, one interface.
 
-Every layer maps ``(..., D) -> ((..., D), LayerAux | None)``; ``build_ffn`` is the registry
-that turns ``moe.name`` into a layer, so one config override switches between them.
+Every layer maps ``(..., D) -> ((..., D), LayerAux | None)``.  A registry of expert layers
+turns ``moe.name`` into a layer (:func:`build_ffn`), so one config override switches between
+them.  The five built in here register below; a layer defined elsewhere registers itself
+with :func:`register_expert_layer`, or through the ``moe.expert_layers`` entry-point group of
+its distribution (the swarm's ``hivemind`` layer does: ``moe.swarm.layer``), so this package
+never imports it.
+
 An MoE layer is a router (parameters), a routing function (pure, ``moe.model.routing``), a
 dispatcher (moves tokens, ``moe.model.dispatch``) and grouped experts (``moe.model.experts``).
 
@@ -11,12 +16,14 @@ Shape suffixes: T tokens, E experts, D model dim, F hidden dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from moe.config import MOE_LAYERS, MoEConfig
-from moe.model.dispatch import LocalDispatcher
+from moe.config import MoEConfig
+from moe.model.dispatch import LocalDispatcher, TokenDispatcher
 from moe.model.experts import GroupedExperts, activation_fn, small_init_
 from moe.model.routing import Routing, base_route, gshard_route, switch_route, topk_route
 
@@ -85,7 +92,7 @@ class MoELayer(nn.Module):
             BASE balances with the dispatcher's ``balanced_assignment`` (over the whole group).
     """
 
-    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str = "gelu", dispatcher=None):
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str = "gelu", dispatcher: TokenDispatcher | None = None):
         super().__init__()
         if cfg.name not in ("switch", "gshard", "topk", "base"):
             raise ValueError(f"MoELayer does not implement moe.name={cfg.name!r}")
@@ -126,22 +133,99 @@ class MoELayer(nn.Module):
         return out_TD.view(shape), aux
 
 
-def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0, dispatcher=None, dht=None) -> nn.Module:
-    """The registry: a block's FFN for ``moe.name`` (dense blocks of an MoE model pass sparse=False;
-    ``dispatcher`` goes to the MoE layer: None for local experts; ``dht``: the running
-    ``hivemind.DHT`` a ``moe=hivemind`` layer searches and calls experts through)."""
-    if cfg.name not in MOE_LAYERS:
-        raise ValueError(f"unknown expert layer moe.name={cfg.name!r}; known: {', '.join(MOE_LAYERS)}")
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What the sparse blocks of one model are built with beyond their config.
+
+    Attributes:
+        dispatcher: moves tokens to the experts; None: every expert in this process.  Expert
+            parallelism passes an all-to-all dispatcher (``moe.parallel.dispatch``), and the
+            layer then builds only the experts it names.
+        runtime: what a registered layer that needs one shares across the model's blocks,
+            from its :attr:`ExpertLayer.start_runtime` (``moe=hivemind``: this process's
+            connection to the swarm); None for the layers built in here.
+    """
+
+    dispatcher: TokenDispatcher | None = None
+    runtime: Any = None
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """An expert layer a config can name with ``moe.name``.
+
+    Attributes:
+        build: ``build(d_model, d_ff, moe, *, activation, context) -> nn.Module``, the FFN of a
+            sparse block (``context`` a :class:`LayerContext`).
+        start_runtime: ``start_runtime(moe) -> runtime`` for a layer whose blocks share a
+            resource that must be started before the model is built and closed after the run
+            (the runtime has ``close()``); None: nothing to start.
+    """
+
+    build: Callable[..., nn.Module]
+    start_runtime: Callable[[MoEConfig], Any] | None = None
+
+
+ENTRY_POINT_GROUP = "moe.expert_layers"  # distributions register layers here: name = "module:ExpertLayer object"
+_EXPERT_LAYERS: dict[str, ExpertLayer] = {}  # name -> layer, filled at import by register_expert_layer
+
+
+def register_expert_layer(name: str, layer: ExpertLayer) -> ExpertLayer:
+    """Make ``moe.name=<name>`` build ``layer``.  A name registers once (a second
+    registration of another layer is a ValueError)."""
+    known = _EXPERT_LAYERS.get(name)
+    if known is not None and known is not layer:
+        raise ValueError(f"expert layer {name!r} is registered already")
+    _EXPERT_LAYERS[name] = layer
+    return layer
+
+
+def expert_layer(name: str) -> ExpertLayer:
+    """The layer registered as ``name``: built in, registered in this process, or found in
+    the ``moe.expert_layers`` entry points of an installed distribution (loaded on first use)."""
+    if name not in _EXPERT_LAYERS:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+            register_expert_layer(name, ep.load())
+    if name not in _EXPERT_LAYERS:
+        raise ValueError(f"unknown expert layer moe.name={name!r}; known: {', '.join(expert_layer_names())}")
+    return _EXPERT_LAYERS[name]
+
+
+def expert_layer_names() -> list[str]:
+    """Every layer name a config can use: registered ones and installed entry points."""
+    return sorted({*_EXPERT_LAYERS, *(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def start_runtime(moe: MoEConfig) -> Any:
+    """Start what ``moe.name``'s blocks share (its :attr:`ExpertLayer.start_runtime`); None for
+    a layer that needs nothing.  The caller closes what it gets (``close()``)."""
+    start = expert_layer(moe.name).start_runtime
+    return start(moe) if start is not None else None
+
+
+def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0, context: LayerContext | None = None) -> nn.Module:
+    """A block's FFN: the dense FFN for dense blocks (``sparse=False``) and for ``moe=dense``,
+    else the expert layer registered as ``moe.name``, built with ``context``."""
+    layer = expert_layer(cfg.name)  # an unknown name fails here, for dense blocks too
     if cfg.name == "dense" or not sparse:
         return DenseFFN(d_model, d_ff, activation=activation, init_scale=cfg.init_scale, dropout=dropout)
-    if cfg.name == "hivemind":
-        if dht is None:
-            raise ValueError("moe=hivemind needs a running DHT: pass dht= (moe.swarm.server.start_dht; the trainer starts one from moe.initial_peers)")
-        from moe.swarm.layer import SwarmMoE  # the swarm room imports hivemind: only when asked for
+    return layer.build(d_model, d_ff, cfg, activation=activation, context=context or LayerContext())
 
-        return SwarmMoE(
-            d_model, dht=dht, uid_prefix=cfg.uid_prefix, grid_size=cfg.grid, k_best=cfg.k_best, k_min=cfg.k_min,
-            forward_timeout=cfg.forward_timeout, timeout_after_k_min=cfg.timeout_after_k_min, backward_timeout=cfg.backward_timeout,
-            jitter_eps=cfg.jitter_eps, init_scale=cfg.init_scale, router_dtype=getattr(torch, cfg.router_dtype), require_signed=cfg.require_signed,
-        )
-    return MoELayer(d_model, d_ff, cfg, activation=activation, dispatcher=dispatcher)
+
+def _build_moe_layer(d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str, context: LayerContext) -> MoELayer:
+    return MoELayer(d_model, d_ff, cfg, activation=activation, dispatcher=context.dispatcher)
+
+
+def _build_dense(d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str, context: LayerContext) -> DenseFFN:
+    return DenseFFN(d_model, d_ff, activation=activation, init_scale=cfg.init_scale)
+
+
+register_expert_layer("dense", ExpertLayer(_build_dense))
+register_expert_layer("switch", ExpertLayer(_build_moe_layer))
+register_expert_layer("gshard", ExpertLayer(_build_moe_layer))
+register_expert_layer("topk", ExpertLayer(_build_moe_layer))
+register_expert_layer("base", ExpertLayer(_build_moe_layer))

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.config import ModelConfig, MoEConfig
-from moe.model.layers import LayerAux, build_ffn
+from moe.model.layers import LayerAux, LayerContext, build_ffn
 
 
 @dataclass
@@ -53,16 +52,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``; ``dispatcher`` goes to a sparse FFN
-    (None: local experts), ``dht`` to a ``moe=hivemind`` one."""
+    """``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``; a sparse block's FFN is the expert
+    layer ``moe.name`` built with ``context`` (``moe.model.layers.build_ffn``)."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool, dispatcher: Any = None, dht: Any = None):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool, context: LayerContext | None = None):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         d_ff = moe.expert_d_ff if sparse and moe.name != "dense" and moe.expert_d_ff else cfg.d_ff
-        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, dispatcher=dispatcher, dht=dht)
+        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, context=context)
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
 
@@ -82,20 +81,17 @@ class TransformerLM(nn.Module):
 
     Args:
         cfg, moe: the model's shape and its expert layer.
-        make_dispatcher: ``make_dispatcher(block_index)`` gives the token dispatcher of each
-            sparse block (e.g. a ``moe.parallel.AllToAllDispatcher`` over the expert-parallel
-            group: the block then holds only its shard of the experts).  None: every expert
-            local.  Passed in, so this file never touches ``torch.distributed``.
-        dht: for ``moe=hivemind``, the running ``hivemind.DHT`` every sparse block finds and
-            calls its remote experts through (started and shut down by the caller:
-            ``moe.swarm.server.start_dht`` / ``shutdown_dht``), so this file never touches the
-            network either.
+        context: what the sparse blocks are built with (``moe.model.layers.LayerContext``): the
+            token dispatcher (e.g. ``moe.parallel.AllToAllDispatcher`` over the expert-parallel
+            group: each block then holds only its shard of the experts) and a registered
+            layer's runtime (``moe=hivemind``'s connection to the swarm).  None: every expert
+            local.  Passed in, so this file never touches ``torch.distributed`` or the network.
 
     With the same seed every process builds the same weights, and an expert shard equals
     the matching slice of the unsharded model's (``GroupedExperts`` draws the full stack).
     """
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, make_dispatcher: Callable[[int], Any] | None = None, dht: Any = None):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, context: LayerContext | None = None):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
@@ -104,12 +100,7 @@ class TransformerLM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-        def block(i: int) -> Block:
-            sparse = is_sparse_block(i, cfg)
-            dispatcher = make_dispatcher(i) if sparse and moe.name != "dense" and make_dispatcher is not None else None
-            return Block(cfg, moe, sparse=sparse, dispatcher=dispatcher, dht=dht)
-
-        self.blocks = nn.ModuleList(block(i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, moe, sparse=is_sparse_block(i, cfg), context=context) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)

@@ -1,5 +1,5 @@
 """The ``ddp`` backend: the processes ``torchrun`` starts, one process group, one
-:class:`ParallelState`.
+:class:`ParallelState`, and :class:`DDPBackend`, how each of them runs the training step.
 
     torchrun --nproc_per_node 2 --no-python moe-train parallel=ddp parallel.ep_size=2
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import gc
 import os
 from datetime import timedelta
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -31,8 +33,17 @@ import torch.distributed as dist
 # destroy_process_group and into interpreter exit.  Imported here, before start(), they hold None.
 import torch.distributed.nn  # noqa: F401
 
-from moe.config import ParallelConfig
+from moe.config import ConfigError, ParallelConfig, TrainConfig
+from moe.model.layers import LayerContext
+from moe.parallel.dispatch import AllToAllDispatcher
+from moe.parallel.grads import OverlappedGradReducer, allreduce_gradients, clip_grad_norm_
+from moe.parallel.reduce import broadcast_object, count_over_world, gather_objects, mean_over_dp_, sum_over_dp_
+from moe.parallel.reshard import gather_full_state
 from moe.parallel.state import ParallelState
+from moe.training import checkpoint as ckpt
+from moe.training.backend import Backend, rank_seed
+from moe.training.data import TokenData
+from moe.training.telemetry import LoadAccumulator
 
 
 def dist_backend(cfg: ParallelConfig, device: str = "auto") -> str:
@@ -95,3 +106,137 @@ def stop() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
+
+
+class DDPBackend(Backend):
+    """One rank of a data + expert parallel run (torchrun's processes, Ray Train's workers).
+
+    Every rank holds the non-expert weights and its shard of the experts (``ep_size`` ranks
+    together hold all of them; tokens move by all-to-all, ``AllToAllDispatcher``).  Gradients:
+    during the step's last backward, full buckets are all-reduced as they complete
+    (:class:`OverlappedGradReducer`; ``parallel.bucket_mb=0``: one all-reduce after the
+    backward): shared parameters over the data-parallel group, experts within their
+    expert-data-parallel group; clipping by the norm of the whole model's gradient (every
+    expert counted once, :func:`clip_grad_norm_`).
+
+    Each rank's MoE losses are its own: the balancing loss ``E * sum f_i P_i`` and capacity
+    ``ceil(cf * T / E)`` are computed over a rank's own tokens (as DeepSpeed does), so a run at
+    DP=2 equals one process with ``grad_accum=2`` exactly, and one process with the double
+    batch exactly when the layer is dropless and aux-free.
+
+    Checkpoints hold the whole model in the one-process format (``gather_full_state``): any
+    expert-parallel size resumes any other's.  Each rank's RNG state is kept; resumed at another
+    world size, ranks > 0 draw fresh streams from (seed, rank, step).
+
+    Args:
+        cfg: the run; ``parallel.ep_size`` must be ``state.ep_size``.
+        state: this process's ranks and groups (:func:`start` builds it under torchrun).
+        data: token data; loaded from ``cfg.data`` when None.
+    """
+
+    def __init__(self, cfg: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
+        if state.ep_size != cfg.parallel.ep_size:
+            raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} but the process groups were built with ep_size={state.ep_size}; build the ParallelState from the same config")
+        if state.pp_size != 1:
+            raise ConfigError(f"pp_size={state.pp_size}: this backend runs the whole model in every process; pipeline stages train with moe.parallel.pipeline.PipelineBackend")
+        self.state = state
+        self.rank, self.world_size = state.rank, state.world_size
+        self.replicas, self.replica_rank = state.dp_size, state.dp_rank
+        self.dispatcher = AllToAllDispatcher(state) if state.ep_size > 1 else None
+        self.reducer = None
+        super().__init__(cfg, data=data)
+
+    def _device(self) -> torch.device:
+        return self.state.device
+
+    def _layer_context(self) -> LayerContext:
+        return LayerContext(dispatcher=self.dispatcher, runtime=self.runtime)
+
+    def _build(self) -> None:
+        super()._build()
+        p = self.cfg.parallel
+        if self.state.dp_size > 1 and self.optimizer is not None and p.bucket_mb > 0:
+            self.reducer = OverlappedGradReducer(self.model, self.state, p.bucket_mb)
+
+    def comm_seconds(self) -> float:  # the dispatcher counts its all-to-alls itself
+        return super().comm_seconds() + (self.dispatcher.comm_seconds if self.dispatcher is not None else 0.0)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, micro: int) -> None:
+        if self.reducer is not None and micro == self.cfg.grad_accum - 1:
+            self.reducer.arm()  # the step's last backward: buckets go out as they complete
+        super().backward(loss, micro)
+
+    def reduce_gradients(self) -> None:
+        if self.state.dp_size == 1:
+            return
+        with self.collective():  # the wait for what is still in flight (the exposed part)
+            if self.reducer is not None:
+                self.reducer.finish()
+            else:
+                allreduce_gradients(self.model, self.state)  # once per step, whatever grad_accum
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor | None:
+        return clip_grad_norm_(self.model, max_norm, self.state)
+
+    # -- agreement between ranks ----------------------------------------------------------------
+
+    def sum_over_replicas_(self, t: torch.Tensor) -> torch.Tensor:
+        with self.collective():
+            return sum_over_dp_(t, self.state)
+
+    def mean_over_replicas(self, value: float) -> float:
+        if self.state.dp_size == 1:
+            return value
+        with self.collective():
+            return mean_over_dp_(torch.tensor([value], dtype=torch.float64, device=self.device), self.state).item()
+
+    def load_summary(self, load: LoadAccumulator) -> dict[str, float]:
+        if self.state.dp_size > 1:
+            with self.collective():
+                load.merge_ranks(lambda t: sum_over_dp_(t, self.state), self.state.dp_size)  # the global load
+        return load.summary()
+
+    def count_ranks(self, flag: bool) -> int:
+        return count_over_world(flag, self.state)
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj, self.state)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def layout(self) -> dict[str, int]:
+        st = self.state
+        return {"world_size": st.world_size, "dp_size": st.dp_size, "ep_size": st.ep_size}
+
+    def full_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state the checkpoint holds (in the one-process layout)."""
+        return self.optimizer
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole model and optimizer in the one-process format (expert shards gathered) and
+        every rank's RNG state, on rank 0; None elsewhere.  Collective: every rank calls it."""
+        st = self.state
+        model_sd, optim_sd = gather_full_state(self.model, self.full_optimizer(), st)
+        rngs = gather_objects(ckpt.rng_state(), st)
+        if not self.is_main:
+            return None
+        out = {"model": model_sd, "optimizer": optim_sd, "rng": rngs[0]}
+        if st.world_size > 1:
+            out["layout"] = self.layout()
+            out["rng_ranks"] = rngs
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Every rank reads the whole file and keeps its expert shard; each rank takes its own
+        RNG stream back (another world size: rank 0 goes on with rank 0's stream, the others
+        start fresh ones from (seed, rank, step))."""
+        self.load_weights_and_optimizer(state["model"], state["optimizer"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if len(rngs) == self.world_size:
+            ckpt.set_rng_state(rngs[self.rank])
+        else:
+            ckpt.set_rng_state(rngs[0])
+            if self.rank > 0:
+                torch.manual_seed(rank_seed(self.cfg.seed, self.rank, state["step"]))

@@ -1,7 +1,7 @@
 """Expert-parallel token dispatcher: experts sharded over the expert-parallel (EP) group,
 tokens moved to them and back by all-to-all with uneven split sizes.
 
-Same two calls as :class:`moe.model.dispatch.LocalDispatcher`, so :class:`moe.model.layers.MoELayer` does
+The :class:`moe.model.dispatch.TokenDispatcher` interface, as the local dispatcher, so :class:`moe.model.layers.MoELayer` does
 not change: routing is computed on this rank's own T tokens over all E experts (the router
 is replicated), ``dispatch`` sends every kept (token, choice) row to the rank holding its
 expert, ``combine`` brings the expert outputs back and sums them per token.
@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from moe.model.auction import balanced_assignment
-from moe.model.dispatch import DispatchPlan
+from moe.model.dispatch import DispatchPlan, TokenDispatcher
 from moe.parallel.state import ParallelState, check_expert_sharding
 from moe.model.routing import Routing
 
@@ -94,7 +94,7 @@ def _expert_major_order(recv_SE: torch.Tensor, M: int) -> torch.Tensor | None:
     return (torch.repeat_interleave(start_B - first_B, len_B, output_size=M) + torch.arange(M, device=recv_SE.device)).long()
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(TokenDispatcher):
     """Experts sharded over an expert-parallel group; tokens moved by all-to-all.
 
     Args:

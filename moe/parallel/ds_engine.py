@@ -1,4 +1,5 @@
-"""DeepSpeed's engine around our model: ZeRO stages 0, 1 and 2 with expert parameter groups.
+"""DeepSpeed's engine around our model: ZeRO stages 0, 1 and 2 with expert parameter groups
+(:class:`DeepSpeedBackend`, the ``parallel=deepspeed`` way of running a step).
 
 The engine owns the gradient reduction and the optimizer step; everything else stays ours:
 the all-to-all (``AllToAllDispatcher`` over the same expert-parallel groups), the data
@@ -49,8 +50,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe.parallel.grads import expert_parameters
+from moe.model.experts import expert_parameters
+from moe.parallel.ddp import DDPBackend
+from moe.parallel.ds import skip_shm_comm_build
 from moe.parallel.state import ParallelState
+from moe.training.checkpoint import load_full_state
+from moe.training.optim import optimizer_groups, set_lr
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -163,11 +168,8 @@ class DeepSpeedRun:
         """After each micro-batch but the last: the engine counts the accumulation."""
         self.engine.step()
 
-    def step(self, lr: float) -> None:
-        """The optimizer step at the accumulation boundary, with this step's LR."""
-        from moe.training.loop import set_lr
-
-        set_lr(self.engine.optimizer.param_groups, lr)
+    def step(self) -> None:
+        """The optimizer step at the accumulation boundary (the LR set before: ``set_lr``)."""
         self.engine.step()
 
     def grad_norm(self) -> torch.Tensor | None:
@@ -276,10 +278,8 @@ def _share_state(src: torch.optim.Optimizer, dst: torch.optim.Optimizer) -> None
 def wrap(model: nn.Module, canonical_groups: list[dict[str, Any]], cfg, state: ParallelState) -> DeepSpeedRun:
     """Build DeepSpeed's engine around ``model`` (on its device, weights identical on every
     rank).  ``canonical_groups``: the optimizer groups of a one-process run
-    (``moe.training.loop.optimizer_groups``)."""
+    (``moe.training.optim.optimizer_groups``)."""
     import deepspeed
-
-    from moe.parallel.ds import skip_shm_comm_build
 
     skip_shm_comm_build()
     ep = state.ep_size
@@ -295,3 +295,54 @@ def wrap(model: nn.Module, canonical_groups: list[dict[str, Any]], cfg, state: P
     if n_marked and not engine.has_moe_layers:
         raise RuntimeError("DeepSpeed's engine did not take the model's expert layers; this DeepSpeed version is not supported")
     return DeepSpeedRun(engine, canonical_groups, cfg.parallel.zero_stage)
+
+
+class DeepSpeedBackend(DDPBackend):
+    """One rank of a ``parallel=deepspeed`` run: the layout of :class:`DDPBackend` (the same
+    all-to-all over the same expert-parallel groups, the same data shards), the model wrapped
+    in DeepSpeed's engine (ZeRO ``parallel.zero_stage``), which reduces the gradients and steps
+    the optimizer.  The engine divides the loss by ``grad_accum`` itself and reduces at the
+    last micro-batch; ZeRO-1/2 clip inside the step by the same global norm (module docstring)."""
+
+    def _optimizer(self) -> None:
+        return None  # the engine's (wrap)
+
+    def _build(self) -> None:
+        super()._build()
+        self._use_grad_buffers(False)  # DeepSpeed frees and re-creates the gradients itself
+        self.ds = wrap(self.model, optimizer_groups(self.model, self.cfg), self.cfg, self.state)
+
+    def compute(self, x: torch.Tensor, y: torch.Tensor):
+        return self.ds.engine(x, y)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.ds.optimizer.param_groups, lr)
+
+    def backward(self, loss: torch.Tensor, micro: int) -> None:
+        self.ds.backward(loss)  # the engine divides by grad_accum and reduces at the last micro-batch
+        if micro < self.cfg.grad_accum - 1:
+            self.ds.micro_step()
+
+    def reduce_gradients(self) -> None:
+        """The engine reduced them in the last micro-batch's step."""
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor | None:
+        if self.ds.stage == 0:  # ZeRO-0: the global norm of moe.parallel.grads (module docstring)
+            return super().clip_gradients(max_norm)
+        return None  # ZeRO-1/2 clip inside the step, by the same global norm
+
+    def optimizer_step(self) -> float | None:
+        self.ds.step()
+        norm = self.ds.grad_norm()  # ZeRO-1/2: known once the step is taken (the same on every rank)
+        return float(norm) if norm is not None else None
+
+    def full_optimizer(self) -> torch.optim.Optimizer:
+        return self.ds.full_optimizer()  # ZeRO partitions gathered
+
+    def load_weights_and_optimizer(self, model_sd: dict, optim_sd: dict) -> None:
+        """Through a one-process-layout AdamW into the engine (any ZeRO stage); the config's
+        weight decay, betas and eps stay (the engine loads the per-parameter state alone)."""
+        optimizer = self.ds.blank_optimizer()
+        load_full_state(self.model, optimizer, model_sd, optim_sd)
+        self.ds.load_full_optimizer(optimizer)
+

@@ -28,29 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moe.model.experts import split_parameters
 from moe.parallel.state import ParallelState
-
-
-def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every expert weight: parameters of modules with ``expert_parallel``."""
-    seen: set[int] = set()
-    out = []
-    for mod_name, mod in model.named_modules():
-        if getattr(mod, "expert_parallel", False):
-            for n, p in mod.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append((f"{mod_name}.{n}" if mod_name else n, p))
-    return out
-
-
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(shared parameters, expert parameters), each in ``model.parameters()`` order."""
-    expert_ids = {id(p) for _, p in expert_parameters(model)}
-    shared, experts = [], []
-    for p in model.parameters():
-        (experts if id(p) in expert_ids else shared).append(p)
-    return shared, experts
 
 
 def _sum_and_scale(params: list[nn.Parameter], group, group_size: int, divide_by: int) -> None:

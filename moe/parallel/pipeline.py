@@ -33,22 +33,26 @@ top-1 routing an MoE block costs the FLOPs of a dense one, so equal blocks mean 
 dropped.  (Each process holds the whole model once, at start-up: fine for the sizes this
 trainer runs; a model that does not fit one process would need per-layer seeding instead.)
 
-**Training** (:class:`PipelineTrainer`, :func:`fit_pipeline`): torch's AdamW with the
-trainer's parameter groups, ``gradient_accumulation_steps = grad_accum`` (the micro-batches
-per step: the pipeline fills only with ``grad_accum >= pp_size``), each data-parallel rank
-and micro-batch one shard of the step's global batch (``batch_size x grad_accum x dp_size``
-sequences, the very batch :class:`moe.training.loop.Trainer` trains on), the LR of ``moe.training.loop.lr_at``
-set before each step, gradient clipping by the norm of the whole model's gradient (every
-stage's, the tied weight once), eval with ``engine.eval_batch``, DeepSpeed checkpoints in
-``out_dir/global_step<N>`` named by ``out_dir/pipeline.json`` (resumed when present, by the
-same layout: processes, ``pp_size``, ``zero_stage``).
+**Training** (:class:`PipelineBackend`, the step of the one loop, ``moe.training.loop.Trainer``):
+torch's AdamW with the trainer's parameter groups, ``gradient_accumulation_steps = grad_accum``
+(the micro-batches per step: the pipeline fills only with ``grad_accum >= pp_size``), each
+data-parallel rank and micro-batch one shard of the step's global batch (``batch_size x
+grad_accum x dp_size`` sequences, the very batch every backend trains on), the LR of
+``moe.training.optim.lr_at`` set before each step, gradient clipping by the norm of the whole
+model's gradient (every stage's, the tied weight once), eval with ``engine.eval_batch``.
+DeepSpeed's ``train_batch`` runs the whole step: forward, backward, gradient reduction,
+clipping and the optimizer step, so the loop's finite check comes after the step (the saved
+checkpoint never holds it).  Checkpoints: DeepSpeed's, in ``out_dir/global_step<N>`` named by
+``out_dir/pipeline.json`` (resumed when present, by the same layout: processes, ``pp_size``,
+``zero_stage``).
 
-Telemetry: rank 0 logs what the trainer logs (``train/*`` averaged over the micro-batches and
+Telemetry: rank 0 logs what every backend logs (``train/*`` averaged over the micro-batches and
 data-parallel replicas, ``val/loss``, ``perf/*``, and each MoE block's expert load
-``moe/layer_*``, gathered from the stage holding the block).
+``moe/layer_*``, gathered from the stage holding the block); ``perf/comm_time_s`` counts this
+module's own collectives, not the engine's sends between stages.
 
 Not supported (a one-line ``ConfigError``): expert parallelism inside stages
-(``parallel.ep_size > 1``), ``moe=hivemind``, bf16, ZeRO-2.  A Ctrl-C stops without a checkpoint.
+(``parallel.ep_size > 1``), ``moe=hivemind``, bf16, ZeRO-2.
 
 Shape suffixes: B batch, S sequence, D model dim, V vocabulary.
 """
@@ -56,10 +60,8 @@ Shape suffixes: B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -68,12 +70,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, to_dict, validate
-from moe.training.data import TokenData, load_data
-from moe.training.flops import measure_peak_flops, mfu, transformer_flops_per_token
+from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig
 from moe.model.layers import LayerAux
 from moe.model.transformer import Block, TransformerLM, count_parameters, is_sparse_block
+from moe.parallel.ds import skip_shm_comm_build
 from moe.parallel.state import ParallelState
+from moe.training.backend import CHECKPOINT, Backend, rank_seed
+from moe.training.checkpoint import write_text_atomic
+from moe.training.data import TokenData
+from moe.training.optim import build_optimizer, set_lr
 from moe.training.telemetry import LoadAccumulator
 
 PARTITION_METHOD = "type:BlockLayer"  # equal blocks per stage (module docstring)
@@ -305,285 +310,179 @@ def _clip_over_stages(engine) -> None:
     engine._global_grad_norm = norm.item()
 
 
-class PipelineTrainer:
-    """One rank of a pipeline-parallel run; build on every rank, then :meth:`fit` in step.
+class PipelineBackend(Backend):
+    """One rank of a pipeline-parallel run (``parallel=deepspeed parallel.pp_size=P``): this
+    rank's stage as DeepSpeed ``PipelineModule`` layers, trained by DeepSpeed's pipeline engine.
 
     Args:
         cfg: the run (``parallel.pp_size > 1``, ``parallel=deepspeed``; validated here).
-        data: token data; loaded from ``cfg.data`` when None.
         state: this process's rank and world (``moe.parallel.ds.start``); the pipeline and
             data-parallel groups are DeepSpeed's own (``PipeDataParallelTopology``: rank =
             stage * dp_size + dp_rank, the layout of :class:`ParallelState`).
+        data: token data; loaded from ``cfg.data`` when None.
     """
 
-    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, state: ParallelState):
+    def __init__(self, cfg: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
+        check_pipeline_config(cfg, state.world_size)
+        if cfg.resume and (Path(cfg.out_dir) / CHECKPOINT).exists():
+            raise ConfigError(f"out_dir={cfg.out_dir} holds a {CHECKPOINT} of a run without pipeline stages, which parallel.pp_size={cfg.parallel.pp_size} cannot resume; pass run_name=NEW_NAME, or resume=false")
+        self.state = state
+        self.rank, self.world_size = state.rank, state.world_size
+        self._load: LoadAccumulator | None = None  # where the stage's MoE blocks report, during a step
+        super().__init__(cfg, data=data)
+
+    def _device(self) -> torch.device:
+        return self.state.device
+
+    def _build(self) -> None:
         import deepspeed
 
-        from moe.parallel.ds import skip_shm_comm_build
-        from moe.training.loop import _rank_seed, build_optimizer, model_config
-
-        validate(cfg)
-        check_pipeline_config(cfg, state.world_size)
-        self.cfg, self.state = cfg, state
-        self.is_main = state.is_main
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.run_dir = Path(cfg.out_dir)
-        self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and self.is_main)
-        self.model_cfg = model_config(cfg, self.data)  # the same checks as the Trainer's
+        cfg = self.cfg
         if cfg.grad_accum < cfg.parallel.pp_size and self.is_main:
             print(f"note: grad_accum={cfg.grad_accum} micro-batches per step < parallel.pp_size={cfg.parallel.pp_size}: the pipeline never fills (stages wait for each other); raise grad_accum", file=sys.stderr)
         skip_shm_comm_build()
         self.module, self.params = build_pipeline_module(self.model_cfg, cfg.moe, num_stages=cfg.parallel.pp_size, seed=cfg.seed)
-        if state.world_size > 1:  # each rank its own dropout / jitter draws, as in the trainer
-            torch.manual_seed(_rank_seed(cfg.seed, state.rank))
+        self.model = self.module
+        if self.world_size > 1:  # each rank its own dropout / jitter draws, as every backend
+            torch.manual_seed(rank_seed(cfg.seed, self.rank))
         grid = self.module._grid
-        self.dp_size, self.dp_rank, self.stage = grid.data_parallel_size, grid.data_parallel_id, grid.get_stage_id()
-        assert state.rank == self.stage * self.dp_size + self.dp_rank, "DeepSpeed's topology differs from ParallelState's layout"
+        self.replicas, self.replica_rank, self.stage = grid.data_parallel_size, grid.data_parallel_id, grid.get_stage_id()
+        assert self.rank == self.stage * self.replicas + self.replica_rank, "DeepSpeed's topology differs from ParallelState's layout"
         optimizer = build_optimizer(self.module, cfg)
-        self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds_config(cfg, self.dp_size), dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds_config(cfg, self.replicas), dist_init_required=False)
+        self.optimizer = self.engine.optimizer
         if cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0:
             self.engine.clip_fp32_gradients = lambda: _clip_over_stages(self.engine)
         self.loss_fn: PipelineLoss = self.module.loss_fn
-        self.load = LoadAccumulator()  # this stage's MoE blocks, over the log window
         self.moe_blocks = [i for i in range(self.model_cfg.n_layers) if is_sparse_block(i, self.model_cfg) and cfg.moe.name != "dense"]
         for layer in stage_layers(self.module):
             if isinstance(layer, BlockLayer):
-                layer.on_aux = lambda i, a: self.load.add(i, a.counts_E, a.num_dropped, a.num_routed, a.aux_loss.detach(), a.z_loss.detach())
-        self.step = 0
-        self.wandb_id: str | None = None
-        self._stop = None  # moe.training.loop._StopFlag while fit runs: this rank's Ctrl-C
-        self._stop_agreed = False  # some rank asked to stop, as of the last step
-        n_flops = self.params["active_non_embedding"] + self.params["lm_head_flop_params"]
-        self.flops_per_token = transformer_flops_per_token(n_flops, self.model_cfg.n_layers, self.model_cfg.d_model, self.model_cfg.seq_len)
+                layer.on_aux = self._on_aux
 
-    def close(self) -> None:
-        """Nothing to release (the process group is the launcher's); for ``moe-train``."""
+    def _on_aux(self, block: int, a: LayerAux) -> None:
+        if self._load is not None:
+            self._load.add(block, a.counts_E, a.num_dropped, a.num_routed, a.aux_loss.detach(), a.z_loss.detach())
 
     # -- data -------------------------------------------------------------------------------
 
-    def _batches(self, split: str, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, split: str, index: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Train: micro-batch m is shard ``m * dp_size + dp_rank`` of step ``index``'s batch;
-        val: micro-batch i is shard ``dp_rank`` of val batch i (``Trainer._forward``)."""
+        val: micro-batch i is shard ``dp_rank`` of val batch i (``Backend.forward``)."""
         c, S = self.cfg, self.model_cfg.seq_len
         dev = self.engine.device
         if split == "train":
-            for m in range(c.grad_accum):
-                yield self.data.get_batch("train", index, c.batch_size, S, c.seed, device=dev, shard=m * self.dp_size + self.dp_rank, num_shards=c.grad_accum * self.dp_size)
+            for m in range(count):
+                yield self.data.get_batch("train", index, c.batch_size, S, c.seed, device=dev, shard=m * self.replicas + self.replica_rank, num_shards=count * self.replicas)
         else:
-            for i in range(c.eval_batches):
-                yield self.data.get_batch("val", i, c.batch_size, S, c.seed, device=dev, shard=self.dp_rank, num_shards=self.dp_size)
+            for i in range(count):
+                yield self.data.get_batch("val", i, c.batch_size, S, c.seed, device=dev, shard=self.replica_rank, num_shards=self.replicas)
 
-    def _mean_records(self) -> list[float]:
-        """The last stage's mean (lm, aux, z) over its micro-batches, averaged over the
-        data-parallel ranks, on every rank (one all-reduce over the world, which also tells
-        every rank whether any rank asked to stop: ``_stop_agreed``)."""
+    def _mean_records(self) -> torch.Tensor:
+        """The last stage's mean (lm, aux, z) over its micro-batches (zeros on other stages)."""
         recs = self.loss_fn.drain()
-        vals = (torch.stack(recs).mean(0) if recs else torch.zeros(3)).to(self.engine.device, torch.float64)
-        stop = float(self._stop is not None and self._stop.requested)
-        vals = torch.cat([vals, vals.new_tensor([stop])])
-        if self.state.world_size > 1:
-            dist.all_reduce(vals)  # only the last stage's ranks hold non-zero losses
-        self._stop_agreed = bool(vals[3] > 0)
-        return (vals[:3] / self.dp_size).tolist()
+        return torch.stack(recs).mean(0).float() if recs else torch.zeros(3, device=self.engine.device)
 
-    def _load_summary(self) -> dict[str, float]:
-        """The window's expert load of every stage's blocks (``moe/layer_*``, summed over the
-        data-parallel replicas), on rank 0 ({} elsewhere); collective.  Resets the window."""
-        if self.dp_size > 1:
-            group = self.engine.grid.get_data_parallel_group()
-            self.load.merge_ranks(lambda t: dist.all_reduce(t, group=group), self.dp_size)
-        mine = self.load.summary() if self.dp_rank == 0 else {}
-        self.load.reset()
-        every = [None] * self.state.world_size if self.is_main else None
-        dist.gather_object(mine, every, dst=0)
+    # -- the step -------------------------------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.engine.optimizer.param_groups, lr)
+
+    def forward_backward(self, step: int, load: LoadAccumulator) -> torch.Tensor:
+        """``engine.train_batch``: every micro-batch through the stages, forward and backward,
+        and then the gradient reduction, clipping and the optimizer step (module docstring)."""
+        self._load = load
+        try:
+            self.engine.train_batch(self._batches("train", step, self.cfg.grad_accum))
+        finally:
+            self._load = None
+        return self._mean_records()
+
+    def clip_gradients(self, max_norm: float) -> None:
+        return None  # inside train_batch
+
+    def optimizer_step(self) -> float | None:
+        """Taken inside train_batch; the norm it clipped by (when clipping is on)."""
+        if self.cfg.optim.grad_clip <= 0:
+            return None
+        gn = self.engine.get_global_grad_norm()
+        return float(gn) if gn is not None else float("nan")
+
+    def evaluate(self, batches: int) -> float:
+        self.engine.eval_batch(self._batches("val", 0, batches), num_micro_batches=batches)
+        loss = self._mean_records()[:1].double()
+        return (self.sum_over_replicas_(loss) / self.replicas).item()
+
+    # -- agreement between ranks ----------------------------------------------------------------
+
+    def sum_over_replicas_(self, t: torch.Tensor) -> torch.Tensor:
+        """Over the whole world: only the last stage's ranks hold non-zero losses."""
+        if self.world_size > 1:
+            with self.collective():
+                dist.all_reduce(t)
+        return t
+
+    def mean_over_replicas(self, value: float) -> float:
+        raise NotImplementedError("the pipeline averages its evaluation in evaluate()")
+
+    def load_summary(self, load: LoadAccumulator) -> dict[str, float]:
+        """Every stage's MoE blocks (summed over the data-parallel replicas), on rank 0 ({}
+        elsewhere)."""
+        with self.collective():
+            if self.replicas > 1:
+                group = self.engine.grid.get_data_parallel_group()
+                load.merge_ranks(lambda t: dist.all_reduce(t, group=group), self.replicas)
+            mine = load.summary() if self.replica_rank == 0 else {}
+            every = [None] * self.world_size if self.is_main else None
+            dist.gather_object(mine, every, dst=0)
         return {k: v for d in every for k, v in d.items()} if self.is_main else {}
 
-    # -- steps ------------------------------------------------------------------------------
+    def count_ranks(self, flag: bool) -> int:
+        t = torch.tensor([float(flag)], device=self.engine.device)
+        dist.all_reduce(t)
+        return int(t.item())
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches (``engine.train_batch``).
-        Raises TrainingDiverged on a NaN/inf loss - after the step: the engine steps inside
-        ``train_batch`` (the last checkpoint is left in place)."""
-        from moe.training.loop import TrainingDiverged, lr_at, set_lr
+    def broadcast(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
-        lr = lr_at(self.step, self.cfg)
-        set_lr(self.engine.optimizer.param_groups, lr)
-        self.engine.train_batch(self._batches("train", self.step))
-        lm, aux, z = self._mean_records()
-        gn = self.engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else float("nan")
-        self.step += 1
-        if not all(math.isfinite(v) for v in (lm, aux, z)):
-            raise TrainingDiverged(f"training diverged at step {self.step}: lm loss {lm}, aux {aux}, z {z}; lower optim.lr, raise optim.warmup_steps or set moe.z_loss_weight=0.001")
-        out = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr}
-        if self.cfg.optim.grad_clip > 0:
-            out["train/grad_norm"] = gn
-        return out
+    # -- checkpoints ----------------------------------------------------------------------------
 
-    def evaluate(self) -> float:
-        """Mean validation LM loss over ``eval_batches`` batches (as ``Trainer.evaluate``)."""
-        self.engine.eval_batch(self._batches("val", 0), num_micro_batches=self.cfg.eval_batches)
-        return self._mean_records()[0]
+    def checkpoint_path(self, run_dir: Path) -> Path:
+        return run_dir / PIPELINE_JSON
 
-    # -- checkpoints --------------------------------------------------------------------------
+    def layout(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "pp_size": self.cfg.parallel.pp_size, "dp_size": self.replicas, "zero_stage": self.cfg.parallel.zero_stage}
 
-    def _layout(self) -> dict[str, int]:
-        return {"world_size": self.state.world_size, "pp_size": self.cfg.parallel.pp_size, "dp_size": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage}
+    def state_dict(self) -> None:
+        raise NotImplementedError("pipeline checkpoints are DeepSpeed's (save_checkpoint); stage_state_dict gives a stage's weights")
 
-    def save(self) -> Path:
+    def save_checkpoint(self, run_dir: Path, meta: dict[str, Any]) -> Path:
         """``engine.save_checkpoint`` into ``out_dir/global_step<N>`` (collective), then (rank 0)
         ``out_dir/pipeline.json`` naming it, with the step, layout and config; older tags go."""
-        from moe.training.loop import _write_text_atomic
-
-        tag = f"global_step{self.step}"
-        self.engine.save_checkpoint(str(self.run_dir), tag=tag, client_state={"step": self.step, "wandb_id": self.wandb_id})
+        step = meta["step"]
+        tag = f"global_step{step}"
+        self.engine.save_checkpoint(str(run_dir), tag=tag, client_state={"step": step, "wandb_id": meta.get("wandb_id")})
         dist.barrier()  # every rank's files are written
         if self.is_main:
-            info = {"tag": tag, "step": self.step, "layout": self._layout(), "wandb_id": self.wandb_id, "config": to_dict(self.cfg)}
-            _write_text_atomic(self.run_dir / PIPELINE_JSON, json.dumps(info, indent=2, default=str))
-            for old in self.run_dir.glob("global_step*"):
+            info = {"tag": tag, "layout": self.layout(), **meta}
+            write_text_atomic(run_dir / PIPELINE_JSON, json.dumps(info, indent=2, default=str))
+            for old in run_dir.glob("global_step*"):
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
-        return self.run_dir / tag
+        return run_dir / tag
 
-    def _resume(self) -> bool:
-        """Load ``out_dir``'s pipeline checkpoint when there is one (and ``resume``); checks
-        the layout and config first (one-line ConfigErrors, the same on every rank)."""
-        from moe.training.loop import CHECKPOINT, _rank_seed, check_resumable
+    def open_checkpoint(self, run_dir: Path) -> dict[str, Any]:
+        """``pipeline.json``; the layout must be this run's (a one-line ConfigError)."""
+        info = json.loads((run_dir / PIPELINE_JSON).read_text(encoding="utf-8"))
+        if info["layout"] != self.layout():
+            raise ConfigError(f"out_dir={self.cfg.out_dir} holds a pipeline checkpoint of layout {info['layout']}, this run is {self.layout()}; resume with the same processes, parallel.pp_size and zero_stage, or pass resume=false")
+        return info
 
-        c = self.cfg
-        if not c.resume:
-            return False
-        if (self.run_dir / CHECKPOINT).exists():
-            raise ConfigError(f"out_dir={c.out_dir} holds a {CHECKPOINT} of a run without pipeline stages, which parallel.pp_size={c.parallel.pp_size} cannot resume; pass run_name=NEW_NAME, or resume=false")
-        path = self.run_dir / PIPELINE_JSON
-        found = torch.tensor([float(path.exists())], device=self.engine.device)
-        dist.all_reduce(found)
-        if found.item() not in (0, self.state.world_size):
-            raise ConfigError(f"out_dir={c.out_dir}: some ranks see {PIPELINE_JSON} and some do not; out_dir must be on a filesystem every node sees")
-        if found.item() == 0:
-            return False
-        info = json.loads(path.read_text(encoding="utf-8"))
-        if info["layout"] != self._layout():
-            raise ConfigError(f"out_dir={c.out_dir} holds a pipeline checkpoint of layout {info['layout']}, this run is {self._layout()}; resume with the same processes, parallel.pp_size and zero_stage, or pass resume=false")
-        check_resumable(info["config"], to_dict(c), self.run_dir, saved_dp_size=info["layout"]["dp_size"], dp_size=self.dp_size)
+    def restore(self, info: dict[str, Any]) -> None:
         with torch.no_grad():  # (it broadcasts the tied weight again)
-            loaded, client = self.engine.load_checkpoint(str(self.run_dir), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False)
+            loaded, client = self.engine.load_checkpoint(str(Path(self.cfg.out_dir)), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None or client is None or client.get("step") != info["step"]:
-            raise ConfigError(f"out_dir={c.out_dir}: DeepSpeed could not load {self.run_dir / info['tag']}; pass resume=false to start over")
-        self.step, self.wandb_id = info["step"], info.get("wandb_id")
+            raise ConfigError(f"out_dir={self.cfg.out_dir}: DeepSpeed could not load {Path(self.cfg.out_dir) / info['tag']}; pass resume=false to start over")
         # RNG states are not in DeepSpeed's checkpoint: fresh streams from (seed, rank, step)
-        torch.manual_seed(_rank_seed(c.seed, self.state.rank, self.step))
-        return True
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def fit(self):
-        """Train to ``cfg.steps`` (resuming ``out_dir``'s DeepSpeed checkpoint when allowed);
-        the :class:`moe.training.loop.RunResult` on rank 0, None elsewhere."""
-        from moe.training.sinks import MetricsLogger
-        from moe.training.loop import RunResult, _postfix, _progress, _StopFlag, _summary_metrics, _truncate_jsonl, _write_text_atomic
-
-        c, st = self.cfg, self.state
-        metrics_path = self.run_dir / "metrics.jsonl"
-        resumed = self._resume()
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed:
-                _truncate_jsonl(metrics_path, self.step)
-                print(f"resumed from {self.run_dir} at step {self.step}", file=sys.stderr)
-            else:
-                metrics_path.unlink(missing_ok=True)
-        box = [c.peak_flops or (measure_peak_flops(self.engine.device, torch.float32, seconds=0.5, n=2048) if self.is_main else None)]
-        dist.broadcast_object_list(box, src=0)
-        peak_all = box[0] * st.world_size
-        logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
-        self.wandb_id = logger.wandb_run_id
-        if self.is_main:
-            _write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
-            logger.log(self.step, {"perf/peak_flops": box[0], "perf/flops_per_token": self.flops_per_token, **{f"params/{k}": v for k, v in self.params.items()}})
-        tokens_per_step = c.batch_size * c.grad_accum * self.dp_size * self.model_cfg.seq_len
-        history: list[dict[str, float]] = []
-        last: dict[str, float] = {}
-        window: dict[str, float] = {}
-        window_steps, window_t = 0, time.perf_counter()
-        val_loss = float("nan")
-        exit_code = 1
-        result = None
-        ckpt = None
-        stopping = False  # some rank's Ctrl-C: every rank stops after the same step and checkpoints
-        bar = _progress(self.step, c.steps, enabled=c.logger.progress and self.is_main)
-        self._stop = _StopFlag()
-        try:
-            while self.step < c.steps:
-                step_metrics = self.train_step()
-                stopping = self._stop_agreed
-                for k, v in step_metrics.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if self.step % c.logger.log_every == 0 or self.step == c.steps or stopping:
-                    dt = time.perf_counter() - window_t
-                    tps = window_steps * tokens_per_step / dt
-                    last = {k: v / window_steps for k, v in window.items()}
-                    last["train/lr"] = step_metrics["train/lr"]
-                    last.update({"perf/tokens_per_s": tps, "perf/step_time_s": dt / window_steps, "perf/mfu": mfu(tps, self.flops_per_token, peak_all)})
-                    history.append({"step": self.step, **last})
-                    last.update(self._load_summary())
-                    logger.log(self.step, last)
-                    if bar is not None:
-                        bar.set_postfix_str(_postfix(last))
-                    window.clear()
-                    window_steps = 0
-                pause = time.perf_counter()
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                    val_loss = self.evaluate()
-                    logger.log(self.step, {"val/loss": val_loss})
-                    logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(last))
-                    if bar is not None:
-                        bar.write(f"step {self.step}: val loss {val_loss:.4f}")
-                if stopping or (c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps):
-                    ckpt = self.save()
-                if stopping:
-                    if self.is_main:
-                        print(f"\ninterrupted: checkpoint at step {self.step} in {ckpt}; run the same command with resume=true to go on", file=sys.stderr)
-                    raise KeyboardInterrupt
-                window_t += time.perf_counter() - pause  # eval and checkpoints stay out of tokens/s
-            val_loss = self.evaluate()
-            logger.log(self.step, {"val/loss": val_loss})
-            logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(last))
-            ckpt = self.save()
-            exit_code = 0
-        finally:
-            self._stop.restore()
-            self._stop = None
-            if bar is not None:
-                bar.close()
-            if exit_code == 0 and self.is_main:
-                result = RunResult(
-                    step=self.step, train_loss=last.get("train/loss", float("nan")), val_loss=val_loss,
-                    tokens_per_s=last.get("perf/tokens_per_s", float("nan")), mfu=last.get("perf/mfu", float("nan")),
-                    layer_load=self._layer_load(last), run_dir=self.run_dir, checkpoint=ckpt, metrics=metrics_path,
-                    wandb_dir=logger.wandb_dir, params=self.params, history=history,
-                )
-                logger.summary(_summary_metrics(result))
-            logger.close(exit_code=exit_code)
-        return result
-
-
-    def _layer_load(self, last: dict[str, float]) -> dict[int, dict[str, Any]]:
-        """``RunResult.layer_load`` from the last logged metrics (as ``Trainer._result``)."""
-        fracs = LoadAccumulator.fracs_from_summary(last)
-        out = {}
-        for i in self.moe_blocks:
-            p = f"moe/layer_{i}/"
-            out[i] = {"cv": last.get(p + "cv", float("nan")), "max_over_mean": last.get(p + "max_over_mean", float("nan")), "dropped_frac": last.get(p + "dropped_frac", float("nan")), "frac": fracs.get(i, [])}
-        return out
-
-
-def fit_pipeline(tc: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
-    """Train ``tc`` with pipeline stages on every rank of ``state`` (collective); the
-    :class:`moe.training.loop.RunResult` on rank 0, None on the other ranks."""
-    return PipelineTrainer(tc, data=data, state=state).fit()
+        torch.manual_seed(rank_seed(self.cfg.seed, self.rank, info["step"]))

@@ -1,5 +1,6 @@
 """The ``ray`` backend: ``moe-train`` is Ray's driver; Ray Train's ``TorchTrainer`` runs
-``parallel.num_workers`` ranks, each the same :class:`moe.training.loop.Trainer` as under torchrun.
+``parallel.num_workers`` ranks, each the same loop (:class:`moe.training.loop.Trainer`) with the
+same :class:`~moe.parallel.ddp.DDPBackend` as under torchrun.
 
     moe-train parallel=ray parallel.num_workers=2 parallel.ep_size=2 experiment=smoke
 
@@ -49,12 +50,16 @@ import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
 
 from moe.config import ConfigError, ParallelConfig, TrainConfig, validate, validate_launch
-
-if TYPE_CHECKING:
-    from moe.training.loop import RunResult
+from moe.parallel.ddp import DDPBackend
+from moe.parallel.state import ParallelState
+from moe.training.data import load_data
+from moe.training.loop import Trainer, TrainerHooks, TrainingDiverged
+from moe.training.report import RunResult
 
 RAY_DIR = "ray"  # Ray Train's storage inside out_dir: <out_dir>/ray/train/checkpoint_*
 RAY_RUN_NAME = "train"
@@ -116,8 +121,6 @@ def _cpu_count() -> int:
 
 
 def _gpu_count() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -229,15 +232,13 @@ def _check_v2() -> None:
 
 
 def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
-    """Run ``tc`` on Ray Train; returns (rank 0's :class:`moe.training.loop.RunResult`, Ray's
+    """Run ``tc`` on Ray Train; returns (rank 0's :class:`moe.training.report.RunResult`, Ray's
     ``ray.train.Result``: the last reported metrics and the latest checkpoint).
 
     Raises the workers' ``ConfigError`` / ``TrainingDiverged`` as themselves (module docstring).
     """
     check_ray_run(tc, os.environ)
     tc = _absolute(tc)
-    from moe.training.data import load_data
-
     load_data(tc.data, progress=tc.logger.progress)  # bad data fails here; the workers then read the cache
     _check_v2()
     import ray
@@ -270,8 +271,6 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            from moe.training.loop import TrainingDiverged
-
             err = worker_error(e)
             if isinstance(err, (ConfigError, TrainingDiverged)):
                 raise err from None  # moe-train prints its one line
@@ -284,7 +283,7 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
 
 
 def fit_on_ray(tc: TrainConfig) -> RunResult:
-    """``moe-train parallel=ray``: train ``tc`` on Ray Train, return rank 0's :class:`moe.training.loop.RunResult`."""
+    """``moe-train parallel=ray``: train ``tc`` on Ray Train, return rank 0's :class:`moe.training.report.RunResult`."""
     return train_on_ray(tc)[0]
 
 
@@ -292,8 +291,6 @@ def worker_error(e: BaseException) -> BaseException:
     """The exception to raise in the driver for Ray's ``TrainingFailedError`` ``e``: a worker's
     ``ConfigError`` or ``TrainingDiverged`` (every rank raises those together; a peer may
     instead see its collective fail), else the lowest rank's own exception, else ``e``."""
-    from moe.training.loop import TrainingDiverged
-
     failures = getattr(e, "worker_failures", None) or {}
     ordered = [failures[r] for r in sorted(failures)]
     for kind in (ConfigError, TrainingDiverged):
@@ -365,13 +362,8 @@ def _stage(path: Path) -> Path:
 
 def train_loop_per_worker(config: dict) -> RunResult | None:
     """One rank, inside a Ray Train worker (``torch.distributed`` is up): rank 0 returns its RunResult."""
-    import torch
     import ray.train
     import ray.train.torch
-
-    from moe.training.data import load_data
-    from moe.parallel.state import ParallelState
-    from moe.training.loop import Trainer, TrainerHooks
 
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs each report at INFO through the root logger
     tc: TrainConfig = config["tc"]
@@ -387,7 +379,7 @@ def train_loop_per_worker(config: dict) -> RunResult | None:
     tc = dataclasses.replace(tc, logger=dataclasses.replace(tc.logger, progress=False))
     data = load_data(tc.data, progress=False)
     reporter = RayReporter(state.is_main, ray.train.report, ray.train.Checkpoint.from_directory)
-    trainer = Trainer(tc, data=data, state=state, hooks=TrainerHooks(on_log=reporter.on_log, on_checkpoint=reporter.on_checkpoint))
+    trainer = Trainer(tc, backend=DDPBackend(tc, state, data=data), hooks=TrainerHooks(on_log=reporter.on_log, on_checkpoint=reporter.on_checkpoint))
     try:
         result = trainer.fit()
         reporter.flush()

@@ -10,8 +10,9 @@ loads the wrong experts there, or drops the optimizer state).
   rank's expert shards - weights and optimizer state, one flat buffer per dtype - are
   gathered on rank 0 and concatenated in expert order.  Expert-data-parallel replicas hold
   the same shards, so only rank 0's EP group takes part.
-- :func:`load_full_state` (no communication): every rank reads the whole file and keeps the
-  rows ``[first_expert, first_expert + num_experts)`` of each stack for its own shard.
+- ``moe.training.checkpoint.load_full_state`` (no communication): every rank reads the whole
+  file and keeps the rows ``[first_expert, first_expert + num_experts)`` of each stack for its
+  own shard.
 
 Which tensors are sharded is read from the modules (``GroupedExperts.expert_parallel``,
 ``first_expert``, ``total_experts``); an optimizer state tensor is sharded when it has its
@@ -26,19 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moe.model.experts import expert_shards
 from moe.parallel.state import ParallelState
-
-
-def _expert_shards(model: nn.Module) -> list[tuple[str, nn.Parameter, int, int, int]]:
-    """(state-dict key, parameter, first expert, local experts, total experts) of every expert
-    weight, in module order."""
-    out = []
-    for mod_name, mod in model.named_modules():
-        if getattr(mod, "expert_parallel", False):
-            for n, p in mod.named_parameters(recurse=False):
-                key = f"{mod_name}.{n}" if mod_name else n
-                out.append((key, p, mod.first_expert, mod.num_experts, mod.total_experts))
-    return out
 
 
 def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
@@ -63,7 +53,7 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state:
         return (model_sd, optim_sd) if state.rank == 0 else (None, None)
     if 0 not in state.ep_ranks:
         return None, None
-    shards = _expert_shards(model)
+    shards = expert_shards(model)
     index = _param_index(optimizer)
     # (where the full tensor goes, local tensor): weights, then their optimizer state
     local: list[tuple[tuple, torch.Tensor]] = []
@@ -100,27 +90,3 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state:
             i, name = rest
             optim_sd["state"][i][name] = t
     return model_sd, optim_sd
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
-    """Load a whole-model checkpoint (any expert-parallel size wrote it) into this rank's
-    shard: expert stacks and their optimizer state are sliced to the experts this rank
-    holds, everything else is loaded as is.  No communication."""
-    model_sd = dict(model_sd)
-    optim_sd = None if optim_sd is None else {"state": {i: dict(s) for i, s in optim_sd["state"].items()}, "param_groups": optim_sd["param_groups"]}
-    index = _param_index(optimizer) if optimizer is not None else {}
-    for key, p, first, n, total in _expert_shards(model):
-        if key not in model_sd:
-            continue  # load_state_dict names the missing key
-        full = model_sd[key]
-        if full.dim() == 0 or full.shape[0] != total or tuple(full.shape[1:]) != tuple(p.shape[1:]):
-            raise ValueError(f"checkpoint: {key} has shape {tuple(full.shape)}, this model's experts need ({total}, {', '.join(map(str, p.shape[1:]))}): the checkpoint is of another model (moe.num_experts or sizes changed)")
-        model_sd[key] = full[first : first + n]
-        if optim_sd is not None and id(p) in index and index[id(p)] in optim_sd["state"]:
-            st = optim_sd["state"][index[id(p)]]
-            for name, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == full.shape:
-                    st[name] = v[first : first + n].clone() if n != total else v  # a shard: not a view, the full stack can go
-    model.load_state_dict(model_sd)
-    if optimizer is not None and optim_sd is not None:
-        optimizer.load_state_dict(optim_sd)

@@ -11,7 +11,7 @@ through the DHT's matchmaking) and take one optimizer step each: the *collaborat
 downloads the current parameters, optimizer state and collaborative step from another peer
 (``load_state``), and the others keep stepping when one leaves.
 
-Learning rate: ``moe.training.loop.lr_at(collaborative step)``, through hivemind's scheduler hook (a
+Learning rate: ``moe.training.optim.lr_at(collaborative step)``, through hivemind's scheduler hook (a
 ``LambdaLR`` hivemind steps once per collaborative step and re-aligns when state is loaded),
 so every peer, late joiners included, is on the same point of the schedule.
 
@@ -35,10 +35,12 @@ from hivemind.utils import get_dht_time
 
 from moe.config import TrainConfig, validate
 from moe.training.data import TokenData, load_data
+from moe.model.layers import LayerContext
 from moe.model.transformer import TransformerLM
 from moe.training.sinks import MetricsLogger
+from moe.swarm.layer import SwarmConnection
 from moe.swarm.records import collab_run_id, signing_key
-from moe.training.loop import lr_at
+from moe.training.optim import lr_at
 
 
 def peer_seed(dht: DHT) -> int:
@@ -50,13 +52,13 @@ class CollabTrainer:
     """One trainer peer of a collaborative run.
 
     Args:
-        cfg: the run's config: ``model``, ``moe`` (``moe=hivemind``: grid, prefix, k_best, ...),
+        cfg: the run's config: ``model``, ``moe`` (``moe=hivemind``: ``moe.swarm``'s grid, prefix, k_best, ...),
             ``optim`` (AdamW and the LR schedule; ``steps`` is the schedule's length in
             collaborative steps), ``data``, ``batch_size`` (sequences per local step),
             ``seed`` (the initial weights: the same on every peer), ``out_dir`` (this peer's
             ``metrics.jsonl``), ``logger``, ``eval_every``/``eval_batches`` (collaborative
             steps between validation losses; 0: none).
-        dht: this peer's running DHT, started with ``record_validators(cfg.moe.uid_prefix)``
+        dht: this peer's running DHT, started with ``record_validators(cfg.moe.swarm.uid_prefix)``
             (its key signs the progress records).
         target_batch_size: sequences all peers together accumulate per collaborative step.
         matchmaking_time: seconds a peer waits for others to join an averaging round (hivemind:
@@ -99,14 +101,15 @@ class CollabTrainer:
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
         self.data_seed = peer_seed(dht) if data_seed is None else data_seed
         torch.manual_seed(cfg.seed)  # the same initial weights on every peer of the run
-        self.model = TransformerLM(self.model_cfg, cfg.moe, dht=dht)
+        # the layers call experts through this peer's DHT (its owner stops it: no SwarmConnection.close here)
+        self.model = TransformerLM(self.model_cfg, cfg.moe, context=LayerContext(runtime=SwarmConnection(dht)))
         self.model.train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         o = cfg.optim
         self.opt = Optimizer(
             dht=dht,
-            run_id=collab_run_id(cfg.moe.uid_prefix),
+            run_id=collab_run_id(cfg.moe.swarm.uid_prefix),
             params=[{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             optimizer=partial(torch.optim.AdamW, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps),
             scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(_lr_factor, cfg=cfg)),

@@ -1,5 +1,10 @@
 """The ``hivemind`` expert layer: experts on other peers, found through the DHT (Learning@home).
 
+It registers itself as ``moe.name=hivemind`` (:data:`HIVEMIND`, also declared in the package's
+``moe.expert_layers`` entry points), with a runtime: :func:`connect` starts this process's DHT
+peer from ``moe.swarm`` before the model is built, and every sparse block calls its experts
+through it (``moe.model`` never sees the network).
+
 Per token: one router per grid dimension scores that dimension's coordinates (product keys:
 expert ``(i, j)`` scores ``s0[i] + s1[j]``) and the k best *declared* experts are chosen.
 On grids of 2+ dimensions the layer reads which experts are declared (one batched DHT lookup
@@ -42,9 +47,11 @@ from hivemind.moe.client.expert import expert_backward, expert_forward, get_serv
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from torch.autograd.function import once_differentiable
 
-from moe.model.layers import LayerAux, Router
-from moe.swarm.records import get_signed_experts
-from moe.swarm.server import check_prefix, uid_coords
+from moe.config import ConfigError, MoEConfig
+from moe.model.layers import ExpertLayer, LayerAux, LayerContext, Router, register_expert_layer
+from moe.swarm.dht import shutdown_dht, start_dht
+from moe.swarm.records import get_signed_experts, record_validators
+from moe.swarm.uids import check_prefix, uid_coords
 
 
 _SEARCH_BYTES = 12 * 1024  # grid scores per beam-search command (float32), well under 16 KiB pickled
@@ -473,3 +480,55 @@ class _SwarmCall(torch.autograd.Function):
             state.backward_failed[alive[i].uid] = why
         grad_x = grad_x.to(ctx.device) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# moe.name=hivemind
+
+
+class SwarmConnection:
+    """This process's DHT peer, shared by every ``moe=hivemind`` block of a model (the layer
+    registry's runtime: :func:`connect` starts it, ``close()`` leaves the swarm)."""
+
+    def __init__(self, dht: DHT):
+        self.dht = dht
+
+    def close(self) -> None:
+        """Stop the DHT peer (idempotent)."""
+        dht, self.dht = self.dht, None
+        if dht is not None:
+            shutdown_dht(dht)
+
+
+def connect(moe: MoEConfig) -> SwarmConnection:
+    """Join the swarm of ``moe.swarm.initial_peers`` (none: a new swarm), listening on
+    ``moe.swarm.host_maddrs`` (loopback by default), NAT mapping and auto-NAT off, checking
+    signed expert records with the run's validators (``moe.swarm.records``).  A peer that
+    cannot be reached is a one-line ConfigError."""
+    s = moe.swarm
+    try:
+        return SwarmConnection(start_dht(s.initial_peers, host_maddrs=s.host_maddrs, record_validators=record_validators(s.uid_prefix)))
+    except Exception as e:
+        peers = ", ".join(s.initial_peers) or "none"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(
+            f"moe.swarm.initial_peers: could not join the swarm (initial peers: {peers}): {type(e).__name__}: {first}; "
+            "check that a peer is running there (moe-join prints its address)"
+        ) from None
+
+
+def build_swarm_layer(d_model: int, d_ff: int, moe: MoEConfig, *, activation: str, context: LayerContext) -> SwarmMoE:
+    """A sparse block's ``SwarmMoE`` from ``moe`` (``moe.swarm.*``), calling experts through
+    ``context.runtime`` (a :class:`SwarmConnection`).  ``d_ff`` and ``activation`` are the
+    servers' (``moe-join --d-ff``, ``--activation``): nothing of them lives here."""
+    if context.runtime is None:
+        raise ValueError("moe=hivemind needs a running DHT: build the model with context=LayerContext(runtime=moe.swarm.layer.connect(moe)) (the trainer does)")
+    s = moe.swarm
+    return SwarmMoE(
+        d_model, dht=context.runtime.dht, uid_prefix=s.uid_prefix, grid_size=s.grid, k_best=s.k_best, k_min=s.k_min,
+        forward_timeout=s.forward_timeout, timeout_after_k_min=s.timeout_after_k_min, backward_timeout=s.backward_timeout,
+        jitter_eps=moe.jitter_eps, init_scale=moe.init_scale, router_dtype=getattr(torch, moe.router_dtype), require_signed=s.require_signed,
+    )
+
+
+HIVEMIND = register_expert_layer("hivemind", ExpertLayer(build_swarm_layer, start_runtime=connect))

@@ -37,7 +37,7 @@ from hivemind.optim.progress_tracker import TrainingProgressSchema
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from moe.swarm.server import check_prefix, uid_prefix
+from moe.swarm.uids import check_prefix, uid_prefix
 
 _OWNER = re.escape(b"[owner:") + rb".+?" + re.escape(b"]")
 SignedExpertSubkey = conbytes(regex=rb"^[^.\[\]]+(\.(0|[1-9][0-9]*))+" + _OWNER + rb"$")

@@ -5,19 +5,13 @@ processes, a DHT process) in this process; ``ServerProcess`` runs one in a forke
 its own session, so it can be stopped cleanly or killed outright with everything it started
 (the DHT process, the handlers, the p2p daemon).
 
-Safe defaults, unlike hivemind's: listen on 127.0.0.1 only unless addresses are given, NAT
-port mapping and auto-NAT off (both on by default in hivemind, and both send traffic off the
-machine), connection handlers sized to the machine's cores.
-
-Expert uids follow hivemind's grid layout ``<prefix>.<i>.<j>`` for a grid such as [8, 8].
+Safe defaults, unlike hivemind's: the DHT's (``moe.swarm.dht``), and connection handlers sized
+to the machine's cores.  Expert uids follow hivemind's grid layout (``moe.swarm.uids``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import multiprocessing as mp
-import multiprocessing.util
 import os
 import signal
 import time
@@ -25,109 +19,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from hivemind import DHT
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.moe.expert_uid import UID_DELIMITER, is_valid_prefix, is_valid_uid
+from hivemind.moe.expert_uid import is_valid_uid
 from hivemind.moe.server import ModuleBackend, Server
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
-
-
-def prepare_to_fork() -> None:
-    """Do, before anything forks, the one-time set-up a fork could otherwise catch half done.
-
-    hivemind forks helper processes (the DHT, connection handlers) while its threads run.  A
-    thread that sends an ``MPFuture`` over a pipe pickles a connection, and the first such
-    pickle in a process creates multiprocessing's temp dir, holding ``tempfile``'s module lock
-    (a plain ``threading.Lock``, not reset at fork) through disk I/O.  A process forked in that
-    window inherits the lock held and hangs the first time it pickles a connection itself:
-    this was hivemind's server start hanging "sometimes, on a loaded machine" (the connection
-    handler stuck in ``tempfile._gettempdir`` while the server waits for it to be ready).
-    Creating the temp dir up front leaves nothing to inherit.  Idempotent and cheap.
-    """
-    multiprocessing.util.get_temp_dir()  # tempfile.gettempdir() and its name sequence, both under that lock
-
-
-def start_dht(
-    initial_peers: Iterable[str] = (),
-    *,
-    host_maddrs: Sequence[str] = LOOPBACK,
-    nat_port_map: bool = False,
-    auto_nat: bool = False,
-    **kwargs,
-) -> DHT:
-    """A running DHT peer with safe defaults: loopback, no NAT port mapping, no auto-NAT.
-
-    ``kwargs`` go to ``hivemind.DHT`` (and from there to ``DHTNode`` and ``P2P.create``).
-    """
-    prepare_to_fork()
-    return DHT(
-        initial_peers=list(initial_peers),
-        start=True,
-        host_maddrs=list(host_maddrs),
-        nat_port_map=nat_port_map,
-        auto_nat=auto_nat,
-        **kwargs,
-    )
-
-
-def shutdown_dht(dht: DHT, timeout: float = 5.0) -> None:
-    """Stop a DHT started in this process, closing first the P2P replica clients made of it.
-
-    ``SwarmMoE`` (like hivemind's ``RemoteExpert``) talks through ``dht.replicate_p2p()``, a
-    connection owned by hivemind's ``RemoteExpertWorker`` event-loop thread.  Left to the
-    garbage collector, its finaliser runs in a thread with no event loop and raises (at a
-    random moment of the caller's program); closed here, on its own loop, it goes quietly.
-    """
-    replica = getattr(dht, "_p2p_replica", None)  # hivemind caches one replica per process
-    if replica is not None and getattr(dht, "_origin_pid", None) == os.getpid():
-        try:
-            RemoteExpertWorker.run_coroutine(_close_replica(replica), return_future=True).result(timeout)
-        except Exception:  # best effort: the DHT goes down next anyway
-            pass
-        dht._p2p_replica = None
-    dht.shutdown()
-
-
-async def _close_replica(p2p) -> None:
-    await p2p.shutdown()
-    await asyncio.sleep(0.05)  # let the cancelled reader/writer tasks finish
-
-
-def visible_maddrs(dht: DHT) -> list[str]:
-    """The multiaddrs other peers pass as ``initial_peers`` to join through ``dht``."""
-    return [str(a) for a in dht.get_visible_maddrs()]
-
-
-def check_prefix(prefix: str) -> str:
-    """The grid prefix without its trailing dot; ``ValueError`` if hivemind would reject it."""
-    prefix = prefix.rstrip(UID_DELIMITER)
-    if not is_valid_prefix(prefix + UID_DELIMITER) or UID_DELIMITER in prefix:
-        raise ValueError(f"expert prefix {prefix!r} must be one word without dots, e.g. 'ffn' (uids are ffn.<i>.<j>)")
-    return prefix
-
-
-def grid_uids(prefix: str, grid_size: Sequence[int]) -> list[str]:
-    """Every uid of the grid, row-major: ``prefix.0.0, prefix.0.1, ...``."""
-    prefix = check_prefix(prefix)
-    if not grid_size or any(g < 1 for g in grid_size):
-        raise ValueError(f"grid_size must be a non-empty list of positive ints, got {list(grid_size)}")
-    return [UID_DELIMITER.join([prefix, *map(str, c)]) for c in itertools.product(*(range(g) for g in grid_size))]
-
-
-def uid_coords(uid: str, prefix: str) -> tuple[int, ...]:
-    """Grid coordinates of ``uid`` under ``prefix``: ``'ffn.3.5' -> (3, 5)``."""
-    prefix = check_prefix(prefix)
-    head = prefix + UID_DELIMITER
-    if not uid.startswith(head):
-        raise ValueError(f"expert uid {uid!r} is not under prefix {prefix!r}")
-    return tuple(int(c) for c in uid[len(head) :].split(UID_DELIMITER))
-
-
-def uid_prefix(uid: str) -> str:
-    """The grid prefix of an expert uid: ``'ffn.3.5' -> 'ffn'``."""
-    return uid.split(UID_DELIMITER, 1)[0]
+from moe.swarm.dht import LOOPBACK, prepare_to_fork, start_dht, visible_maddrs
+from moe.swarm.records import SignedDeclarer
 
 
 def default_num_handlers() -> int:
@@ -214,8 +111,6 @@ class ExpertServer:
             self.server.run_in_background(await_ready=True, timeout=ready_timeout)
             self.signed = None
             if sign_records:
-                from moe.swarm.records import SignedDeclarer  # records builds on this module
-
                 period = update_period
                 self.signed = SignedDeclarer(self.dht, self.uids, update_period=period, expiration=expiration or max(2 * period, 30.0))
         except BaseException:

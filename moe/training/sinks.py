@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from moe.config import LoggerConfig
+from moe.training.checkpoint import write_text_atomic
 
 
 def _plain(key: str, v: Any) -> Any:
@@ -318,3 +319,18 @@ class MetricsLogger:
     def __exit__(self, exc_type, exc, tb) -> None:
         # A run that ends in an exception is marked failed in W&B.
         self.close(exit_code=0 if exc_type is None else 1)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records past ``step`` (logged after the checkpoint, about to be redone); atomic."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash
+        if rec.get("type") != "summary" and rec.get("step", 0) <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(k + "\n" for k in kept))

@@ -1,0 +1,84 @@
+"""This process's peer in hivemind's DHT: started with safe defaults, stopped cleanly.
+
+Safe defaults, unlike hivemind's: listen on 127.0.0.1 only unless addresses are given, NAT
+port mapping and auto-NAT off (both on by default in hivemind, and both send traffic off the
+machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing.util
+import os
+from collections.abc import Iterable, Sequence
+
+from hivemind import DHT
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def prepare_to_fork() -> None:
+    """Do, before anything forks, the one-time set-up a fork could otherwise catch half done.
+
+    hivemind forks helper processes (the DHT, connection handlers) while its threads run.  A
+    thread that sends an ``MPFuture`` over a pipe pickles a connection, and the first such
+    pickle in a process creates multiprocessing's temp dir, holding ``tempfile``'s module lock
+    (a plain ``threading.Lock``, not reset at fork) through disk I/O.  A process forked in that
+    window inherits the lock held and hangs the first time it pickles a connection itself:
+    this was hivemind's server start hanging "sometimes, on a loaded machine" (the connection
+    handler stuck in ``tempfile._gettempdir`` while the server waits for it to be ready).
+    Creating the temp dir up front leaves nothing to inherit.  Idempotent and cheap.
+    """
+    multiprocessing.util.get_temp_dir()  # tempfile.gettempdir() and its name sequence, both under that lock
+
+
+def start_dht(
+    initial_peers: Iterable[str] = (),
+    *,
+    host_maddrs: Sequence[str] = LOOPBACK,
+    nat_port_map: bool = False,
+    auto_nat: bool = False,
+    **kwargs,
+) -> DHT:
+    """A running DHT peer with safe defaults: loopback, no NAT port mapping, no auto-NAT.
+
+    ``kwargs`` go to ``hivemind.DHT`` (and from there to ``DHTNode`` and ``P2P.create``).
+    """
+    prepare_to_fork()
+    return DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        host_maddrs=list(host_maddrs),
+        nat_port_map=nat_port_map,
+        auto_nat=auto_nat,
+        **kwargs,
+    )
+
+
+def shutdown_dht(dht: DHT, timeout: float = 5.0) -> None:
+    """Stop a DHT started in this process, closing first the P2P replica clients made of it.
+
+    ``SwarmMoE`` (like hivemind's ``RemoteExpert``) talks through ``dht.replicate_p2p()``, a
+    connection owned by hivemind's ``RemoteExpertWorker`` event-loop thread.  Left to the
+    garbage collector, its finaliser runs in a thread with no event loop and raises (at a
+    random moment of the caller's program); closed here, on its own loop, it goes quietly.
+    """
+    replica = getattr(dht, "_p2p_replica", None)  # hivemind caches one replica per process
+    if replica is not None and getattr(dht, "_origin_pid", None) == os.getpid():
+        try:
+            RemoteExpertWorker.run_coroutine(_close_replica(replica), return_future=True).result(timeout)
+        except Exception:  # best effort: the DHT goes down next anyway
+            pass
+        dht._p2p_replica = None
+    dht.shutdown()
+
+
+async def _close_replica(p2p) -> None:
+    await p2p.shutdown()
+    await asyncio.sleep(0.05)  # let the cancelled reader/writer tasks finish
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    """The multiaddrs other peers pass as ``initial_peers`` to join through ``dht``."""
+    return [str(a) for a in dht.get_visible_maddrs()]
