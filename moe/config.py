@@ -52,7 +52,9 @@ class SwarmConfig:
     backward_timeout: float = 30.0  # seconds a backward waits for expert gradients at most
     uid_prefix: str = "ffn"  # experts are <uid_prefix>.<i>.<j>; every sparse block calls this grid
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of the swarm (moe-join prints one)
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # where the trainer's DHT peer listens
+    host_maddrs: list[str] = field(
+        default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"]
+    )  # where the trainer's DHT peer listens
     require_signed: bool = True  # call only experts with a signed declaration (moe.swarm.records)
 
 
@@ -178,7 +180,9 @@ class ParallelConfig:
     cpus_per_worker: int = 1  # CPUs Ray reserves per worker (ray only)
     use_gpu: bool = False  # one GPU per Ray worker (ray only)
     ray_address: str = "local"  # local: a private Ray on this machine; auto or ray://HOST:10001: a cluster
-    bucket_mb: float = 8.0  # gradient all-reduce buckets sent during the backward (ddp, ray); 0: one all-reduce after it
+    bucket_mb: float = (
+        8.0  # gradient all-reduce buckets sent during the backward (ddp, ray); 0: one all-reduce after it
+    )
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: float = 600.0  # a collective waiting longer than this fails the run (a rank crashed or hangs)
 
@@ -264,7 +268,9 @@ def check_key(path: str, cls: type | None = None) -> None:
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i])
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"{path}: {prefix} is a single value, not a group of keys; set it directly ({prefix}=...)")
+            raise ConfigError(
+                f"{path}: {prefix} is a single value, not a group of keys; set it directly ({prefix}=...)"
+            )
         if part not in {f.name for f in dataclasses.fields(tp)}:
             raise _unknown_key(tp, part, prefix + "." if prefix else "")
         tp = typing.get_type_hints(tp)[part]
@@ -306,13 +312,24 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def validate_moe(m: MoEConfig) -> None:
-    _check(m.name in MOE_LAYERS, f"moe.name={m.name!r} is not a known expert layer; use one of {', '.join(MOE_LAYERS)} (e.g. moe=switch)")
+    _check(
+        m.name in MOE_LAYERS,
+        f"moe.name={m.name!r} is not a known expert layer; use one of {', '.join(MOE_LAYERS)} (e.g. moe=switch)",
+    )
     if m.name == "hivemind":  # first: its num_experts and top_k follow from moe.swarm's grid and k_best
         validate_swarm(m)
     _check(m.num_experts >= 1, f"moe.num_experts={m.num_experts} must be >= 1")
     _check(m.top_k >= 1, f"moe.top_k={m.top_k} must be >= 1")
-    _check(m.top_k <= m.num_experts, f"moe.top_k={m.top_k} > moe.num_experts={m.num_experts}: a token cannot pick more experts than exist; lower moe.top_k or raise moe.num_experts")
-    _check(m.capacity_factor > 0, f"moe.capacity_factor={m.capacity_factor} must be > 0 (1.0-1.25 is typical; use moe.dropless=true for no capacity limit)")
+    _check(
+        m.top_k <= m.num_experts,
+        f"moe.top_k={m.top_k} > moe.num_experts={m.num_experts}: a token cannot pick more "
+        "experts than exist; lower moe.top_k or raise moe.num_experts",
+    )
+    _check(
+        m.capacity_factor > 0,
+        f"moe.capacity_factor={m.capacity_factor} must be > 0 (1.0-1.25 is typical; use "
+        "moe.dropless=true for no capacity limit)",
+    )
     _check(m.eval_capacity_factor > 0, f"moe.eval_capacity_factor={m.eval_capacity_factor} must be > 0")
     _check(m.expert_d_ff >= 0, f"moe.expert_d_ff={m.expert_d_ff} must be >= 0 (0: the model's d_ff)")
     _check(m.min_capacity >= 0, f"moe.min_capacity={m.min_capacity} must be >= 0")
@@ -321,9 +338,15 @@ def validate_moe(m: MoEConfig) -> None:
     _check(0 <= m.jitter_eps < 1, f"moe.jitter_eps={m.jitter_eps} must be in [0, 1)")
     _check(0 <= m.expert_dropout < 1, f"moe.expert_dropout={m.expert_dropout} must be in [0, 1)")
     _check(m.init_scale > 0, f"moe.init_scale={m.init_scale} must be > 0 (Switch uses 0.1)")
-    _check(m.router_dtype in ("float32", "float64"), f"moe.router_dtype={m.router_dtype!r}: the router runs in float32 (or float64); lower precision makes routing unstable; set moe.router_dtype=float32")
+    _check(
+        m.router_dtype in ("float32", "float64"),
+        f"moe.router_dtype={m.router_dtype!r}: the router runs in float32 (or float64); lower "
+        "precision makes routing unstable; set moe.router_dtype=float32",
+    )
     if m.name == "switch":
-        _check(m.top_k == 1, f"moe.top_k={m.top_k}: switch routes each token to exactly one expert; use moe=topk for k > 1")
+        _check(
+            m.top_k == 1, f"moe.top_k={m.top_k}: switch routes each token to exactly one expert; use moe=topk for k > 1"
+        )
     if m.name == "gshard":
         _check(m.top_k == 2, f"moe.top_k={m.top_k}: gshard is top-2 routing; use moe=topk for other k")
     if m.name == "base":
@@ -358,32 +381,68 @@ def check_multiaddr(addr: str, *, need_peer: bool = True) -> str | None:
 def validate_swarm(m: MoEConfig) -> None:
     """The ``moe=hivemind`` fields (``moe.swarm.*``): grid, k_best/k_min, timeouts, prefix, peer addresses."""
     s = m.swarm
-    _check(len(s.grid) >= 1 and all(g >= 1 for g in s.grid), f"moe.swarm.grid={s.grid} must be a non-empty list of positive ints, e.g. [8, 8]")
+    _check(
+        len(s.grid) >= 1 and all(g >= 1 for g in s.grid),
+        f"moe.swarm.grid={s.grid} must be a non-empty list of positive ints, e.g. [8, 8]",
+    )
     E = math.prod(s.grid)
-    _check(m.expert_dropout == 0, f"moe.expert_dropout={m.expert_dropout}: expert dropout is not supported on expert servers (hivemind re-runs the forward in backward); set moe.expert_dropout=0")
+    _check(
+        m.expert_dropout == 0,
+        f"moe.expert_dropout={m.expert_dropout}: expert dropout is not supported on expert "
+        "servers (hivemind re-runs the forward in backward); set moe.expert_dropout=0",
+    )
     _check(s.k_best >= 1, f"moe.swarm.k_best={s.k_best} must be >= 1 (Learning@home uses 4)")
-    _check(E >= s.k_best, f"moe.swarm.k_best={s.k_best} > the grid's {E} experts (moe.swarm.grid={s.grid}); lower moe.swarm.k_best or enlarge moe.swarm.grid")
-    _check(m.num_experts == E, f"moe.num_experts={m.num_experts} but moe.swarm.grid={s.grid} has {E} experts; set moe.num_experts={E} too (run names and FLOP counts read it)")
-    _check(m.top_k == s.k_best, f"moe.top_k={m.top_k} but moe.swarm.k_best={s.k_best}; set moe.top_k={s.k_best} too (each token's experts, for FLOP counts)")
+    _check(
+        E >= s.k_best,
+        f"moe.swarm.k_best={s.k_best} > the grid's {E} experts (moe.swarm.grid={s.grid}); "
+        "lower moe.swarm.k_best or enlarge moe.swarm.grid",
+    )
+    _check(
+        m.num_experts == E,
+        f"moe.num_experts={m.num_experts} but moe.swarm.grid={s.grid} has {E} experts; set "
+        f"moe.num_experts={E} too (run names and FLOP counts read it)",
+    )
+    _check(
+        m.top_k == s.k_best,
+        f"moe.top_k={m.top_k} but moe.swarm.k_best={s.k_best}; set moe.top_k={s.k_best} too "
+        "(each token's experts, for FLOP counts)",
+    )
     _check(1 <= s.k_min <= s.k_best, f"moe.swarm.k_min={s.k_min} must be in [1, moe.swarm.k_best={s.k_best}]")
     for name in ("forward_timeout", "timeout_after_k_min", "backward_timeout"):
         v = getattr(s, name)
         _check(v >= 0 and math.isfinite(v), f"moe.swarm.{name}={v} must be a finite number of seconds >= 0")
-    _check(s.forward_timeout > 0 and s.backward_timeout > 0, "moe.swarm.forward_timeout and moe.swarm.backward_timeout must be > 0 seconds (30 is a safe default)")
-    _check(bool(s.uid_prefix) and "." not in s.uid_prefix and s.uid_prefix.replace("_", "").replace("-", "").isalnum(), f"moe.swarm.uid_prefix={s.uid_prefix!r} must be one word of letters, digits, '_' or '-' (no dots), e.g. ffn")
+    _check(
+        s.forward_timeout > 0 and s.backward_timeout > 0,
+        "moe.swarm.forward_timeout and moe.swarm.backward_timeout must be > 0 seconds (30 is a safe default)",
+    )
+    _check(
+        bool(s.uid_prefix) and "." not in s.uid_prefix and s.uid_prefix.replace("_", "").replace("-", "").isalnum(),
+        f"moe.swarm.uid_prefix={s.uid_prefix!r} must be one word of letters, digits, '_' or '-' (no dots), e.g. ffn",
+    )
     for i, addr in enumerate(s.initial_peers):
         why = check_multiaddr(addr)
         _check(why is None, f"moe.swarm.initial_peers[{i}]={addr!r}: {why}")
-    _check(len(s.host_maddrs) >= 1, "moe.swarm.host_maddrs must list at least one address to listen on, e.g. [/ip4/127.0.0.1/tcp/0]")
+    _check(
+        len(s.host_maddrs) >= 1,
+        "moe.swarm.host_maddrs must list at least one address to listen on, e.g. [/ip4/127.0.0.1/tcp/0]",
+    )
     for i, addr in enumerate(s.host_maddrs):
         why = check_multiaddr(addr, need_peer=False)
-        _check(why is None and "/p2p/" not in addr, f"moe.swarm.host_maddrs[{i}]={addr!r} must be an address to listen on like /ip4/127.0.0.1/tcp/0 (port 0: any free port)")
+        _check(
+            why is None and "/p2p/" not in addr,
+            f"moe.swarm.host_maddrs[{i}]={addr!r} must be an address to listen on like "
+            "/ip4/127.0.0.1/tcp/0 (port 0: any free port)",
+        )
 
 
 def validate_parallel(cfg: TrainConfig) -> None:
     """The parallel layout on its own (the world size is only known at launch: ``validate_launch``)."""
     p = cfg.parallel
-    _check(p.backend in PARALLEL_BACKENDS, f"parallel.backend={p.backend!r} is not a backend of this version; use parallel=single (one process), ddp (torchrun), deepspeed or ray")
+    _check(
+        p.backend in PARALLEL_BACKENDS,
+        f"parallel.backend={p.backend!r} is not a backend of this version; use "
+        "parallel=single (one process), ddp (torchrun), deepspeed or ray",
+    )
     if p.backend in BACKEND_PACKAGES:
         import importlib.util
 
@@ -392,31 +451,96 @@ def validate_parallel(cfg: TrainConfig) -> None:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:
             found = False
-        _check(found, f"parallel.backend={p.backend} needs the {module.split('.')[0]} package, which is not installed; pip install -e '.[{extra}]' (or use parallel=ddp)")
+        _check(
+            found,
+            f"parallel.backend={p.backend} needs the {module.split('.')[0]} package, which is not "
+            f"installed; pip install -e '.[{extra}]' (or use parallel=ddp)",
+        )
     _check(p.ep_size >= 1, f"parallel.ep_size={p.ep_size} must be >= 1 (1: every rank holds all experts)")
-    _check(p.ep_size == 1 or p.backend != "single", f"parallel.ep_size={p.ep_size} needs {p.ep_size}+ processes but parallel.backend=single runs one; use parallel=ddp and launch with `{TORCHRUN}`, or set parallel.ep_size=1")
-    _check(cfg.moe.name != "hivemind" or p.backend == "single", f"moe=hivemind with parallel.backend={p.backend}: the swarm's experts are remote and each trainer is one process for now; use parallel=single")
-    _check(p.ep_size == 1 or cfg.moe.name != "dense", f"parallel.ep_size={p.ep_size} with moe=dense: a dense model has no experts to shard; set parallel.ep_size=1 or pick an expert layer (e.g. moe=switch)")
-    _check(cfg.moe.num_experts % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide moe.num_experts={cfg.moe.num_experts}: every rank of an expert-parallel group holds the same number of experts; pick an ep_size dividing num_experts")
+    _check(
+        p.ep_size == 1 or p.backend != "single",
+        f"parallel.ep_size={p.ep_size} needs {p.ep_size}+ processes but "
+        f"parallel.backend=single runs one; use parallel=ddp and launch with `{TORCHRUN}`, or "
+        "set parallel.ep_size=1",
+    )
+    _check(
+        cfg.moe.name != "hivemind" or p.backend == "single",
+        f"moe=hivemind with parallel.backend={p.backend}: the swarm's experts are remote and "
+        "each trainer is one process for now; use parallel=single",
+    )
+    _check(
+        p.ep_size == 1 or cfg.moe.name != "dense",
+        f"parallel.ep_size={p.ep_size} with moe=dense: a dense model has no experts to shard; "
+        "set parallel.ep_size=1 or pick an expert layer (e.g. moe=switch)",
+    )
+    _check(
+        cfg.moe.num_experts % p.ep_size == 0,
+        f"parallel.ep_size={p.ep_size} does not divide moe.num_experts={cfg.moe.num_experts}: "
+        "every rank of an expert-parallel group holds the same number of experts; pick an "
+        "ep_size dividing num_experts",
+    )
     _check(p.pp_size >= 1, f"parallel.pp_size={p.pp_size} must be >= 1 (1: no pipeline parallelism)")
-    _check(p.pp_size == 1 or p.backend == "deepspeed", f"parallel.pp_size={p.pp_size} needs parallel=deepspeed (its PipelineModule runs the stages); set parallel.pp_size=1 for parallel.backend={p.backend}")
-    _check(p.pp_size <= cfg.model.n_layers, f"parallel.pp_size={p.pp_size} > model.n_layers={cfg.model.n_layers}: every pipeline stage needs at least one block; lower pp_size")
-    _check(p.zero_stage in (0, 1, 2), f"parallel.zero_stage={p.zero_stage}; use 0, 1 or 2 (ZeRO-3 partitions the expert weights themselves, which expert parallelism already shards)")
-    _check(p.zero_stage == 0 or p.backend == "deepspeed", f"parallel.zero_stage={p.zero_stage} needs parallel=deepspeed; set parallel.zero_stage=0 for parallel.backend={p.backend}")
-    _check(p.pp_size == 1 or p.zero_stage <= 1, f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
-    _check(p.bucket_mb >= 0 and math.isfinite(p.bucket_mb), f"parallel.bucket_mb={p.bucket_mb} must be >= 0 (MiB per gradient all-reduce bucket; 0: one all-reduce after the backward)")
+    _check(
+        p.pp_size == 1 or p.backend == "deepspeed",
+        f"parallel.pp_size={p.pp_size} needs parallel=deepspeed (its PipelineModule runs the "
+        f"stages); set parallel.pp_size=1 for parallel.backend={p.backend}",
+    )
+    _check(
+        p.pp_size <= cfg.model.n_layers,
+        f"parallel.pp_size={p.pp_size} > model.n_layers={cfg.model.n_layers}: every pipeline "
+        "stage needs at least one block; lower pp_size",
+    )
+    _check(
+        p.zero_stage in (0, 1, 2),
+        f"parallel.zero_stage={p.zero_stage}; use 0, 1 or 2 (ZeRO-3 partitions the expert "
+        "weights themselves, which expert parallelism already shards)",
+    )
+    _check(
+        p.zero_stage == 0 or p.backend == "deepspeed",
+        f"parallel.zero_stage={p.zero_stage} needs parallel=deepspeed; set "
+        f"parallel.zero_stage=0 for parallel.backend={p.backend}",
+    )
+    _check(
+        p.pp_size == 1 or p.zero_stage <= 1,
+        f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's "
+        "pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1",
+    )
+    _check(
+        p.bucket_mb >= 0 and math.isfinite(p.bucket_mb),
+        f"parallel.bucket_mb={p.bucket_mb} must be >= 0 (MiB per gradient all-reduce bucket; "
+        "0: one all-reduce after the backward)",
+    )
     _check(p.num_workers >= 1, f"parallel.num_workers={p.num_workers} must be >= 1 (Ray Train workers, one rank each)")
     _check(p.cpus_per_worker >= 1, f"parallel.cpus_per_worker={p.cpus_per_worker} must be >= 1")
     if p.backend == "ray":
-        _check(p.num_workers % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide parallel.num_workers={p.num_workers}: run a multiple of {p.ep_size} workers or lower ep_size")
-        _check(p.ray_address in ("local", "auto") or p.ray_address.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", p.ray_address) is not None,
-               f"parallel.ray_address={p.ray_address!r}; use local (a private Ray on this machine), auto (the cluster this node joined with `ray start`) or ray://HEAD:10001")
-    _check(p.dist_backend in DIST_BACKENDS, f"parallel.dist_backend={p.dist_backend!r}; use auto (nccl on CUDA, gloo on CPU), gloo or nccl")
-    _check(p.timeout_s > 0 and math.isfinite(p.timeout_s), f"parallel.timeout_s={p.timeout_s} must be a positive number of seconds")
+        _check(
+            p.num_workers % p.ep_size == 0,
+            f"parallel.ep_size={p.ep_size} does not divide parallel.num_workers={p.num_workers}: "
+            f"run a multiple of {p.ep_size} workers or lower ep_size",
+        )
+        _check(
+            p.ray_address in ("local", "auto")
+            or p.ray_address.startswith("ray://")
+            or re.fullmatch(r"[\w.-]+:\d+", p.ray_address) is not None,
+            f"parallel.ray_address={p.ray_address!r}; use local (a private Ray on this machine), "
+            "auto (the cluster this node joined with `ray start`) or ray://HEAD:10001",
+        )
+    _check(
+        p.dist_backend in DIST_BACKENDS,
+        f"parallel.dist_backend={p.dist_backend!r}; use auto (nccl on CUDA, gloo on CPU), gloo or nccl",
+    )
+    _check(
+        p.timeout_s > 0 and math.isfinite(p.timeout_s),
+        f"parallel.timeout_s={p.timeout_s} must be a positive number of seconds",
+    )
     if p.dist_backend == "nccl":
         import torch
 
-        _check(torch.cuda.is_available(), "parallel.dist_backend=nccl needs CUDA GPUs and none is visible; use parallel.dist_backend=auto (gloo on CPU)")
+        _check(
+            torch.cuda.is_available(),
+            "parallel.dist_backend=nccl needs CUDA GPUs and none is visible; use "
+            "parallel.dist_backend=auto (gloo on CPU)",
+        )
 
 
 def validate_launch(cfg: TrainConfig, env: typing.Mapping[str, str]) -> None:
@@ -426,16 +550,41 @@ def validate_launch(cfg: TrainConfig, env: typing.Mapping[str, str]) -> None:
     p = cfg.parallel
     world = env.get("WORLD_SIZE")
     if p.backend in ("single", "ray"):
-        fix = "add parallel=ddp (torchrun) or parallel=deepspeed" if p.backend == "single" else "run moe-train parallel=ray as one process: Ray starts the workers"
-        _check(world in (None, "", "1"), f"parallel.backend={p.backend} but this process is one of WORLD_SIZE={world} started together (torchrun or deepspeed?); {fix}")
+        fix = (
+            "add parallel=ddp (torchrun) or parallel=deepspeed"
+            if p.backend == "single"
+            else "run moe-train parallel=ray as one process: Ray starts the workers"
+        )
+        _check(
+            world in (None, "", "1"),
+            f"parallel.backend={p.backend} but this process is one of WORLD_SIZE={world} started "
+            f"together (torchrun or deepspeed?); {fix}",
+        )
         return
     how = LAUNCHERS[p.backend]
     missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-    _check(not missing, f"parallel.backend={p.backend} needs the environment its launcher sets ({', '.join(missing)} not set): launch with `{how}`, or use parallel=single for one process")
-    _check(world.isdigit() and int(world) >= 1, f"parallel.backend={p.backend}: WORLD_SIZE={world!r} is not a positive integer; launch with `{how}`")
+    _check(
+        not missing,
+        f"parallel.backend={p.backend} needs the environment its launcher sets "
+        f"({', '.join(missing)} not set): launch with `{how}`, or use parallel=single for one "
+        "process",
+    )
+    _check(
+        world.isdigit() and int(world) >= 1,
+        f"parallel.backend={p.backend}: WORLD_SIZE={world!r} is not a positive integer; launch with `{how}`",
+    )
     n = int(world)
-    _check(n % p.ep_size == 0, f"parallel.ep_size={p.ep_size} does not divide the world size {n} (WORLD_SIZE): start a multiple of {p.ep_size} processes or set parallel.ep_size to a divisor of {n}")
-    _check(n % (p.ep_size * p.pp_size) == 0, f"parallel.ep_size*pp_size={p.ep_size}*{p.pp_size} does not divide the world size {n} (WORLD_SIZE): start a multiple of {p.ep_size * p.pp_size} processes or lower ep_size/pp_size")
+    _check(
+        n % p.ep_size == 0,
+        f"parallel.ep_size={p.ep_size} does not divide the world size {n} (WORLD_SIZE): start "
+        f"a multiple of {p.ep_size} processes or set parallel.ep_size to a divisor of {n}",
+    )
+    _check(
+        n % (p.ep_size * p.pp_size) == 0,
+        f"parallel.ep_size*pp_size={p.ep_size}*{p.pp_size} does not divide the world size {n} "
+        f"(WORLD_SIZE): start a multiple of {p.ep_size * p.pp_size} processes or lower "
+        "ep_size/pp_size",
+    )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -444,19 +593,29 @@ def validate(cfg: TrainConfig) -> None:
     _check(md.n_layers >= 1, f"model.n_layers={md.n_layers} must be >= 1")
     _check(md.d_model >= 1, f"model.d_model={md.d_model} must be >= 1")
     _check(md.n_heads >= 1, f"model.n_heads={md.n_heads} must be >= 1")
-    _check(md.d_model % md.n_heads == 0, f"model.d_model={md.d_model} is not divisible by model.n_heads={md.n_heads}; pick n_heads dividing d_model")
+    _check(
+        md.d_model % md.n_heads == 0,
+        f"model.d_model={md.d_model} is not divisible by model.n_heads={md.n_heads}; pick n_heads dividing d_model",
+    )
     _check(md.d_ff >= 1, f"model.d_ff={md.d_ff} must be >= 1")
     _check(md.seq_len >= 2, f"model.seq_len={md.seq_len} must be >= 2")
     _check(0 <= md.dropout < 1, f"model.dropout={md.dropout} must be in [0, 1)")
     _check(md.moe_every >= 1, f"model.moe_every={md.moe_every} must be >= 1 (1: every block is MoE)")
-    _check(md.moe_every <= md.n_layers or cfg.moe.name == "dense", f"model.moe_every={md.moe_every} > model.n_layers={md.n_layers}: no block would be MoE; lower moe_every or use moe=dense")
+    _check(
+        md.moe_every <= md.n_layers or cfg.moe.name == "dense",
+        f"model.moe_every={md.moe_every} > model.n_layers={md.n_layers}: no block would be "
+        "MoE; lower moe_every or use moe=dense",
+    )
     _check(md.activation in ("gelu", "relu", "silu"), f"model.activation={md.activation!r}; use gelu, relu or silu")
     _check(md.vocab_size >= 0, f"model.vocab_size={md.vocab_size} must be >= 0 (0: from the tokenizer)")
     validate_moe(cfg.moe)
 
     d = cfg.data
     _check(d.tokenizer in ("bpe", "byte"), f"data.tokenizer={d.tokenizer!r}; use bpe or byte")
-    _check(d.tokenizer != "bpe" or 257 <= d.vocab_size <= 65535, f"data.vocab_size={d.vocab_size} must be in [257, 65535] for the BPE tokenizer")
+    _check(
+        d.tokenizer != "bpe" or 257 <= d.vocab_size <= 65535,
+        f"data.vocab_size={d.vocab_size} must be in [257, 65535] for the BPE tokenizer",
+    )
     _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _check(d.on_bad_file in ("error", "skip"), f"data.on_bad_file={d.on_bad_file!r}; use error or skip")
     _check(d.bin_dtype in ("uint16", "uint32"), f"data.bin_dtype={d.bin_dtype!r}; use uint16 or uint32")
@@ -464,7 +623,11 @@ def validate(cfg: TrainConfig) -> None:
     if d.path:
         import os
 
-        _check(os.path.exists(os.path.expanduser(d.path)), f"data.path={d.path!r} does not exist; point it at a text file, a folder of text files or a .bin of token ids (empty: the standard-library corpus)")
+        _check(
+            os.path.exists(os.path.expanduser(d.path)),
+            f"data.path={d.path!r} does not exist; point it at a text file, a folder of text "
+            "files or a .bin of token ids (empty: the standard-library corpus)",
+        )
 
     o = cfg.optim
     _check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr={o.lr} must be a positive number")
@@ -475,12 +638,26 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 <= o.beta2 < 1, f"optim.beta2={o.beta2} must be in [0, 1) (0.95-0.999 is typical)")
     _check(o.eps > 0, f"optim.eps={o.eps} must be > 0 (1e-8 is typical)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
-    _check(0 <= o.expert_lr_scale and math.isfinite(o.expert_lr_scale), f"optim.expert_lr_scale={o.expert_lr_scale} must be a number >= 0 (1: the experts learn at optim.lr)")
-    _check(o.expert_lr_scale == 1 or cfg.moe.name not in ("dense", "hivemind"),
-           f"optim.expert_lr_scale={o.expert_lr_scale} with moe={cfg.moe.name}: " + ("a dense model has no experts" if cfg.moe.name == "dense" else "the swarm's experts train on their servers, with the servers' optimizer") + "; set optim.expert_lr_scale=1")
+    _check(
+        0 <= o.expert_lr_scale and math.isfinite(o.expert_lr_scale),
+        f"optim.expert_lr_scale={o.expert_lr_scale} must be a number >= 0 (1: the experts learn at optim.lr)",
+    )
+    _check(
+        o.expert_lr_scale == 1 or cfg.moe.name not in ("dense", "hivemind"),
+        f"optim.expert_lr_scale={o.expert_lr_scale} with moe={cfg.moe.name}: "
+        + (
+            "a dense model has no experts"
+            if cfg.moe.name == "dense"
+            else "the swarm's experts train on their servers, with the servers' optimizer"
+        )
+        + "; set optim.expert_lr_scale=1",
+    )
 
     lg = cfg.logger
-    _check(lg.wandb_mode in ("offline", "online", "disabled"), f"logger.wandb_mode={lg.wandb_mode!r}; use offline, online or disabled")
+    _check(
+        lg.wandb_mode in ("offline", "online", "disabled"),
+        f"logger.wandb_mode={lg.wandb_mode!r}; use offline, online or disabled",
+    )
     _check(lg.log_every >= 1, f"logger.log_every={lg.log_every} must be >= 1")
 
     validate_parallel(cfg)
@@ -490,14 +667,25 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0: only at the end)")
     _check(cfg.eval_batches >= 1, f"eval_batches={cfg.eval_batches} must be >= 1")
     _check(cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every} must be >= 0 (0: only at the end)")
-    _check(cfg.optim.warmup_steps <= cfg.steps, f"optim.warmup_steps={o.warmup_steps} > steps={cfg.steps}; lower the warmup or train longer")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps", f"device={cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    _check(
+        cfg.optim.warmup_steps <= cfg.steps,
+        f"optim.warmup_steps={o.warmup_steps} > steps={cfg.steps}; lower the warmup or train longer",
+    )
+    _check(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps",
+        f"device={cfg.device!r}; use auto, cpu, cuda, cuda:N or mps",
+    )
     if cfg.device.startswith("cuda"):
         import torch
 
-        _check(torch.cuda.is_available(), f"device={cfg.device!r} but no CUDA device is visible; use device=auto or device=cpu")
-    _check(cfg.dtype != "float16", "dtype=float16 needs loss scaling, which the trainer does not do; use dtype=bfloat16 (or auto)")
+        _check(
+            torch.cuda.is_available(),
+            f"device={cfg.device!r} but no CUDA device is visible; use device=auto or device=cpu",
+        )
+    _check(
+        cfg.dtype != "float16",
+        "dtype=float16 needs loss scaling, which the trainer does not do; use dtype=bfloat16 (or auto)",
+    )
     _check(cfg.dtype in ("auto", "float32", "bfloat16"), f"dtype={cfg.dtype!r}; use auto, float32 or bfloat16")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0: torch's default)")
     _check(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0 (0: measure at start-up)")
-

@@ -11,6 +11,16 @@ from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimCo
 from moe.training.data import load_data
 
 
+@pytest.fixture(scope="module")
+def pair():
+    """Two spawned gloo ranks for a test module's cases (tests.test_expert_parallel.WorkerPair)."""
+    from tests.test_expert_parallel import WorkerPair
+
+    w = WorkerPair()
+    yield w
+    w.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """40 standard-library files, byte-level tokens: builds in about a second."""

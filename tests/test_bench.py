@@ -9,16 +9,40 @@ import sys
 
 import pytest
 
-from moe.bench.cli import main, markdown_table
+from moe.bench.cli import main
+from moe.bench.layer import markdown_table
 
 
 def test_layer_bench_writes_json_with_every_row(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    rc = main(["layer", "--d-model", "32", "--d-ff", "64", "--tokens", "256", "--experts", "4", "8", "--k", "1", "2", "--repeats", "1", "--no-deepspeed", "--out", str(out)])
+    rc = main(
+        [
+            "layer",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "64",
+            "--tokens",
+            "256",
+            "--experts",
+            "4",
+            "8",
+            "--k",
+            "1",
+            "2",
+            "--repeats",
+            "1",
+            "--no-deepspeed",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {(r["E"], r["k"], r["mode"]) for r in rows} == {(E, k, m) for E in (4, 8) for k in (1, 2) for m in ("dropless", "capacity")}
+    assert {(r["E"], r["k"], r["mode"]) for r in rows} == {
+        (E, k, m) for E in (4, 8) for k in (1, 2) for m in ("dropless", "capacity")
+    }
     for r in rows:
         assert r["impl"] == "ours" and r["tokens_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["limit_tokens_per_s"])
@@ -35,7 +59,26 @@ def test_layer_bench_rejects_k_larger_than_experts(tmp_path):
 def test_layer_bench_measures_deepspeed_side_by_side(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "layer.json"
-    cmd = [sys.executable, "-m", "moe.bench.cli", "layer", "--d-model", "32", "--d-ff", "64", "--tokens", "256", "--experts", "4", "--k", "1", "--repeats", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe.bench.cli",
+        "layer",
+        "--d-model",
+        "32",
+        "--d-ff",
+        "64",
+        "--tokens",
+        "256",
+        "--experts",
+        "4",
+        "--k",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     impls = {(r["mode"], r["impl"]) for r in json.loads(out.read_text())["rows"]}
@@ -48,14 +91,49 @@ def test_parallel_bench_table_and_json_from_its_own_numbers(tmp_path, capsys):
     from moe.bench import parallel as bench_parallel
 
     out = tmp_path / "parallel.json"
-    rc = main(["parallel", "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--seq-len", "32", "--batch-size", "2",
-               "--experts", "4", "--steps", "2", "--warmup", "1", "--repeats", "2", "--max-files", "10", "--cache-dir", str(tmp_path / "cache"),
-               "--timeout", "240", "--out", str(out)])
+    rc = main(
+        [
+            "parallel",
+            "--n-layers",
+            "1",
+            "--d-model",
+            "32",
+            "--n-heads",
+            "2",
+            "--d-ff",
+            "64",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--experts",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--max-files",
+            "10",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--timeout",
+            "240",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "parallel" and result["threads_per_process"] == 1 and result["steps"] == 2
     rows = {r["layout"]: r for r in result["rows"]}
-    assert [(r["layout"], r["processes"], r["ep_size"]) for r in result["rows"]] == [("1 process", 1, 1), ("DP=2", 2, 1), ("EP=2", 2, 2), ("DP=2, no overlap", 2, 1)]
+    assert [(r["layout"], r["processes"], r["ep_size"]) for r in result["rows"]] == [
+        ("1 process", 1, 1),
+        ("DP=2", 2, 1),
+        ("EP=2", 2, 2),
+        ("DP=2, no overlap", 2, 1),
+    ]
     one = rows["1 process"]
     assert one["efficiency"] is None and one["comm_s"] == 0
     for r in result["rows"]:

@@ -31,7 +31,10 @@ def test_local_grid_moe_is_the_swarm_function_on_a_hand_built_grid():
     for t in range(5):
         top = s[t].topk(k)
         w = torch.softmax(top.values, 0)
-        ref = sum(w[j] * experts.forward_grouped(x[t : t + 1], [1 if e == top.indices[j] else 0 for e in range(6)]) for j in range(k))
+        ref = sum(
+            w[j] * experts.forward_grouped(x[t : t + 1], [1 if e == top.indices[j] else 0 for e in range(6)])
+            for j in range(k)
+        )
         torch.testing.assert_close(y[t : t + 1], ref, rtol=1e-5, atol=1e-6)
 
 
@@ -39,12 +42,33 @@ def test_local_grid_moe_is_the_swarm_function_on_a_hand_built_grid():
 @pytest.mark.timeout(300)
 def test_swarm_bench_writes_json_with_every_row(tmp_path, capsys):
     out = tmp_path / "swarm.json"
-    rc = main(["swarm", "--sizes", "16x32x48", "--grid", "4", "2", "--k", "2", "--repeats", "2", "--warmup", "0", "--timeout-after-k-min", "10", "--out", str(out)])
+    rc = main(
+        [
+            "swarm",
+            "--sizes",
+            "16x32x48",
+            "--grid",
+            "4",
+            "2",
+            "--k",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--timeout-after-k-min",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "swarm" and result["servers"] == 4 and result["failed_fraction"] == 0.25
     rows = {r["arm"]: r for r in result["rows"]}
-    assert [(r["d_model"], r["d_ff"], r["tokens"], r["arm"]) for r in result["rows"]] == [(16, 32, 48, arm) for arm in ARMS]
+    assert [(r["d_model"], r["d_ff"], r["tokens"], r["arm"]) for r in result["rows"]] == [
+        (16, 32, 48, arm) for arm in ARMS
+    ]
     for r in result["rows"]:
         assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(48 / (r["ms"] / 1e3))
         assert r["vs_local"] == pytest.approx(r["tokens_per_s"] / rows["local"]["tokens_per_s"])

@@ -23,13 +23,13 @@ from hydra import compose, initialize_config_dir
 
 from moe.cli.config import CONF_DIR, check_group_overrides, config_from_hydra
 from moe.config import (
+    SWARM_KEYS,
     ConfigError,
     DataConfig,
     LoggerConfig,
     ModelConfig,
     MoEConfig,
     OptimConfig,
-    SWARM_KEYS,
     ParallelConfig,
     TrainConfig,
     check_key,
@@ -80,14 +80,44 @@ BAD = [
     ("unknown_moe_name", ["moe.name=expert_choice"], "moe.name", "use one of dense, switch, gshard, topk, base"),
     ("switch_top_k=2", ["moe=switch", "moe.top_k=2"], "moe.top_k", "use moe=topk"),
     # moe=hivemind (issue 4)
-    ("hivemind_k_best>grid", ["moe=hivemind", "moe.swarm.grid=[2,2]", "moe.num_experts=4", "moe.swarm.k_best=5", "moe.top_k=5"], "moe.swarm.k_best", "lower moe.swarm.k_best or enlarge moe.swarm.grid"),
-    ("hivemind_k_min>k_best", ["moe=hivemind", "moe.swarm.k_min=5"], "moe.swarm.k_min", "must be in [1, moe.swarm.k_best=4]"),
+    (
+        "hivemind_k_best>grid",
+        ["moe=hivemind", "moe.swarm.grid=[2,2]", "moe.num_experts=4", "moe.swarm.k_best=5", "moe.top_k=5"],
+        "moe.swarm.k_best",
+        "lower moe.swarm.k_best or enlarge moe.swarm.grid",
+    ),
+    (
+        "hivemind_k_min>k_best",
+        ["moe=hivemind", "moe.swarm.k_min=5"],
+        "moe.swarm.k_min",
+        "must be in [1, moe.swarm.k_best=4]",
+    ),
     ("hivemind_grid_0", ["moe=hivemind", "moe.swarm.grid=[0,8]"], "moe.swarm.grid", "non-empty list of positive ints"),
-    ("hivemind_expert_lr_scale", ["moe=hivemind", "optim.expert_lr_scale=0.5"], "optim.expert_lr_scale", "train on their servers"),
+    (
+        "hivemind_expert_lr_scale",
+        ["moe=hivemind", "optim.expert_lr_scale=0.5"],
+        "optim.expert_lr_scale",
+        "train on their servers",
+    ),
     ("hivemind_num_experts", ["moe=hivemind", "moe.swarm.grid=[4,4]"], "moe.num_experts", "set moe.num_experts=16 too"),
-    ("hivemind_peer_syntax", ["moe=hivemind", "moe.swarm.initial_peers=['127.0.0.1:31337']"], "moe.swarm.initial_peers[0]", "copy the whole address a peer prints"),
-    ("hivemind_peer_no_id", ["moe=hivemind", "moe.swarm.initial_peers=['/ip4/127.0.0.1/tcp/31337']"], "moe.swarm.initial_peers[0]", "no /p2p/<peer id> part"),
-    ("hivemind_timeout", ["moe=hivemind", "moe.swarm.forward_timeout=-1"], "moe.swarm.forward_timeout", "finite number of seconds"),
+    (
+        "hivemind_peer_syntax",
+        ["moe=hivemind", "moe.swarm.initial_peers=['127.0.0.1:31337']"],
+        "moe.swarm.initial_peers[0]",
+        "copy the whole address a peer prints",
+    ),
+    (
+        "hivemind_peer_no_id",
+        ["moe=hivemind", "moe.swarm.initial_peers=['/ip4/127.0.0.1/tcp/31337']"],
+        "moe.swarm.initial_peers[0]",
+        "no /p2p/<peer id> part",
+    ),
+    (
+        "hivemind_timeout",
+        ["moe=hivemind", "moe.swarm.forward_timeout=-1"],
+        "moe.swarm.forward_timeout",
+        "finite number of seconds",
+    ),
     ("hivemind_prefix", ["moe=hivemind", "moe.swarm.uid_prefix=a.b"], "moe.swarm.uid_prefix", "no dots"),
     ("hivemind_ddp", ["moe=hivemind", "parallel=ddp"], "moe=hivemind", "use parallel=single"),
     ("gshard_top_k=1", ["moe=gshard", "moe.top_k=1"], "moe.top_k", "use moe=topk"),
@@ -118,24 +148,59 @@ BAD = [
     ("grad_clip<0", ["optim.grad_clip=-1"], "optim.grad_clip", "0 disables clipping"),
     ("beta2=1", ["optim.beta2=1.0"], "optim.beta2", "[0, 1)"),
     ("expert_lr_scale<0", ["optim.expert_lr_scale=-0.5"], "optim.expert_lr_scale", "a number >= 0"),
-    ("expert_lr_scale_dense", ["moe=dense", "optim.expert_lr_scale=0.5"], "optim.expert_lr_scale", "a dense model has no experts"),
+    (
+        "expert_lr_scale_dense",
+        ["moe=dense", "optim.expert_lr_scale=0.5"],
+        "optim.expert_lr_scale",
+        "a dense model has no experts",
+    ),
     ("wandb_mode", ["logger.wandb_mode=bogus"], "logger.wandb_mode", "use offline, online or disabled"),
     ("log_every=0", ["logger.log_every=0"], "logger.log_every", ">= 1"),
     ("parallel.backend", ["parallel.backend=mpi"], "parallel.backend", "parallel=single"),
     ("ep_size=0", ["parallel=ddp", "parallel.ep_size=0"], "parallel.ep_size", ">= 1"),
-    ("ep_size_vs_num_experts", ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=3"], "parallel.ep_size", "pick an ep_size dividing num_experts"),
+    (
+        "ep_size_vs_num_experts",
+        ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=3"],
+        "parallel.ep_size",
+        "pick an ep_size dividing num_experts",
+    ),
     ("ep_size>1_single", ["parallel.ep_size=2"], "parallel.ep_size", "use parallel=ddp and launch with `torchrun"),
-    ("ep_size>1_dense", ["parallel=ddp", "moe=dense", "parallel.ep_size=2"], "parallel.ep_size", "set parallel.ep_size=1"),
+    (
+        "ep_size>1_dense",
+        ["parallel=ddp", "moe=dense", "parallel.ep_size=2"],
+        "parallel.ep_size",
+        "set parallel.ep_size=1",
+    ),
     ("dist_backend", ["parallel=ddp", "parallel.dist_backend=mpi"], "parallel.dist_backend", "use auto"),
     ("timeout_s=0", ["parallel=ddp", "parallel.timeout_s=0"], "parallel.timeout_s", "positive number of seconds"),
     ("zero_stage=3", ["parallel=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage", "use 0, 1 or 2"),
-    ("zero_stage_with_ddp", ["parallel=ddp", "parallel.zero_stage=1"], "parallel.zero_stage", "needs parallel=deepspeed"),
+    (
+        "zero_stage_with_ddp",
+        ["parallel=ddp", "parallel.zero_stage=1"],
+        "parallel.zero_stage",
+        "needs parallel=deepspeed",
+    ),
     ("pp_size_with_ddp", ["parallel=ddp", "parallel.pp_size=2"], "parallel.pp_size", "needs parallel=deepspeed"),
-    ("pp_size>n_layers", ["parallel=deepspeed", "model.n_layers=2", "parallel.pp_size=3"], "parallel.pp_size", "every pipeline stage needs at least one block"),
-    ("pp_with_zero2", ["parallel=deepspeed", "parallel.pp_size=2", "parallel.zero_stage=2"], "parallel.zero_stage", "set parallel.zero_stage=1"),
+    (
+        "pp_size>n_layers",
+        ["parallel=deepspeed", "model.n_layers=2", "parallel.pp_size=3"],
+        "parallel.pp_size",
+        "every pipeline stage needs at least one block",
+    ),
+    (
+        "pp_with_zero2",
+        ["parallel=deepspeed", "parallel.pp_size=2", "parallel.zero_stage=2"],
+        "parallel.zero_stage",
+        "set parallel.zero_stage=1",
+    ),
     ("bucket_mb<0", ["parallel=ddp", "parallel.bucket_mb=-1"], "parallel.bucket_mb", "must be >= 0"),
     ("num_workers=0", ["parallel=ray", "parallel.num_workers=0"], "parallel.num_workers", ">= 1"),
-    ("ray_workers_vs_ep", ["parallel=ray", "parallel.num_workers=3", "parallel.ep_size=2"], "parallel.ep_size", "run a multiple of 2 workers"),
+    (
+        "ray_workers_vs_ep",
+        ["parallel=ray", "parallel.num_workers=3", "parallel.ep_size=2"],
+        "parallel.ep_size",
+        "run a multiple of 2 workers",
+    ),
     ("ray_address", ["parallel=ray", "parallel.ray_address=somewhere"], "parallel.ray_address", "use local"),
     ("batch_size=0", ["batch_size=0"], "batch_size", ">= 1"),
     ("steps=0", ["steps=0", "optim.warmup_steps=0"], "steps", ">= 1"),
@@ -153,24 +218,84 @@ BAD = [
     ("unknown_top_level", ["learning_rate=0.1"], "learning_rate", "known keys: batch_size"),
     ("key_below_a_value", ["model.d_model.x=1"], "model.d_model.x", "set it directly (model.d_model=...)"),
     ("bad_interpolation", ["run_name=${nope}"], "run_name", "fix the ${...} reference"),
-    ("unknown_group_option", ["moe=expert_choice"], "moe=expert_choice", "choose one of base, dense, gshard, hivemind, switch, topk"),
+    (
+        "unknown_group_option",
+        ["moe=expert_choice"],
+        "moe=expert_choice",
+        "choose one of base, dense, gshard, hivemind, switch, topk",
+    ),
 ]
 if not torch.cuda.is_available():
     BAD.append(("cuda_without_cuda", ["device=cuda"], "device", "use device=auto or device=cpu"))
-    BAD.append(("nccl_without_cuda", ["parallel=ddp", "parallel.dist_backend=nccl"], "parallel.dist_backend", "use parallel.dist_backend=auto"))
+    BAD.append(
+        (
+            "nccl_without_cuda",
+            ["parallel=ddp", "parallel.dist_backend=nccl"],
+            "parallel.dist_backend",
+            "use parallel.dist_backend=auto",
+        )
+    )
 
 # The launch against the config (moe-train checks it before joining a process group):
 # (id, overrides, torchrun's environment, key, fix).
 TORCHRUN_ENV = {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 BAD_LAUNCH = [
-    ("ddp_without_torchrun", ["parallel=ddp"], {}, "parallel.backend", "launch with `torchrun --nproc_per_node N --no-python moe-train parallel=ddp"),
-    ("ddp_without_master", ["parallel=ddp"], {"WORLD_SIZE": "2", "RANK": "0"}, "parallel.backend", "MASTER_ADDR, MASTER_PORT not set"),
-    ("world_vs_ep_size", ["parallel=ddp", "parallel.ep_size=2"], {**TORCHRUN_ENV, "WORLD_SIZE": "3"}, "parallel.ep_size", "start a multiple of 2 processes"),
-    ("world_vs_ep_size_4", ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=4"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.ep_size", "set parallel.ep_size to a divisor of 2"),
-    ("single_under_torchrun", ["parallel=single"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.backend", "add parallel=ddp"),
-    ("deepspeed_without_launcher", ["parallel=deepspeed"], {}, "parallel.backend", "launch with `deepspeed --num_gpus N --no_local_rank"),
-    ("world_vs_ep_pp", ["parallel=deepspeed", "parallel.pp_size=2", "parallel.ep_size=2"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.ep_size*pp_size", "start a multiple of 4 processes"),
-    ("ray_under_torchrun", ["parallel=ray"], {**TORCHRUN_ENV, "WORLD_SIZE": "2"}, "parallel.backend", "Ray starts the workers"),
+    (
+        "ddp_without_torchrun",
+        ["parallel=ddp"],
+        {},
+        "parallel.backend",
+        "launch with `torchrun --nproc_per_node N --no-python moe-train parallel=ddp",
+    ),
+    (
+        "ddp_without_master",
+        ["parallel=ddp"],
+        {"WORLD_SIZE": "2", "RANK": "0"},
+        "parallel.backend",
+        "MASTER_ADDR, MASTER_PORT not set",
+    ),
+    (
+        "world_vs_ep_size",
+        ["parallel=ddp", "parallel.ep_size=2"],
+        {**TORCHRUN_ENV, "WORLD_SIZE": "3"},
+        "parallel.ep_size",
+        "start a multiple of 2 processes",
+    ),
+    (
+        "world_vs_ep_size_4",
+        ["parallel=ddp", "moe.num_experts=8", "parallel.ep_size=4"],
+        {**TORCHRUN_ENV, "WORLD_SIZE": "2"},
+        "parallel.ep_size",
+        "set parallel.ep_size to a divisor of 2",
+    ),
+    (
+        "single_under_torchrun",
+        ["parallel=single"],
+        {**TORCHRUN_ENV, "WORLD_SIZE": "2"},
+        "parallel.backend",
+        "add parallel=ddp",
+    ),
+    (
+        "deepspeed_without_launcher",
+        ["parallel=deepspeed"],
+        {},
+        "parallel.backend",
+        "launch with `deepspeed --num_gpus N --no_local_rank",
+    ),
+    (
+        "world_vs_ep_pp",
+        ["parallel=deepspeed", "parallel.pp_size=2", "parallel.ep_size=2"],
+        {**TORCHRUN_ENV, "WORLD_SIZE": "2"},
+        "parallel.ep_size*pp_size",
+        "start a multiple of 4 processes",
+    ),
+    (
+        "ray_under_torchrun",
+        ["parallel=ray"],
+        {**TORCHRUN_ENV, "WORLD_SIZE": "2"},
+        "parallel.backend",
+        "Ray starts the workers",
+    ),
 ]
 
 
@@ -179,7 +304,9 @@ def test_a_missing_backend_package_names_the_pip_extra(load, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] == "deepspeed" else real(name, *a)
+    )
     with pytest.raises(ConfigError) as ei:
         load(["parallel=deepspeed"])
     msg = str(ei.value)
@@ -225,8 +352,21 @@ def test_enough_distinct_cases():
 def test_good_overrides_pass(load, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("hello\n")
-    tc = load(["moe=topk", "moe.top_k=3", "moe.num_experts=16", "model=tiny", "data=files", f"data.path={corpus}",
-               "data.tokenizer=byte", "optim.lr=3e-4", "steps=50", "optim.warmup_steps=50", "experiment=smoke"])
+    tc = load(
+        [
+            "moe=topk",
+            "moe.top_k=3",
+            "moe.num_experts=16",
+            "model=tiny",
+            "data=files",
+            f"data.path={corpus}",
+            "data.tokenizer=byte",
+            "optim.lr=3e-4",
+            "steps=50",
+            "optim.warmup_steps=50",
+            "experiment=smoke",
+        ]
+    )
     assert (tc.moe.name, tc.moe.top_k, tc.moe.num_experts) == ("topk", 3, 16)
     assert tc.data.path == str(corpus) and tc.data.tokenizer == "byte"
     assert tc.model.d_model == 64 and tc.batch_size == 8  # from experiment=smoke ...
@@ -240,9 +380,19 @@ def test_good_overrides_pass(load, tmp_path):
 
 @pytest.mark.parametrize(
     "arg,group",
-    [("moe=foo", "moe"), ("model=huge", "model"), ("data=hf", "data"), ("optim=sgd", "optim"), ("logger=tensorboard", "logger"),
-     ("parallel=mpi", "parallel"), ("experiment=nope", "experiment"), ("+experiment=nope", "experiment"),
-     ("moe=switch,foo", "moe"), ("model=null", "model"), ("experiment=null", "experiment")],  # Hydra: a ValueError traceback
+    [
+        ("moe=foo", "moe"),
+        ("model=huge", "model"),
+        ("data=hf", "data"),
+        ("optim=sgd", "optim"),
+        ("logger=tensorboard", "logger"),
+        ("parallel=mpi", "parallel"),
+        ("experiment=nope", "experiment"),
+        ("+experiment=nope", "experiment"),
+        ("moe=switch,foo", "moe"),
+        ("model=null", "model"),
+        ("experiment=null", "experiment"),
+    ],  # Hydra: a ValueError traceback
 )
 def test_unknown_group_option_lists_the_options(arg, group):
     with pytest.raises(ConfigError) as ei:
@@ -256,9 +406,15 @@ def test_unknown_group_option_lists_the_options(arg, group):
 
 @pytest.mark.parametrize(
     "args",
-    [["moe=gshard", "model=tiny", "experiment=smoke"], ["-m", "moe=switch,gshard,topk", "moe.num_experts=4,8"],
-     ["--cfg", "job", "moe=base"], ["hydra.run.dir=/tmp/x", "hydra/job_logging=disabled"], ["+model.d_model=64", "~experiment"],
-     ["data.extensions=[.py,.txt]", "run_name=${moe.name}"], ["model"]],  # `model` (no =) is Hydra's parse error, not ours
+    [
+        ["moe=gshard", "model=tiny", "experiment=smoke"],
+        ["-m", "moe=switch,gshard,topk", "moe.num_experts=4,8"],
+        ["--cfg", "job", "moe=base"],
+        ["hydra.run.dir=/tmp/x", "hydra/job_logging=disabled"],
+        ["+model.d_model=64", "~experiment"],
+        ["data.extensions=[.py,.txt]", "run_name=${moe.name}"],
+        ["model"],
+    ],  # `model` (no =) is Hydra's parse error, not ours
 )
 def test_valid_overrides_pass_the_pre_check(args):
     check_group_overrides(args)
@@ -285,18 +441,36 @@ def _moe_train() -> list[str]:
 
 @pytest.mark.parametrize(
     "args,key",
-    [(["moe=foo"], "moe=foo"), (["moe=topk", "moe.top_k=9"], "moe.top_k"), (["model.d_model=100", "model.n_heads=3"], "model.d_model"),
-     (["model.foo=1"], "model.foo"),  # Hydra's own "Could not override" block without the pre-check
-     (["run_name=${nope}"], "hydra.run.dir"),  # Hydra's run dir interpolates run_name: its error, mapped
-     (["moe.top_k=[1,2"], "moe.top_k=[1,2"),  # Hydra's override parser
-     (["parallel=ddp", "optim.warmup_steps=1"], "parallel.backend")],  # ddp without torchrun: before any process group
-    ids=["unknown-group-option", "top_k>num_experts", "d_model%n_heads", "unknown-key", "bad-interpolation", "unparsable", "ddp-without-torchrun"],
+    [
+        (["moe=foo"], "moe=foo"),
+        (["moe=topk", "moe.top_k=9"], "moe.top_k"),
+        (["model.d_model=100", "model.n_heads=3"], "model.d_model"),
+        (["model.foo=1"], "model.foo"),  # Hydra's own "Could not override" block without the pre-check
+        (["run_name=${nope}"], "hydra.run.dir"),  # Hydra's run dir interpolates run_name: its error, mapped
+        (["moe.top_k=[1,2"], "moe.top_k=[1,2"),  # Hydra's override parser
+        (["parallel=ddp", "optim.warmup_steps=1"], "parallel.backend"),
+    ],  # ddp without torchrun: before any process group
+    ids=[
+        "unknown-group-option",
+        "top_k>num_experts",
+        "d_model%n_heads",
+        "unknown-key",
+        "bad-interpolation",
+        "unparsable",
+        "ddp-without-torchrun",
+    ],
 )
 def test_moe_train_fails_with_one_line(tmp_path, args, key):
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK")}
     env["WANDB_MODE"] = "offline"
-    p = subprocess.run([*_moe_train(), *args, "steps=2", "logger=none"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [*_moe_train(), *args, "steps=2", "logger=none"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert "Traceback" not in p.stderr
@@ -352,8 +526,12 @@ def test_every_config_file_composes_and_validates(load, tmp_path, group, option)
 
 # model=base (84M parameters) takes ~10 s per build on a busy 2-core CPU: the slow set.
 # moe=hivemind needs a running swarm to build (tests/test_swarm_join.py builds and trains it).
-PAIRS = [pytest.param(m, e, marks=[pytest.mark.slow] if m == "base" else [], id=f"{m}-{e}")
-         for m in _options("model") for e in _options("moe") if e != "hivemind"]
+PAIRS = [
+    pytest.param(m, e, marks=[pytest.mark.slow] if m == "base" else [], id=f"{m}-{e}")
+    for m in _options("model")
+    for e in _options("moe")
+    if e != "hivemind"
+]
 
 
 @pytest.mark.parametrize("model_opt,moe_opt", PAIRS)
@@ -387,8 +565,14 @@ def test_yaml_keys_match_the_dataclasses():
     """A key added to a dataclass but not to its YAML files (or the reverse) is caught here."""
     from omegaconf import OmegaConf
 
-    classes = {"model": ModelConfig, "moe": MoEConfig, "data": DataConfig, "optim": OptimConfig,
-               "logger": LoggerConfig, "parallel": ParallelConfig}
+    classes = {
+        "model": ModelConfig,
+        "moe": MoEConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "logger": LoggerConfig,
+        "parallel": ParallelConfig,
+    }
     for group, cls in classes.items():
         want = {f.name for f in dataclasses.fields(cls)}
         for option in _options(group):
@@ -398,7 +582,10 @@ def test_yaml_keys_match_the_dataclasses():
                 keys |= {"swarm"}
             if group == "moe" and option == "hivemind":
                 swarm_keys = set(loaded.swarm)
-                assert swarm_keys == set(SWARM_KEYS), f"conf/moe/hivemind.yaml swarm: missing {set(SWARM_KEYS) - swarm_keys}, extra {swarm_keys - set(SWARM_KEYS)}"
+                assert swarm_keys == set(SWARM_KEYS), (
+                    f"conf/moe/hivemind.yaml swarm: missing {set(SWARM_KEYS) - swarm_keys}, extra "
+                    f"{swarm_keys - set(SWARM_KEYS)}"
+                )
             assert keys == want, f"conf/{group}/{option}.yaml: missing {want - keys}, extra {keys - want}"
 
 
@@ -410,7 +597,9 @@ def test_round_trip_defaults_and_a_changed_config():
     cfg = TrainConfig()
     validate(cfg)
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
-    cfg = dataclasses.replace(cfg, moe=MoEConfig(name="topk", top_k=3, num_experts=16), data=DataConfig(extensions=[".c"]), steps=7)
+    cfg = dataclasses.replace(
+        cfg, moe=MoEConfig(name="topk", top_k=3, num_experts=16), data=DataConfig(extensions=[".c"]), steps=7
+    )
     back = from_dict(TrainConfig, to_dict(cfg))
     assert back == cfg and back.moe.top_k == 3 and back.data.extensions == [".c"]
 
@@ -421,14 +610,16 @@ def test_from_dict_fills_missing_keys_with_defaults():
 
 @pytest.mark.parametrize(
     "data,match",
-    [({"moe": {"topk": 2}}, r"^moe\.topk: unknown key \(did you mean moe\.top_k\?\); known keys: aux_loss_weight, "),
-     ({"model": {"d_model": 64, "heads": 4}}, r"^model\.heads: unknown key"),
-     ({"optimizer": {}}, r"^optimizer: unknown key \(did you mean optim\?\)"),
-     ({"moe": {"num_experts": "8"}}, r"^moe\.num_experts: expected an integer, got '8'"),
-     ({"moe": {"num_experts": True}}, r"^moe\.num_experts: expected an integer"),
-     ({"data": {"extensions": [".py", 3.5, []]}}, r"^data\.extensions\[2\]: expected a string"),
-     ({"logger": 1}, r"^logger: expected a group of keys"),
-     ({"resume": "yes"}, r"^resume: expected true or false")],
+    [
+        ({"moe": {"topk": 2}}, r"^moe\.topk: unknown key \(did you mean moe\.top_k\?\); known keys: aux_loss_weight, "),
+        ({"model": {"d_model": 64, "heads": 4}}, r"^model\.heads: unknown key"),
+        ({"optimizer": {}}, r"^optimizer: unknown key \(did you mean optim\?\)"),
+        ({"moe": {"num_experts": "8"}}, r"^moe\.num_experts: expected an integer, got '8'"),
+        ({"moe": {"num_experts": True}}, r"^moe\.num_experts: expected an integer"),
+        ({"data": {"extensions": [".py", 3.5, []]}}, r"^data\.extensions\[2\]: expected a string"),
+        ({"logger": 1}, r"^logger: expected a group of keys"),
+        ({"resume": "yes"}, r"^resume: expected true or false"),
+    ],
 )
 def test_from_dict_names_the_dotted_path(data, match):
     with pytest.raises(ConfigError, match=match) as ei:

@@ -29,8 +29,18 @@ def _collapsed_run(path: Path, steps=(10, 20, 30)) -> Path:
     for s in steps:
         fr = [0.25] * 4 if s < 20 else [0.8, 0.1, 0.05, 0.05]
         cv = 0.0 if s < 20 else 1.2
-        recs.append({"step": s, "train/loss": 5.0 - s / 100, "perf/tokens_per_s": 1000.0, "perf/mfu": 0.5 if s < 30 else 1.5, "perf/step_time_s": 0.1,
-                     "moe/layer_1/cv": cv, "moe/layer_1/dropped_frac": 0.1, **{f"moe/layer_1/frac_e{i}": f for i, f in enumerate(fr)}})
+        recs.append(
+            {
+                "step": s,
+                "train/loss": 5.0 - s / 100,
+                "perf/tokens_per_s": 1000.0,
+                "perf/mfu": 0.5 if s < 30 else 1.5,
+                "perf/step_time_s": 0.1,
+                "moe/layer_1/cv": cv,
+                "moe/layer_1/dropped_frac": 0.1,
+                **{f"moe/layer_1/frac_e{i}": f for i, f in enumerate(fr)},
+            }
+        )
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     return path
 
@@ -91,12 +101,16 @@ def test_a_half_written_line_is_skipped(tmp_path):
 def test_server_api_and_page_use_no_external_resources(runs_dir):
     httpd = make_server(runs_dir, port=0)
     serve_in_thread(httpd)
-    base = "http://127.0.0.1:%d" % httpd.server_address[1]
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
         html = urllib.request.urlopen(base + "/").read().decode()
-        assert "/static/dash.js" in html and "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+        assert (
+            "/static/dash.js" in html
+            and "http://" not in html.replace("http://www.w3.org", "")
+            and "https://" not in html
+        )
         js = urllib.request.urlopen(base + "/static/dash.js").read().decode()
-        assert "fetch(\"/api/snapshot\"" in js and "https://" not in js
+        assert 'fetch("/api/snapshot"' in js and "https://" not in js
         snap = json.loads(urllib.request.urlopen(base + "/api/snapshot").read())
         assert [r["name"] for r in snap["runs"]] == ["collapsed", "tiny-base", "tiny-dense"]
         v1 = json.loads(urllib.request.urlopen(base + "/api/version").read())["version"]
@@ -132,7 +146,12 @@ def test_export_inlines_everything(runs_dir, tmp_path):
     html = out.read_text()
     assert "<script src=" not in html and "<link" not in html  # one file: style, script and data inline
     assert '"tiny-base"' in html and "function heatmap" in html
-    assert "</script" not in page(refresh_s=0, inline_data={"x": "</script><b>"}).split("window.MOE_DASH", 1)[1].split("</script>", 1)[0]
+    assert (
+        "</script"
+        not in page(refresh_s=0, inline_data={"x": "</script><b>"})
+        .split("window.MOE_DASH", 1)[1]
+        .split("</script>", 1)[0]
+    )
 
 
 # -- in a real browser -------------------------------------------------------------------------
@@ -143,7 +162,10 @@ def browser():
     if not (CHROMIUM and CHROMEDRIVER):
         if os.environ.get("CI"):  # CI installs them (make test -> make browser): never a silent skip there
             pytest.fail("chromium/chromedriver missing in CI: `make browser` should have installed them")
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run installs them)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (apt-get install chromium "
+            "chromium-driver; .ci/run installs them)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -172,14 +194,23 @@ def _check_rendered(driver, shots: Path, name: str):
     _wait(driver, "return document.body.dataset.ready === '1'")
     q = driver.execute_script
     assert q("return document.querySelectorAll('#runs-table tbody tr').length") == 3
-    overlay = q("return [...document.querySelectorAll('#overlay-charts svg.line-chart')].map(s => [s.closest('.chart').dataset.chart, +s.dataset.points])")
+    overlay = q(
+        "return [...document.querySelectorAll('#overlay-charts svg.line-chart')].map(s => "
+        "[s.closest('.chart').dataset.chart, +s.dataset.points])"
+    )
     assert dict(overlay).keys() == {"train-loss", "val-loss", "tokens-per-s", "mfu"}
     assert all(n > 0 for _, n in overlay)
     assert dict(overlay)["val-loss"] == 2 + 2  # two evals for each real run; the collapsed one has none
-    heat = q("return [...document.querySelectorAll('svg.heatmap')].map(s => [+s.dataset.cells, s.querySelectorAll('rect.cell').length, +s.dataset.experts])")
+    heat = q(
+        "return [...document.querySelectorAll('svg.heatmap')].map(s => [+s.dataset.cells, "
+        "s.querySelectorAll('rect.cell').length, +s.dataset.experts])"
+    )
     assert len(heat) == 2 + 1  # tiny-base has 2 MoE blocks, collapsed has 1, dense none
     assert all(cells == rects > 0 and experts == 4 for cells, rects, experts in heat)
-    alert = q("const a = document.getElementById('collapse-alert'); return a && [a.textContent, a.getBoundingClientRect().top]")
+    alert = q(
+        "const a = document.getElementById('collapse-alert'); return a && [a.textContent, "
+        "a.getBoundingClientRect().top]"
+    )
     assert alert and "collapsed, block 1" in alert[0] and "80%" in alert[0]
     assert alert[1] < 150  # first thing under the header: where the eye lands
     assert q("return document.querySelectorAll('.chart.collapsed').length") == 2  # its heatmap and its load chart
@@ -198,7 +229,7 @@ def test_dashboard_in_chromium_renders_and_refreshes(runs_dir, browser, tmp_path
     httpd = make_server(runs_dir, port=0, refresh_s=0.3)
     serve_in_thread(httpd)
     try:
-        browser.get("http://127.0.0.1:%d/" % httpd.server_address[1])
+        browser.get(f"http://127.0.0.1:{httpd.server_address[1]}/")
         _check_rendered(browser, shots, "dashboard")
         renders = int(browser.execute_script("return document.body.dataset.renders"))
         with open(runs_dir / "tiny-base" / "metrics.jsonl", "a") as f:  # the run goes on

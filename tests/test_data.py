@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe.training import data as D
 from moe.config import ConfigError, DataConfig
+from moe.training import data as D
 from moe.training.data import TokenData, Tokenizer, load_data, split_by_file, stdlib_files
 
 UNICODE = "héllo wörld — 日本語 🙂\n\tdef f(x):\r\n    return x ** 2  # ∑ <|endoftext|> \x7f\n"

@@ -37,8 +37,15 @@ from moe.config import ParallelConfig  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
 from tests.conftest import conf_command, rank_trainer  # noqa: E402
-from tests.test_parallel_train import B, pair, _assert_same_run, _assert_states_close, _cfg, _clipped, _metrics, _reference  # noqa: E402,F401  (pair: the 2-rank worker fixture)
-
+from tests.test_parallel_train import (
+    B,
+    _assert_same_run,
+    _assert_states_close,
+    _cfg,
+    _clipped,
+    _metrics,
+    _reference,
+)
 
 
 def _ds(cfg, stage: int, ep: int = 2):
@@ -65,7 +72,11 @@ def case_ds_fit(rank, states, *, cfg, data, stop_after=None, resume_from=None):
     if resume_from is not None:
         torch.distributed.barrier()
     t = rank_trainer(cfg, data, states[cfg.parallel.ep_size])
-    info = {"engine": type(t.backend.ds.engine).__name__, "optimizer_class": type(t.backend.ds.optimizer).__name__, "moe": t.backend.ds.engine.has_moe_layers}
+    info = {
+        "engine": type(t.backend.ds.engine).__name__,
+        "optimizer_class": type(t.backend.ds.optimizer).__name__,
+        "moe": t.backend.ds.engine.has_moe_layers,
+    }
     res = t.fit(stop_after=stop_after)
     final = t.backend.state_dict()
     if rank != 0:
@@ -77,7 +88,9 @@ def case_ds_fit(rank, states, *, cfg, data, stop_after=None, resume_from=None):
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_stages_with_ep2_equal_one_process_with_the_double_batch(pair, tmp_path, tiny_data, stage):
     over = {"dropless": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.001}
-    par = pair.run(case_ds_fit, cfg=_clipped(_ds(_cfg(tmp_path / "ds", "switch", world=2, **over), stage)), data=tiny_data)[0]
+    par = pair.run(
+        case_ds_fit, cfg=_clipped(_ds(_cfg(tmp_path / "ds", "switch", world=2, **over), stage)), data=tiny_data
+    )[0]
     ref = _reference(_clipped(_cfg(tmp_path / "ref", "switch", batch_size=2 * B, **over)), tiny_data)
     assert par["engine"] == "DeepSpeedEngine" and par["moe"]  # the real engine, with its expert paths on
     assert par["optimizer_class"] == ("AdamW" if stage == 0 else "DeepSpeedZeroOptimizer")
@@ -96,7 +109,9 @@ def test_zero_stages_with_ep2_equal_one_process_with_the_double_batch(pair, tmp_
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_with_capacity_aux_loss_equals_one_process_with_grad_accum(pair, tmp_path, tiny_data, stage):
     over = {"capacity_factor": 0.75, "min_capacity": 0, "aux_loss_weight": 0.1, "z_loss_weight": 0.001}
-    par = pair.run(case_ds_fit, cfg=_clipped(_ds(_cfg(tmp_path / "ds", "switch", world=2, **over), stage)), data=tiny_data)[0]
+    par = pair.run(
+        case_ds_fit, cfg=_clipped(_ds(_cfg(tmp_path / "ds", "switch", world=2, **over), stage)), data=tiny_data
+    )[0]
     ref = _reference(_clipped(_cfg(tmp_path / "ref", "switch", grad_accum=2, **over)), tiny_data)
     _assert_same_run(par, ref)
 
@@ -119,7 +134,9 @@ def test_zero1_with_an_expert_lr_scale_equals_one_process(pair, tmp_path, tiny_d
 @pytest.mark.slow
 def test_zero2_grad_accum_equals_one_process(pair, tmp_path, tiny_data):
     over = {"dropless": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.0}
-    par = pair.run(case_ds_fit, cfg=_ds(_cfg(tmp_path / "ds", "switch", world=2, grad_accum=2, **over), 2), data=tiny_data)[0]
+    par = pair.run(
+        case_ds_fit, cfg=_ds(_cfg(tmp_path / "ds", "switch", world=2, grad_accum=2, **over), 2), data=tiny_data
+    )[0]
     ref = _reference(_cfg(tmp_path / "ref", "switch", batch_size=2 * B, grad_accum=2, **over), tiny_data)
     _assert_same_run(par, ref, keys=("train/loss", "train/grad_norm"))
 
@@ -141,9 +158,18 @@ def test_zero2_checkpoint_resumes_in_one_process_and_zero1_resumes_itself(pair, 
     t = Trainer(one, data=tiny_data)
     res = t.fit()
     assert res.step == 3
-    _assert_same_run({"history": res.history, "model": t.model.state_dict(), "step": res.step}, full, keys=("train/loss", "train/grad_norm"))
+    _assert_same_run(
+        {"history": res.history, "model": t.model.state_dict(), "step": res.step},
+        full,
+        keys=("train/loss", "train/grad_norm"),
+    )
     # ZeRO-1 resumed from the ZeRO-2 file == ZeRO-2's continuation (moments pushed into its partitions)
-    z1 = pair.run(case_ds_fit, cfg=_clipped(_ds(_cfg(tmp_path / "z1", "switch", world=2, **over), 1)), data=tiny_data, resume_from=saved)[0]
+    z1 = pair.run(
+        case_ds_fit,
+        cfg=_clipped(_ds(_cfg(tmp_path / "z1", "switch", world=2, **over), 1)),
+        data=tiny_data,
+        resume_from=saved,
+    )[0]
     _assert_same_run(z1, full, keys=("train/loss", "train/grad_norm"))
     _assert_states_close(z1["model"], full["model"])
 
@@ -160,12 +186,30 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     launcher, exe = shutil.which("deepspeed", path=bin_dir), shutil.which("moe-train", path=bin_dir)
     assert launcher and exe, "deepspeed / moe-train not installed next to the interpreter"
-    rest = cmd[cmd.index("moe-train)") + 1:]
+    rest = cmd[cmd.index("moe-train)") + 1 :]
     args = [launcher, *cmd[1:4], "--master_addr", "127.0.0.1", "--master_port", str(free_port()), exe, *rest]
-    args += ["parallel.ep_size=2", "moe.num_experts=4", "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1",
-             "logger.log_every=1", "logger.wandb=false", "peak_flops=1e11", "data.max_files=10", "threads=1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    args += [
+        "parallel.ep_size=2",
+        "moe.num_experts=4",
+        "steps=4",
+        "optim.warmup_steps=1",
+        "eval_every=2",
+        "ckpt_every=2",
+        "eval_batches=1",
+        "logger.log_every=1",
+        "logger.wandb=false",
+        "peak_flops=1e11",
+        "data.max_files=10",
+        "threads=1",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
+    )
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp_path / "runs" / "smoke-switch"
@@ -178,5 +222,3 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     assert state["step"] == 4 and state["layout"]["ep_size"] == 2
     assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # the whole model, gathered
     assert "ShareMemComm" not in p.stdout + p.stderr  # the shm op was not built
-
-

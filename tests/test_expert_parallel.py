@@ -36,15 +36,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe.model.auction import balanced_capacities
 from moe.config import ConfigError, ModelConfig, MoEConfig
+from moe.model.auction import balanced_capacities
 from moe.model.dispatch import LocalDispatcher
-from moe.model.experts import GroupedExperts
+from moe.model.experts import GroupedExperts, expert_parameters, split_parameters
 from moe.model.layers import MoELayer
-from moe.model.transformer import TransformerLM
 from moe.model.routing import expert_capacity
-from moe.parallel.ports import free_port
-from moe.model.experts import expert_parameters, split_parameters
+from moe.model.transformer import TransformerLM
 from moe.parallel import (
     AllToAllDispatcher,
     ParallelState,
@@ -54,6 +52,7 @@ from moe.parallel import (
     ddp,
     rank_groups,
 )
+from moe.parallel.ports import free_port
 
 WORLD = 2
 D, FF = 8, 12
@@ -70,8 +69,12 @@ START_TIMEOUT = 240.0
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-        states = {ep: ParallelState.build(ep_size=ep, timeout=timedelta(seconds=60)) for ep in (1, 2, 4) if world % ep == 0}
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        states = {
+            ep: ParallelState.build(ep_size=ep, timeout=timedelta(seconds=60)) for ep in (1, 2, 4) if world % ep == 0
+        }
         results.put((rank, True, "ready"))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -104,7 +107,10 @@ class WorkerPair:
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         port = free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, self.world, port, self.tasks[r], self.results), daemon=True) for r in range(self.world)]
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, self.world, port, self.tasks[r], self.results), daemon=True)
+            for r in range(self.world)
+        ]
         for p in self.procs:
             p.start()
         self._collect(START_TIMEOUT, "start-up")
@@ -164,7 +170,16 @@ def pair():
 
 
 def _cfg(name: str, E: int, k: int, dropless: bool, **extra) -> MoEConfig:
-    base = dict(name=name, num_experts=E, top_k=k, dropless=dropless, capacity_factor=0.75, eval_capacity_factor=0.75, min_capacity=0, jitter_eps=0.0)
+    base = dict(
+        name=name,
+        num_experts=E,
+        top_k=k,
+        dropless=dropless,
+        capacity_factor=0.75,
+        eval_capacity_factor=0.75,
+        min_capacity=0,
+        jitter_eps=0.0,
+    )
     return MoEConfig(**{**base, **extra})
 
 
@@ -190,7 +205,9 @@ def _layers(cfg: MoEConfig, dispatcher, seed: int, router_weight: torch.Tensor |
     torch.manual_seed(seed)
     layer = MoELayer(D, FF, cfg, dispatcher=dispatcher)
     first, n = layer.experts.first_expert, layer.experts.num_experts
-    assert torch.equal(layer.experts.w1_EDF, ref.experts.w1_EDF[first : first + n]), "shard init != slice of the full init"
+    assert torch.equal(layer.experts.w1_EDF, ref.experts.w1_EDF[first : first + n]), (
+        "shard init != slice of the full init"
+    )
     assert torch.equal(layer.experts.w2_EFD, ref.experts.w2_EFD[first : first + n])
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # weights far from the small init: routing and outputs far from 0
@@ -234,7 +251,23 @@ def _ref_grads(ref: MoELayer, xs, gs, mode: str, rng_seed: int, ep_size: int):
     return out
 
 
-def case_equivalence(rank, states, *, name, E, k, dropless, mode, ep=2, sizes=SIZES, extra=None, router_weight=None, tokens=None, training=True, seed=0):
+def case_equivalence(
+    rank,
+    states,
+    *,
+    name,
+    E,
+    k,
+    dropless,
+    mode,
+    ep=2,
+    sizes=SIZES,
+    extra=None,
+    router_weight=None,
+    tokens=None,
+    training=True,
+    seed=0,
+):
     """One forward and backward of the layer under test on this rank vs the EP=1 reference."""
     state = states[ep]
     cfg = _cfg(name, E, k, dropless, **(extra or {}))
@@ -251,7 +284,12 @@ def case_equivalence(rank, states, *, name, E, k, dropless, mode, ep=2, sizes=SI
     torch.manual_seed(rng_seed + rank)
     y, aux = layer(x)
     (y * gs[rank]).sum().backward()
-    raw = [x.grad.clone(), layer.router.weight_ED.grad.clone(), layer.experts.w1_EDF.grad.clone(), layer.experts.w2_EFD.grad.clone()]
+    raw = [
+        x.grad.clone(),
+        layer.router.weight_ED.grad.clone(),
+        layer.experts.w1_EDF.grad.clone(),
+        layer.experts.w2_EFD.grad.clone(),
+    ]
     allreduce_gradients(layer, state)
     counts_total = aux.counts_E.clone()
     dist.all_reduce(counts_total)  # the last collective: the checks below may fail on one rank only
@@ -269,9 +307,21 @@ def case_equivalence(rank, states, *, name, E, k, dropless, mode, ep=2, sizes=SI
     torch.testing.assert_close(raw[3], g2_group, **TOL, msg=lambda m: f"w2 grad (raw shard): {m}")
     # after allreduce_gradients: the gradient of the mean of the ranks' losses, for every parameter
     W = len(refs)
-    torch.testing.assert_close(layer.router.weight_ED.grad, sum(r[2][0] for r in refs) / W, **TOL, msg=lambda m: f"router grad (reduced): {m}")
-    torch.testing.assert_close(layer.experts.w1_EDF.grad, (sum(r[2][1] for r in refs) / W)[shard], **TOL, msg=lambda m: f"w1 grad (reduced): {m}")
-    torch.testing.assert_close(layer.experts.w2_EFD.grad, (sum(r[2][2] for r in refs) / W)[shard], **TOL, msg=lambda m: f"w2 grad (reduced): {m}")
+    torch.testing.assert_close(
+        layer.router.weight_ED.grad, sum(r[2][0] for r in refs) / W, **TOL, msg=lambda m: f"router grad (reduced): {m}"
+    )
+    torch.testing.assert_close(
+        layer.experts.w1_EDF.grad,
+        (sum(r[2][1] for r in refs) / W)[shard],
+        **TOL,
+        msg=lambda m: f"w1 grad (reduced): {m}",
+    )
+    torch.testing.assert_close(
+        layer.experts.w2_EFD.grad,
+        (sum(r[2][2] for r in refs) / W)[shard],
+        **TOL,
+        msg=lambda m: f"w2 grad (reduced): {m}",
+    )
 
     # load statistics stay this rank's own (BASE's training assignment is the group's: skip)
     if name != "base" or not training:
@@ -282,7 +332,9 @@ def case_equivalence(rank, states, *, name, E, k, dropless, mode, ep=2, sizes=SI
         torch.testing.assert_close(aux.num_dropped, aux_ref.num_dropped, rtol=0, atol=0)
         torch.testing.assert_close(aux.aux_loss, aux_ref.aux_loss, **TOL)
         torch.testing.assert_close(aux.z_loss, aux_ref.z_loss, **TOL)
-    expert_grad_zero = [bool((layer.experts.w1_EDF.grad[e] == 0).all() and (layer.experts.w2_EFD.grad[e] == 0).all()) for e in range(n)]
+    expert_grad_zero = [
+        bool((layer.experts.w1_EDF.grad[e] == 0).all() and (layer.experts.w2_EFD.grad[e] == 0).all()) for e in range(n)
+    ]
     return {
         "counts_E": aux.counts_E.tolist(),
         "counts_total": counts_total.tolist(),
@@ -314,7 +366,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, E, k, dropless, mode, extra", CASES, ids=[f"{c[0]}-E{c[1]}-{'dropless' if c[3] else 'capacity'}{'-rr' if c[5].get('random_routing') else ''}" for c in CASES])
+@pytest.mark.parametrize(
+    "name, E, k, dropless, mode, extra",
+    CASES,
+    ids=[
+        f"{c[0]}-E{c[1]}-{'dropless' if c[3] else 'capacity'}{'-rr' if c[5].get('random_routing') else ''}"
+        for c in CASES
+    ],
+)
 def test_ep2_equals_ep1(pair, name, E, k, dropless, mode, extra):
     r0, r1 = pair.run(case_equivalence, name=name, E=E, k=k, dropless=dropless, mode=mode, extra=extra)
     assert (r0["first"], r1["first"]) == (0, E // 2)
@@ -372,8 +431,14 @@ def test_empty_experts_and_a_rank_that_receives_nothing(pair, dropless):
     experts 0 and 1 get no token at all (zero gradient, exactly)."""
     r0, r1 = pair.run(
         case_equivalence,
-        name="switch", E=4, k=1, dropless=dropless, mode="union" if dropless else "per_rank",
-        router_weight=_skewed_router().tolist(), tokens=[x.tolist() for x in _skewed_tokens()], extra={"capacity_factor": 4.0},
+        name="switch",
+        E=4,
+        k=1,
+        dropless=dropless,
+        mode="union" if dropless else "per_rank",
+        router_weight=_skewed_router().tolist(),
+        tokens=[x.tolist() for x in _skewed_tokens()],
+        extra={"capacity_factor": 4.0},
     )
     assert r0["counts_E"] == [0.0, 0.0, 0.0, float(SIZES[0])]
     assert r1["counts_E"] == [0.0, 0.0, float(SIZES[1]), 0.0]
@@ -389,7 +454,16 @@ def test_rank_with_no_tokens(pair, name, dropless):
     """Rank 1 holds no tokens at all (T = 0); it still takes part in every exchange."""
     k = 2 if name == "gshard" else 1
     extra = {"random_routing": False} if name == "gshard" else {}
-    r0, r1 = pair.run(case_equivalence, name=name, E=4, k=k, dropless=dropless, mode="union" if dropless else "per_rank", sizes=(7, 0), extra=extra)
+    r0, r1 = pair.run(
+        case_equivalence,
+        name=name,
+        E=4,
+        k=k,
+        dropless=dropless,
+        mode="union" if dropless else "per_rank",
+        sizes=(7, 0),
+        extra=extra,
+    )
     assert sum(r1["counts_E"]) == 0
     if name == "base":
         assert r0["counts_total"] == balanced_capacities(7, 4).float().tolist()
@@ -413,7 +487,14 @@ def case_groups(rank, states):
     u = torch.tensor([rank + 1.0])
     dist.all_reduce(u, group=s1.expert_dp_group)
     return {
-        "ep2": (s2.ep_ranks, s2.expert_dp_ranks, s2.dp_ranks, s2.ep_rank, s2.expert_dp_group is None, s2.expert_shard(4)),
+        "ep2": (
+            s2.ep_ranks,
+            s2.expert_dp_ranks,
+            s2.dp_ranks,
+            s2.ep_rank,
+            s2.expert_dp_group is None,
+            s2.expert_shard(4),
+        ),
         "ep1": (s1.ep_ranks, s1.expert_dp_ranks, s1.dp_ranks, s1.ep_rank, s1.ep_group is None, s1.expert_shard(4)),
         "sums": (t.item(), u.item()),
         "msg": msg,
@@ -518,10 +599,19 @@ def test_rank_layout():
     assert by_kind["pp"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
     for kind, gs in by_kind.items():  # every rank in exactly one group of each kind
         assert sorted(r for g in gs for r in g) == list(range(8)), kind
-    assert rank_groups(2, 2) == [("dp", (0, 1)), ("ep", (0, 1)), ("expert_dp", (0,)), ("expert_dp", (1,)), ("pp", (0,)), ("pp", (1,))]
+    assert rank_groups(2, 2) == [
+        ("dp", (0, 1)),
+        ("ep", (0, 1)),
+        ("expert_dp", (0,)),
+        ("expert_dp", (1,)),
+        ("pp", (0,)),
+        ("pp", (1,)),
+    ]
 
 
-@pytest.mark.parametrize("name, k, dropless", [("switch", 1, True), ("gshard", 2, False), ("topk", 3, True), ("base", 1, True)])
+@pytest.mark.parametrize(
+    "name, k, dropless", [("switch", 1, True), ("gshard", 2, False), ("topk", 3, True), ("base", 1, True)]
+)
 def test_one_process_all_to_all_dispatcher_equals_local(name, k, dropless):
     """ep_size 1: the all-to-all dispatcher communicates nothing and equals the local one:
     bit-exact, except the expert weight gradients in capacity mode, which it computes on the
@@ -560,7 +650,10 @@ def test_shard_init_equals_slice_of_full_init():
 
 
 def test_expert_parameters_found_by_module_and_survive_deepcopy():
-    model = TransformerLM(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, vocab_size=50, seq_len=8, moe_every=1), MoEConfig(name="switch", num_experts=4))
+    model = TransformerLM(
+        ModelConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, vocab_size=50, seq_len=8, moe_every=1),
+        MoEConfig(name="switch", num_experts=4),
+    )
     names = [n for n, _ in expert_parameters(model)]
     assert names == [n for n, _ in model.named_parameters() if ".experts." in n] and len(names) == 4
     shared, experts = split_parameters(model)

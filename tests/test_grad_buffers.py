@@ -16,7 +16,9 @@ from moe.model.layers import MoELayer
 
 def _layer(dropless: bool, into_grad: bool = True) -> MoELayer:
     torch.manual_seed(0)
-    layer = MoELayer(8, 16, MoEConfig(name="topk", num_experts=4, top_k=2, dropless=dropless, capacity_factor=1.0)).double()
+    layer = MoELayer(
+        8, 16, MoEConfig(name="topk", num_experts=4, top_k=2, dropless=dropless, capacity_factor=1.0)
+    ).double()
     layer.experts.grad_into_buffers = into_grad
     return layer
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from moe.training import checkpoint as ckpt
 from moe.parallel.ports import free_port
+from moe.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
@@ -35,13 +35,32 @@ TIMEOUT = 300  # seconds for both nodes together (the pair needs ~20-40 s on a b
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A clean environment: no torchrun variables of an outer launch, the venv's bin first."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")}
-    env.update(PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "HYDRA_FULL_ERROR",
+            "WORLD_SIZE",
+            "RANK",
+            "LOCAL_RANK",
+            "NODE_RANK",
+            "NNODES",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "NPROC_PER_NODE",
+        )
+    }
+    env.update(
+        PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
+    )
     env.update(extra)
     return env
 
 
-def _run_nodes(tmp_path: Path, script: Path, args: list[str], envs: list[dict[str, str]], timeout: float) -> tuple[list[int], list[str]]:
+def _run_nodes(
+    tmp_path: Path, script: Path, args: list[str], envs: list[dict[str, str]], timeout: float
+) -> tuple[list[int], list[str]]:
     """Run ``script args`` once per "node" (one environment each) at the same time, each in
     its own session; past ``timeout`` seconds in all, every launch is killed with its whole
     process group.  Returns the exit codes (a string for a launch that had to be killed, so the
@@ -49,7 +68,19 @@ def _run_nodes(tmp_path: Path, script: Path, args: list[str], envs: list[dict[st
     procs = []
     for node, env in enumerate(envs):
         log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen(["bash", str(script), *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    ["bash", str(script), *args],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+                log,
+            )
+        )
     deadline = time.monotonic() + timeout
     codes: list[int | str] = []
     try:
@@ -73,19 +104,46 @@ def test_scripts_are_executable_bash_with_a_documented_example():
         assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
         assert os.stat(script).st_mode & stat.S_IXUSR
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
-    assert "NODE_RANK=0" in TORCHRUN_SH.read_text() and "sbatch" in SLURM.read_text() and "HOSTFILE=hostfile" in DEEPSPEED_SH.read_text()
+    assert (
+        "NODE_RANK=0" in TORCHRUN_SH.read_text()
+        and "sbatch" in SLURM.read_text()
+        and "HOSTFILE=hostfile" in DEEPSPEED_SH.read_text()
+    )
 
 
 def test_torchrun_script_two_nodes_one_process_each(tmp_path):
     run = tmp_path / "run"
     port = free_port()
     args = [
-        "experiment=smoke", "parallel.ep_size=2", "moe.num_experts=4", "steps=4", "optim.warmup_steps=1",
-        "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
-        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", "parallel.timeout_s=120",
-        f"out_dir={run}", f"hydra.run.dir={run}",
+        "experiment=smoke",
+        "parallel.ep_size=2",
+        "moe.num_experts=4",
+        "steps=4",
+        "optim.warmup_steps=1",
+        "eval_every=2",
+        "ckpt_every=2",
+        "eval_batches=1",
+        "logger.log_every=1",
+        "logger.wandb=false",
+        "logger.progress=false",
+        "peak_flops=1e11",
+        "data.max_files=10",
+        "threads=1",
+        "parallel.timeout_s=120",
+        f"out_dir={run}",
+        f"hydra.run.dir={run}",
     ]
-    envs = [_env(tmp_path, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for node in (0, 1)]
+    envs = [
+        _env(
+            tmp_path,
+            NNODES="2",
+            NODE_RANK=str(node),
+            NPROC_PER_NODE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        for node in (0, 1)
+    ]
     codes, logs = _run_nodes(tmp_path, TORCHRUN_SH, args, envs, TIMEOUT)
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
     assert "node 0 of 2" in logs[0] and "node 1 of 2" in logs[1]
@@ -108,12 +166,37 @@ def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
     run = tmp_path / "run"
     (tmp_path / "hostfile").write_text("# HOST slots=N\nlocalhost slots=1\n127.0.0.1 slots=1\n")
     args = [
-        "experiment=smoke", "parallel.zero_stage=2", "parallel.ep_size=2", "moe.num_experts=4", "steps=4", "grad_accum=2",
-        "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
-        "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1", "parallel.timeout_s=120", f"out_dir={run}", f"hydra.run.dir={run}",
+        "experiment=smoke",
+        "parallel.zero_stage=2",
+        "parallel.ep_size=2",
+        "moe.num_experts=4",
+        "steps=4",
+        "grad_accum=2",
+        "optim.warmup_steps=1",
+        "eval_every=2",
+        "ckpt_every=2",
+        "eval_batches=1",
+        "logger.log_every=1",
+        "logger.wandb=false",
+        "logger.progress=false",
+        "peak_flops=1e11",
+        "data.max_files=10",
+        "threads=1",
+        "parallel.timeout_s=120",
+        f"out_dir={run}",
+        f"hydra.run.dir={run}",
     ]
     port = free_port()
-    envs = [_env(tmp_path, HOSTFILE=str(tmp_path / "hostfile"), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for node in (0, 1)]
+    envs = [
+        _env(
+            tmp_path,
+            HOSTFILE=str(tmp_path / "hostfile"),
+            NODE_RANK=str(node),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        for node in (0, 1)
+    ]
     codes, logs = _run_nodes(tmp_path, DEEPSPEED_SH, args, envs, 2 * TIMEOUT)
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
     assert "node 0 of the hosts" in logs[0] and "node 1 of the hosts" in logs[1]
@@ -121,16 +204,27 @@ def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]  # rank 0 (node 0) alone writes
     state = ckpt.load(run / "checkpoint.pt")
     assert state["step"] == 4 and state["layout"] == {"world_size": 2, "dp_size": 2, "ep_size": 2}
-    assert state["config"]["parallel"]["zero_stage"] == 2 and state["optimizer"]["state"]  # moments gathered from ZeRO-2
+    assert (
+        state["config"]["parallel"]["zero_stage"] == 2 and state["optimizer"]["state"]
+    )  # moments gathered from ZeRO-2
     assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # both nodes' experts
     assert logs[0].count("done: 4 steps") == 1 and "done:" not in logs[1]
 
 
-@pytest.mark.parametrize("hostfile, why", [("", "does not exist or is empty"), ("node0 8\n", "every line must read 'HOST slots=N'")])
+@pytest.mark.parametrize(
+    "hostfile, why", [("", "does not exist or is empty"), ("node0 8\n", "every line must read 'HOST slots=N'")]
+)
 def test_deepspeed_script_names_a_bad_hostfile(tmp_path, hostfile, why):
     path = tmp_path / "hostfile"
     path.write_text(hostfile)
-    p = subprocess.run(["bash", str(DEEPSPEED_SH), "steps=1"], cwd=tmp_path, env=_env(tmp_path, HOSTFILE=str(path)), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["bash", str(DEEPSPEED_SH), "steps=1"],
+        cwd=tmp_path,
+        env=_env(tmp_path, HOSTFILE=str(path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -144,12 +238,26 @@ def test_slurm_script_runs_the_torchrun_script_on_every_node(tmp_path):
     SLURM_NODEID set, torchrun prints its arguments.  The real launch/torchrun.sh runs between."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    _stand_in(fake / "scontrol", '[[ "$1 $2 $3" == "show hostnames gpu[07-08]" ]] || exit 9\nprintf "gpu07\\ngpu08\\n"\n')
-    _stand_in(fake / "srun", 'while [[ "$1" == -* ]]; do [[ "$1" == *=* ]] && shift || shift 2; done\n'
-                             'for n in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$n "$@" || exit $?; done\n')
+    _stand_in(
+        fake / "scontrol", '[[ "$1 $2 $3" == "show hostnames gpu[07-08]" ]] || exit 9\nprintf "gpu07\\ngpu08\\n"\n'
+    )
+    _stand_in(
+        fake / "srun",
+        'while [[ "$1" == -* ]]; do [[ "$1" == *=* ]] && shift || shift 2; done\n'
+        'for n in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$n "$@" || exit $?; done\n',
+    )
     _stand_in(fake / "torchrun", 'echo "torchrun $*"\n')
-    env = _env(tmp_path, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="42", SLURM_SUBMIT_DIR=str(ROOT))
-    p = subprocess.run(["bash", str(SLURM), "moe=gshard", "out_dir=/shared/x"], env=env, capture_output=True, text=True, timeout=60)
+    env = _env(
+        tmp_path,
+        PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_ID="42",
+        SLURM_SUBMIT_DIR=str(ROOT),
+    )
+    p = subprocess.run(
+        ["bash", str(SLURM), "moe=gshard", "out_dir=/shared/x"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("torchrun ")]
     assert len(lines) == 2
@@ -159,6 +267,8 @@ def test_slurm_script_runs_the_torchrun_script_on_every_node(tmp_path):
 
 
 def test_slurm_script_names_a_missing_torchrun_script(tmp_path):
-    env = _env(tmp_path, SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path))
+    env = _env(
+        tmp_path, SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path)
+    )
     p = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "launch/torchrun.sh not found" in p.stderr

@@ -6,18 +6,17 @@ and compared in float64 with the layer's two internal dropless paths forced in t
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moe.model.experts as experts_mod
-from moe.model.auction import balanced_assignment
 from moe.config import MoEConfig
+from moe.model.auction import balanced_assignment
 from moe.model.experts import GroupedExperts
-from moe.ops import grouped_mm
 from moe.model.layers import DenseFFN, MoELayer, Router, build_ffn
 from moe.model.routing import expert_capacity
+from moe.ops import grouped_mm
 
 D, FF = 6, 10
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64 throughout (the router too)
@@ -191,7 +190,9 @@ def test_default_pad_ratio_picks_padded_for_even_and_loop_for_skewed_load(count_
     assert count_paths == {"loop": 2, "padded": 1}  # one grouped_mm per expert matrix
     # both paths give the same rows
     a = ex.forward_grouped(x, [3, 1, 0, 4])
-    ref = torch.cat([ffn(x[s:s + n], ex.w1_EDF[e], ex.w2_EFD[e]) for e, (s, n) in enumerate([(0, 3), (3, 1), (4, 0), (4, 4)])])
+    ref = torch.cat(
+        [ffn(x[s : s + n], ex.w1_EDF[e], ex.w2_EFD[e]) for e, (s, n) in enumerate([(0, 3), (3, 1), (4, 0), (4, 4)])]
+    )
     torch.testing.assert_close(a, ref, **TOL)
 
 
@@ -215,7 +216,7 @@ def _grouped_and_reference(counts, d, f, gen):
     w = torch.randn(E, d, f, generator=gen, dtype=torch.float64, requires_grad=True)
     out = grouped_mm(x, w, counts)
     starts = [sum(counts[:e]) for e in range(E)]
-    ref = torch.cat([x[s:s + n] @ w[e] for e, (s, n) in enumerate(zip(starts, counts))])
+    ref = torch.cat([x[s : s + n] @ w[e] for e, (s, n) in enumerate(zip(starts, counts))])
     torch.testing.assert_close(out, ref, **TOL)
     return x, w, out, ref
 
@@ -362,10 +363,12 @@ def test_base_layer_output_and_balance(path, monkeypatch, count_paths):
             assert aux.counts_E.tolist() == [3.0, 3.0, 3.0, 3.0]  # exact balance
         assert aux.counts_E.tolist() == torch.bincount(e_T, minlength=4).float().tolist()
         assert aux.num_dropped.item() == 0.0 and aux.aux_loss.item() == 0.0
-        ref = torch.stack([
-            torch.sigmoid(scores[t, e]) * ffn(x[t], layer.experts.w1_EDF[e], layer.experts.w2_EFD[e])
-            for t, e in enumerate(e_T.tolist())
-        ])
+        ref = torch.stack(
+            [
+                torch.sigmoid(scores[t, e]) * ffn(x[t], layer.experts.w1_EDF[e], layer.experts.w2_EFD[e])
+                for t, e in enumerate(e_T.tolist())
+            ]
+        )
         torch.testing.assert_close(y, ref, **TOL)
         gx, gp = grads_of(layer, x, y)
         gx_ref, gp_ref = grads_of(layer, x, ref)

@@ -48,11 +48,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, ParallelConfig, to_dict
 from moe.parallel import ParallelState
 from moe.parallel.ddp import DDPBackend
 from moe.parallel.ports import free_port
+from moe.training import checkpoint as ckpt
 from moe.training.loop import Trainer, check_resumable
 from tests.conftest import rank_trainer, tiny_config
 from tests.test_expert_parallel import WorkerPair
@@ -61,14 +61,17 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 B = 4  # sequences per rank
 
 
-@pytest.fixture(scope="module")
-def pair():
-    w = WorkerPair()
-    yield w
-    w.stop()
-
-
-def _cfg(out_dir, moe: str, *, ep: int = 1, world: int = 1, steps: int = 3, batch_size: int = B, grad_accum: int = 1, **moe_over):
+def _cfg(
+    out_dir,
+    moe: str,
+    *,
+    ep: int = 1,
+    world: int = 1,
+    steps: int = 3,
+    batch_size: int = B,
+    grad_accum: int = 1,
+    **moe_over,
+):
     """tiny_config, RNG-free routing unless asked (no jitter, no random routing: a rank's draws
     are its own), ``parallel=ddp`` when ``world`` > 1."""
     c = tiny_config(out_dir, moe, steps=steps, batch_size=batch_size, grad_accum=grad_accum)
@@ -94,7 +97,13 @@ def case_fit(rank, states, *, cfg, data, stop_after=None):
     final = t.backend.state_dict()
     if rank != 0:
         return None
-    return {"history": res.history, "init": init, "model": final["model"], "optimizer": final["optimizer"], "step": res.step}
+    return {
+        "history": res.history,
+        "init": init,
+        "model": final["model"],
+        "optimizer": final["optimizer"],
+        "step": res.step,
+    }
 
 
 def case_global_grad_norm(rank, states, *, cfg, data):
@@ -157,7 +166,12 @@ def case_nan_on_one_rank(rank, states, *, cfg, data):
     try:
         t.fit()
     except TrainingDiverged as e:  # (step, message, weights untouched by the NaN)
-        return ("diverged", t.step, "diverged at step 2" in str(e), all(bool(torch.isfinite(v).all()) for v in t.model.state_dict().values()))
+        return (
+            "diverged",
+            t.step,
+            "diverged at step 2" in str(e),
+            all(bool(torch.isfinite(v).all()) for v in t.model.state_dict().values()),
+        )
     return ("finished", t.step, False, False)
 
 
@@ -169,7 +183,13 @@ def _reference(cfg, data, stop_after=None):
     t = Trainer(cfg, data=data)
     init = {k: v.clone() for k, v in t.model.state_dict().items()}
     res = t.fit(stop_after=stop_after)
-    return {"history": res.history, "init": init, "model": t.model.state_dict(), "optimizer": t.backend.optimizer.state_dict(), "step": res.step}
+    return {
+        "history": res.history,
+        "init": init,
+        "model": t.model.state_dict(),
+        "optimizer": t.backend.optimizer.state_dict(),
+        "step": res.step,
+    }
 
 
 def _assert_states_close(got: dict, want: dict, **tol):
@@ -188,7 +208,12 @@ def _assert_same_run(par: dict, ref: dict, *, keys=ALL_LOSSES):
     assert len(par["history"]) == len(ref["history"])
     for hp, hr in zip(par["history"], ref["history"]):
         for k in keys:
-            assert hp[k] == pytest.approx(hr[k], **{"rel": TOL["rtol"], "abs": TOL["atol"]}), (hp["step"], k, hp[k], hr[k])
+            assert hp[k] == pytest.approx(hr[k], **{"rel": TOL["rtol"], "abs": TOL["atol"]}), (
+                hp["step"],
+                k,
+                hp[k],
+                hr[k],
+            )
     _assert_states_close(par["model"], ref["model"])
 
 
@@ -273,7 +298,18 @@ def test_gradient_buckets_sent_during_the_backward_equal_one_all_reduce_after_it
     """Tiny buckets (one parameter or so each), sent from the gradient hooks while the backward
     runs, give the same step as the one all-reduce after it (bucket_mb=0), with grad_accum 2
     (only the last backward sends) and clipping."""
-    base = _clipped(_cfg(tmp_path / "o", "switch", ep=ep, world=2, grad_accum=2, capacity_factor=0.75, min_capacity=0, aux_loss_weight=0.1))
+    base = _clipped(
+        _cfg(
+            tmp_path / "o",
+            "switch",
+            ep=ep,
+            world=2,
+            grad_accum=2,
+            capacity_factor=0.75,
+            min_capacity=0,
+            aux_loss_weight=0.1,
+        )
+    )
     tiny = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, bucket_mb=0.01))
     off = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, bucket_mb=0))
     (buckets, sent, got), _ = pair.run(case_overlap, cfg=tiny, data=tiny_data, steps=3)
@@ -329,7 +365,9 @@ def test_ep2_checkpoint_loads_at_ep4_on_four_processes(pair, tmp_path, tiny_data
     saved, cont = _ep2_checkpoint(pair, tmp_path, tiny_data)
     (tmp_path / "ep4").mkdir()
     shutil.copy(saved, tmp_path / "ep4" / "checkpoint.pt")
-    cfg = _cfg(tmp_path / "ep4", "switch", ep=4, world=4, steps=5, batch_size=B // 2, dropless=True, aux_loss_weight=0.0)
+    cfg = _cfg(
+        tmp_path / "ep4", "switch", ep=4, world=4, steps=5, batch_size=B // 2, dropless=True, aux_loss_weight=0.0
+    )
     four = WorkerPair(world=4)
     try:
         got = four.run(case_fit, cfg=cfg, data=tiny_data)[0]
@@ -359,6 +397,7 @@ def test_nan_on_one_rank_stops_every_rank_before_the_step(pair, tmp_path, tiny_d
 def test_ep2_resume_is_bit_exact_with_each_ranks_rng(pair, tmp_path, tiny_data):
     """GShard's random routing and dropout draw from each rank's own RNG stream; the checkpoint
     keeps every rank's, so 3 steps + resume + 3 steps == 6 steps, bit for bit."""
+
     def cfg(d):
         c = _cfg(d, "gshard", ep=2, world=2, steps=6, random_routing=True, expert_dropout=0.1)
         return dataclasses.replace(c, model=dataclasses.replace(c.model, dropout=0.1))
@@ -375,7 +414,9 @@ def test_ep2_resume_is_bit_exact_with_each_ranks_rng(pair, tmp_path, tiny_data):
 def _peer(rank: int, port: int, behaviour: str, results) -> None:
     """One rank of a 2-process ddp group (torchrun's environment set by hand, 3 s timeout):
     rank 0 all-reduces; rank 1 exits or sleeps instead."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from moe.parallel import ddp
 
@@ -446,7 +487,9 @@ def _gloo_threads() -> list[str]:
 def _rank_of_a_cli_run(rank: int, port: int, cfg, results) -> None:
     """One rank of ``moe-train parallel=<ddp|deepspeed>`` as the entry point runs it (torchrun's
     environment set by hand): train, then report the gloo threads still alive."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         import gc
@@ -471,11 +514,14 @@ def _rank_of_a_cli_run(rank: int, port: int, cfg, results) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
-@pytest.mark.parametrize("backend, ep, pp", [
-    ("ddp", 2, 1),
-    pytest.param("deepspeed", 2, 1, marks=pytest.mark.slow),
-    pytest.param("deepspeed", 1, 2, marks=pytest.mark.slow, id="deepspeed-pipeline"),
-])
+@pytest.mark.parametrize(
+    "backend, ep, pp",
+    [
+        ("ddp", 2, 1),
+        pytest.param("deepspeed", 2, 1, marks=pytest.mark.slow),
+        pytest.param("deepspeed", 1, 2, marks=pytest.mark.slow, id="deepspeed-pipeline"),
+    ],
+)
 def test_a_finished_rank_frees_every_process_group_before_exit(tmp_path, backend, ep, pp):
     """Every group the run made (world, expert, data; DeepSpeed's expert groups and its
     pipeline grid) is destroyed before the interpreter exits.  A group still alive then keeps
@@ -485,8 +531,12 @@ def test_a_finished_rank_frees_every_process_group_before_exit(tmp_path, backend
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
     cfg = _cfg(tmp_path / "run", "switch", ep=ep, world=2, steps=2)
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend=backend, pp_size=pp), ckpt_every=1,
-                              data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
+    cfg = dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(cfg.parallel, backend=backend, pp_size=pp),
+        ckpt_every=1,
+        data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")),
+    )
     with _two_ranks(_rank_of_a_cli_run, cfg) as results:
         got = {}
         for _ in range(2):
@@ -521,9 +571,15 @@ def test_resuming_at_another_layout_needs_the_same_global_batch(tmp_path):
     batch (batch_size x grad_accum x data-parallel ranks) stays the same."""
     saved = to_dict(_cfg(tmp_path, "switch", ep=2, world=2, batch_size=4))
     check_resumable(saved, to_dict(_cfg(tmp_path, "switch", batch_size=8)), tmp_path, saved_dp_size=2, dp_size=1)
-    check_resumable(saved, to_dict(_cfg(tmp_path, "switch", batch_size=2, grad_accum=2)), tmp_path, saved_dp_size=2, dp_size=2)
-    check_resumable(saved, to_dict(_cfg(tmp_path, "switch", ep=4, world=4, batch_size=2)), tmp_path, saved_dp_size=2, dp_size=4)
-    with pytest.raises(ConfigError, match=r"global batch \(batch_size x grad_accum x data-parallel ranks\): 4x1x2=8 -> 4x1x1=4") as e:
+    check_resumable(
+        saved, to_dict(_cfg(tmp_path, "switch", batch_size=2, grad_accum=2)), tmp_path, saved_dp_size=2, dp_size=2
+    )
+    check_resumable(
+        saved, to_dict(_cfg(tmp_path, "switch", ep=4, world=4, batch_size=2)), tmp_path, saved_dp_size=2, dp_size=4
+    )
+    with pytest.raises(
+        ConfigError, match=r"global batch \(batch_size x grad_accum x data-parallel ranks\): 4x1x2=8 -> 4x1x1=4"
+    ) as e:
         check_resumable(saved, to_dict(_cfg(tmp_path, "switch", batch_size=4)), tmp_path, saved_dp_size=2, dp_size=1)
     assert "\n" not in str(e.value)
 
@@ -550,9 +606,26 @@ def test_torchrun_end_to_end(tmp_path):
     torchrun = shutil.which("torchrun", path=bin_dir)
     assert torchrun, "torchrun not installed next to the interpreter"
     args = [torchrun, "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]
-    args += ["moe.num_experts=4", "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false", "peak_flops=1e11", "data.max_files=10"]
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    args += [
+        "moe.num_experts=4",
+        "steps=4",
+        "optim.warmup_steps=1",
+        "eval_every=2",
+        "ckpt_every=2",
+        "eval_batches=1",
+        "logger.log_every=1",
+        "logger.wandb=false",
+        "peak_flops=1e11",
+        "data.max_files=10",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
+    )
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     run = tmp_path / "runs" / "smoke-switch"
@@ -563,7 +636,11 @@ def test_torchrun_end_to_end(tmp_path):
     assert rows[0]["params/expert"] == 4 * 2 * 2 * 64 * 128  # the whole model's experts, not one shard
     assert sorted(f.name for f in run.iterdir() if "checkpoint" in f.name) == ["checkpoint.pt"]
     state = ckpt.load(run / "checkpoint.pt")
-    assert state["step"] == 4 and state["layout"]["ep_size"] == 2 and state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4
+    assert (
+        state["step"] == 4
+        and state["layout"]["ep_size"] == 2
+        and state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4
+    )
     assert p.stdout.count("done: 4 steps") == 1  # one summary: rank 1 prints nothing
     assert p.stderr.count("run directory:") == 1
     assert "Traceback" not in p.stderr

@@ -42,7 +42,7 @@ from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
 from tests.conftest import rank_trainer, tiny_config  # noqa: E402
 from tests.test_expert_parallel import WorkerPair  # noqa: E402
-from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1, pair  # noqa: E402,F401  (pair: the module-scoped 2-rank worker pair)
+from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 M = 2  # micro-batches per step (= pp_size: the pipeline fills)
@@ -56,10 +56,22 @@ def _cfg(out_dir, *, pp: int, steps: int = 3, zero: int = 0, **over):
     moe_over = {k[4:]: over.pop(k) for k in list(over) if k.startswith("moe_")}
     model_over = {k[6:]: over.pop(k) for k in list(over) if k.startswith("model_")}
     optim_over = {k[6:]: over.pop(k) for k in list(over) if k.startswith("optim_")}
-    moe = dataclasses.replace(c.moe, **{"jitter_eps": 0.0, "capacity_factor": 0.75, "min_capacity": 0, "aux_loss_weight": 0.1, "z_loss_weight": 0.001, **moe_over})
+    moe = dataclasses.replace(
+        c.moe,
+        **{
+            "jitter_eps": 0.0,
+            "capacity_factor": 0.75,
+            "min_capacity": 0,
+            "aux_loss_weight": 0.1,
+            "z_loss_weight": 0.001,
+            **moe_over,
+        },
+    )
     par = ParallelConfig(backend="deepspeed", pp_size=pp, zero_stage=zero) if pp > 1 else ParallelConfig()
     optim = dataclasses.replace(c.optim, **{"warmup_steps": 1, "grad_clip": 0.05, **optim_over})
-    return dataclasses.replace(c, moe=moe, model=dataclasses.replace(c.model, **model_over), parallel=par, optim=optim, **over)
+    return dataclasses.replace(
+        c, moe=moe, model=dataclasses.replace(c.model, **model_over), parallel=par, optim=optim, **over
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +95,12 @@ def case_fit(rank, states, *, cfg, data):
     _join_deepspeed(rank)
     t = rank_trainer(cfg, data, states[1])
     res = t.fit()
-    return {"history": None if res is None else res.history, "stage": t.backend.stage, "weights": {k: v.clone() for k, v in stage_state_dict(t.backend.module).items()}, "step": t.step}
+    return {
+        "history": None if res is None else res.history,
+        "stage": t.backend.stage,
+        "weights": {k: v.clone() for k, v in stage_state_dict(t.backend.module).items()},
+        "step": t.step,
+    }
 
 
 def case_ctrl_c_on_the_last_stage(rank, states, *, cfg, data):
@@ -135,7 +152,11 @@ def _reference_router_grad(cfg, data) -> torch.Tensor:
 
 LAYOUTS = {
     "moe-on-both-stages-tied": {},
-    "dense-first-stage-untied-experts-at-half-lr": {"model_moe_every": 2, "model_tie_embeddings": False, "optim_expert_lr_scale": 0.5},
+    "dense-first-stage-untied-experts-at-half-lr": {
+        "model_moe_every": 2,
+        "model_tie_embeddings": False,
+        "optim_expert_lr_scale": 0.5,
+    },
     "zero1-stopped-after-2-steps-and-resumed": {"zero": 1},
 }
 
@@ -174,14 +195,20 @@ def test_pp2_equals_one_process_with_grad_accum(pair, tmp_path, tiny_data, layou
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "val/loss" in r] == ([2, 3] if zero else [3])  # the end of each run
     # the expert load of every MoE block, gathered from its stage, equals the one process's
-    want_rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    want_rows = [
+        json.loads(line)
+        for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     load_keys = [k for k in want_rows[0] if k.startswith("moe/layer_")]
     n_moe = 2 if layout == "moe-on-both-stages-tied" or zero else 1
     assert len(load_keys) == n_moe * (7 + 4) and all(w["moe/layer_1/dropped_frac"] > 0 for w in want_rows)
     for g, w in zip([r for r in rows if "train/loss" in r], want_rows):
         for k in load_keys:
             assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), k
-    assert (tmp_path / "pp" / "global_step3").is_dir() and json.loads((tmp_path / "pp" / "pipeline.json").read_text())["tag"] == "global_step3"
+    assert (tmp_path / "pp" / "global_step3").is_dir() and json.loads((tmp_path / "pp" / "pipeline.json").read_text())[
+        "tag"
+    ] == "global_step3"
     assert not (tmp_path / "pp" / "global_step2").exists()  # the older tag removed
 
 
@@ -204,7 +231,9 @@ def test_pp2_dp2_on_four_processes_equals_one_process(tmp_path, tiny_data):
     merged = {**got[0]["weights"], **got[2]["weights"]}
     for k, v in merged.items():
         torch.testing.assert_close(v, ref["model"][k], **TOL, msg=lambda m: f"{k}: {m}")
-        torch.testing.assert_close(got[1 if k in got[1]["weights"] else 3]["weights"][k], v, rtol=0, atol=0)  # replicas agree
+        torch.testing.assert_close(
+            got[1 if k in got[1]["weights"] else 3]["weights"][k], v, rtol=0, atol=0
+        )  # replicas agree
 
 
 @pytest.mark.slow
@@ -237,7 +266,10 @@ def test_unsupported_layouts_are_one_line_config_errors(tmp_path):
     from moe.parallel.pipeline import check_pipeline_config
 
     cases = [
-        (dict(parallel=ParallelConfig(backend="deepspeed", pp_size=2, ep_size=2)), r"parallel\.ep_size=2 with parallel\.pp_size=2"),
+        (
+            dict(parallel=ParallelConfig(backend="deepspeed", pp_size=2, ep_size=2)),
+            r"parallel\.ep_size=2 with parallel\.pp_size=2",
+        ),
         (dict(parallel=ParallelConfig(backend="deepspeed", pp_size=2, zero_stage=2)), r"parallel\.zero_stage=2"),
         (dict(parallel=ParallelConfig(backend="ddp", pp_size=2)), r"needs parallel=deepspeed"),
         (dict(dtype="bfloat16"), r"dtype=bfloat16"),
@@ -261,8 +293,18 @@ def test_layer_specs_cover_the_model_once():
     c = _cfg("unused", pp=2)
     model = dataclasses.replace(c.model, vocab_size=256, n_layers=3)
     specs = pipeline_layers(model, c.moe)
-    assert [s.typename for s in specs] == [TokenEmbedding, PositionEmbedding, BlockLayer, BlockLayer, BlockLayer, FinalNorm, TokenEmbedding]
-    assert isinstance(specs[0], TiedLayerSpec) and isinstance(specs[-1], TiedLayerSpec) and specs[0].key == specs[-1].key
+    assert [s.typename for s in specs] == [
+        TokenEmbedding,
+        PositionEmbedding,
+        BlockLayer,
+        BlockLayer,
+        BlockLayer,
+        FinalNorm,
+        TokenEmbedding,
+    ]
+    assert (
+        isinstance(specs[0], TiedLayerSpec) and isinstance(specs[-1], TiedLayerSpec) and specs[0].key == specs[-1].key
+    )
     assert specs[-1].forward_fn is not None and specs[0].forward_fn is None
     untied = pipeline_layers(dataclasses.replace(model, tie_embeddings=False), c.moe)
     assert untied[-1].typename is LMHead and not any(isinstance(s, TiedLayerSpec) for s in untied)
@@ -277,12 +319,42 @@ def test_deepspeed_launcher_trains_two_pipeline_stages(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     launcher, exe = shutil.which("deepspeed", path=bin_dir), shutil.which("moe-train", path=bin_dir)
     assert launcher and exe, "deepspeed / moe-train not installed next to the interpreter"
-    args = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), exe,
-            "parallel=deepspeed", "parallel.pp_size=2", "parallel.zero_stage=1", "experiment=smoke", "moe.num_experts=4", "grad_accum=2",
-            "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1", "logger.log_every=1", "logger.wandb=false",
-            "logger.progress=false", "peak_flops=1e11", "data.max_files=10", "threads=1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    args = [
+        launcher,
+        "--num_gpus",
+        "2",
+        "--no_local_rank",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        exe,
+        "parallel=deepspeed",
+        "parallel.pp_size=2",
+        "parallel.zero_stage=1",
+        "experiment=smoke",
+        "moe.num_experts=4",
+        "grad_accum=2",
+        "steps=4",
+        "optim.warmup_steps=1",
+        "eval_every=2",
+        "ckpt_every=2",
+        "eval_batches=1",
+        "logger.log_every=1",
+        "logger.wandb=false",
+        "logger.progress=false",
+        "peak_flops=1e11",
+        "data.max_files=10",
+        "threads=1",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
+    )
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp_path / "runs" / "smoke-switch"
@@ -295,8 +367,14 @@ def test_deepspeed_launcher_trains_two_pipeline_stages(tmp_path):
     assert "block 1: cv" in p.stdout  # the expert load of the last stage's block, gathered to rank 0
     assert (run / "latest").read_text().strip() == "global_step4"
     info = json.loads((run / "pipeline.json").read_text())
-    assert info["tag"] == "global_step4" and info["step"] == 4 and info["layout"] == {"world_size": 2, "pp_size": 2, "dp_size": 1, "zero_stage": 1}
-    assert sorted(d.name for d in run.iterdir() if d.name.startswith("global_step")) == ["global_step4"]  # older tags removed
+    assert (
+        info["tag"] == "global_step4"
+        and info["step"] == 4
+        and info["layout"] == {"world_size": 2, "pp_size": 2, "dp_size": 1, "zero_stage": 1}
+    )
+    assert sorted(d.name for d in run.iterdir() if d.name.startswith("global_step")) == [
+        "global_step4"
+    ]  # older tags removed
     assert not (run / "checkpoint.pt").exists()
     assert "ShareMemComm" not in p.stdout + p.stderr
     assert "autograd kernel was not registered" not in p.stderr  # the tied weight's broadcast stays out of autograd

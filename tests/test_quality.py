@@ -9,7 +9,11 @@ import random
 import pytest
 
 from moe.bench.cli import main as bench_main
-from moe.bench.quality import NOTES_MARKER, Arm, _compose, RunCurves, bar_checks, expert_only, kept_notes, load_run, paired_gaps, parse_arm, render, steps_to_reach, summarize
+from moe.bench.quality.arms import Arm, expert_only, parse_arm
+from moe.bench.quality.curves import RunCurves, load_run, steps_to_reach, summarize
+from moe.bench.quality.final_eval import paired_gaps
+from moe.bench.quality.report import NOTES_MARKER, bar_checks, kept_notes, render
+from moe.cli.config import compose as _compose
 
 
 def _naive_reach(steps, losses, target, grid=20000):
@@ -56,9 +60,23 @@ def _write_metrics(path, records):
 def test_load_run_reads_curves_time_and_cv(tmp_path):
     recs = [
         {"step": 0, "params/total": 100, "params/active_non_embedding": 40},
-        {"step": 10, "perf/step_time_s": 0.5, "perf/tokens_per_s": 1000.0, "moe/layer_1/cv": 0.2, "moe/layer_3/cv": 0.4, "train/loss": 3.0},
+        {
+            "step": 10,
+            "perf/step_time_s": 0.5,
+            "perf/tokens_per_s": 1000.0,
+            "moe/layer_1/cv": 0.2,
+            "moe/layer_3/cv": 0.4,
+            "train/loss": 3.0,
+        },
         {"step": 10, "val/loss": 2.5},
-        {"step": 30, "perf/step_time_s": 0.25, "perf/tokens_per_s": 2000.0, "moe/layer_1/cv": 0.1, "moe/layer_3/cv": None, "train/loss": 2.0},
+        {
+            "step": 30,
+            "perf/step_time_s": 0.25,
+            "perf/tokens_per_s": 2000.0,
+            "moe/layer_1/cv": 0.1,
+            "moe/layer_3/cv": None,
+            "train/loss": 2.0,
+        },
         {"step": 30, "val/loss": 2.0},
         {"step": 30, "val/loss": 1.9},  # the final eval at the same step replaces the periodic one
         {"type": "summary", "final/val_loss": 1.9},
@@ -76,9 +94,11 @@ def test_load_run_reads_curves_time_and_cv(tmp_path):
 
 
 def test_last_step_skips_the_summary_record(tmp_path):
-    from moe.bench.quality import _last_step
+    from moe.bench.quality.progress import last_step as _last_step
 
-    _write_metrics(tmp_path / "r", [{"step": 0}, {"step": 1500, "val/loss": 1.2}, {"type": "summary", "final/val_loss": 1.2}])
+    _write_metrics(
+        tmp_path / "r", [{"step": 0}, {"step": 1500, "val/loss": 1.2}, {"type": "summary", "final/val_loss": 1.2}]
+    )
     assert _last_step(tmp_path / "r" / "metrics.jsonl") == 1500  # a finished arm counts as done from the start
     (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 7}\n{"step": 8, "trunc')  # a record being written
     assert _last_step(tmp_path / "r" / "metrics.jsonl") == 7
@@ -88,8 +108,8 @@ def test_last_step_skips_the_summary_record(tmp_path):
 def test_a_part_trained_arm_starts_from_its_checkpoint_step(tmp_path):
     # The trainer drops the records logged after the checkpoint when it resumes, so the last
     # logged step (375) would make the progress bar run backwards to 250.
+    from moe.bench.quality.progress import start_step as _start_step
     from moe.training import checkpoint as ckpt
-    from moe.bench.quality import _start_step
 
     run = tmp_path / "r"
     _write_metrics(run, [{"step": 250}, {"step": 375}])
@@ -106,7 +126,8 @@ def test_a_part_trained_arm_starts_from_its_checkpoint_step(tmp_path):
 def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
     # Until moe-train rewrites metrics.jsonl, its stale tail (375) must not show: the bar
     # would jump to 375 and back to the checkpoint's 250 (or to 0 for a run started over).
-    from moe.bench.quality import _file_sig, _steps_done
+    from moe.bench.quality.progress import file_sig as _file_sig
+    from moe.bench.quality.progress import steps_done as _steps_done
     from moe.training.sinks import truncate_jsonl as _truncate_jsonl
 
     run = tmp_path / "r"
@@ -132,7 +153,7 @@ def test_the_bar_ignores_records_the_trainer_is_about_to_drop(tmp_path):
 def test_the_setup_names_the_experts_learning_rate(tmp_path):
     import dataclasses
 
-    from moe.bench.quality import _schedule
+    from moe.bench.quality.report import schedule as _schedule
     from tests.conftest import tiny_config
 
     dense, switch = tiny_config(tmp_path, "dense"), tiny_config(tmp_path, "switch")
@@ -143,8 +164,16 @@ def test_the_setup_names_the_experts_learning_rate(tmp_path):
 
 def _curve(name, losses, every=100, cv=math.nan):
     steps = [every * (i + 1) for i in range(len(losses))]
-    return RunCurves(name, val_steps=steps, val_loss=losses, train_steps=steps, train_time_s=[0.1 * s for s in steps],
-                     tokens_per_s=[1000.0] * len(steps), cv=[cv] * len(steps), params={"total": 10, "active_non_embedding": 5})
+    return RunCurves(
+        name,
+        val_steps=steps,
+        val_loss=losses,
+        train_steps=steps,
+        train_time_s=[0.1 * s for s in steps],
+        tokens_per_s=[1000.0] * len(steps),
+        cv=[cv] * len(steps),
+        params={"total": 10, "active_non_embedding": 5},
+    )
 
 
 def test_summarize_and_the_bar():
@@ -154,7 +183,9 @@ def test_summarize_and_the_bar():
     rows = summarize([dense, switch, gshard])
     by = {r["arm"]: r for r in rows}
     assert by["dense"]["steps_ratio"] == 1.0
-    assert by["switch-8"]["steps_to_baseline"] == pytest.approx(200.0) and by["switch-8"]["steps_ratio"] == pytest.approx(0.5)
+    assert by["switch-8"]["steps_to_baseline"] == pytest.approx(200.0) and by["switch-8"][
+        "steps_ratio"
+    ] == pytest.approx(0.5)
     assert by["switch-8"]["time_to_baseline_s"] == pytest.approx(20.0)
     assert by["gshard-8"]["steps_to_baseline"] is None and by["gshard-8"]["mean_cv"] == pytest.approx(0.2)
     # the gap to dense half way (step 200: 2.0 - 2.5) and at dense's last step (1.7 - 2.0)
@@ -177,7 +208,9 @@ def test_paired_gaps_against_statistics():
     diffs = [a - b for a, b in zip(moe, dense)]
     assert got["switch-8"]["gap"] == pytest.approx(statistics.fmean(diffs))
     assert got["switch-8"]["gap_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(50))
-    assert got["switch-8"]["gap_se"] < 0.1 * statistics.stdev(dense) / math.sqrt(50)  # the pairing removed the difficulty
+    assert got["switch-8"]["gap_se"] < 0.1 * statistics.stdev(dense) / math.sqrt(
+        50
+    )  # the pairing removed the difficulty
     assert got["switch-8"]["batches_ahead"] == sum(d < 0 for d in diffs)
     assert got["switch-8"]["val_loss"] == pytest.approx(statistics.fmean(moe))
     assert got["dense"]["gap"] is None and got["short"]["gap"] is None  # not paired: other batches
@@ -191,13 +224,30 @@ def test_paired_gaps_against_statistics():
 
 def test_render_keeps_the_hand_written_notes(tmp_path):
     rows = summarize([_curve("dense", [3.0, 2.0]), _curve("base-8", [2.9, 1.9], cv=0.0)])
-    setup = {"command": "moe-bench quality", "commit": "abc", "seed": 1, "date": "d", "machine": "m", "model": "m", "tokens_per_step": 2048,
-             "steps": 200, "schedule": "s", "data": "d", "jobs": 2, "threads": 1}
+    setup = {
+        "command": "moe-bench quality",
+        "commit": "abc",
+        "seed": 1,
+        "date": "d",
+        "machine": "m",
+        "model": "m",
+        "tokens_per_step": 2048,
+        "steps": 200,
+        "schedule": "s",
+        "data": "d",
+        "jobs": 2,
+        "threads": 1,
+    }
     out = tmp_path / "results.md"
     out.write_text(render(rows, setup=setup, plots={}) + "We tried a lower aux weight.\n")
     text = render(rows, setup=setup, plots={"p": "x.png"}, notes=kept_notes(out))
     assert text.count(NOTES_MARKER) == 1 and text.rstrip().endswith("We tried a lower aux weight.")
-    assert "| base-8 | 200 | 1.9000 |" in text and "| -0.1000 / -0.1000 |" in text and "met: BASE-8 beats dense" in text and "![p](x.png)" in text
+    assert (
+        "| base-8 | 200 | 1.9000 |" in text
+        and "| -0.1000 / -0.1000 |" in text
+        and "met: BASE-8 beats dense" in text
+        and "![p](x.png)" in text
+    )
 
 
 def test_arms_keep_dense_flops():
@@ -212,7 +262,12 @@ def test_arms_keep_dense_flops():
 
 
 def test_router_and_expert_overrides_skip_the_dense_arm():
-    for o in ("moe.capacity_factor=2.0", "++moe.dropless=true", "moe.aux_loss_weight=0.001", "optim.expert_lr_scale=0.5"):
+    for o in (
+        "moe.capacity_factor=2.0",
+        "++moe.dropless=true",
+        "moe.aux_loss_weight=0.001",
+        "optim.expert_lr_scale=0.5",
+    ):
         assert expert_only(o), o
     for o in ("moe.init_scale=0.1", "optim.lr=1e-3", "model.d_ff=512", "steps=3000", "moe=switch"):
         assert not expert_only(o), o
@@ -221,7 +276,16 @@ def test_router_and_expert_overrides_skip_the_dense_arm():
 def test_smoke_comparison_end_to_end(tmp_path, capsys):
     """Four real (tiny) moe-train runs, two at a time, then the report and its plots."""
     out = tmp_path / "results.md"
-    argv = ["quality", "--smoke", "--arms", "dense,switch-8,gshard-8,base-8", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    argv = [
+        "quality",
+        "--smoke",
+        "--arms",
+        "dense,switch-8,gshard-8,base-8",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     assert bench_main(argv) == 0
     rows = {r["arm"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     assert set(rows) == {"dense", "switch-8", "gshard-8", "base-8"}
@@ -231,16 +295,25 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
         assert rows[arm]["total_params"] > rows["dense"]["total_params"]
         assert rows[arm]["mean_cv"] is not None and rows[arm]["steps"] == 12
     assert rows["base-8"]["mean_cv"] == pytest.approx(0.0, abs=1e-9)  # BASE balances exactly
-    peaks = {json.loads((tmp_path / "runs" / f"quality-{a}" / "config.json").read_text())["peak_flops"] for a in ("dense-e1", "switch-e8", "gshard-e8", "base-e8")}
+    peaks = {
+        json.loads((tmp_path / "runs" / f"quality-{a}" / "config.json").read_text())["peak_flops"]
+        for a in ("dense-e1", "switch-e8", "gshard-e8", "base-e8")
+    }
     assert len(peaks) == 1 and peaks.pop() > 0  # one peak, measured before the arms, for every arm's MFU
     assert all(math.isfinite(r["final_val_loss"]) for r in rows.values())
     # the final checkpoints on 4 val batches (--smoke), paired with dense; the first 2 batches are the training evals'
     assert all(r["final_eval"]["batches"] == 4 for r in rows.values())
-    assert rows["dense"]["final_eval"]["gap"] is None and all(rows[a]["final_eval"]["gap"] is not None for a in ("switch-8", "gshard-8", "base-8"))
+    assert rows["dense"]["final_eval"]["gap"] is None and all(
+        rows[a]["final_eval"]["gap"] is not None for a in ("switch-8", "gshard-8", "base-8")
+    )
     cached = json.loads((tmp_path / "runs" / "quality-switch-e8" / "final_eval.json").read_text())
     assert cached["step"] == 12 and len(cached["losses"]) == 4
     assert rows["switch-8"]["final_eval"]["val_loss"] == pytest.approx(sum(cached["losses"]) / 4)
-    for arm, run in (("dense", "dense-e1"), ("switch-8", "switch-e8"), ("base-8", "base-e8")):  # reloaded model == the trained one
+    for arm, run in (
+        ("dense", "dense-e1"),
+        ("switch-8", "switch-e8"),
+        ("base-8", "base-e8"),
+    ):  # reloaded model == the trained one
         first = json.loads((tmp_path / "runs" / f"quality-{run}" / "final_eval.json").read_text())["losses"][:2]
         assert rows[arm]["final_val_loss"] == pytest.approx(sum(first) / 2, rel=1e-6), arm
     text = out.read_text()
@@ -252,13 +325,20 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     metrics = {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in ("dense-e1", "switch-e8")}
     assert bench_main(argv) == 0  # finished arms are not launched again: their metrics stay as they were
     assert {a: (tmp_path / "runs" / f"quality-{a}" / "metrics.jsonl").read_text() for a in metrics} == metrics
-    assert "- Trained by earlier invocations with this config (their run dirs' config.json match it): dense, switch-8, gshard-8, base-8." in out.read_text()
+    assert (
+        "- Trained by earlier invocations with this config (their run dirs' config.json "
+        "match it): dense, switch-8, gshard-8, base-8." in out.read_text()
+    )
     capsys.readouterr()
     # ... unless the overrides changed: one line, nothing run.  Overrides may sit on either side
     # of the options (argparse alone would refuse the second group).
     assert bench_main(argv[:1] + ["moe.aux_loss_weight=0.5"] + argv[1:] + ["seed=1337"]) == 2
     err = capsys.readouterr().err
-    assert "arm switch-8: " in err and "holds a checkpoint of another config (moe.aux_loss_weight:" in err and "matmul peak" not in err
+    assert (
+        "arm switch-8: " in err
+        and "holds a checkpoint of another config (moe.aux_loss_weight:" in err
+        and "matmul peak" not in err
+    )
     with pytest.raises(SystemExit):
         bench_main(argv + ["--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
@@ -266,7 +346,9 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     scale = _compose(["experiment=quality"]).optim.expert_lr_scale
     assert bench_main(argv + [f"optim.expert_lr_scale={scale / 2}"]) == 2
     err = capsys.readouterr().err
-    assert "arm switch-8: " in err and f"(optim.expert_lr_scale: {scale!r} -> {scale / 2!r})" in err and "dense" not in err
+    assert (
+        "arm switch-8: " in err and f"(optim.expert_lr_scale: {scale!r} -> {scale / 2!r})" in err and "dense" not in err
+    )
     # moe-train would resume with another schedule or length; an arm of a comparison may not
     lr = _compose(["experiment=quality"]).optim.lr
     assert bench_main(argv + [f"optim.lr={lr / 2}"]) == 2
@@ -275,6 +357,8 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     assert "was trained with another schedule (steps: 12 -> 24)" in capsys.readouterr().err
     assert bench_main(argv + ["--report-only"]) == 0  # finished arms are read, not re-trained
     assert out.read_text().rstrip().endswith("hand-written note")
-    assert "- Arms ran 2 at a time" in text and "- Trained by earlier invocations" not in text  # the first run trained them all
+    assert (
+        "- Arms ran 2 at a time" in text and "- Trained by earlier invocations" not in text
+    )  # the first run trained them all
     assert "- Trained by earlier invocations with this config" in out.read_text()
     assert "| dense |" in capsys.readouterr().out

@@ -35,9 +35,18 @@ from pathlib import Path
 
 import pytest
 
-from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, DataConfig, OptimConfig, ParallelConfig
-from moe.parallel.ray_train import RAY_DIR, RAY_RUN_NAME, RayReporter, check_cluster, check_ray_run, fit_on_ray, train_on_ray, worker_error
+from moe.parallel.ray_train import (
+    RAY_DIR,
+    RAY_RUN_NAME,
+    RayReporter,
+    check_cluster,
+    check_ray_run,
+    fit_on_ray,
+    train_on_ray,
+    worker_error,
+)
+from moe.training import checkpoint as ckpt
 from moe.training.loop import TrainingDiverged
 from tests.conftest import tiny_config
 
@@ -57,10 +66,13 @@ def _ray_cfg(out_dir, *, workers: int = 2, ep: int = 1, **over):
 # before Ray starts: one line each
 
 
-@pytest.mark.parametrize("over, match", [
-    (dict(workers=3, ep=2), r"parallel\.ep_size=2 does not divide parallel\.num_workers=3"),
-    (dict(workers=4), r"parallel\.num_workers\*cpus_per_worker=4\*1=4 CPUs but this machine has 2; lower"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(workers=3, ep=2), r"parallel\.ep_size=2 does not divide parallel\.num_workers=3"),
+        (dict(workers=4), r"parallel\.num_workers\*cpus_per_worker=4\*1=4 CPUs but this machine has 2; lower"),
+    ],
+)
 def test_layout_errors_are_one_line(tmp_path, over, match):
     workers = over.pop("workers")
     tc = _ray_cfg(tmp_path, workers=workers, **over)
@@ -71,16 +83,31 @@ def test_layout_errors_are_one_line(tmp_path, over, match):
 
 def test_bad_ray_address_and_device_mismatches(tmp_path):
     tc = _ray_cfg(tmp_path)
-    with pytest.raises(ConfigError, match=r"parallel\.ray_address='http://x'; use local .*, auto .* or ray://HEAD:10001"):
+    with pytest.raises(
+        ConfigError, match=r"parallel\.ray_address='http://x'; use local .*, auto .* or ray://HEAD:10001"
+    ):
         check_ray_run(dataclasses.replace(tc, parallel=dataclasses.replace(tc.parallel, ray_address="http://x")), {})
     with pytest.raises(ConfigError, match=r"parallel\.use_gpu=true with device=cpu"):
-        check_ray_run(dataclasses.replace(tc, device="cpu", parallel=dataclasses.replace(tc.parallel, use_gpu=True)), {})
-    with pytest.raises(ConfigError, match=r"parallel\.use_gpu=true with parallel\.num_workers=2 but this machine has 0 GPU"):
-        check_ray_run(dataclasses.replace(tc, parallel=dataclasses.replace(tc.parallel, use_gpu=True)), {}, cpu_count=8, gpu_count=0)
+        check_ray_run(
+            dataclasses.replace(tc, device="cpu", parallel=dataclasses.replace(tc.parallel, use_gpu=True)), {}
+        )
+    with pytest.raises(
+        ConfigError, match=r"parallel\.use_gpu=true with parallel\.num_workers=2 but this machine has 0 GPU"
+    ):
+        check_ray_run(
+            dataclasses.replace(tc, parallel=dataclasses.replace(tc.parallel, use_gpu=True)),
+            {},
+            cpu_count=8,
+            gpu_count=0,
+        )
     with pytest.raises(ConfigError, match=r"fit_on_ray runs parallel=ray only"):
         check_ray_run(dataclasses.replace(tc, parallel=ParallelConfig()), {})
     check_ray_run(tc, {}, cpu_count=2)  # the good config passes
-    check_ray_run(dataclasses.replace(tc, parallel=dataclasses.replace(tc.parallel, ray_address="auto", num_workers=64)), {}, cpu_count=2)  # a cluster's CPUs are checked once connected
+    check_ray_run(
+        dataclasses.replace(tc, parallel=dataclasses.replace(tc.parallel, ray_address="auto", num_workers=64)),
+        {},
+        cpu_count=2,
+    )  # a cluster's CPUs are checked once connected
 
 
 def test_an_address_where_nothing_listens_is_one_line_before_ray_starts():
@@ -88,8 +115,8 @@ def test_an_address_where_nothing_listens_is_one_line_before_ray_starts():
     (Ray itself retries the head for many minutes), and Ray was never initialised."""
     import ray
 
-    from moe.parallel.ray_train import _connected, unreachable
     from moe.parallel.ports import free_port
+    from moe.parallel.ray_train import _connected, unreachable
 
     port = free_port()  # free: nothing listens on it
     assert unreachable(f"127.0.0.1:{port}") is not None and unreachable("auto") is None
@@ -108,7 +135,11 @@ def test_an_address_where_nothing_listens_is_one_line_before_ray_starts():
 
 def test_ray_under_torchrun_is_refused_before_ray_starts(tmp_path, monkeypatch):
     tc = _ray_cfg(tmp_path)
-    with pytest.raises(ConfigError, match=r"parallel\.backend=ray but this process is one of WORLD_SIZE=2 .*run moe-train parallel=ray as one process"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel\.backend=ray but this process is one of WORLD_SIZE=2 .*run moe-train "
+        r"parallel=ray as one process",
+    ):
         check_ray_run(tc, {"WORLD_SIZE": "2", "RANK": "0"})
     import ray
 
@@ -142,6 +173,7 @@ def _record(into: list, rank: int, seen_files: list):
         into.append((rank, metrics, checkpoint))
         if checkpoint is not None:  # what Ray would copy, while it may
             seen_files.append(sorted(p.name for p in Path(checkpoint).iterdir()))
+
     return report
 
 
@@ -210,15 +242,29 @@ def test_cluster_script_builds_the_documented_commands(tmp_path):
         return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=30, env={**env, **extra})
 
     p = run("head")
-    assert p.returncode == 0 and p.stdout.split() == "ray start --head --port 6379 --dashboard-host 127.0.0.1 --dashboard-port 8265".split()
+    assert (
+        p.returncode == 0
+        and p.stdout.split() == "ray start --head --port 6379 --dashboard-host 127.0.0.1 --dashboard-port 8265".split()
+    )
     p = run("worker", "10.0.0.1", RAY_START_ARGS="--num-cpus 8")
     assert p.returncode == 0 and p.stdout.split() == "ray start --address 10.0.0.1:6379 --num-cpus 8".split()
     p = run("submit", "10.0.0.1", "4", "parallel.ep_size=2", "out_dir=/shared/r")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ("ray job submit --address http://10.0.0.1:8265 --working-dir . -- moe-train parallel=ray "
-                                "parallel.ray_address=auto parallel.num_workers=4 parallel.ep_size=2 out_dir=/shared/r").split()
-    for bad, why in [((), "usage:"), (("submit", "10.0.0.1", "0"), "NUM_WORKERS=0"), (("submit", "10.0.0.1:6379", "2"), "without a port"),
-                     (("worker",), "usage:"), (("launch",), "unknown command"), (("head",), "PORT=x")]:
+    assert (
+        p.stdout.split()
+        == (
+            "ray job submit --address http://10.0.0.1:8265 --working-dir . -- moe-train parallel=ray "
+            "parallel.ray_address=auto parallel.num_workers=4 parallel.ep_size=2 out_dir=/shared/r"
+        ).split()
+    )
+    for bad, why in [
+        ((), "usage:"),
+        (("submit", "10.0.0.1", "0"), "NUM_WORKERS=0"),
+        (("submit", "10.0.0.1:6379", "2"), "without a port"),
+        (("worker",), "usage:"),
+        (("launch",), "unknown command"),
+        (("head",), "PORT=x"),
+    ]:
         p = run(*bad, **({"PORT": "x"} if bad == ("head",) else {}))
         assert p.returncode == 2 and why in p.stderr and not p.stdout, (bad, p.stderr)
 
@@ -265,11 +311,17 @@ def test_two_workers_train_report_checkpoint_and_resume(ray_local, tmp_path):
     assert [r["step"] for r in train] == list(range(1, 21))  # each step once: rank 0 alone writes
     assert [r["step"] for r in rows if "val/loss" in r] == [10, 20]
     assert train[-1]["train/loss"] < train[0]["train/loss"] - 1.0  # it learns
-    assert run.step == 20 and run.train_loss == pytest.approx(train[-1]["train/loss"]) and run.checkpoint == (out / "checkpoint.pt").resolve()
+    assert (
+        run.step == 20
+        and run.train_loss == pytest.approx(train[-1]["train/loss"])
+        and run.checkpoint == (out / "checkpoint.pt").resolve()
+    )
     assert ckpt.load(out / "checkpoint.pt")["step"] == 20
     # what Ray got: the last step's metrics, train and val, and the checkpoint with them
     assert result.metrics["step"] == 20
-    assert result.metrics["train/loss"] == pytest.approx(run.train_loss) and result.metrics["val/loss"] == pytest.approx(run.val_loss)
+    assert result.metrics["train/loss"] == pytest.approx(run.train_loss) and result.metrics[
+        "val/loss"
+    ] == pytest.approx(run.val_loss)
     ray_ckpts = _ray_checkpoints(out)
     assert len(ray_ckpts) == 1 and Path(result.checkpoint.path).resolve() == ray_ckpts[0].resolve()  # the latest kept
     assert [p.name for p in ray_ckpts[0].iterdir()] == ["checkpoint.pt"]
@@ -286,12 +338,15 @@ def test_two_workers_train_report_checkpoint_and_resume(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_ep2_on_ray_equals_one_process_with_the_double_batch(ray_local, tmp_path, tiny_data):
-    from tests.test_parallel_train import B, NO_AUX, _assert_same_run, _cfg, _clipped, _reference
+    from tests.test_parallel_train import NO_AUX, B, _assert_same_run, _cfg, _clipped, _reference
 
     over = {"dropless": True, "aux_loss_weight": 0.0}
     par_cfg = _clipped(_cfg(tmp_path / "ep", "switch", **over))
-    par_cfg = dataclasses.replace(par_cfg, parallel=ParallelConfig(backend="ray", num_workers=2, ep_size=2),
-                                  data=dataclasses.replace(par_cfg.data, cache_dir=str(tmp_path / "cache")))
+    par_cfg = dataclasses.replace(
+        par_cfg,
+        parallel=ParallelConfig(backend="ray", num_workers=2, ep_size=2),
+        data=dataclasses.replace(par_cfg.data, cache_dir=str(tmp_path / "cache")),
+    )
     run = fit_on_ray(par_cfg)
     par = {"history": run.history, "step": run.step, "model": ckpt.load(tmp_path / "ep" / "checkpoint.pt")["model"]}
     ref = _reference(_clipped(_cfg(tmp_path / "ref", "switch", batch_size=2 * B, **over)), tiny_data)
@@ -320,10 +375,31 @@ def test_moe_train_parallel_ray_end_to_end(tmp_path):
     exe = shutil.which("moe-train", path=str(BIN))
     assert exe, "moe-train not installed next to the interpreter"
     run = tmp_path / "run"
-    args = [exe, *cmd[1:], "moe.num_experts=4", "steps=4", "optim.warmup_steps=1", "eval_every=2", "ckpt_every=2", "eval_batches=1",
-            "logger.log_every=1", "logger.wandb=false", "peak_flops=1e11", "data.max_files=10", f"out_dir={run}", f"hydra.run.dir={run}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")}
-    env.update(PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    args = [
+        exe,
+        *cmd[1:],
+        "moe.num_experts=4",
+        "steps=4",
+        "optim.warmup_steps=1",
+        "eval_every=2",
+        "ckpt_every=2",
+        "eval_batches=1",
+        "logger.log_every=1",
+        "logger.wandb=false",
+        "peak_flops=1e11",
+        "data.max_files=10",
+        f"out_dir={run}",
+        f"hydra.run.dir={run}",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")
+    }
+    env.update(
+        PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
+    )
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.count("done: 4 steps") == 1 and f"checkpoint  {(run / 'checkpoint.pt').resolve()}" in p.stdout
@@ -335,8 +411,13 @@ def test_moe_train_parallel_ray_end_to_end(tmp_path):
     assert OUR_FRAMES not in p.stderr, p.stderr[-4000:]  # (Ray's own threads may print one at shutdown)
 
     # another model in the same run directory: the workers' ConfigError, as the usual one line
-    p = subprocess.run([*args, "model.d_model=32"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    p = subprocess.run(
+        [*args, "model.d_model=32"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
     assert p.returncode == 2, p.stderr[-4000:]
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("moe-train: error: ") and "holds a checkpoint of another config (model.d_model: 64 -> 32" in last, p.stderr[-4000:]
+    assert (
+        last.startswith("moe-train: error: ")
+        and "holds a checkpoint of another config (model.d_model: 64 -> 32" in last
+    ), p.stderr[-4000:]
     assert OUR_FRAMES not in p.stderr, p.stderr[-4000:]  # no worker traceback before the line

@@ -361,7 +361,9 @@ def test_load_balancing_loss_has_real_gradient_to_router():
     probs = [softmax_row(row) for row in rows]
     choice = [max(range(E), key=lambda e: row[e]) for row in rows]
     f = [choice.count(i) / T for i in range(E)]
-    expected = [[E / T * probs[t][j] * (f[j] - sum(f[i] * probs[t][i] for i in range(E))) for j in range(E)] for t in range(T)]
+    expected = [
+        [E / T * probs[t][j] * (f[j] - sum(f[i] * probs[t][i] for i in range(E))) for j in range(E)] for t in range(T)
+    ]
     torch.testing.assert_close(g, torch.tensor(expected), rtol=1e-5, atol=1e-7)
     # the loss value moves with the router even when no token changes expert
     shifted = torch.tensor(rows) + torch.tensor([0.3, 0.0, 0.0])
@@ -473,8 +475,13 @@ def test_routing_invariants(case):
     logits, k, cf, min_cap, normalize, random_routing, seed = case
     T, E = logits.shape
     r = topk_route(
-        logits, k, capacity_factor=cf, min_capacity=min_cap, normalize=normalize,
-        random_routing=random_routing, generator=torch.Generator().manual_seed(seed),
+        logits,
+        k,
+        capacity_factor=cf,
+        min_capacity=min_cap,
+        normalize=normalize,
+        random_routing=random_routing,
+        generator=torch.Generator().manual_seed(seed),
     )
     ids, w, kept = r.expert_ids_TK, r.weights_TK, r.kept_TK
     assert ids.shape == w.shape == kept.shape == (T, k)

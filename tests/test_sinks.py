@@ -20,7 +20,7 @@ def _strict_json(line: str) -> dict:
 
 
 def _lines(path):
-    return [_strict_json(l) for l in path.read_text().splitlines()]
+    return [_strict_json(line) for line in path.read_text().splitlines()]
 
 
 def _wait_for_bytes(path, needles, timeout=10.0):
@@ -92,7 +92,16 @@ def test_not_main_writes_nothing(tmp_path):
 
 def test_non_finite_values_are_valid_json(tmp_path):
     lg = MetricsLogger(tmp_path, LoggerConfig(wandb=False), run_config={})
-    lg.log(5, {"nan": float("nan"), "inf": float("inf"), "ninf": torch.tensor(float("-inf")), "ok": 1.0, "vec": [1.0, float("nan")]})
+    lg.log(
+        5,
+        {
+            "nan": float("nan"),
+            "inf": float("inf"),
+            "ninf": torch.tensor(float("-inf")),
+            "ok": 1.0,
+            "vec": [1.0, float("nan")],
+        },
+    )
     lg.summary({"best": float("nan")})
     lg.close()
     rec, summ = _lines(tmp_path / "metrics.jsonl")
@@ -129,7 +138,12 @@ def test_missing_wandb_warns_and_carries_on(tmp_path, monkeypatch):
 
 def test_console_line(tmp_path, capsys):
     lg = MetricsLogger(tmp_path, LoggerConfig(wandb=False, jsonl=False, progress=False), run_config={})
-    m = {"train/loss": 3.41234, "perf/tokens_per_s": 12345.0, "moe/layer_1/cv": 0.2, "moe/layer_3/cv": torch.tensor(0.4)}
+    m = {
+        "train/loss": 3.41234,
+        "perf/tokens_per_s": 12345.0,
+        "moe/layer_1/cv": 0.2,
+        "moe/layer_3/cv": torch.tensor(0.4),
+    }
     line = lg.console_line(120, m)
     assert line == "step 120 | loss 3.4123 | tok/s 12.3k | cv 0.400"  # the worst layer
     lg.log(120, m)  # progress bars off: log prints the line
@@ -152,8 +166,16 @@ def test_expert_load_table_is_cumulative_bounded_and_survives_a_resume(tmp_path)
     lg.close()
     t2, t6 = logged_table(lg.wandb_dir, "moe/expert_load", 2), logged_table(lg.wandb_dir, "moe/expert_load", 6)
     assert t2["columns"] == ["step", "layer", "expert", "fraction"]
-    assert t2["data"] == [[1, 1, 0, 0.1], [1, 1, 1, 0.9], [1, 3, 0, 0.25], [1, 3, 1, 0.75],
-                          [2, 1, 0, 0.2], [2, 1, 1, 0.8], [2, 3, 0, 0.25], [2, 3, 1, 0.75]]
+    assert t2["data"] == [
+        [1, 1, 0, 0.1],
+        [1, 1, 1, 0.9],
+        [1, 3, 0, 0.25],
+        [1, 3, 1, 0.75],
+        [2, 1, 0, 0.2],
+        [2, 1, 1, 0.8],
+        [2, 3, 0, 0.25],
+        [2, 3, 1, 0.75],
+    ]
     steps6 = sorted({row[0] for row in t6["data"]})
     assert len(t6["data"]) <= 12 and steps6[0] == 1 and steps6[-1] == 6  # thinned, still spans the run
     assert logged_table(lg.wandb_dir, "moe/layer_3/expert_load_table", 6)["data"] == [["e0", 0.25], ["e1", 0.75]]
@@ -166,7 +188,15 @@ def test_expert_load_table_is_cumulative_bounded_and_survives_a_resume(tmp_path)
     lg2 = MetricsLogger(tmp_path, cfg, run_config={}, resume_id=lg.wandb_run_id)
     lg2.log_expert_load(7, {1: [0.5, 0.5], 3: [0.5, 0.5]})
     lg2.close()
-    assert sorted({row[0] for row in logged_table(lg2.wandb_dir, "moe/expert_load", 7)["data"]}) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted({row[0] for row in logged_table(lg2.wandb_dir, "moe/expert_load", 7)["data"]}) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]
 
 
 def test_expert_load_lands_in_the_offline_wandb_history(tmp_path):

@@ -17,9 +17,9 @@ import torch.nn as nn
 pytest.importorskip("hivemind")
 
 from moe.model.experts import GroupedExperts  # noqa: E402
+from moe.swarm.dht import shutdown_dht, start_dht  # noqa: E402
 from moe.swarm.expert import SwarmExpert  # noqa: E402
 from moe.swarm.layer import SwarmMoE, grid_balance_loss  # noqa: E402
-from moe.swarm.dht import shutdown_dht, start_dht  # noqa: E402
 from moe.swarm.server import ExpertServer, ServerProcess
 from moe.swarm.uids import grid_uids, uid_coords
 
@@ -125,7 +125,7 @@ def test_grid_balance_loss_gradient_matches_finite_differences():
     assert all(g.abs().max() > 1e-4 for g in grads)
     eps = 1e-6
     for d in range(2):
-        for (i, j) in [(0, 0), (1, 3), (2, 7)]:
+        for i, j in [(0, 0), (1, 3), (2, 7)]:
             Wp = [w.detach().clone() for w in W]
             Wm = [w.detach().clone() for w in W]
             Wp[d][i, j] += eps
@@ -222,7 +222,9 @@ def test_invalid_replies_count_as_failed_and_never_reach_the_output(inproc, pref
     torch.manual_seed(3)
     # a long straggler window: under load the broken reply may land well after the good one,
     # and it must be judged on its content, not cut off as a straggler (the wait ends when both are in)
-    layer = SwarmMoE(D, dht=client, uid_prefix=prefix, grid_size=[2], k_best=2, k_min=1, **dict(FAST, timeout_after_k_min=10.0))
+    layer = SwarmMoE(
+        D, dht=client, uid_prefix=prefix, grid_size=[2], k_best=2, k_min=1, **dict(FAST, timeout_after_k_min=10.0)
+    )
     x = torch.randn(8, D, requires_grad=True)
     y, aux = layer(x)
     assert set(aux.failed) == {f"{prefix}.0"} and why in aux.failed[f"{prefix}.0"], aux.failed
@@ -248,7 +250,16 @@ def test_straggler_is_cut_off_after_k_min_replies(inproc):
     slow = None
     try:
         slow = ServerProcess({"slow.0": SlowExpert(delay=30.0)}, D, initial_peers=server.maddrs, start_timeout=60)
-        layer = SwarmMoE(D, dht=client, uid_prefix="slow", grid_size=[2], k_best=2, k_min=1, forward_timeout=60.0, timeout_after_k_min=0.3)
+        layer = SwarmMoE(
+            D,
+            dht=client,
+            uid_prefix="slow",
+            grid_size=[2],
+            k_best=2,
+            k_min=1,
+            forward_timeout=60.0,
+            timeout_after_k_min=0.3,
+        )
         x = torch.randn(6, D)
         t0 = time.monotonic()
         y, aux = layer(x)
@@ -280,7 +291,9 @@ def two_servers():
     a = b = client = None
     try:
         a = ServerProcess({u: SwarmExpert(D, F_) for u in uids[:4]}, D, optimizer=opt, start_timeout=60)
-        b = ServerProcess({u: SwarmExpert(D, F_) for u in uids[4:]}, D, optimizer=opt, initial_peers=a.maddrs, start_timeout=60)
+        b = ServerProcess(
+            {u: SwarmExpert(D, F_) for u in uids[4:]}, D, optimizer=opt, initial_peers=a.maddrs, start_timeout=60
+        )
         client = start_dht(a.maddrs + b.maddrs)
         yield a, b, client
     finally:
@@ -334,7 +347,9 @@ def test_aux_loss_has_a_real_gradient_through_the_layer(two_servers):
             w[i, j] -= 2 * eps
             _, minus = layer(x)
             w[i, j] += eps
-        assert torch.equal(plus.expert_idx_TK, aux.expert_idx_TK) and torch.equal(minus.expert_idx_TK, aux.expert_idx_TK)
+        assert torch.equal(plus.expert_idx_TK, aux.expert_idx_TK) and torch.equal(
+            minus.expert_idx_TK, aux.expert_idx_TK
+        )
         fd = (plus.aux_loss - minus.aux_loss).item() / (2 * eps)
         assert abs(fd - grads[d][i, j].item()) < 1e-6 * max(1.0, abs(fd))
 
@@ -378,8 +393,8 @@ def test_signed_expert_record_cannot_be_overwritten_by_another_key():
     overwrite A's record nor add an unsigned one; B's own signed claim sits beside A's."""
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from moe.swarm.records import declare_signed_experts, get_signed_experts, record_validators, records_key
     from moe.swarm.dht import visible_maddrs
+    from moe.swarm.records import declare_signed_experts, get_signed_experts, record_validators, records_key
 
     key_a, key_b = RSAPrivateKey(), RSAPrivateKey()
     val_a, val_b = record_validators("ffn", key_a), record_validators("ffn", key_b)
@@ -394,9 +409,13 @@ def test_signed_expert_record_cannot_be_overwritten_by_another_key():
         from hivemind.utils import get_dht_time
 
         later = get_dht_time() + 120  # a newer record would win, if it were accepted
-        assert not b.store(records_key("ffn"), b.peer_id.to_base58(), later, subkey=b"ffn.0.0" + owner_a)  # forge A's entry
+        assert not b.store(
+            records_key("ffn"), b.peer_id.to_base58(), later, subkey=b"ffn.0.0" + owner_a
+        )  # forge A's entry
         assert not b.store(records_key("ffn"), b.peer_id.to_base58(), later, subkey=b"ffn.0.0")  # unsigned entry
-        assert not b.store(records_key("ffn"), 123, later, subkey=b"ffn.0.0" + val_b[0].local_public_key)  # wrong value type
+        assert not b.store(
+            records_key("ffn"), 123, later, subkey=b"ffn.0.0" + val_b[0].local_public_key
+        )  # wrong value type
         assert declare_signed_experts(b, "ffn", ["ffn.0.0"]) == {"ffn.0.0": True}  # its own claim: allowed
 
         # a peer that skips validation locally: the honest peers refuse its forgery on store and on get
@@ -440,9 +459,16 @@ def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
     reference = {u: _clone(m) for u, m in honest_experts.items()}
     honest = impostor = client = None
     try:
-        honest = ExpertServer(honest_experts, D, sign_records=True, record_validators=record_validators("sig", key_honest))
+        honest = ExpertServer(
+            honest_experts, D, sign_records=True, record_validators=record_validators("sig", key_honest)
+        )
         client = start_dht(honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
-        impostor = ExpertServer({"sig.1": ScaledIdentity(5.0)}, D, initial_peers=honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
+        impostor = ExpertServer(
+            {"sig.1": ScaledIdentity(5.0)},
+            D,
+            initial_peers=honest.maddrs,
+            record_validators=record_validators("sig", RSAPrivateKey()),
+        )
         x = torch.randn(6, D)
         kw = dict(dht=client, uid_prefix="sig", grid_size=[2], k_best=2, k_min=1, **PATIENT)
 
@@ -451,7 +477,9 @@ def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
             y_plain, aux_plain = plain(x)
             assert not aux_plain.failed  # the hijack works on unsigned records: sig.1 answered by the impostor
             hijacked = [reference["sig.0"], ScaledIdentity(5.0)]
-            torch.testing.assert_close(y_plain, _local_moe(x, plain.routers[0].weight_ED, hijacked), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                y_plain, _local_moe(x, plain.routers[0].weight_ED, hijacked), rtol=1e-4, atol=1e-5
+            )
             layer = SwarmMoE(D, require_signed=True, trusted_owners=[owner_key(key_honest)], **kw)
             y, aux = layer(x)
             assert set(aux.failed) == {"sig.1"} and "signed" in aux.failed["sig.1"], aux.failed
@@ -586,14 +614,21 @@ def test_training_survives_a_sigkilled_server_and_uses_it_again_after_a_restart(
         def used(aux, uid) -> bool:
             """uid chosen by some token and answered every time it was chosen."""
             mask = aux.expert_idx_TK == flat[uid]
-            return bool(mask.any() and aux.alive_TK[mask].all()) and uid not in aux.failed and uid not in aux.backward_failed
+            return (
+                bool(mask.any() and aux.alive_TK[mask].all())
+                and uid not in aux.failed
+                and uid not in aux.backward_failed
+            )
 
         # 1. all 4 servers up
         w_start = _weights(experts[3].values())
         before = []
         for _ in range(6):
             loss, aux = step()
-            assert not aux.failed and not aux.backward_failed and aux.num_unserved == 0, (aux.failed, aux.backward_failed)
+            assert not aux.failed and not aux.backward_failed and aux.num_unserved == 0, (
+                aux.failed,
+                aux.backward_failed,
+            )
             before.append(loss)
         assert before[-1] < before[0], before
         assert not torch.equal(_weights(experts[3].values()), w_start)  # the server trains them, in shared memory
@@ -614,7 +649,9 @@ def test_training_survives_a_sigkilled_server_and_uses_it_again_after_a_restart(
             assert aux.alive_TK[~lost & (aux.expert_idx_TK >= 0)].all()  # every other expert answered
             assert aux.num_dropped.item() == lost.sum().item()
             metrics.add(0, aux.counts_E, aux.num_dropped, aux.num_routed)
-            metrics.add_failed(0, (u for u in (*aux.failed, *aux.backward_failed) if not u.startswith("<")))  # as the trainer does
+            metrics.add_failed(
+                0, (u for u in (*aux.failed, *aux.backward_failed) if not u.startswith("<"))
+            )  # as the trainer does
             after.append(loss)
         assert metrics.summary()["moe/layer_0/failed_experts"] == 2.0  # both lost experts, reported
         assert metrics.summary()["moe/layer_0/dropped_frac"] > 0
@@ -638,7 +675,10 @@ def test_training_survives_a_sigkilled_server_and_uses_it_again_after_a_restart(
         again, seen = [], set()
         for _ in range(6):
             loss, aux = step()
-            assert not aux.failed and not aux.backward_failed and aux.num_unserved == 0, (aux.failed, aux.backward_failed)
+            assert not aux.failed and not aux.backward_failed and aux.num_unserved == 0, (
+                aux.failed,
+                aux.backward_failed,
+            )
             metrics.add_failed(0, aux.failed)
             seen.update(u for u in killed if used(aux, u))
             again.append(loss)

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("hivemind")
 
-from moe.config import LoggerConfig, MoEConfig, ModelConfig, OptimConfig, SwarmConfig, TrainConfig  # noqa: E402
+from moe.config import LoggerConfig, ModelConfig, MoEConfig, OptimConfig, SwarmConfig, TrainConfig  # noqa: E402
 
 PREFIX = "ffn"
 GRID = [2, 2]
@@ -30,12 +30,31 @@ def swarm_config(out_dir, seed: int = 0, steps: int = 60) -> TrainConfig:
     """A 2-block model, both blocks on the swarm's 2x2 grid of remote experts."""
     return TrainConfig(
         model=ModelConfig(n_layers=2, d_model=D_MODEL, n_heads=2, d_ff=D_FF, seq_len=32, moe_every=1),
-        moe=MoEConfig(name="hivemind", num_experts=4, top_k=2, dropless=True,
-                      swarm=SwarmConfig(k_best=2, k_min=1, grid=list(GRID), uid_prefix=PREFIX, forward_timeout=20, backward_timeout=20,
-                                        timeout_after_k_min=0.5, require_signed=True)),
+        moe=MoEConfig(
+            name="hivemind",
+            num_experts=4,
+            top_k=2,
+            dropless=True,
+            swarm=SwarmConfig(
+                k_best=2,
+                k_min=1,
+                grid=list(GRID),
+                uid_prefix=PREFIX,
+                forward_timeout=20,
+                backward_timeout=20,
+                timeout_after_k_min=0.5,
+                require_signed=True,
+            ),
+        ),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
         logger=LoggerConfig(wandb=False, wandb_mode="disabled", progress=False, console=False),
-        out_dir=str(out_dir), steps=steps, batch_size=BATCH, eval_every=0, eval_batches=2, ckpt_every=0, seed=seed,
+        out_dir=str(out_dir),
+        steps=steps,
+        batch_size=BATCH,
+        eval_every=0,
+        eval_batches=2,
+        ckpt_every=0,
+        seed=seed,
     )
 
 
@@ -47,12 +66,20 @@ def _peer_main(conn, initial_peers, cfg, data, load_first):
     from hivemind.utils.crypto import RSAPrivateKey
 
     from moe.swarm.collab import CollabTrainer
-    from moe.swarm.records import record_validators
     from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.records import record_validators
 
     parent = os.getppid()
     dht = start_dht(initial_peers, record_validators=record_validators(PREFIX, RSAPrivateKey()))  # a key of its own
-    trainer = CollabTrainer(cfg, dht=dht, target_batch_size=TARGET, matchmaking_time=4.0, averaging_timeout=30.0, load_state_timeout=30.0, data=data)  # room for a loaded machine
+    trainer = CollabTrainer(
+        cfg,
+        dht=dht,
+        target_batch_size=TARGET,
+        matchmaking_time=4.0,
+        averaging_timeout=30.0,
+        load_state_timeout=30.0,
+        data=data,
+    )  # room for a loaded machine
     before = trainer.params_vector().clone()
     if load_first:
         trainer.load_state()
@@ -131,8 +158,13 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
     from moe.swarm.uids import grid_uids
 
     torch.manual_seed(0)
-    server = ServerProcess({u: SwarmExpert(D_MODEL, D_FF) for u in grid_uids(PREFIX, GRID)}, D_MODEL,
-                           optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3), sign_records=True, record_validators=_validators())
+    server = ServerProcess(
+        {u: SwarmExpert(D_MODEL, D_FF) for u in grid_uids(PREFIX, GRID)},
+        D_MODEL,
+        optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        sign_records=True,
+        record_validators=_validators(),
+    )
     peers = []
     try:
         a = PeerProc(server.maddrs, swarm_config(tmp_path / "a"), tiny_data)
@@ -157,7 +189,10 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
         # averaged gradients, the same step on both: the same parameters (up to a round that
         # averaged only part of the tensors on a loaded machine, pulled back by state averaging)
         moved, apart = float((pa - a.params_before).norm()), float((pa - pb).norm())
-        assert moved > 0.01 and apart < 0.2 * moved, (moved, apart)  # 11% seen in a fresh-clone run; unaveraged peers sit near 100%
+        assert moved > 0.01 and apart < 0.2 * moved, (
+            moved,
+            apart,
+        )  # 11% seen in a fresh-clone run; unaveraged peers sit near 100%
 
         # a third peer joins mid-run, from other initial weights, and loads the current state
         c = PeerProc(server.maddrs, swarm_config(tmp_path / "c", seed=123), tiny_data, load_first=True)
@@ -165,7 +200,9 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
         assert not torch.allclose(c.params_before, pa, atol=1e-3)  # its own init is not the run's state
         assert c.start_step == sa  # the collaborative step, loaded
         # the parameters, loaded: exactly those of the peer it downloaded them from
-        assert any(torch.allclose(c.params_after_start, p, atol=1e-6) for p in (pa, pb)), [float((c.params_after_start - p).norm()) for p in (pa, pb)]
+        assert any(torch.allclose(c.params_after_start, p, atol=1e-6) for p in (pa, pb)), [
+            float((c.params_after_start - p).norm()) for p in (pa, pb)
+        ]
 
         (sa2, _, _), (sb2, _, _), (sc2, hc, nc) = train_all([a, b, c], sa + 3, 240)
         assert min(sa2, sb2, sc2) >= sa + 3, (sa2, sb2, sc2)
@@ -216,16 +253,25 @@ def test_progress_records_are_signed_and_owned():
     from hivemind.utils import get_dht_time
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from moe.swarm.records import collab_run_id, progress_key, record_validators, signing_key
     from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.records import collab_run_id, progress_key, record_validators, signing_key
 
     owner_key, other_key = RSAPrivateKey(), RSAPrivateKey()
     owner = start_dht(record_validators=record_validators(PREFIX, owner_key))
     other = tracker = None
     try:
-        other = start_dht([str(a) for a in owner.get_visible_maddrs()], record_validators=record_validators(PREFIX, other_key))
+        other = start_dht(
+            [str(a) for a in owner.get_visible_maddrs()], record_validators=record_validators(PREFIX, other_key)
+        )
         assert signing_key(owner) is not None
-        tracker = ProgressTracker(owner, collab_run_id(PREFIX), target_batch_size=64, private_key=owner_key, min_refresh_period=0.2, start=True)
+        tracker = ProgressTracker(
+            owner,
+            collab_run_id(PREFIX),
+            target_batch_size=64,
+            private_key=owner_key,
+            min_refresh_period=0.2,
+            start=True,
+        )
         tracker.report_local_progress(local_epoch=3, samples_accumulated=8)
         subkey = b"[owner:" + owner_key.get_public_key().to_bytes() + b"]"
 

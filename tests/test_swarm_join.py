@@ -30,7 +30,14 @@ class Peer:
     """A ``moe-join`` process in its own session; its stdout lines read by a thread."""
 
     def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen([*JOIN, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*JOIN, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
         self._eof = False
@@ -92,7 +99,10 @@ BAD = [
     (["--train", "--target-batch-size", "0"], "--target-batch-size 0 must be >= 1"),
     (["--train", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
     (["--train", "--steps", "-1"], "--steps -1 must be >= 0"),
-    (["--train", "--matchmaking-time", "0"], "--matchmaking-time, --averaging-timeout and --load-state-timeout must be > 0"),
+    (
+        ["--train", "--matchmaking-time", "0"],
+        "--matchmaking-time, --averaging-timeout and --load-state-timeout must be > 0",
+    ),
     (["--train", "moe=switch"], "'moe=switch': moe-join sets moe itself"),
     (["--train", "model.d_model=32"], "'model.d_model=32': moe-join sets model.d_model itself; use --d-model"),
     (["--train", "model=nosuch"], "model=nosuch: there is no model config named 'nosuch'"),
@@ -127,9 +137,9 @@ def test_help_names_the_three_roles():
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_join_line_serve_and_leave_on_sigint():
+    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.layer import SwarmMoE
     from moe.swarm.records import record_validators
-    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.uids import grid_uids
 
     root = Peer(["--status-every", "5"])
@@ -139,13 +149,40 @@ def test_join_line_serve_and_leave_on_sigint():
         args = shlex.split(line)[1:]  # exactly what the first peer told us to run ...
         assert args[0] == "--initial-peers" and "/p2p/" in args[1]
         # ... with a small model and a short expiration (later flags win)
-        server = Peer([*args, "--serve", "3", "--d-model", "16", "--d-ff", "32", "--expiration", "4", "--update-period", "1", "--status-every", "1"])
+        server = Peer(
+            [
+                *args,
+                "--serve",
+                "3",
+                "--d-model",
+                "16",
+                "--d-ff",
+                "32",
+                "--expiration",
+                "4",
+                "--update-period",
+                "1",
+                "--status-every",
+                "1",
+            ]
+        )
         served = server.wait_line("moe-join: serving ")
         assert "serving 3 experts ffn.0.0 .. ffn.0.2" in served and "signed" in served
         server.wait_line("moe-join: status: experts 3")
 
         dht = start_dht([args[1]], record_validators=record_validators("ffn"))
-        layer = SwarmMoE(16, dht=dht, uid_prefix="ffn", grid_size=[8, 8], k_best=2, k_min=1, forward_timeout=20, timeout_after_k_min=0.5, backward_timeout=20, require_signed=True)
+        layer = SwarmMoE(
+            16,
+            dht=dht,
+            uid_prefix="ffn",
+            grid_size=[8, 8],
+            k_best=2,
+            k_min=1,
+            forward_timeout=20,
+            timeout_after_k_min=0.5,
+            backward_timeout=20,
+            require_signed=True,
+        )
         mine = {layer.flat_index((0, j)) for j in range(3)}
         x = torch.randn(8, 16)
         deadline = time.monotonic() + 60
@@ -190,9 +227,38 @@ def test_serve_and_train_in_one_peer_shows_its_status_and_leaves_on_sigint(tmp_p
         collab = root.wait_line("moe-join --initial-peers")  # the first peer prints how to join ...
         collab = root.wait_line("moe-join --initial-peers")  # ... and how to train with it
         assert "--train --target-batch-size" in collab
-        trainer = Peer(["--initial-peers", addr, "--serve", "4", "--train", "--grid", "2", "2", "--d-model", "32", "--d-ff", "64", "--target-batch-size", "8",
-                        "--batch-size", "4", "--matchmaking-time", "1", "--status-every", "1", "--out", str(tmp_path / "t"),
-                        "experiment=smoke", "logger=none", "moe.swarm.k_best=2", "moe.top_k=2", "model.n_heads=2", "model.seq_len=32"])
+        trainer = Peer(
+            [
+                "--initial-peers",
+                addr,
+                "--serve",
+                "4",
+                "--train",
+                "--grid",
+                "2",
+                "2",
+                "--d-model",
+                "32",
+                "--d-ff",
+                "64",
+                "--target-batch-size",
+                "8",
+                "--batch-size",
+                "4",
+                "--matchmaking-time",
+                "1",
+                "--status-every",
+                "1",
+                "--out",
+                str(tmp_path / "t"),
+                "experiment=smoke",
+                "logger=none",
+                "moe.swarm.k_best=2",
+                "moe.top_k=2",
+                "model.n_heads=2",
+                "model.seq_len=32",
+            ]
+        )
         assert trainer.wait_line("moe-join: peer id ").split()[3].startswith("12D3Koo")
         assert trainer.wait_line("moe-join: address ").endswith(trainer.lines[0].split()[3])  # .../p2p/<its peer id>
         assert "serving 4 experts ffn.0.0 .. ffn.1.1" in trainer.wait_line("moe-join: serving ")
@@ -206,7 +272,9 @@ def test_serve_and_train_in_one_peer_shows_its_status_and_leaves_on_sigint(tmp_p
                 break
             assert time.monotonic() < deadline, trainer.lines
         assert "trainer peers 1," in line, line
-        assert int(line.split("tokens served by experts ")[1].split("%")[0]) > 50, line  # its own experts, called like any server's
+        assert int(line.split("tokens served by experts ")[1].split("%")[0]) > 50, (
+            line
+        )  # its own experts, called like any server's
         assert float(line.split("expert calls/s ")[1].split(",")[0]) > 0, line
         trainer.proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert trainer.proc.wait(120) == 0
@@ -229,10 +297,32 @@ def test_serve_and_train_in_one_peer_shows_its_status_and_leaves_on_sigint(tmp_p
 @pytest.mark.timeout(900)
 def test_swarm_local_trains_and_stops_cleanly(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "STEPS": "5", "TARGET": "16", "OUT": str(out), "EXPIRATION": "6", "START_TIMEOUT": "60", "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "STEPS": "5",
+        "TARGET": "16",
+        "OUT": str(out),
+        "EXPIRATION": "6",
+        "START_TIMEOUT": "60",
+        "WANDB_MODE": "disabled",
+    }
     env.pop("HYDRA_FULL_ERROR", None)
-    p = subprocess.run(["bash", str(ROOT / "launch" / "swarm_local.sh"), "logger=none", "batch_size=4", "eval_every=5", "eval_batches=1", "optim.warmup_steps=1"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
+    p = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch" / "swarm_local.sh"),
+            "logger=none",
+            "batch_size=4",
+            "eval_every=5",
+            "eval_batches=1",
+            "optim.warmup_steps=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     for i in (0, 1):  # each trainer: its own metrics, every collaborative step up to STEPS
         records = [json.loads(ln) for ln in (out / f"trainer{i}" / "metrics.jsonl").read_text().splitlines()]
@@ -289,9 +379,9 @@ def test_build_ffn_hivemind_needs_a_dht():
 def test_a_large_batch_does_not_kill_the_dht():
     """600 tokens on an [8, 8] grid: a 39 KB beam-search command if sent whole, which kills
     hivemind's DHT process (its non-blocking command pipe); sent in chunks it works, twice."""
+    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.layer import SwarmMoE
-    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.server import ExpertServer
     from moe.swarm.uids import grid_uids
 
@@ -300,7 +390,17 @@ def test_a_large_batch_does_not_kill_the_dht():
     dht = None
     try:
         dht = start_dht(server.maddrs)
-        layer = SwarmMoE(16, dht=dht, uid_prefix="ffn", grid_size=[8, 8], k_best=2, k_min=1, forward_timeout=30, timeout_after_k_min=0.5, backward_timeout=30)
+        layer = SwarmMoE(
+            16,
+            dht=dht,
+            uid_prefix="ffn",
+            grid_size=[8, 8],
+            k_best=2,
+            k_min=1,
+            forward_timeout=30,
+            timeout_after_k_min=0.5,
+            backward_timeout=30,
+        )
         x = torch.randn(600, 16, requires_grad=True)
         for _ in range(2):
             y, aux = layer(x)

@@ -78,7 +78,14 @@ def test_bad_shape_rejected():
 
 def test_accumulator_sums_and_means():
     acc = LoadAccumulator()
-    acc.add(0, torch.tensor([3, 1]), dropped=torch.tensor(1.0), routed=torch.tensor(4), aux_loss=torch.tensor(1.0), z_loss=0.5)
+    acc.add(
+        0,
+        torch.tensor([3, 1]),
+        dropped=torch.tensor(1.0),
+        routed=torch.tensor(4),
+        aux_loss=torch.tensor(1.0),
+        z_loss=0.5,
+    )
     acc.add(0, torch.tensor([1, 3]), dropped=1, routed=4, aux_loss=3.0, z_loss=torch.tensor(1.5))
     acc.add(1, torch.tensor([8.0, 0, 0, 0]), dropped=0, routed=8, aux_loss=2.0)
     out = acc.summary()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.training import checkpoint as ckpt
 from moe.config import ConfigError, MoEConfig, to_dict
 from moe.model.transformer import ModelOutput
+from moe.training import checkpoint as ckpt
 from moe.training.loop import Trainer, TrainingDiverged
 from moe.training.optim import lr_at
 from moe.training.report import format_summary
@@ -45,13 +45,33 @@ def test_each_layer_trains_30_steps_and_the_loss_falls(tmp_path, tiny_data, moe)
 
 
 def test_metrics_jsonl_has_every_section(tmp_path, tiny_data):
-    cfg = tiny_config(tmp_path, "switch", steps=10, eval_every=5, logger=dataclasses.replace(tiny_config(tmp_path).logger, log_every=5))
+    cfg = tiny_config(
+        tmp_path,
+        "switch",
+        steps=10,
+        eval_every=5,
+        logger=dataclasses.replace(tiny_config(tmp_path).logger, log_every=5),
+    )
     Trainer(cfg, data=tiny_data).fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*rows)
-    for k in ["train/loss", "train/aux_loss", "train/lr", "perf/tokens_per_s", "perf/step_time_s", "perf/mfu", "val/loss",
-              "moe/layer_0/cv", "moe/layer_0/entropy", "moe/layer_0/max_over_mean", "moe/layer_0/dropped_frac",
-              "moe/layer_0/aux_loss", "moe/layer_0/z_loss", "moe/layer_1/frac_e3", "perf/peak_flops"]:
+    for k in [
+        "train/loss",
+        "train/aux_loss",
+        "train/lr",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "perf/mfu",
+        "val/loss",
+        "moe/layer_0/cv",
+        "moe/layer_0/entropy",
+        "moe/layer_0/max_over_mean",
+        "moe/layer_0/dropped_frac",
+        "moe/layer_0/aux_loss",
+        "moe/layer_0/z_loss",
+        "moe/layer_1/frac_e3",
+        "perf/peak_flops",
+    ]:
         assert k in keys, k
     summary = [r for r in rows if r.get("type") == "summary"]
     assert len(summary) == 1 and summary[0]["final/step"] == 10
@@ -80,10 +100,22 @@ def test_resume_follows_a_changed_learning_rate(tmp_path, tiny_data):
 def test_resume_refuses_another_config_with_one_line(tmp_path, tiny_data):
     Trainer(tiny_config(tmp_path, "switch", steps=6), data=tiny_data).fit()
     with pytest.raises(ConfigError, match=r"moe\.dropless: False -> True.*run_name=") as e:
-        Trainer(dataclasses.replace(tiny_config(tmp_path, "switch", steps=6), moe=MoEConfig(name="switch", num_experts=4, dropless=True)), data=tiny_data).fit()
+        Trainer(
+            dataclasses.replace(
+                tiny_config(tmp_path, "switch", steps=6), moe=MoEConfig(name="switch", num_experts=4, dropless=True)
+            ),
+            data=tiny_data,
+        ).fit()
     assert "\n" not in str(e.value)
     # resume=false starts over instead
-    res = Trainer(dataclasses.replace(tiny_config(tmp_path, "switch", steps=6), resume=False, moe=MoEConfig(name="switch", num_experts=4, dropless=True)), data=tiny_data).fit()
+    res = Trainer(
+        dataclasses.replace(
+            tiny_config(tmp_path, "switch", steps=6),
+            resume=False,
+            moe=MoEConfig(name="switch", num_experts=4, dropless=True),
+        ),
+        data=tiny_data,
+    ).fit()
     assert res.step == 6 and len(res.history) == 6
 
 
@@ -185,7 +217,10 @@ def test_resume_takes_the_new_weight_decay_and_betas(tmp_path, tiny_data):
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay=0.5, beta2=0.99, eps=1e-6))
     t = Trainer(cfg, data=tiny_data)
     t.fit()
-    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in t.backend.optimizer.param_groups] == [(0.5, (0.9, 0.99), 1e-6), (0.0, (0.9, 0.99), 1e-6)]
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in t.backend.optimizer.param_groups] == [
+        (0.5, (0.9, 0.99), 1e-6),
+        (0.0, (0.9, 0.99), 1e-6),
+    ]
 
 
 def test_resume_refuses_another_expert_lr_scale(tmp_path, tiny_data):
@@ -201,7 +236,11 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_data):
     Trainer(tiny_config(tmp_path / "x", steps=10, ckpt_every=4), data=tiny_data).fit(stop_after=4)
     shutil.copy(tmp_path / "x" / "checkpoint.pt", tmp_path / "checkpoint.pt")
     Trainer(tiny_config(tmp_path, steps=10, ckpt_every=4), data=tiny_data).fit()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert steps == list(range(1, 11))
 
 
@@ -220,7 +259,9 @@ def test_expert_d_ff_sets_the_experts_hidden_size(tmp_path, tiny_data):
     t = Trainer(cfg, data=tiny_data)
     experts = t.model.blocks[0].ffn.experts
     assert tuple(experts.w1_EDF.shape) == (4, 64, 64) and tuple(experts.w2_EFD.shape) == (4, 64, 64)
-    dense = Trainer(tiny_config(tmp_path / "d", "dense"), data=tiny_data)  # top-2 at d_ff/2: dense's active FFN params + the router
+    dense = Trainer(
+        tiny_config(tmp_path / "d", "dense"), data=tiny_data
+    )  # top-2 at d_ff/2: dense's active FFN params + the router
     assert t.params["active_non_embedding"] - dense.params["active_non_embedding"] == 2 * 4 * 64
 
 
@@ -247,9 +288,14 @@ def test_resume_is_bit_exact(tmp_path, tiny_data, moe):
 
     GShard with random routing, jitter and dropout uses the RNG every step, so this also
     proves the RNG state travels in the checkpoint."""
+
     def cfg(d):
         c = tiny_config(d, moe, steps=20, ckpt_every=10, eval_every=10)
-        return dataclasses.replace(c, model=dataclasses.replace(c.model, dropout=0.1), moe=dataclasses.replace(c.moe, jitter_eps=0.05 if moe != "base" else 0.0, expert_dropout=0.1))
+        return dataclasses.replace(
+            c,
+            model=dataclasses.replace(c.model, dropout=0.1),
+            moe=dataclasses.replace(c.moe, jitter_eps=0.05 if moe != "base" else 0.0, expert_dropout=0.1),
+        )
 
     straight = Trainer(cfg(tmp_path / "a"), data=tiny_data).fit()
     first = Trainer(cfg(tmp_path / "b"), data=tiny_data).fit(stop_after=10)
@@ -344,7 +390,14 @@ def test_moe_train_console_script_end_to_end(tmp_path):
     exe = shutil.which("moe-train", path=str(Path(sys.executable).parent)) or shutil.which("moe-train")
     assert exe, "moe-train console script not installed (pip install -e .)"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="offline")
-    p = subprocess.run([exe, "experiment=smoke", "steps=20", "moe=gshard"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [exe, "experiment=smoke", "steps=20", "moe=gshard"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "runs" / "smoke-gshard"
     assert "val loss" in p.stdout and "tokens/s" in p.stdout and "MFU" in p.stdout
@@ -389,7 +442,10 @@ def test_ctrl_c_handling_leaves_an_ignored_sigint_alone(tmp_path, tiny_data):
 
     outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
     try:
-        Trainer(tiny_config(tmp_path, steps=2, optim=dataclasses.replace(tiny_config(tmp_path).optim, warmup_steps=1)), data=tiny_data).fit()
+        Trainer(
+            tiny_config(tmp_path, steps=2, optim=dataclasses.replace(tiny_config(tmp_path).optim, warmup_steps=1)),
+            data=tiny_data,
+        ).fit()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, outer)

@@ -12,10 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from moe.bench.quality.curves import load_run
 from moe.config import LoggerConfig, to_dict
-from moe.bench.quality import load_run
+from moe.dash.wandb_panels import (
+    Panel,
+    RunKeys,
+    add_wandb_parser,
+    build_report,
+    build_workspace,
+    has_api_key,
+    panel_plan,
+    run_wandb,
+    scan_run,
+)
 from moe.training.loop import Trainer
-from moe.dash.wandb_panels import Panel, RunKeys, add_wandb_parser, build_report, build_workspace, has_api_key, panel_plan, run_wandb, scan_run
 from tests.conftest import tiny_config
 from tests.wandb_file import history, logged_table, offline_run, run_config
 
@@ -28,7 +38,9 @@ def wandb_run(tmp_path_factory, tiny_data):
     """10 steps of a 2-block Switch model (4 experts), logged every 5 steps, evaluated at 5 and
     at the end, with W&B offline."""
     run_dir = tmp_path_factory.mktemp("run")
-    logger = LoggerConfig(wandb=True, wandb_mode="offline", wandb_project="moe-test-proj", progress=False, console=False, log_every=5)
+    logger = LoggerConfig(
+        wandb=True, wandb_mode="offline", wandb_project="moe-test-proj", progress=False, console=False, log_every=5
+    )
     cfg = tiny_config(run_dir, "switch", steps=10, eval_every=5, logger=logger)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
@@ -90,7 +102,13 @@ def test_offline_wandb_run_has_the_full_config_and_the_load_tables(wandb_run):
 
     hist = history(records)
     for step in (5, 10):
-        assert {"moe/expert_load", "moe/layer_0/expert_load_table", "moe/layer_1/expert_load_table", "val/loss", "train/loss"} <= hist[step]
+        assert {
+            "moe/expert_load",
+            "moe/layer_0/expert_load_table",
+            "moe/layer_1/expert_load_table",
+            "val/loss",
+            "train/loss",
+        } <= hist[step]
 
     table = logged_table(wandb_dir, "moe/expert_load", 10)
     assert table["columns"] == ["step", "layer", "expert", "fraction"]
@@ -116,7 +134,11 @@ def test_dry_run_plan_of_a_real_run(wandb_run, capsys, no_network):
     sections = {s["name"]: s["panels"] for s in out["workspace"]["sections"]}
     assert list(sections) == ["Loss", "Load balance", "Throughput"]
     assert sections["Loss"] == [{"title": "Loss", "type": "line", "keys": ["train/loss", "val/loss"]}]
-    assert sorted(k for p in sections["Throughput"] for k in p["keys"]) == ["perf/mfu", "perf/step_time_s", "perf/tokens_per_s"]
+    assert sorted(k for p in sections["Throughput"] for k in p["keys"]) == [
+        "perf/mfu",
+        "perf/step_time_s",
+        "perf/tokens_per_s",
+    ]
     balance = sections["Load balance"]
     bars = [p["keys"] for p in balance if p["type"] == "bar"]
     assert bars == [["moe/layer_0/expert_load_table"], ["moe/layer_1/expert_load_table"]]  # one per MoE layer
@@ -132,8 +154,15 @@ def test_dry_run_plan_of_a_real_run(wandb_run, capsys, no_network):
 
     assert _cli(str(run_dir), "--dry-run", "--project", "other", "--entity", "team") == 0
     text = capsys.readouterr().out
-    assert 'in team/other' in text and "MoE blocks 0 (4 experts), 1 (4 experts)" in text
-    for line in ("  Loss", "  Load balance", "  Throughput", "Expert load, block 1 (latest eval)", "perf/tokens_per_s", "dry run: nothing sent"):
+    assert "in team/other" in text and "MoE blocks 0 (4 experts), 1 (4 experts)" in text
+    for line in (
+        "  Loss",
+        "  Load balance",
+        "  Throughput",
+        "Expert load, block 1 (latest eval)",
+        "perf/tokens_per_s",
+        "dry run: nothing sent",
+    ):
         assert line in text
 
 
@@ -147,7 +176,10 @@ def test_workspace_and_report_objects_build_with_no_network(wandb_run, no_networ
     assert [s.name for s in w.sections] == ["Loss", "Load balance", "Throughput"]
     balance = w.sections[1].panels
     charts = [p for p in balance if isinstance(p, wr.CustomChart)]
-    assert [c.query["summaryTable"]["tableKey"] for c in charts] == ["moe/layer_0/expert_load_table", "moe/layer_1/expert_load_table"]
+    assert [c.query["summaryTable"]["tableKey"] for c in charts] == [
+        "moe/layer_0/expert_load_table",
+        "moe/layer_1/expert_load_table",
+    ]
     assert all(c.chart_name == "wandb/bar/v0" for c in charts)
     assert [p.table_name for p in balance if isinstance(p, wr.WeavePanelSummaryTable)] == ["moe/expert_load"]
     assert w.sections[0].panels[0].y == ["train/loss", "val/loss"]
@@ -196,12 +228,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_plan_of_a_dense_run_and_project_from_hydra_config(tmp_path, capsys):
     """No MoE keys: no load-balance section; the project comes from .hydra/config.yaml."""
-    recs = [{"step": 0, "time": 1.0, "params/total": 10},
-            {"step": 5, "time": 2.0, "train/loss": 3.0, "perf/tokens_per_s": 100.0},
-            "{torn line", {"step": 5, "time": 2.1, "val/loss": 3.1}, {"type": "summary", "final/val_loss": 3.1}]
+    recs = [
+        {"step": 0, "time": 1.0, "params/total": 10},
+        {"step": 5, "time": 2.0, "train/loss": 3.0, "perf/tokens_per_s": 100.0},
+        "{torn line",
+        {"step": 5, "time": 2.1, "val/loss": 3.1},
+        {"type": "summary", "final/val_loss": 3.1},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs))
     (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "config.yaml").write_text("run_name: ${moe.name}\nlogger:\n  wandb_project: hydra-proj\n  wandb_entity: ${oc.env:X}\n")
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "run_name: ${moe.name}\nlogger:\n  wandb_project: hydra-proj\n  wandb_entity: ${oc.env:X}\n"
+    )
     run = scan_run(tmp_path)
     assert run.experts == {} and not run.has_expert_load
     plan = panel_plan(run)
@@ -216,8 +254,13 @@ def test_plan_orders_experts_numerically_and_skips_unlogged_stats():
     keys = {f"moe/layer_3/frac_e{j}" for j in range(12)} | {"moe/layer_3/cv", "train/loss"}
     plan = panel_plan(RunKeys(Path("r"), frozenset(keys), {3: 12}, has_expert_load=False))
     balance = dict((s.name, s.panels) for s in plan)["Load balance"]
-    assert [p.type for p in balance] == ["line", "stacked_area"]  # no dropped_frac etc., no bar without expert_load records
+    assert [p.type for p in balance] == [
+        "line",
+        "stacked_area",
+    ]  # no dropped_frac etc., no bar without expert_load records
     assert balance[1].keys[-3:] == ("moe/layer_3/frac_e9", "moe/layer_3/frac_e10", "moe/layer_3/frac_e11")
     pytest.importorskip("wandb_workspaces")
     with pytest.raises(ValueError, match="unknown type 'pie'"):
-        build_workspace([dataclasses.replace(plan[0], panels=(Panel("x", "pie", ("a",)),))], entity="e", project="p", name="n")
+        build_workspace(
+            [dataclasses.replace(plan[0], panels=(Panel("x", "pie", ("a",)),))], entity="e", project="p", name="n"
+        )

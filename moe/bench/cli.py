@@ -1,158 +1,29 @@
-"""``moe-bench``: throughput benchmarks that print a table and write JSON.
+"""``moe-bench``: benchmarks that print a table and write JSON, and the quality comparison.
 
-``moe-bench layer`` measures forward+backward tokens/s of our MoE layer against the dense
-FFN that does the same active FLOPs per token (dense tokens/s divided by k is the most a
-sparse layer can reach), and, when DeepSpeed is installed, DeepSpeed's MoE layer in the same
-run, so the ratios are measured side by side on the same (noisy, shared) machine.
-
-``moe-bench parallel`` (``moe/bench/parallel.py``) measures train-step tokens/s at 1 and 2
-processes (DP=2, EP=2), weak scaling, with the collectives' share of the step.
+- ``moe-bench layer`` (``moe.bench.layer``): the MoE layer against the dense limit and DeepSpeed's layer;
+- ``moe-bench parallel`` (``moe.bench.parallel``): train-step tokens/s at 1 and 2 processes;
+- ``moe-bench swarm`` (``moe.bench.swarm``): the hivemind layer over loopback against local experts;
+- ``moe-bench quality`` (``moe.bench.quality``): dense against every MoE arm at equal compute.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from moe.config import MoEConfig
-from moe.model.layers import DenseFFN, MoELayer
-
-
-def _fwd_bwd_once(layer: nn.Module, x: torch.Tensor, call) -> float:
-    layer.zero_grad(set_to_none=False)  # as the trainer does: gradient buffers are reused
-    xi = x.detach().requires_grad_(True)
-    t0 = time.perf_counter()
-    call(layer, xi).float().pow(2).mean().backward()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def _time_interleaved(impls: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per forward+backward for each ``name: (layer, call)``.
-
-    The implementations take turns (dense, ours, deepspeed, dense, ours, ...) after one
-    warm-up each, so a shared machine's drifting speed hits them alike and their ratios hold.
-    """
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for name, (layer, call) in impls.items():
-        _fwd_bwd_once(layer, x, call)
-    for _ in range(repeats):
-        for name, (layer, call) in impls.items():
-            times[name].append(_fwd_bwd_once(layer, x, call))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _ours(layer, x):
-    return layer(x)[0]
-
-
-def _deepspeed_layer(d_model: int, d_ff: int, num_experts: int, k: int, capacity_factor: float, dropless: bool):
-    """DeepSpeed's einsum-based MoE layer, world size 1, or None when deepspeed is missing."""
-    try:
-        import deepspeed  # noqa: F401
-        import torch.distributed as dist
-        from deepspeed.moe.layer import MoE
-    except ImportError:
-        return None
-    if not dist.is_initialized():
-        # DeepSpeed builds a shared-memory comm op on init (~50 s of compiling on CPU);
-        # a one-process benchmark never uses it.
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-
-    expert = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(), nn.Linear(d_ff, d_model, bias=False))
-    return MoE(
-        hidden_size=d_model,
-        expert=expert,
-        num_experts=num_experts,
-        ep_size=1,
-        k=k,
-        capacity_factor=capacity_factor,
-        eval_capacity_factor=capacity_factor,
-        min_capacity=4,
-        drop_tokens=not dropless,
-        use_rts=False,
-    )
-
-
-def bench_layer(args) -> dict:
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    D, F_, T = args.d_model, args.d_ff, args.tokens
-    x = torch.randn(T, D, device=device)
-    rows = []
-    dense = DenseFFN(D, F_).to(device)
-    dense_all = []
-    print(f"dense FFN d={D} ffn={F_} tokens={T}: the limit, re-measured in turn with every row (dense, ours, deepspeed, dense, ...)", flush=True)
-    header = f"{'E':>4} {'k':>2} {'mode':>9} {'impl':>9} {'tokens/s':>10} {'ms':>7} {'limit':>10} {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
-    for E in args.experts:
-        for k in args.k:
-            for mode in args.modes:
-                dropless = mode == "dropless"
-                cf = 1.0
-                impls = {"dense": (dense, _ours)}
-                ours = MoELayer(D, F_, MoEConfig(name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4)).to(device)
-                ours.experts.grad_into_buffers = True  # as the trainer runs it
-                impls["ours"] = (ours, _ours)
-                if args.deepspeed and k <= 2:
-                    ds = _deepspeed_layer(D, F_, E, k, cf, dropless)
-                    if ds is not None:
-                        impls["deepspeed"] = (ds.to(device), lambda l, xi: l(xi.unsqueeze(0))[0])
-                secs = _time_interleaved(impls, x, args.repeats)
-                dense_all.append(T / secs["dense"])
-                limit = T / secs["dense"] / k
-                for impl, s in secs.items():
-                    if impl == "dense":
-                        continue
-                    tps = T / s
-                    row = {"E": E, "k": k, "mode": mode, "impl": impl, "tokens_per_s": tps, "ms": s * 1e3, "limit_tokens_per_s": limit, "ratio": tps / limit}
-                    rows.append(row)
-                    print(f"{E:>4} {k:>2} {mode:>9} {impl:>9} {tps:>10,.0f} {s * 1e3:>7.0f} {limit:>10,.0f} {tps / limit:>6.2f}", flush=True)
-                del impls
-    return {
-        "benchmark": "layer",
-        "d_model": D,
-        "d_ff": F_,
-        "tokens": T,
-        "repeats": args.repeats,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "dense_tokens_per_s": statistics.median(dense_all),
-        "rows": rows,
-    }
-
-
-def markdown_table(result: dict) -> str:
-    """The layer benchmark as the table in docs/performance.md."""
-    rows: dict[tuple, dict] = {}
-    for r in result["rows"]:
-        rows.setdefault((r["E"], r["k"], r["mode"]), {})[r["impl"]] = r
-    lines = ["| E | k | mode | ours tokens/s | ours / limit | DeepSpeed tokens/s | DeepSpeed / limit |", "|---:|---:|---|---:|---:|---:|---:|"]
-    for (E, k, mode), d in rows.items():
-        o, ds = d["ours"], d.get("deepspeed")
-        ds_cols = f"{ds['tokens_per_s']:,.0f} | {ds['ratio']:.2f}" if ds else "- | -"
-        lines.append(f"| {E} | {k} | {mode} | {o['tokens_per_s']:,.0f} | **{o['ratio']:.2f}** | {ds_cols} |")
-    return "\n".join(lines)
+from moe.bench import parallel as bench_parallel
+from moe.bench import swarm as bench_swarm
+from moe.bench.layer import bench_layer, markdown_table
+from moe.bench.quality.run import run_quality
+from moe.bench.results import write_and_print
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moe-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="what", required=True)
     lay = sub.add_parser("layer", help="MoE layer fwd+bwd tokens/s vs the dense FFN limit (and DeepSpeed's layer)")
     lay.add_argument("--d-model", type=int, default=512)
@@ -165,24 +36,43 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     lay.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="skip DeepSpeed's layer")
     lay.add_argument("--out", default="bench_results/layer.json")
-    q = sub.add_parser("quality", help="dense vs switch vs gshard vs base at equal compute: train every arm, write docs/results.md")
-    q.add_argument("--arms", default="", help="comma-separated, e.g. dense,switch-8,gshard-8,base-8 (default: dense and switch/gshard/base at 8 and 16 experts)")
+    q = sub.add_parser(
+        "quality", help="dense vs switch vs gshard vs base at equal compute: train every arm, write docs/results.md"
+    )
+    q.add_argument(
+        "--arms",
+        default="",
+        help="comma-separated, e.g. dense,switch-8,gshard-8,base-8 (default: dense and "
+        "switch/gshard/base at 8 and 16 experts)",
+    )
     q.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     q.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: cpu count / jobs)")
-    q.add_argument("--runs-dir", default="runs", help="each arm trains in RUNS_DIR/quality-<moe>-e<E> (finished arms are not re-trained)")
+    q.add_argument(
+        "--runs-dir",
+        default="runs",
+        help="each arm trains in RUNS_DIR/quality-<moe>-e<E> (finished arms are not re-trained)",
+    )
     q.add_argument("--log-dir", default="", help="moe-train logs (default RUNS_DIR/logs)")
     q.add_argument("--out", default="docs/results.md")
     q.add_argument("--smoke", action="store_true", help="tiny shapes and a dozen steps: checks the pipeline in seconds")
     q.add_argument("--report-only", action="store_true", help="train nothing; report on the runs already in RUNS_DIR")
     q.add_argument("--no-plots", action="store_true")
-    q.add_argument("--final-eval", type=int, default=None, metavar="N", help="evaluate every finished arm's final checkpoint on N val batches, paired with dense (default 256, 4 with --smoke; 0: skip)")
+    q.add_argument(
+        "--final-eval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate every finished arm's final checkpoint on N val batches, paired with dense "
+        "(default 256, 4 with --smoke; 0: skip)",
+    )
     q.add_argument("overrides", nargs="*", help="moe-train overrides for every arm, e.g. steps=3000 optim.lr=1e-3")
-    from moe.bench import parallel as bench_parallel
-
-    par = sub.add_parser("parallel", help="train-step tokens/s at 1 vs 2 processes (DP=2, EP=2), comm share, weak-scaling efficiency", description=bench_parallel.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    par = sub.add_parser(
+        "parallel",
+        help="train-step tokens/s at 1 vs 2 processes (DP=2, EP=2), comm share, weak-scaling efficiency",
+        description=bench_parallel.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench_parallel.add_arguments(par)
-    from moe.bench import swarm as bench_swarm
-
     bench_swarm.add_parser(sub)
     args, unknown = p.parse_known_args(argv)
     if args.what == "quality":
@@ -196,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_swarm.run(args)
     if args.what == "parallel":
         bench_parallel.check_arguments(par, args)
-        return _write_and_print(bench_parallel.bench_parallel(args), bench_parallel.markdown_table, args.out)
+        return write_and_print(bench_parallel.bench_parallel(args), bench_parallel.markdown_table, args.out)
     if args.what == "quality":
-        from moe.bench.quality import run_quality
-
         args.argv = list(sys.argv[2:] if argv is None else argv[1:])
         try:
             return run_quality(args)
@@ -212,18 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in getattr(args, "k", []):
         if k < 1 or k > min(args.experts):
             p.error(f"--k {k}: must be in [1, smallest --experts]")
-    return _write_and_print(bench_layer(args), markdown_table, args.out)
-
-
-def _write_and_print(result: dict, table, out: str) -> int:
-    """Write the result as JSON to ``out``, print its markdown table."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print()
-    print(table(result))
-    print(f"wrote {out}")
-    return 0
+    return write_and_print(bench_layer(args), markdown_table, args.out)
 
 
 if __name__ == "__main__":

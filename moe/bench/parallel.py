@@ -49,10 +49,27 @@ LAYOUTS = {"1 process": (1, 1, 8.0), "DP=2": (2, 1, 8.0), "EP=2": (2, 2, 8.0), "
 
 def train_config(args, *, processes: int, ep_size: int, out_dir: str, bucket_mb: float = 8.0) -> TrainConfig:
     """The run a measurement trains (``args``: the ``moe-bench parallel`` options)."""
-    par = ParallelConfig(backend="ddp", ep_size=ep_size, timeout_s=args.timeout, bucket_mb=bucket_mb) if processes > 1 else ParallelConfig()
+    par = (
+        ParallelConfig(backend="ddp", ep_size=ep_size, timeout_s=args.timeout, bucket_mb=bucket_mb)
+        if processes > 1
+        else ParallelConfig()
+    )
     return TrainConfig(
-        model=ModelConfig(n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, seq_len=args.seq_len, moe_every=1),
-        moe=MoEConfig(name=args.moe, num_experts=args.experts, top_k=2 if args.moe == "gshard" else 1, dropless=args.moe in ("base", "topk"), aux_loss_weight=0.0 if args.moe == "base" else 0.01),
+        model=ModelConfig(
+            n_layers=args.n_layers,
+            d_model=args.d_model,
+            n_heads=args.n_heads,
+            d_ff=args.d_ff,
+            seq_len=args.seq_len,
+            moe_every=1,
+        ),
+        moe=MoEConfig(
+            name=args.moe,
+            num_experts=args.experts,
+            top_k=2 if args.moe == "gshard" else 1,
+            dropless=args.moe in ("base", "topk"),
+            aux_loss_weight=0.0 if args.moe == "base" else 0.01,
+        ),
         data=DataConfig(tokenizer="byte", max_files=args.max_files, cache_dir=args.cache_dir),
         optim=OptimConfig(warmup_steps=1),
         logger=LoggerConfig(wandb=False, wandb_mode="disabled", progress=False, console=False),
@@ -76,10 +93,18 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
     torch.set_num_threads(1)
     try:
         # what torchrun would set for this rank: the ddp backend joins the group the same way as in training
-        os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        states = {1: ddp.start(ParallelConfig(backend="ddp", ep_size=1, dist_backend="gloo", timeout_s=args.timeout), device="cpu")}
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        states = {
+            1: ddp.start(
+                ParallelConfig(backend="ddp", ep_size=1, dist_backend="gloo", timeout_s=args.timeout), device="cpu"
+            )
+        }
         states[2] = ParallelState.build(2, device="cpu", timeout=datetime.timedelta(seconds=args.timeout))
-        data = load_data(DataConfig(tokenizer="byte", max_files=args.max_files, cache_dir=args.cache_dir), progress=False)
+        data = load_data(
+            DataConfig(tokenizer="byte", max_files=args.max_files, cache_dir=args.cache_dir), progress=False
+        )
         results.put((rank, True, "ready"))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -91,14 +116,22 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
             try:
                 processes, ep, bucket_mb = LAYOUTS[name]
                 if name not in trainers:
-                    cfg = train_config(args, processes=processes, ep_size=ep, out_dir=os.path.join(tmp, name.replace(" ", "_").replace(",", "")), bucket_mb=bucket_mb)
-                    backend = ddp.DDPBackend(cfg, states[ep], data=data) if processes > 1 else Backend(cfg, data=data)  # (rank 1 idles in "1 process")
+                    cfg = train_config(
+                        args,
+                        processes=processes,
+                        ep_size=ep,
+                        out_dir=os.path.join(tmp, name.replace(" ", "_").replace(",", "")),
+                        bucket_mb=bucket_mb,
+                    )
+                    backend = (
+                        ddp.DDPBackend(cfg, states[ep], data=data) if processes > 1 else Backend(cfg, data=data)
+                    )  # (rank 1 idles in "1 process")
                     trainers[name] = Trainer(cfg, backend=backend)
                 t = trainers[name]
                 load = LoadAccumulator()
                 for _ in range(args.warmup):
                     t.train_step(load)
-                sync = (lambda: count_over_world(True, t.backend.state)) if processes > 1 else (lambda: None)
+                sync = (lambda st=t.backend.state: count_over_world(True, st)) if processes > 1 else (lambda: None)
                 sync()
                 c0, t0 = t.comm_seconds(), time.perf_counter()
                 for _ in range(args.steps):
@@ -109,7 +142,9 @@ def _worker(rank: int, port: int, args, tasks, results) -> None:
                 results.put((rank, True, {"seconds": secs, "comm_seconds": comm}))
             except BaseException:
                 results.put((rank, False, traceback.format_exc()))
-    trainers = states = t = sync = backend = None  # nothing holds a group once the process group goes: stop() frees them
+    trainers = states = t = sync = backend = (
+        None  # nothing holds a group once the process group goes: stop() frees them
+    )
     ddp.stop()
 
 
@@ -126,7 +161,10 @@ class _Pair:
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(2)]
         port = free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, port, args, self.tasks[r], self.results), daemon=True) for r in range(2)]
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, port, args, self.tasks[r], self.results), daemon=True)
+            for r in range(2)
+        ]
         for p in self.procs:
             p.start()
         self._collect(2, "start-up")
@@ -137,7 +175,9 @@ class _Pair:
             try:
                 rank, ok, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"{what}: no answer from a worker within {self.timeout:.0f} s (raise --timeout on a busy machine)") from None
+                raise RuntimeError(
+                    f"{what}: no answer from a worker within {self.timeout:.0f} s (raise --timeout on a busy machine)"
+                ) from None
             if not ok:
                 raise RuntimeError(f"{what} failed on rank {rank}:\n{value}")
             out[rank] = value
@@ -161,9 +201,9 @@ class _Pair:
 
 def bench_parallel(args) -> dict:
     """Measure every layout ``args.repeats`` times in turn; the result as JSON-ready data."""
-    from moe.training.data import load_data
-
-    load_data(DataConfig(tokenizer="byte", max_files=args.max_files, cache_dir=args.cache_dir), progress=False)  # the token cache, built once before the workers read it
+    load_data(
+        DataConfig(tokenizer="byte", max_files=args.max_files, cache_dir=args.cache_dir), progress=False
+    )  # the token cache, built once before the workers read it
     cfg = train_config(args, processes=1, ep_size=1, out_dir="")
     tokens_per_proc_step = cfg.batch_size * cfg.model.seq_len
     runs: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
@@ -176,7 +216,12 @@ def bench_parallel(args) -> dict:
                 processes = LAYOUTS[name][0]
                 m["tokens_per_s"] = processes * tokens_per_proc_step * args.steps / m["seconds"]
                 runs[name].append(m)
-                print(f"round {i + 1}/{args.repeats} {name:>16}: {m['tokens_per_s']:>9,.0f} tokens/s, step {1e3 * m['seconds'] / args.steps:,.0f} ms, comm {1e3 * m['comm_seconds'] / args.steps:,.0f} ms", flush=True)
+                print(
+                    f"round {i + 1}/{args.repeats} {name:>16}: {m['tokens_per_s']:>9,.0f} tokens/s, step "
+                    f"{1e3 * m['seconds'] / args.steps:,.0f} ms, comm "
+                    f"{1e3 * m['comm_seconds'] / args.steps:,.0f} ms",
+                    flush=True,
+                )
     finally:
         pair.stop()
     rows = []
@@ -184,7 +229,18 @@ def bench_parallel(args) -> dict:
         tps = statistics.median(m["tokens_per_s"] for m in runs[name])
         step_s = statistics.median(m["seconds"] for m in runs[name]) / args.steps
         comm_s = statistics.median(m["comm_seconds"] for m in runs[name]) / args.steps
-        rows.append({"layout": name, "processes": processes, "ep_size": ep, "bucket_mb": bucket_mb, "tokens_per_s": tps, "step_s": step_s, "comm_s": comm_s, "comm_share": comm_s / step_s})
+        rows.append(
+            {
+                "layout": name,
+                "processes": processes,
+                "ep_size": ep,
+                "bucket_mb": bucket_mb,
+                "tokens_per_s": tps,
+                "step_s": step_s,
+                "comm_s": comm_s,
+                "comm_share": comm_s / step_s,
+            }
+        )
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["efficiency"] = None if r["processes"] == 1 else r["tokens_per_s"] / (r["processes"] * base)
@@ -192,7 +248,12 @@ def bench_parallel(args) -> dict:
         "benchmark": "parallel",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": dataclasses.asdict(cfg.model),
-        "moe": {"name": cfg.moe.name, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "dropless": cfg.moe.dropless},
+        "moe": {
+            "name": cfg.moe.name,
+            "num_experts": cfg.moe.num_experts,
+            "top_k": cfg.moe.top_k,
+            "dropless": cfg.moe.dropless,
+        },
         "batch_size_per_process": cfg.batch_size,
         "tokens_per_process_step": tokens_per_proc_step,
         "steps": args.steps,
@@ -200,7 +261,12 @@ def bench_parallel(args) -> dict:
         "repeats": args.repeats,
         "threads_per_process": 1,
         "dist_backend": "gloo",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "rows": rows,
         "rounds": runs,
@@ -209,10 +275,17 @@ def bench_parallel(args) -> dict:
 
 def markdown_table(result: dict) -> str:
     """The parallel benchmark as the table in docs/performance.md."""
-    lines = ["| layout | processes | ep_size | tokens/s | step ms | comm ms | comm share | weak-scaling efficiency |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| layout | processes | ep_size | tokens/s | step ms | comm ms | comm share | weak-scaling efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
         eff = "-" if r["efficiency"] is None else f"**{r['efficiency']:.2f}**"
-        lines.append(f"| {r['layout']} | {r['processes']} | {r['ep_size']} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:,.0f} | {1e3 * r['comm_s']:,.0f} | {100 * r['comm_share']:.0f}% | {eff} |")
+        lines.append(
+            f"| {r['layout']} | {r['processes']} | {r['ep_size']} | {r['tokens_per_s']:,.0f} | "
+            f"{1e3 * r['step_s']:,.0f} | {1e3 * r['comm_s']:,.0f} | {100 * r['comm_share']:.0f}% "
+            f"| {eff} |"
+        )
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ on either side): every round computes the same function.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import math
@@ -35,6 +36,9 @@ import time
 
 import torch
 import torch.nn as nn
+
+from moe.bench.results import write_and_print
+from moe.model.experts import GroupedExperts
 
 ARMS = ("local", "swarm", "swarm, 25% failed")
 
@@ -96,10 +100,10 @@ def parse_size(s: str) -> tuple[int, int, int]:
 
 def bench_swarm(args) -> dict:
     """Start the swarm, measure every (size, arm) ``args.repeats`` times in turn, stop it all."""
-    from moe.model.experts import GroupedExperts
+    # the swarm's rooms import hivemind (an optional extra): only when this benchmark runs
+    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.layer import SwarmMoE
-    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.server import ServerProcess
     from moe.swarm.uids import grid_uids
 
@@ -112,7 +116,14 @@ def bench_swarm(args) -> dict:
     failing_rows = range(rows_total - rows_total // 4, rows_total)  # the last quarter of the rows
     E = math.prod(grid)
     per_row = E // rows_total
-    layer_kw = dict(grid_size=grid, k_best=k, k_min=args.k_min, forward_timeout=args.forward_timeout, timeout_after_k_min=args.timeout_after_k_min, backward_timeout=args.forward_timeout)
+    layer_kw = dict(
+        grid_size=grid,
+        k_best=k,
+        k_min=args.k_min,
+        forward_timeout=args.forward_timeout,
+        timeout_after_k_min=args.timeout_after_k_min,
+        backward_timeout=args.forward_timeout,
+    )
 
     # the experts of every size: the same weights for the servers and for the local arm
     experts = []  # per size: list of E SwarmExperts, row-major
@@ -120,7 +131,7 @@ def bench_swarm(args) -> dict:
         experts.append([SwarmExpert(D, F_) for _ in range(E)])
     by_row: list[dict] = [{} for _ in range(rows_total)]
     doomed: dict = {}
-    for i, (D, _, _) in enumerate(sizes):
+    for i in range(len(sizes)):
         for name in (f"full{i}", f"fail{i}"):
             for e, uid in enumerate(grid_uids(name, grid)):
                 r = e // per_row
@@ -132,7 +143,9 @@ def bench_swarm(args) -> dict:
     t_start = time.monotonic()
     try:
         for group in by_row:
-            servers.append(_start_server(ServerProcess, group, args, initial_peers=servers[0].maddrs if servers else []))
+            servers.append(
+                _start_server(ServerProcess, group, args, initial_peers=servers[0].maddrs if servers else [])
+            )
         # the fifth server: declares the failing arm's last row for longer than the run, then dies
         _start_server(ServerProcess, doomed, args, initial_peers=servers[0].maddrs, expiration=24 * 3600.0).kill()
         client = start_dht(servers[0].maddrs)
@@ -173,10 +186,19 @@ def bench_swarm(args) -> dict:
                     secs, aux = _fwd_bwd(layer, inputs[size])
                     m = {"seconds": secs}
                     if aux is not None:
-                        m.update(failed_experts=len(set(aux.failed) | set(aux.backward_failed)), dropped_frac=(aux.num_dropped / aux.num_routed.clamp_min(1)).item(), unserved_frac=aux.num_unserved / size[2])
+                        m.update(
+                            failed_experts=len(set(aux.failed) | set(aux.backward_failed)),
+                            dropped_frac=(aux.num_dropped / aux.num_routed.clamp_min(1)).item(),
+                            unserved_frac=aux.num_unserved / size[2],
+                        )
                     runs[_key(size, arm)].append(m)
                     line.append(f"{arm} {size[2] / secs:,.0f}")
-                print(f"round {rnd + 1}/{args.repeats} d_model {size[0]} d_ff {size[1]} tokens {size[2]}: " + ", ".join(line) + " tokens/s", flush=True)
+                print(
+                    f"round {rnd + 1}/{args.repeats} d_model {size[0]} d_ff {size[1]} tokens {size[2]}: "
+                    + ", ".join(line)
+                    + " tokens/s",
+                    flush=True,
+                )
     finally:
         if client is not None:
             shutdown_dht(client)
@@ -191,9 +213,22 @@ def bench_swarm(args) -> dict:
             secs = statistics.median(m["seconds"] for m in ms)
             tps = T / secs
             local_tps = tps if arm == "local" else local_tps
-            row = {"d_model": D, "d_ff": F_, "tokens": T, "arm": arm, "tokens_per_s": tps, "ms": 1e3 * secs, "vs_local": tps / local_tps}
+            row = {
+                "d_model": D,
+                "d_ff": F_,
+                "tokens": T,
+                "arm": arm,
+                "tokens_per_s": tps,
+                "ms": 1e3 * secs,
+                "vs_local": tps / local_tps,
+            }
             if arm != "local":
-                row.update({k_: statistics.mean(m[k_] for m in ms) for k_ in ("failed_experts", "dropped_frac", "unserved_frac")})
+                row.update(
+                    {
+                        k_: statistics.mean(m[k_] for m in ms)
+                        for k_ in ("failed_experts", "dropped_frac", "unserved_frac")
+                    }
+                )
             else:
                 row.update(failed_experts=0.0, dropped_frac=0.0, unserved_frac=0.0)
             rows.append(row)
@@ -214,7 +249,12 @@ def bench_swarm(args) -> dict:
         "server_threads": 1,
         "start_seconds": started,
         "max_abs_diff_swarm_vs_local": {f"{D}x{F_}x{T}": v for (D, F_, T), v in checks.items()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "rows": rows,
         "rounds": runs,
@@ -239,30 +279,57 @@ def _start_server(ServerProcess, experts: dict, args, **kwargs):
 def markdown_table(result: dict) -> str:
     """The swarm benchmark as the table in docs/performance.md."""
     lines = [
-        "| d_model | d_ff | tokens | arm | tokens/s | ms | vs local | failed experts / step | assignments lost | tokens unserved |",
+        "| d_model | d_ff | tokens | arm | tokens/s | ms | vs local | failed experts / step "
+        "| assignments lost | tokens unserved |",
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['d_model']} | {r['d_ff']} | {r['tokens']} | {r['arm']} | {r['tokens_per_s']:,.0f} | {r['ms']:,.0f} | **{r['vs_local']:.2f}** | {r['failed_experts']:.1f} | {100 * r['dropped_frac']:.0f}% | {100 * r['unserved_frac']:.1f}% |"
+            f"| {r['d_model']} | {r['d_ff']} | {r['tokens']} | {r['arm']} | "
+            f"{r['tokens_per_s']:,.0f} | {r['ms']:,.0f} | **{r['vs_local']:.2f}** | "
+            f"{r['failed_experts']:.1f} | {100 * r['dropped_frac']:.0f}% | "
+            f"{100 * r['unserved_frac']:.1f}% |"
         )
     return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
     """The ``moe-bench swarm`` subcommand on ``moe-bench``'s subparsers."""
-    import argparse
-
-    p = sub.add_parser("swarm", help="SwarmMoE over loopback vs the same experts local, and with 25%% of the experts failing", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=["64x256x256", "128x512x512", "256x1024x1024"], metavar="DxFxT", help="d_model x expert d_ff x tokens per forward")
-    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar="G", help="expert grid; its first dimension is the number of servers, a multiple of 4 (default 4 4)")
+    p = sub.add_parser(
+        "swarm",
+        help="SwarmMoE over loopback vs the same experts local, and with 25%% of the experts failing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["64x256x256", "128x512x512", "256x1024x1024"],
+        metavar="DxFxT",
+        help="d_model x expert d_ff x tokens per forward",
+    )
+    p.add_argument(
+        "--grid",
+        type=int,
+        nargs=2,
+        default=[4, 4],
+        metavar="G",
+        help="expert grid; its first dimension is the number of servers, a multiple of 4 (default 4 4)",
+    )
     p.add_argument("--k", type=int, default=4, help="k_best, experts per token (default 4, as Learning@home)")
     p.add_argument("--k-min", type=int, default=1)
-    p.add_argument("--forward-timeout", type=float, default=30.0, help="forward and backward timeout of the layer, seconds")
+    p.add_argument(
+        "--forward-timeout", type=float, default=30.0, help="forward and backward timeout of the layer, seconds"
+    )
     p.add_argument("--timeout-after-k-min", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5, help="rounds; each measures every size and arm in turn")
     p.add_argument("--warmup", type=int, default=1, help="untimed forward+backward per arm before the rounds")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in this process, the local arm's (default 1, as each server; 0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in this process, the local arm's (default 1, as each server; 0: torch's default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-timeout", type=float, default=90.0, help="seconds a server start may take (3 tries)")
     p.add_argument("--out", default="bench_results/swarm.json")
@@ -271,8 +338,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """Check the options, run, write the JSON and print the table (``moe-bench swarm``)."""
-    from moe.bench.cli import _write_and_print
-
     p = args.swarm_parser
     try:
         for s in args.sizes:
@@ -282,10 +347,21 @@ def run(args) -> int:
     if len({parse_size(s) for s in args.sizes}) != len(args.sizes):
         p.error(f"--sizes {' '.join(args.sizes)}: a size is given twice")
     if args.grid[0] < 4 or args.grid[0] % 4 or args.grid[1] < 1:
-        p.error(f"--grid {args.grid[0]} {args.grid[1]}: the first dimension (servers, one grid row each) must be a multiple of 4, so that 25% of the experts fail")
+        p.error(
+            f"--grid {args.grid[0]} {args.grid[1]}: the first dimension (servers, one grid row "
+            "each) must be a multiple of 4, so that 25% of the experts fail"
+        )
     if not 1 <= args.k <= math.prod(args.grid) or not 1 <= args.k_min <= args.k:
         p.error(f"--k {args.k} --k-min {args.k_min}: need 1 <= k-min <= k <= {math.prod(args.grid)}")
-    if args.repeats < 1 or args.warmup < 0 or args.forward_timeout <= 0 or args.timeout_after_k_min < 0 or args.start_timeout <= 0:
-        p.error("--repeats >= 1, --warmup >= 0, --forward-timeout > 0, --timeout-after-k-min >= 0 and --start-timeout > 0")
+    if (
+        args.repeats < 1
+        or args.warmup < 0
+        or args.forward_timeout <= 0
+        or args.timeout_after_k_min < 0
+        or args.start_timeout <= 0
+    ):
+        p.error(
+            "--repeats >= 1, --warmup >= 0, --forward-timeout > 0, --timeout-after-k-min >= 0 and --start-timeout > 0"
+        )
     del args.swarm_parser
-    return _write_and_print(bench_swarm(args), markdown_table, args.out)
+    return write_and_print(bench_swarm(args), markdown_table, args.out)

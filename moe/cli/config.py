@@ -36,7 +36,9 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             options = sorted(p.stem for p in group.glob("*.yaml"))
             for v in (v.strip() for v in value.split(",")):
                 if v not in options:
-                    raise ConfigError(f"{key}={v}: there is no {key} config named {v!r}; choose one of {', '.join(options)}")
+                    raise ConfigError(
+                        f"{key}={v}: there is no {key} config named {v!r}; choose one of {', '.join(options)}"
+                    )
             continue
         check_key(key)
 
@@ -46,7 +48,13 @@ def one_line(e: BaseException) -> str:
     from hydra.errors import OverrideParseException
     from omegaconf.errors import InterpolationResolutionError
 
-    noise = ("full_key:", "object_type=", "reference_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
+    noise = (
+        "full_key:",
+        "object_type=",
+        "reference_type=",
+        "See https://",
+        "Set the environment variable HYDRA_FULL_ERROR",
+    )
     lines = [ln.strip().rstrip(".") for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
     msg = "; ".join(lines) or type(e).__name__
     cause = e.__cause__ if e.__cause__ is not None else e
@@ -70,7 +78,9 @@ def config_from_hydra(cfg) -> TrainConfig:
     try:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
-        raise ConfigError(f"{e.full_key} is required here (it is ??? in the config); set it, e.g. {e.full_key}=...") from None
+        raise ConfigError(
+            f"{e.full_key} is required here (it is ??? in the config); set it, e.g. {e.full_key}=..."
+        ) from None
     except OmegaConfBaseException as e:
         raise ConfigError(one_line(e)) from None
     data.pop("hydra", None)
@@ -81,12 +91,15 @@ def config_from_hydra(cfg) -> TrainConfig:
 
 def compose(overrides: list[str], *, job_name: str = "moe") -> TrainConfig:
     """``moe/conf/config.yaml`` with ``overrides`` (as on moe-train's command line), composed
-    by Hydra's compose API and validated; a bad override is a one-line ConfigError."""
+    by Hydra's compose API and validated; a bad override is a one-line ConfigError.  Without an
+    ``out_dir=`` override the run directory is moe-train's, ``runs/<run_name>``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     check_group_overrides(overrides)
+    if not any(o.lstrip("+").startswith("out_dir=") for o in overrides):
+        overrides = [*overrides, "out_dir=runs/${run_name}"]  # what moe-train's hydra.run.dir gives
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=job_name):

@@ -28,7 +28,6 @@ port mapping and auto-NAT off unless ``--nat``.  Bad input ends with one line
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import signal
@@ -48,8 +47,16 @@ EPILOG = (
 )
 
 # overrides moe-join sets from its own flags for the trainer (key -> the flag to use instead)
-_TRAIN_KEYS = {"moe": "nothing: a trainer peer always trains moe=hivemind (the swarm's experts)", "moe.swarm.uid_prefix": "--prefix", "moe.swarm.grid": "--grid",
-               "moe.num_experts": "--grid", "model.d_model": "--d-model", "moe.expert_d_ff": "--d-ff", "out_dir": "--out", "moe.swarm.initial_peers": "--initial-peers"}
+_TRAIN_KEYS = {
+    "moe": "nothing: a trainer peer always trains moe=hivemind (the swarm's experts)",
+    "moe.swarm.uid_prefix": "--prefix",
+    "moe.swarm.grid": "--grid",
+    "moe.num_experts": "--grid",
+    "model.d_model": "--d-model",
+    "moe.expert_d_ff": "--d-ff",
+    "out_dir": "--out",
+    "moe.swarm.initial_peers": "--initial-peers",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,43 +70,131 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="moe-join", description="Join a swarm of expert servers (hivemind DHT), or start one.", epilog=EPILOG)
-    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR", help="addresses of running peers (as printed by the first peer); none: start a new swarm")
-    p.add_argument("--serve", type=int, default=0, metavar="N", help="serve N experts of the grid (default 0: a DHT peer only)")
+    p = _Parser(
+        prog="moe-join", description="Join a swarm of expert servers (hivemind DHT), or start one.", epilog=EPILOG
+    )
+    p.add_argument(
+        "--initial-peers",
+        nargs="+",
+        default=[],
+        metavar="MULTIADDR",
+        help="addresses of running peers (as printed by the first peer); none: start a new swarm",
+    )
+    p.add_argument(
+        "--serve", type=int, default=0, metavar="N", help="serve N experts of the grid (default 0: a DHT peer only)"
+    )
     p.add_argument("--prefix", default="ffn", help="the run's grid prefix, moe.swarm.uid_prefix (default ffn)")
-    p.add_argument("--grid", type=int, nargs="+", default=[8, 8], metavar="G", help="the run's grid, moe.swarm.grid (default 8 8)")
-    p.add_argument("--first", type=int, default=None, metavar="I", help="serve grid uids I..I+N-1 (row-major); default: the first N nobody declares")
+    p.add_argument(
+        "--grid", type=int, nargs="+", default=[8, 8], metavar="G", help="the run's grid, moe.swarm.grid (default 8 8)"
+    )
+    p.add_argument(
+        "--first",
+        type=int,
+        default=None,
+        metavar="I",
+        help="serve grid uids I..I+N-1 (row-major); default: the first N nobody declares",
+    )
     p.add_argument("--d-model", type=int, default=256, help="model.d_model of the run (default 256, model=small)")
     p.add_argument("--d-ff", type=int, default=1024, help="each expert's hidden size (default 1024)")
     p.add_argument("--activation", default="gelu", choices=["gelu", "relu", "silu"])
     p.add_argument("--lr", type=float, default=1e-3, help="the experts' Adam learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=None, help="seed of the experts' initial weights")
-    p.add_argument("--host", default="127.0.0.1", help="IPv4 address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all interfaces)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="IPv4 address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all interfaces)",
+    )
     p.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
-    p.add_argument("--announce", nargs="+", default=[], metavar="MULTIADDR", help="addresses other peers should dial, e.g. /ip4/PUBLIC_IP/tcp/PORT")
-    p.add_argument("--nat", action="store_true", help="turn on hivemind's NAT port mapping (UPnP) and auto-NAT (off by default: both send traffic off the machine)")
-    p.add_argument("--unsigned", action="store_true", help="do not sign expert declarations (trainers with moe.swarm.require_signed=true will not use them)")
-    p.add_argument("--update-period", type=float, default=15.0, help="seconds between re-declarations of the experts (default 15)")
-    p.add_argument("--expiration", type=float, default=30.0, help="seconds a declaration lives after this peer stops (default 30)")
+    p.add_argument(
+        "--announce",
+        nargs="+",
+        default=[],
+        metavar="MULTIADDR",
+        help="addresses other peers should dial, e.g. /ip4/PUBLIC_IP/tcp/PORT",
+    )
+    p.add_argument(
+        "--nat",
+        action="store_true",
+        help="turn on hivemind's NAT port mapping (UPnP) and auto-NAT (off by default: both send "
+        "traffic off the machine)",
+    )
+    p.add_argument(
+        "--unsigned",
+        action="store_true",
+        help="do not sign expert declarations (trainers with moe.swarm.require_signed=true will not use them)",
+    )
+    p.add_argument(
+        "--update-period", type=float, default=15.0, help="seconds between re-declarations of the experts (default 15)"
+    )
+    p.add_argument(
+        "--expiration", type=float, default=30.0, help="seconds a declaration lives after this peer stops (default 30)"
+    )
     p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (default 10)")
-    p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the DHT and the server to come up (default 120)")
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the DHT and the server to come up (default 120)",
+    )
     t = p.add_argument_group("collaborative training (--train)")
-    t.add_argument("--train", action="store_true", help="train the run's model as a collaborative peer (hivemind.Optimizer)")
-    t.add_argument("--target-batch-size", type=int, default=256, help="sequences all trainer peers accumulate per collaborative step (default 256; the same on every peer)")
-    t.add_argument("--batch-size", type=int, default=None, help="sequences per local step of this peer (default: the config's batch_size)")
-    t.add_argument("--steps", type=int, default=0, help="leave after this collaborative step (default 0: train until Ctrl-C); the LR schedule's length is the config's steps=")
-    t.add_argument("--out", default=None, help="this peer's run directory, for metrics.jsonl (default runs/collab-<peer id tail>)")
-    t.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to wait for other peers to join an averaging round (default 5; 10-15 over the internet)")
-    t.add_argument("--averaging-timeout", type=float, default=30.0, help="seconds an averaging round may take before this peer goes on with its own gradients (default 30)")
-    t.add_argument("--load-state-timeout", type=float, default=60.0, help="seconds one download of the run's state from a peer may take (default 60)")
-    t.add_argument("--data-seed", type=int, default=None, help="seed of this peer's batches (default: from its peer id)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with --train: Hydra overrides of the run's config, as for moe-train")
+    t.add_argument(
+        "--train", action="store_true", help="train the run's model as a collaborative peer (hivemind.Optimizer)"
+    )
+    t.add_argument(
+        "--target-batch-size",
+        type=int,
+        default=256,
+        help="sequences all trainer peers accumulate per collaborative step (default 256; the same on every peer)",
+    )
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per local step of this peer (default: the config's batch_size)",
+    )
+    t.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="leave after this collaborative step (default 0: train until Ctrl-C); the LR "
+        "schedule's length is the config's steps=",
+    )
+    t.add_argument(
+        "--out", default=None, help="this peer's run directory, for metrics.jsonl (default runs/collab-<peer id tail>)"
+    )
+    t.add_argument(
+        "--matchmaking-time",
+        type=float,
+        default=5.0,
+        help="seconds to wait for other peers to join an averaging round (default 5; 10-15 over the internet)",
+    )
+    t.add_argument(
+        "--averaging-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an averaging round may take before this peer goes on with its own gradients (default 30)",
+    )
+    t.add_argument(
+        "--load-state-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one download of the run's state from a peer may take (default 60)",
+    )
+    t.add_argument(
+        "--data-seed", type=int, default=None, help="seed of this peer's batches (default: from its peer id)"
+    )
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="with --train: Hydra overrides of the run's config, as for moe-train",
+    )
     return p
 
 
 def check_args(a: argparse.Namespace) -> None:
     """Every bad input as one ``_fail`` line, before anything starts."""
-    for i, addr in enumerate(a.initial_peers):
+    for addr in a.initial_peers:
         why = check_multiaddr(addr)
         if why is not None:
             _fail(f"--initial-peers {addr!r}: {why}")
@@ -116,7 +211,11 @@ def check_args(a: argparse.Namespace) -> None:
     if a.first is not None and not 0 <= a.first < E:
         _fail(f"--first {a.first}: must be in [0, {E}) for --grid {' '.join(map(str, a.grid))}")
     if a.serve > E - first:
-        _fail(f"--serve {a.serve}: the grid {'x'.join(map(str, a.grid))} has {E} experts" + (f" ({E - first} from --first {first})" if first else "") + "; serve fewer or use a larger --grid")
+        _fail(
+            f"--serve {a.serve}: the grid {'x'.join(map(str, a.grid))} has {E} experts"
+            + (f" ({E - first} from --first {first})" if first else "")
+            + "; serve fewer or use a larger --grid"
+        )
     from moe.swarm.uids import check_prefix  # noqa: PLC0415 (hivemind: only after the cheap checks)
 
     try:
@@ -124,7 +223,9 @@ def check_args(a: argparse.Namespace) -> None:
     except ValueError as e:
         _fail(f"--prefix: {e}")
     if a.d_model < 1 or a.d_ff < 1:
-        _fail(f"--d-model {a.d_model} --d-ff {a.d_ff}: both must be >= 1 (--d-model must equal the run's model.d_model)")
+        _fail(
+            f"--d-model {a.d_model} --d-ff {a.d_ff}: both must be >= 1 (--d-model must equal the run's model.d_model)"
+        )
     if not (a.lr > 0 and math.isfinite(a.lr)):
         _fail(f"--lr {a.lr} must be a positive number")
     parts = a.host.split(".")
@@ -135,14 +236,19 @@ def check_args(a: argparse.Namespace) -> None:
     if a.update_period <= 0 or a.expiration <= 0 or a.status_every <= 0 or a.start_timeout <= 0:
         _fail("--update-period, --expiration, --status-every and --start-timeout must be > 0 seconds")
     if a.expiration < a.update_period:
-        _fail(f"--expiration {a.expiration} < --update-period {a.update_period}: the experts would vanish between declarations; make --expiration at least the period (2x is safe)")
+        _fail(
+            f"--expiration {a.expiration} < --update-period {a.update_period}: the experts would "
+            "vanish between declarations; make --expiration at least the period (2x is safe)"
+        )
     a.train_config = None
     if not a.train:
         if a.overrides:
             _fail(f"{a.overrides[0]!r}: config overrides are for the trainer role; add --train (or remove them)")
         return
     if a.target_batch_size < 1:
-        _fail(f"--target-batch-size {a.target_batch_size} must be >= 1 (sequences per collaborative step, over all peers)")
+        _fail(
+            f"--target-batch-size {a.target_batch_size} must be >= 1 (sequences per collaborative step, over all peers)"
+        )
     if a.batch_size is not None and a.batch_size < 1:
         _fail(f"--batch-size {a.batch_size} must be >= 1")
     if a.steps < 0:
@@ -162,8 +268,15 @@ def train_config(a: argparse.Namespace):
         if key in _TRAIN_KEYS:
             _fail(f"{o!r}: moe-join sets {key} itself; use {_TRAIN_KEYS[key]}")
     grid = ",".join(map(str, a.grid))
-    ours = ["moe=hivemind", f"moe.swarm.uid_prefix={a.prefix}", f"moe.swarm.grid=[{grid}]", f"moe.num_experts={math.prod(a.grid)}",
-            f"model.d_model={a.d_model}", f"moe.expert_d_ff={a.d_ff}", f"out_dir={a.out or 'runs/collab'}"]
+    ours = [
+        "moe=hivemind",
+        f"moe.swarm.uid_prefix={a.prefix}",
+        f"moe.swarm.grid=[{grid}]",
+        f"moe.num_experts={math.prod(a.grid)}",
+        f"model.d_model={a.d_model}",
+        f"moe.expert_d_ff={a.d_ff}",
+        f"out_dir={a.out or 'runs/collab'}",
+    ]
     if a.batch_size is not None:
         ours.append(f"batch_size={a.batch_size}")
     try:
@@ -171,203 +284,229 @@ def train_config(a: argparse.Namespace):
     except ConfigError as e:
         _fail(str(e))
     if tc.parallel.backend != "single":
-        _fail(f"parallel={tc.parallel.backend}: a trainer peer is one process; its data parallelism is the collaboration (leave parallel=single)")
+        _fail(
+            f"parallel={tc.parallel.backend}: a trainer peer is one process; its data parallelism "
+            "is the collaboration (leave parallel=single)"
+        )
     if tc.grad_accum != 1:
-        _fail(f"grad_accum={tc.grad_accum}: a trainer peer accumulates up to --target-batch-size by itself; leave grad_accum=1")
+        _fail(
+            f"grad_accum={tc.grad_accum}: a trainer peer accumulates up to --target-batch-size by "
+            "itself; leave grad_accum=1"
+        )
     return tc
 
 
 def join_command(maddrs: list[str], a: argparse.Namespace) -> str:
     """The line another machine runs to join through this peer and serve experts."""
     grid = " ".join(map(str, a.grid))
-    return f"moe-join --initial-peers {' '.join(maddrs)} --serve 4 --prefix {a.prefix} --grid {grid} --d-model {a.d_model} --d-ff {a.d_ff}"
+    return (
+        f"moe-join --initial-peers {' '.join(maddrs)} --serve 4 --prefix {a.prefix} --grid {grid} "
+        f"--d-model {a.d_model} --d-ff {a.d_ff}"
+    )
 
 
 def collab_command(maddrs: list[str], a: argparse.Namespace) -> str:
     """The line another machine runs to train with this swarm as a collaborative peer."""
     grid = " ".join(map(str, a.grid))
-    return f"moe-join --initial-peers {' '.join(maddrs)} --train --target-batch-size {a.target_batch_size} --prefix {a.prefix} --grid {grid} --d-model {a.d_model} --d-ff {a.d_ff}"
+    return (
+        f"moe-join --initial-peers {' '.join(maddrs)} --train --target-batch-size {a.target_batch_size} "
+        f"--prefix {a.prefix} --grid {grid} --d-model {a.d_model} --d-ff {a.d_ff}"
+    )
 
 
 def train_command(maddrs: list[str], a: argparse.Namespace) -> str:
     grid = ",".join(map(str, a.grid))
     E = math.prod(a.grid)
-    return f"moe-train moe=hivemind moe.swarm.initial_peers=[{','.join(maddrs)}] moe.swarm.uid_prefix={a.prefix} moe.swarm.grid=[{grid}] moe.num_experts={E} model.d_model={a.d_model}"
+    return (
+        f"moe-train moe=hivemind moe.swarm.initial_peers=[{','.join(maddrs)}] moe.swarm.uid_prefix={a.prefix} "
+        f"moe.swarm.grid=[{grid}] moe.num_experts={E} model.d_model={a.d_model}"
+    )
 
 
-async def _peers_seen(dht, node) -> int:
-    return len(node.protocol.routing_table.peer_id_to_uid)
+def options(a: argparse.Namespace):
+    """The checked arguments as the swarm's ``VolunteerOptions``."""
+    from moe.swarm.peer import VolunteerOptions  # the swarm imports hivemind: only once the arguments are good
+
+    return VolunteerOptions(
+        initial_peers=a.initial_peers,
+        host=a.host,
+        port=a.port,
+        announce=a.announce,
+        nat=a.nat,
+        prefix=a.prefix,
+        grid=a.grid,
+        serve=a.serve,
+        first=a.first,
+        d_model=a.d_model,
+        d_ff=a.d_ff,
+        activation=a.activation,
+        lr=a.lr,
+        signed=not a.unsigned,
+        update_period=a.update_period,
+        expiration=a.expiration,
+        start_timeout=a.start_timeout,
+        train=a.train_config,
+        target_batch_size=a.target_batch_size,
+        matchmaking_time=a.matchmaking_time,
+        averaging_timeout=a.averaging_timeout,
+        load_state_timeout=a.load_state_timeout,
+        data_seed=a.data_seed,
+        out=a.out,
+    )
 
 
-def free_uids(dht, uids: list[str], n: int, timeout: float) -> list[str]:
-    """The first ``n`` of ``uids`` nobody declares on the DHT now."""
-    from functools import partial
+def announce(v, a: argparse.Namespace, out) -> None:
+    """Who this peer is, what it runs, and the lines other machines run to join it."""
+    maddrs = v.maddrs
+    print(f"moe-join: peer id {v.dht.peer_id.to_base58()}", file=out)
+    for m in maddrs:
+        print(f"moe-join: address {m}", file=out)
+    if v.server is not None:
+        print(
+            f"moe-join: serving {len(v.server.uids)} experts {v.server.uids[0]} .. "
+            f"{v.server.uids[-1]} (d_model {a.d_model}, d_ff {a.d_ff}, "
+            f"{'unsigned' if a.unsigned else 'signed'})",
+            file=out,
+        )
+    elif v.trainer is None:
+        print("moe-join: DHT peer only (no experts served)", file=out)
+    if v.trainer is not None:
+        tc = v.trainer.cfg
+        if v.train_dht is not v.dht:
+            print(
+                f"moe-join: the trainer is DHT peer {v.train_dht.peer_id.to_base58()} (its experts "
+                "are called like any server's)",
+                file=out,
+            )
+        print(
+            f"moe-join: training as a collaborative peer of run {v.trainer.opt.run_id}: target "
+            f"batch {a.target_batch_size} sequences per collaborative step, "
+            f"{tc.batch_size} per local step here; LR schedule over {tc.steps} steps; metrics in "
+            f"{tc.out_dir}/metrics.jsonl",
+            file=out,
+        )
+    print(
+        "moe-join: a new swarm.  To serve experts in it, run:"
+        if not a.initial_peers
+        else "moe-join: joined.  Others can join through this peer too:",
+        file=out,
+    )
+    print(f"  {join_command(maddrs, a)}", file=out)
+    print(
+        "moe-join: to train with it as a collaborative peer (same config overrides on every "
+        "trainer), or as a single trainer:",
+        file=out,
+    )
+    print(f"  {collab_command(maddrs, a)}" + (" " + " ".join(a.overrides) if a.overrides else ""), file=out)
+    print(f"  {train_command(maddrs, a)}", file=out)
+    print("moe-join: Ctrl-C leaves the swarm", file=out, flush=True)
 
-    from hivemind.moe.server.dht_handler import _get_experts
 
-    found = dht.run_coroutine(partial(_get_experts, uids=uids, expiration_time=None), return_future=True).result(timeout)
-    return [u for u, info in zip(uids, found) if info is None][:n]
+class _Status:
+    """The status line every ``--status-every`` seconds: experts served and their calls/s, the
+    trainer's collaborative step, peers seen."""
+
+    def __init__(self, v, out):
+        self.v, self.out = v, out
+        self.t, self.calls = time.monotonic(), 0
+        self.loss: float | None = None
+        self.served = 0.0
+
+    def trained(self, record: dict) -> None:
+        self.loss, self.served = record["train/loss"], record["moe/served_fraction"]
+
+    def __call__(self) -> None:
+        v, now = self.v, time.monotonic()
+        peers = v.peers_seen()
+        rate = (v.calls - self.calls) / max(now - self.t, 1e-9)
+        self.t, self.calls = now, v.calls
+        line = (
+            f"moe-join: status: experts {len(v.server.uids) if v.server is not None else 0}, expert calls/s {rate:.1f}"
+        )
+        if v.trainer is not None:
+            t = v.trainer
+            line += f", collaborative step {t.collab_step}, trainer peers {t.num_peers}, local steps {t.local_steps}"
+            if self.loss is not None:
+                line += f", loss {self.loss:.4f}, tokens served by experts {100 * self.served:.0f}%"
+        print(f"{line}, peers seen {peers if peers >= 0 else '?'}", file=self.out, flush=True)
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGINT and SIGTERM set the returned event.  Set only once every helper process is forked:
+    hivemind stops them with SIGTERM, and a child forked with this handler would ignore it (the
+    shutdown then waits on it forever); a helper forked later still gets the default action."""
+    stop = threading.Event()
+    main_pid = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def run(v, a: argparse.Namespace, stop: threading.Event, out) -> None:
+    """Serve (and train) until a signal, or the trainer's ``--steps``."""
+    status = _Status(v, out)
+    if v.trainer is None:
+        while not stop.wait(a.status_every):
+            status()
+        return
+    step = v.trainer.load_state()
+    print(
+        f"moe-join: loaded the run's state: collaborative step {step}"
+        if step
+        else "moe-join: starting at collaborative step 0 (no trainer peer has state to share yet)",
+        file=out,
+        flush=True,
+    )
+    next_status = time.monotonic() + a.status_every
+    while not stop.is_set():
+        if a.steps and v.trainer.collab_step >= a.steps:
+            print(
+                f"moe-join: reached collaborative step {v.trainer.collab_step} (--steps {a.steps})",
+                file=out,
+                flush=True,
+            )
+            return
+        record = v.trainer.train_step()
+        if record is not None:
+            status.trained(record)
+        if time.monotonic() >= next_status:
+            status()
+            next_status = time.monotonic() + a.status_every
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``moe-join``."""
     a = build_parser().parse_args(argv)
     check_args(a)
-
     import torch
 
-    from moe.swarm.expert import SwarmExpert
-    from moe.swarm.records import record_validators
-    from moe.swarm.dht import shutdown_dht, start_dht, visible_maddrs
-    from moe.swarm.server import ExpertServer
-    from moe.swarm.uids import grid_uids
+    from moe.swarm.peer import NotEnoughFreeExperts, Volunteer
 
     torch.set_num_threads(1)
     if a.seed is not None:
         torch.manual_seed(a.seed)
-    net = dict(
-        host_maddrs=[f"/ip4/{a.host}/tcp/{a.port}"],
-        nat_port_map=a.nat,
-        auto_nat=a.nat,
-        record_validators=record_validators(a.prefix),
-        **({"announce_maddrs": a.announce} if a.announce else {}),
-    )
-    dht = server = trainer = train_dht = None
-    calls = [0]
+    out = sys.stdout
+    volunteer = None
     try:
-        if a.serve:
-            uids = grid_uids(a.prefix, a.grid)
-            if a.first is not None:
-                chosen = uids[a.first : a.first + a.serve]
-            elif a.initial_peers:  # look up who serves what: a short-lived probe peer
-                probe = start_dht(a.initial_peers, **{**net, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"]})
-                try:
-                    chosen = free_uids(probe, uids, a.serve, a.start_timeout)
-                finally:
-                    shutdown_dht(probe)
-                if len(chosen) < a.serve:
-                    _fail(f"--serve {a.serve}: only {len(chosen)} experts of the grid are free (the others are served already); serve fewer, use --first, or a larger --grid", code=1)
-            else:
-                chosen = uids[: a.serve]
-            experts = {u: SwarmExpert(a.d_model, a.d_ff, activation=a.activation) for u in chosen}
-            for m in experts.values():
-                m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-            for attempt in (1, 2, 3):  # hivemind's server start sometimes hangs (seen on a loaded 2-core machine): try again
-                try:
-                    server = ExpertServer(
-                        experts, a.d_model, initial_peers=a.initial_peers, optimizer=lambda ps: torch.optim.Adam(ps, lr=a.lr),
-                        update_period=a.update_period, expiration=a.expiration, ready_timeout=a.start_timeout, sign_records=not a.unsigned, **net,
-                    )
-                    break
-                except TimeoutError:
-                    if attempt == 3:
-                        raise
-                    print(f"moe-join: the expert server did not come up within {a.start_timeout:g} s; trying again", file=sys.stderr, flush=True)
-            dht = server.dht
-        else:
-            dht = start_dht(a.initial_peers, **net)
-        if a.train:  # before the signal handlers too: hivemind's averagers are forked here
-            from moe.swarm.collab import CollabTrainer
-
-            train_dht = dht
-            if server is not None:  # a peer cannot call experts through its own p2p identity ("dial to self"): a second DHT peer
-                train_dht = start_dht(visible_maddrs(dht), **{**{k: v for k, v in net.items() if k != "announce_maddrs"}, "host_maddrs": [f"/ip4/{a.host}/tcp/0"]})
-            tc = a.train_config
-            if a.out is None:
-                tc = dataclasses.replace(tc, out_dir=f"runs/collab-{train_dht.peer_id.to_base58()[-8:]}")
-            trainer = CollabTrainer(
-                tc, dht=train_dht, target_batch_size=a.target_batch_size, matchmaking_time=a.matchmaking_time,
-                averaging_timeout=a.averaging_timeout, load_state_timeout=a.load_state_timeout, data_seed=a.data_seed,
-            )
-        # only now: hivemind stops its helper processes with SIGTERM, and a child forked with
-        # this handler would ignore it (the shutdown then waits on it forever)
-        stop = threading.Event()
-        main_pid = os.getpid()
-
-        def _on_signal(signum, frame):
-            if os.getpid() != main_pid:  # a helper process forked later: the default action
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            stop.set()
-
-        signal.signal(signal.SIGINT, _on_signal)
-        signal.signal(signal.SIGTERM, _on_signal)
-        maddrs = visible_maddrs(dht)
-        out = sys.stdout
-        print(f"moe-join: peer id {dht.peer_id.to_base58()}", file=out)
-        for m in maddrs:
-            print(f"moe-join: address {m}", file=out)
-        if server is not None:
-            print(f"moe-join: serving {len(server.uids)} experts {server.uids[0]} .. {server.uids[-1]} (d_model {a.d_model}, d_ff {a.d_ff}, {'unsigned' if a.unsigned else 'signed'})", file=out)
-        elif trainer is None:
-            print("moe-join: DHT peer only (no experts served)", file=out)
-        if trainer is not None:
-            tc = trainer.cfg
-            if train_dht is not dht:
-                print(f"moe-join: the trainer is DHT peer {train_dht.peer_id.to_base58()} (its experts are called like any server's)", file=out)
-            print(f"moe-join: training as a collaborative peer of run {trainer.opt.run_id}: target batch {a.target_batch_size} sequences per collaborative step, "
-                  f"{tc.batch_size} per local step here; LR schedule over {tc.steps} steps; metrics in {tc.out_dir}/metrics.jsonl", file=out)
-        if not a.initial_peers:
-            print("moe-join: a new swarm.  To serve experts in it, run:", file=out)
-        else:
-            print("moe-join: joined.  Others can join through this peer too:", file=out)
-        print(f"  {join_command(maddrs, a)}", file=out)
-        print("moe-join: to train with it as a collaborative peer (same config overrides on every trainer), or as a single trainer:", file=out)
-        print(f"  {collab_command(maddrs, a)}" + (" " + " ".join(a.overrides) if a.overrides else ""), file=out)
-        print(f"  {train_command(maddrs, a)}", file=out)
-        print("moe-join: Ctrl-C leaves the swarm", file=out, flush=True)
-        if trainer is not None:
-            step = trainer.load_state()
-            print(f"moe-join: loaded the run's state: collaborative step {step}" if step else "moe-join: starting at collaborative step 0 (no trainer peer has state to share yet)", file=out, flush=True)
-
-        last_t, last_calls, last_loss, last_served = time.monotonic(), 0, None, 0.0
-
-        def status() -> None:
-            nonlocal last_t, last_calls
-            now = time.monotonic()
-            try:
-                peers = dht.run_coroutine(_peers_seen, return_future=True).result(10)
-            except Exception:
-                peers = -1
-            rate = (calls[0] - last_calls) / max(now - last_t, 1e-9)
-            last_t, last_calls = now, calls[0]
-            served = len(server.uids) if server is not None else 0
-            line = f"moe-join: status: experts {served}, expert calls/s {rate:.1f}"
-            if trainer is not None:
-                line += f", collaborative step {trainer.collab_step}, trainer peers {trainer.num_peers}, local steps {trainer.local_steps}"
-                if last_loss is not None:
-                    line += f", loss {last_loss:.4f}, tokens served by experts {100 * last_served:.0f}%"
-            print(f"{line}, peers seen {peers if peers >= 0 else '?'}", file=out, flush=True)
-
-        if trainer is None:
-            while not stop.wait(a.status_every):
-                status()
-        else:
-            next_status = time.monotonic() + a.status_every
-            while not stop.is_set():
-                if a.steps and trainer.collab_step >= a.steps:
-                    print(f"moe-join: reached collaborative step {trainer.collab_step} (--steps {a.steps})", file=out, flush=True)
-                    break
-                record = trainer.train_step()
-                if record is not None:
-                    last_loss, last_served = record["train/loss"], record["moe/served_fraction"]
-                if time.monotonic() >= next_status:
-                    status()
-                    next_status = time.monotonic() + a.status_every
+        try:
+            volunteer = Volunteer(options(a))
+        except NotEnoughFreeExperts as e:
+            _fail(str(e), code=1)
+        announce(volunteer, a, out)
+        run(volunteer, a, _stop_on_signals(), out)
         print("moe-join: leaving the swarm", file=out, flush=True)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            if trainer is not None:
-                trainer.shutdown()  # goodbye to the other trainers, averagers stopped
-        finally:
-            if train_dht is not None and train_dht is not dht:
-                shutdown_dht(train_dht)
-            if server is not None:
-                server.shutdown()
-            elif dht is not None:
-                shutdown_dht(dht)
+        if volunteer is not None:
+            volunteer.shutdown()
     sys.exit(0)
 
 

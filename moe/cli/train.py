@@ -17,6 +17,7 @@ the shared run directory).  The group is left at exit, however the run ends.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import traceback
@@ -62,7 +63,7 @@ def train_in_process_group(tc: TrainConfig) -> None:
     try:
         # rank 0's run directory for all (Hydra resolved it on each rank: ${now:} may differ)
         tc = dataclasses.replace(tc, out_dir=broadcast_object(tc.out_dir, state))
-        _train(tc, lambda data: launch.backend(tc, state, data), main=state.is_main)
+        _train(tc, functools.partial(launch.backend, tc, state), main=state.is_main)
     finally:
         del state
         exc = sys.exc_info()[1]

@@ -21,7 +21,15 @@ import re
 import time
 from pathlib import Path
 
-SERIES_KEYS = ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu", "perf/step_time_s", "train/lr", "train/aux_loss")
+SERIES_KEYS = (
+    "train/loss",
+    "val/loss",
+    "perf/tokens_per_s",
+    "perf/mfu",
+    "perf/step_time_s",
+    "train/lr",
+    "train/aux_loss",
+)
 _LAYER = re.compile(r"^moe/layer_(\d+)/(.+)$")
 RUNNING_IF_WRITTEN_WITHIN_S = 120.0
 
@@ -34,7 +42,9 @@ def find_runs(root: Path) -> list[Path]:
         return [root]
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("wandb", ".hydra", "__pycache__") and not d.startswith("."))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("wandb", ".hydra", "__pycache__") and not d.startswith(".")
+        )
         if "metrics.jsonl" in filenames:
             found.append(Path(dirpath))
             dirnames[:] = []  # a run's own subfolders hold no other runs
@@ -181,7 +191,15 @@ def collapses(run: dict, cv_threshold: float = 1.0) -> list[dict]:
                 if not bad:
                     break
                 since = s
-            out.append({"run": run["name"], "layer": int(i), "step": L["steps"][-1], "since": since, "reason": "; ".join(reasons)})
+            out.append(
+                {
+                    "run": run["name"],
+                    "layer": int(i),
+                    "step": L["steps"][-1],
+                    "since": since,
+                    "reason": "; ".join(reasons),
+                }
+            )
     return out
 
 
@@ -197,7 +215,14 @@ def snapshot(root: Path, *, cv_threshold: float = 1.0, now: float | None = None)
     alerts = [a for r in runs for a in collapses(r, cv_threshold)]
     for r in runs:
         r["diff"] = {k: r["config"].get(k) for k in diff}
-    return {"root": str(Path(root).resolve()), "runs": runs, "diff_keys": diff, "alerts": alerts, "cv_threshold": cv_threshold, "generated": time.time()}
+    return {
+        "root": str(Path(root).resolve()),
+        "runs": runs,
+        "diff_keys": diff,
+        "alerts": alerts,
+        "cv_threshold": cv_threshold,
+        "generated": time.time(),
+    }
 
 
 def fingerprint(root: Path) -> str:

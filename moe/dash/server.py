@@ -31,11 +31,14 @@ def page(*, refresh_s: float, inline_data: dict | None = None) -> str:
     html = static_text("index.html")
     if inline_data is None:
         head = '<link rel="stylesheet" href="/static/dash.css">'
-        body = f'<script>window.MOE_DASH = {{"refresh_s": {refresh_s}}};</script>\n<script src="/static/dash.js"></script>'
+        body = (
+            f'<script>window.MOE_DASH = {{"refresh_s": {refresh_s}}};</script>\n<script src="/static/dash.js"></script>'
+        )
     else:
         data = json.dumps(inline_data, allow_nan=False).replace("</", "<\\/")  # no early </script>
         head = f"<style>\n{static_text('dash.css')}\n</style>"
-        body = f'<script>window.MOE_DASH = {{"refresh_s": 0, "data": {data}}};</script>\n<script>\n{static_text("dash.js")}\n</script>'
+        script = static_text("dash.js")
+        body = f'<script>window.MOE_DASH = {{"refresh_s": 0, "data": {data}}};</script>\n<script>\n{script}\n</script>'
     return html.replace("<!--HEAD-->", head).replace("<!--BODY-->", body)
 
 
@@ -97,7 +100,9 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-def make_server(root: Path, *, host: str = "127.0.0.1", port: int = 8765, refresh_s: float = 5.0, cv_threshold: float = 1.0) -> ThreadingHTTPServer:
+def make_server(
+    root: Path, *, host: str = "127.0.0.1", port: int = 8765, refresh_s: float = 5.0, cv_threshold: float = 1.0
+) -> ThreadingHTTPServer:
     """A server bound to ``host:port`` (port 0: any free port; see ``server.server_address``)."""
     handler = partial(_Handler, root=Path(root), refresh_s=refresh_s, cv_threshold=cv_threshold)
     httpd = ThreadingHTTPServer((host, port), handler)

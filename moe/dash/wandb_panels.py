@@ -92,7 +92,9 @@ def scan_run(run_dir: str | Path) -> RunKeys:
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise PanelError(f"{path} does not exist; give a run directory (moe-train writes runs/<run_name>/metrics.jsonl)")
+        raise PanelError(
+            f"{path} does not exist; give a run directory (moe-train writes runs/<run_name>/metrics.jsonl)"
+        )
     keys: set[str] = set()
     experts: dict[int, int] = {}
     has_load = False
@@ -123,6 +125,7 @@ def scan_run(run_dir: str | Path) -> RunKeys:
 
 def panel_plan(run: RunKeys) -> list[Section]:
     """The workspace's sections and panels for ``run``; only keys the run logged are used."""
+
     def present(keys) -> tuple[str, ...]:
         return tuple(k for k in keys if k in run.keys)
 
@@ -156,7 +159,9 @@ def panel_plan(run: RunKeys) -> list[Section]:
 
 def plan_dict(plan: list[Section]) -> list[dict[str, Any]]:
     """The plan as JSON-ready data: ``[{"name", "panels": [{"title", "type", "keys"}]}]``."""
-    return [{"name": s.name, "panels": [{**dataclasses.asdict(p), "keys": list(p.keys)} for p in s.panels]} for s in plan]
+    return [
+        {"name": s.name, "panels": [{**dataclasses.asdict(p), "keys": list(p.keys)} for p in s.panels]} for s in plan
+    ]
 
 
 # -- wandb_workspaces objects (built without network; saved by run_wandb) -----------------------
@@ -203,7 +208,9 @@ def build_report(plan: list[Section], *, entity: str, project: str, title: str, 
     blocks: list[Any] = []
     for s in plan:
         blocks.append(wr.H2(s.name))
-        blocks.append(wr.PanelGrid(runsets=[wr.Runset(entity=entity, project=project)], panels=[_wr_panel(p) for p in s.panels]))
+        blocks.append(
+            wr.PanelGrid(runsets=[wr.Runset(entity=entity, project=project)], panels=[_wr_panel(p) for p in s.panels])
+        )
     return wr.Report(entity=entity, project=project, title=title, description=description, blocks=blocks)
 
 
@@ -219,9 +226,19 @@ def add_wandb_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "from a run directory's metrics.jsonl (its MoE layers and experts).  Needs `wandb login` "
         "unless --dry-run.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run directory with metrics.jsonl, e.g. runs/switch-e8")
-    p.add_argument("--entity", default=None, help="W&B entity (user or team); default: the run's logger.wandb_entity, else your default entity")
-    p.add_argument("--project", default=None, help=f"W&B project; default: the run's logger.wandb_project, else {DEFAULT_PROJECT!r}")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", type=Path, help="a run directory with metrics.jsonl, e.g. runs/switch-e8"
+    )
+    p.add_argument(
+        "--entity",
+        default=None,
+        help="W&B entity (user or team); default: the run's logger.wandb_entity, else your default entity",
+    )
+    p.add_argument(
+        "--project",
+        default=None,
+        help=f"W&B project; default: the run's logger.wandb_project, else {DEFAULT_PROJECT!r}",
+    )
     p.add_argument("--report", action="store_true", help="also build a report with the same panels")
     p.add_argument("--dry-run", action="store_true", help="print what would be created; no network, no API key")
     p.add_argument("--json", action="store_true", help="with --dry-run: print it as JSON")
@@ -282,7 +299,9 @@ def _short(keys: tuple[str, ...]) -> str:
     return f"{keys[0]} .. {keys[-1]} ({len(keys)} keys)"
 
 
-def format_plan(plan: list[Section], run: RunKeys, *, entity: str | None, project: str, name: str, report: str | None) -> str:
+def format_plan(
+    plan: list[Section], run: RunKeys, *, entity: str | None, project: str, name: str, report: str | None
+) -> str:
     """The dry run's text: where it would go, the layers found, then each section's panels."""
     where = f"{entity or '<your default entity>'}/{project}"
     layers = ", ".join(f"{i} ({e} experts)" for i, e in run.experts.items()) or "none (a dense run)"
@@ -307,7 +326,9 @@ def run_wandb(args: argparse.Namespace) -> int:
         return _fail(str(e))
     plan = panel_plan(run)
     if not plan:
-        return _fail(f"{run.run_dir / 'metrics.jsonl'} has none of the loss, load or throughput keys this workspace charts")
+        return _fail(
+            f"{run.run_dir / 'metrics.jsonl'} has none of the loss, load or throughput keys this workspace charts"
+        )
     logger_cfg = _run_logger_config(run.run_dir)
     project = args.project or _plain_str(logger_cfg.get("wandb_project")) or DEFAULT_PROJECT
     entity = args.entity or _plain_str(logger_cfg.get("wandb_entity")) or None
@@ -316,8 +337,14 @@ def run_wandb(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         if args.json:
-            out = {"run_dir": str(run.run_dir), "entity": entity, "project": project, "moe_layers": {str(i): e for i, e in run.experts.items()},
-                   "workspace": {"name": name, "sections": plan_dict(plan)}, "report": {"title": report_title} if report_title else None}
+            out = {
+                "run_dir": str(run.run_dir),
+                "entity": entity,
+                "project": project,
+                "moe_layers": {str(i): e for i, e in run.experts.items()},
+                "workspace": {"name": name, "sections": plan_dict(plan)},
+                "report": {"title": report_title} if report_title else None,
+            }
             print(json.dumps(out, indent=2))
         else:
             print(format_plan(plan, run, entity=entity, project=project, name=name, report=report_title))
@@ -325,7 +352,10 @@ def run_wandb(args: argparse.Namespace) -> int:
         return 0
 
     if not has_api_key():
-        return _fail("no W&B API key (WANDB_API_KEY or ~/.netrc); run `wandb login` first, or add --dry-run to see the plan offline")
+        return _fail(
+            "no W&B API key (WANDB_API_KEY or ~/.netrc); run `wandb login` first, or add "
+            "--dry-run to see the plan offline"
+        )
     try:
         import wandb
         import wandb_workspaces  # noqa: F401
@@ -338,10 +368,20 @@ def run_wandb(args: argparse.Namespace) -> int:
         w = build_workspace(plan, entity=entity, project=project, name=name).save()
         print(f"workspace: {w.url}")
         if report_title:
-            r = build_report(plan, entity=entity, project=project, title=report_title,
-                             description=f"Loss, load balance and throughput, laid out from {run.run_dir / 'metrics.jsonl'} by moe-dash wandb.").save()
+            r = build_report(
+                plan,
+                entity=entity,
+                project=project,
+                title=report_title,
+                description=f"Loss, load balance and throughput, laid out from {run.run_dir / 'metrics.jsonl'} by "
+                "moe-dash wandb.",
+            ).save()
             print(f"report: {r.url}")
     except Exception as e:  # wandb raises many types (CommError, HTTPError, timeouts); one line, not a traceback
         first = (str(e).strip().splitlines() or [""])[0]
-        return _fail(f"W&B did not accept the workspace for {entity}/{project} ({type(e).__name__}: {first}); check the entity and project, or `wandb login --relogin`", 1)
+        return _fail(
+            f"W&B did not accept the workspace for {entity}/{project} ({type(e).__name__}: "
+            f"{first}); check the entity and project, or `wandb login --relogin`",
+            1,
+        )
     return 0

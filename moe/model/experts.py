@@ -72,7 +72,9 @@ class GroupedExperts(nn.Module):
         super().__init__()
         total_experts = num_experts if total_experts is None else total_experts
         if not 0 <= first_expert <= total_experts - num_experts:
-            raise ValueError(f"experts [{first_expert}, {first_expert + num_experts}) are not a shard of {total_experts} experts")
+            raise ValueError(
+                f"experts [{first_expert}, {first_expert + num_experts}) are not a shard of {total_experts} experts"
+            )
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.first_expert, self.total_experts = first_expert, total_experts
         self.act = activation_fn(activation)
@@ -119,7 +121,9 @@ class GroupedExperts(nn.Module):
         c_max = max(counts) if counts else 0
         if N and E * c_max <= self.PAD_RATIO * N:
             offsets = torch.tensor([0] + counts[:-1], device=x_ND.device).cumsum(0)
-            expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), torch.tensor(counts, device=x_ND.device), output_size=N)
+            expert_N = torch.repeat_interleave(
+                torch.arange(E, device=x_ND.device), torch.tensor(counts, device=x_ND.device), output_size=N
+            )
             slot_N = expert_N * c_max + torch.arange(N, device=x_ND.device) - offsets[expert_N]
             x_ECD = x_ND.new_zeros(E * c_max, x_ND.shape[1]).index_copy(0, slot_N, x_ND).view(E, c_max, -1)
             return self.forward_padded(x_ECD).view(E * c_max, -1).index_select(0, slot_N)

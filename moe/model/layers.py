@@ -15,9 +15,10 @@ Shape suffixes: T tokens, E experts, D model dim, F hidden dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -42,7 +43,9 @@ class LayerAux:
 class DenseFFN(nn.Module):
     """``W2·act(W1·x)``: the baseline every MoE is compared to.  Same init as one expert."""
 
-    def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu", init_scale: float = 0.1, dropout: float = 0.0):
+    def __init__(
+        self, d_model: int, d_ff: int, *, activation: str = "gelu", init_scale: float = 0.1, dropout: float = 0.0
+    ):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff, bias=False)
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
@@ -62,7 +65,15 @@ class Router(nn.Module):
     For BASE the weight rows are the expert centroids ``c_e`` and the logits are affinities.
     """
 
-    def __init__(self, d_model: int, num_experts: int, *, jitter_eps: float = 0.0, init_scale: float = 0.1, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        jitter_eps: float = 0.0,
+        init_scale: float = 0.1,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype))
         self.jitter_eps = jitter_eps
@@ -92,19 +103,40 @@ class MoELayer(nn.Module):
             BASE balances with the dispatcher's ``balanced_assignment`` (over the whole group).
     """
 
-    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, *, activation: str = "gelu", dispatcher: TokenDispatcher | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        cfg: MoEConfig,
+        *,
+        activation: str = "gelu",
+        dispatcher: TokenDispatcher | None = None,
+    ):
         super().__init__()
         if cfg.name not in ("switch", "gshard", "topk", "base"):
             raise ValueError(f"MoELayer does not implement moe.name={cfg.name!r}")
         self.cfg = cfg
         E = cfg.num_experts
-        self.router = Router(d_model, E, jitter_eps=cfg.jitter_eps if cfg.name != "base" else 0.0, init_scale=cfg.init_scale, dtype=getattr(torch, cfg.router_dtype))
+        self.router = Router(
+            d_model,
+            E,
+            jitter_eps=cfg.jitter_eps if cfg.name != "base" else 0.0,
+            init_scale=cfg.init_scale,
+            dtype=getattr(torch, cfg.router_dtype),
+        )
         if cfg.name == "base":  # fairseq: orthogonal expert centroids, gain 0.1
             nn.init.orthogonal_(self.router.weight_ED, gain=0.1)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         first, n_local = self.dispatcher.expert_shard(E)
         self.experts = GroupedExperts(
-            n_local, d_model, d_ff, activation=activation, dropout=cfg.expert_dropout, init_scale=cfg.init_scale, first_expert=first, total_experts=E
+            n_local,
+            d_model,
+            d_ff,
+            activation=activation,
+            dropout=cfg.expert_dropout,
+            init_scale=cfg.init_scale,
+            first_expert=first,
+            total_experts=E,
         )
 
     def route(self, logits_TE: torch.Tensor) -> Routing:
@@ -113,9 +145,21 @@ class MoELayer(nn.Module):
         if c.name == "switch":
             return switch_route(logits_TE, capacity_factor=cf, min_capacity=c.min_capacity)
         if c.name == "gshard":
-            return gshard_route(logits_TE, capacity_factor=cf, min_capacity=c.min_capacity, random_routing=c.random_routing and self.training)
+            return gshard_route(
+                logits_TE,
+                capacity_factor=cf,
+                min_capacity=c.min_capacity,
+                random_routing=c.random_routing and self.training,
+            )
         if c.name == "topk":
-            return topk_route(logits_TE, c.top_k, capacity_factor=cf, min_capacity=c.min_capacity, normalize=c.normalize_weights, random_routing=c.random_routing and self.training)
+            return topk_route(
+                logits_TE,
+                c.top_k,
+                capacity_factor=cf,
+                min_capacity=c.min_capacity,
+                normalize=c.normalize_weights,
+                random_routing=c.random_routing and self.training,
+            )
         assignment = self.dispatcher.balanced_assignment(logits_TE.detach()) if self.training else None
         return base_route(logits_TE, training=self.training, assignment_T=assignment)
 
@@ -129,7 +173,13 @@ class MoELayer(nn.Module):
         else:
             y = self.experts.forward_padded(x_in)
         out_TD = self.dispatcher.combine(y, plan)
-        aux = LayerAux(routing.aux_loss, routing.z_loss, routing.counts_E.detach(), routing.num_dropped.detach(), routing.counts_E.sum().detach())
+        aux = LayerAux(
+            routing.aux_loss,
+            routing.z_loss,
+            routing.counts_E.detach(),
+            routing.num_dropped.detach(),
+            routing.counts_E.sum().detach(),
+        )
         return out_TD.view(shape), aux
 
 
@@ -207,7 +257,16 @@ def start_runtime(moe: MoEConfig) -> Any:
     return start(moe) if start is not None else None
 
 
-def build_ffn(cfg: MoEConfig, d_model: int, d_ff: int, *, sparse: bool, activation: str = "gelu", dropout: float = 0.0, context: LayerContext | None = None) -> nn.Module:
+def build_ffn(
+    cfg: MoEConfig,
+    d_model: int,
+    d_ff: int,
+    *,
+    sparse: bool,
+    activation: str = "gelu",
+    dropout: float = 0.0,
+    context: LayerContext | None = None,
+) -> nn.Module:
     """A block's FFN: the dense FFN for dense blocks (``sparse=False``) and for ``moe=dense``,
     else the expert layer registered as ``moe.name``, built with ``context``."""
     layer = expert_layer(cfg.name)  # an unknown name fails here, for dense blocks too

@@ -55,7 +55,9 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     return max(1, min(c, num_tokens))
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer auxiliary loss ``E * sum_i f_i * P_i``.
 
     f_i: fraction of the (token, choice) assignments in ``ids_TK`` sent to expert i (counted

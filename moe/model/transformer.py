@@ -61,7 +61,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         d_ff = moe.expert_d_ff if sparse and moe.name != "dense" and moe.expert_d_ff else cfg.d_ff
-        self.ffn = build_ffn(moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, context=context)
+        self.ffn = build_ffn(
+            moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, context=context
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
 
@@ -100,7 +102,9 @@ class TransformerLM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-        self.blocks = nn.ModuleList(Block(cfg, moe, sparse=is_sparse_block(i, cfg), context=context) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg, moe, sparse=is_sparse_block(i, cfg), context=context) for i in range(cfg.n_layers)
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
@@ -161,4 +165,10 @@ def count_parameters(model: TransformerLM) -> dict[str, int]:
             expert += per_expert * ex.total_experts
             active_expert += per_expert * model.moe.top_k
     non_emb = total - emb - untied_head
-    return {"total": total, "embedding": emb, "expert": expert, "active_non_embedding": non_emb - expert + active_expert, "lm_head_flop_params": head}
+    return {
+        "total": total,
+        "embedding": emb,
+        "expert": expert,
+        "active_non_embedding": non_emb - expert + active_expert,
+        "lm_head_flop_params": head,
+    }

@@ -142,7 +142,14 @@ def _leaf(w: torch.Tensor, into_grad: bool) -> torch.Tensor | None:
 def _held_grad(ctx, w: torch.Tensor) -> torch.Tensor | None:
     """``w.grad`` when the weight gradient can be accumulated straight into it (see _GroupedMM)."""
     held = ctx.leaf.grad if ctx.leaf is not None else None
-    if held is not None and not torch.is_grad_enabled() and held.shape == w.shape and held.dtype == w.dtype and held.is_contiguous() and not held.requires_grad:
+    if (
+        held is not None
+        and not torch.is_grad_enabled()
+        and held.shape == w.shape
+        and held.dtype == w.dtype
+        and held.is_contiguous()
+        and not held.requires_grad
+    ):
         return held
     return None
 

@@ -136,9 +136,15 @@ class DDPBackend(Backend):
 
     def __init__(self, cfg: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
         if state.ep_size != cfg.parallel.ep_size:
-            raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} but the process groups were built with ep_size={state.ep_size}; build the ParallelState from the same config")
+            raise ConfigError(
+                f"parallel.ep_size={cfg.parallel.ep_size} but the process groups were built with "
+                f"ep_size={state.ep_size}; build the ParallelState from the same config"
+            )
         if state.pp_size != 1:
-            raise ConfigError(f"pp_size={state.pp_size}: this backend runs the whole model in every process; pipeline stages train with moe.parallel.pipeline.PipelineBackend")
+            raise ConfigError(
+                f"pp_size={state.pp_size}: this backend runs the whole model in every process; "
+                "pipeline stages train with moe.parallel.pipeline.PipelineBackend"
+            )
         self.state = state
         self.rank, self.world_size = state.rank, state.world_size
         self.replicas, self.replica_rank = state.dp_size, state.dp_rank

@@ -1,7 +1,8 @@
 """Expert-parallel token dispatcher: experts sharded over the expert-parallel (EP) group,
 tokens moved to them and back by all-to-all with uneven split sizes.
 
-The :class:`moe.model.dispatch.TokenDispatcher` interface, as the local dispatcher, so :class:`moe.model.layers.MoELayer` does
+The :class:`moe.model.dispatch.TokenDispatcher` interface, as the local dispatcher, so
+:class:`moe.model.layers.MoELayer` does
 not change: routing is computed on this rank's own T tokens over all E experts (the router
 is replicated), ``dispatch`` sends every kept (token, choice) row to the rank holding its
 expert, ``combine`` brings the expert outputs back and sums them per token.
@@ -44,8 +45,8 @@ import torch.distributed as dist
 
 from moe.model.auction import balanced_assignment
 from moe.model.dispatch import DispatchPlan, TokenDispatcher
-from moe.parallel.state import ParallelState, check_expert_sharding
 from moe.model.routing import Routing
+from moe.parallel.state import ParallelState, check_expert_sharding
 
 
 class _AllToAll(torch.autograd.Function):
@@ -91,7 +92,9 @@ def _expert_major_order(recv_SE: torch.Tensor, M: int) -> torch.Tensor | None:
     start_SE = (n.cumsum(0) - n).view(S, El)  # first row of each (src, expert) block
     len_B, start_B = recv_SE.t().reshape(-1), start_SE.t().reshape(-1)  # blocks in expert-major order
     first_B = len_B.cumsum(0) - len_B  # where each block starts in the expert-major layout
-    return (torch.repeat_interleave(start_B - first_B, len_B, output_size=M) + torch.arange(M, device=recv_SE.device)).long()
+    return (
+        torch.repeat_interleave(start_B - first_B, len_B, output_size=M) + torch.arange(M, device=recv_SE.device)
+    ).long()
 
 
 class AllToAllDispatcher(TokenDispatcher):

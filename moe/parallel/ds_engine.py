@@ -140,7 +140,12 @@ def ds_config(cfg, state: ParallelState) -> dict[str, Any]:
         "train_batch_size": cfg.batch_size * cfg.grad_accum * state.dp_size,
         # ZeRO-0: the trainer clips by the global norm (module docstring); ZeRO-1/2 clip in the step
         "gradient_clipping": cfg.optim.grad_clip if stage > 0 else 0.0,
-        "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True, "overlap_comm": False},
+        "zero_optimization": {
+            "stage": stage,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            "overlap_comm": False,
+        },
         "zero_allow_untested_optimizer": True,  # torch's AdamW under ZeRO: DeepSpeed only warns about it
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -181,7 +186,9 @@ class DeepSpeedRun:
 
     # -- checkpoints --------------------------------------------------------------------------
     def blank_optimizer(self) -> torch.optim.AdamW:
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])} for g in self._canonical]
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])} for g in self._canonical
+        ]
         return torch.optim.AdamW(groups)
 
     @torch.no_grad()
@@ -291,9 +298,13 @@ def wrap(model: nn.Module, canonical_groups: list[dict[str, Any]], cfg, state: P
     o = cfg.optim
     groups = moe_param_groups(canonical_groups, ep) if n_marked else canonical_groups
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, state), dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config(cfg, state), dist_init_required=False
+    )
     if n_marked and not engine.has_moe_layers:
-        raise RuntimeError("DeepSpeed's engine did not take the model's expert layers; this DeepSpeed version is not supported")
+        raise RuntimeError(
+            "DeepSpeed's engine did not take the model's expert layers; this DeepSpeed version is not supported"
+        )
     return DeepSpeedRun(engine, canonical_groups, cfg.parallel.zero_stage)
 
 
@@ -345,4 +356,3 @@ class DeepSpeedBackend(DDPBackend):
         optimizer = self.ds.blank_optimizer()
         load_full_state(self.model, optimizer, model_sd, optim_sd)
         self.ds.load_full_optimizer(optimizer)
-

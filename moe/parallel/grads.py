@@ -156,12 +156,19 @@ class OverlappedGradReducer:
         shared, experts = split_parameters(model)
         self.kinds = []  # (group, group size, buckets in launch order)
         limit = max(1, int(bucket_mb * 2**20))
-        for params, group, size in ((shared, state.dp_group, state.dp_size), (experts, state.expert_dp_group, state.expert_dp_size)):
+        for params, group, size in (
+            (shared, state.dp_group, state.dp_size),
+            (experts, state.expert_dp_group, state.expert_dp_size),
+        ):
             buckets: list[_Bucket] = []
             cur: list[nn.Parameter] = []
             nbytes = 0
             for p in reversed([p for p in params if p.requires_grad]):
-                if cur and (nbytes + p.numel() * p.element_size() > limit or p.dtype != cur[0].dtype or p.device != cur[0].device):
+                if cur and (
+                    nbytes + p.numel() * p.element_size() > limit
+                    or p.dtype != cur[0].dtype
+                    or p.device != cur[0].device
+                ):
                     buckets.append(_Bucket(cur))
                     cur, nbytes = [], 0
                 cur.append(p)
@@ -209,7 +216,9 @@ class OverlappedGradReducer:
         runs on it in place, and no gradient is copied into a bucket or back.  A gradient that
         was replaced by another tensor since (or never existed) is copied in / zeroed."""
         if bucket.flat is None:
-            bucket.flat = torch.zeros(sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+            bucket.flat = torch.zeros(
+                sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype, device=bucket.params[0].device
+            )
         base = bucket.flat.untyped_storage().data_ptr()
         offset = 0
         for p in bucket.params:

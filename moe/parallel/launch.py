@@ -5,8 +5,8 @@ one process (``moe.training.backend.Backend``); ``parallel=ray`` is Ray's driver
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from moe.config import ParallelConfig, TrainConfig
 from moe.parallel import ddp, ds
@@ -50,4 +50,6 @@ def launcher(name: str) -> Launcher:
     try:
         return LAUNCHERS[name]
     except KeyError:
-        raise ValueError(f"parallel.backend={name!r} is not started by a launcher; known: {', '.join(LAUNCHERS)}") from None
+        raise ValueError(
+            f"parallel.backend={name!r} is not started by a launcher; known: {', '.join(LAUNCHERS)}"
+        ) from None

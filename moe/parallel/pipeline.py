@@ -62,8 +62,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,7 +101,7 @@ class StageLayer(nn.Module):
         return {self.prefix + k: v for k, v in self.inner.state_dict().items()}
 
     def copy_from(self, full_state: dict[str, torch.Tensor]) -> None:
-        own = {k[len(self.prefix):]: v for k, v in full_state.items() if k.startswith(self.prefix)}
+        own = {k[len(self.prefix) :]: v for k, v in full_state.items() if k.startswith(self.prefix)}
         self.inner.load_state_dict(own)
 
 
@@ -212,7 +213,9 @@ def pipeline_layers(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list:
 
     if model_cfg.tie_embeddings:
         first = TiedLayerSpec(TIED_KEY, TokenEmbedding, model_cfg, tied_weight_attr="inner.weight")
-        head = TiedLayerSpec(TIED_KEY, TokenEmbedding, model_cfg, forward_fn=tied_lm_head, tied_weight_attr="inner.weight")
+        head = TiedLayerSpec(
+            TIED_KEY, TokenEmbedding, model_cfg, forward_fn=tied_lm_head, tied_weight_attr="inner.weight"
+        )
     else:
         first, head = LayerSpec(TokenEmbedding, model_cfg), LayerSpec(LMHead, model_cfg)
     blocks = [LayerSpec(BlockLayer, model_cfg, moe_cfg, i) for i in range(model_cfg.n_layers)]
@@ -239,7 +242,9 @@ def stage_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_pipeline_module(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, num_stages: int, seed: int, partition_method: str = PARTITION_METHOD):
+def build_pipeline_module(
+    model_cfg: ModelConfig, moe_cfg: MoEConfig, *, num_stages: int, seed: int, partition_method: str = PARTITION_METHOD
+):
     """The ``PipelineModule`` of this rank's stage, weights equal to ``TransformerLM`` built
     with ``torch.manual_seed(seed)``; returns ``(module, full_params)`` (parameter counts of the
     whole model, ``count_parameters``).  Collective: every rank calls it (after
@@ -252,7 +257,12 @@ def build_pipeline_module(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, num_sta
     full_state = full.state_dict()  # (detached; freed with this function's frame)
     del full
     with torch.no_grad():  # its start-up broadcast of the tied weight stays out of autograd
-        module = PipelineModule(layers=pipeline_layers(model_cfg, moe_cfg), num_stages=num_stages, loss_fn=PipelineLoss(moe_cfg), partition_method=partition_method)
+        module = PipelineModule(
+            layers=pipeline_layers(model_cfg, moe_cfg),
+            num_stages=num_stages,
+            loss_fn=PipelineLoss(moe_cfg),
+            partition_method=partition_method,
+        )
     copy_weights(module, full_state)
     return module, params
 
@@ -265,17 +275,36 @@ def check_pipeline_config(cfg: TrainConfig, world_size: int) -> None:
     """What the pipeline backend does not do, as one-line ConfigErrors (before any engine)."""
     p = cfg.parallel
     if p.backend != "deepspeed":
-        raise ConfigError(f"parallel.pp_size={p.pp_size} needs parallel=deepspeed (DeepSpeed's pipeline engine); launch with `deepspeed --num_gpus N --no_local_rank $(which moe-train) parallel=deepspeed parallel.pp_size={p.pp_size}`")
+        raise ConfigError(
+            f"parallel.pp_size={p.pp_size} needs parallel=deepspeed (DeepSpeed's pipeline "
+            "engine); launch with `deepspeed --num_gpus N --no_local_rank $(which moe-train) "
+            f"parallel=deepspeed parallel.pp_size={p.pp_size}`"
+        )
     if p.ep_size != 1:
-        raise ConfigError(f"parallel.ep_size={p.ep_size} with parallel.pp_size={p.pp_size}: expert parallelism inside pipeline stages is not supported; set parallel.ep_size=1 (or parallel.pp_size=1)")
+        raise ConfigError(
+            f"parallel.ep_size={p.ep_size} with parallel.pp_size={p.pp_size}: expert parallelism "
+            "inside pipeline stages is not supported; set parallel.ep_size=1 (or "
+            "parallel.pp_size=1)"
+        )
     if cfg.moe.name == "hivemind":
-        raise ConfigError("moe=hivemind with parallel.pp_size>1: the swarm's experts are remote and need one process; use parallel=single")
+        raise ConfigError(
+            "moe=hivemind with parallel.pp_size>1: the swarm's experts are remote and need one "
+            "process; use parallel=single"
+        )
     if p.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} with parallel.pp_size={p.pp_size}: DeepSpeed's "
+            "pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1"
+        )
     if cfg.dtype == "bfloat16":
-        raise ConfigError("dtype=bfloat16 with parallel.pp_size>1: the pipeline runs in fp32 only; set dtype=float32 (or auto)")
+        raise ConfigError(
+            "dtype=bfloat16 with parallel.pp_size>1: the pipeline runs in fp32 only; set dtype=float32 (or auto)"
+        )
     if world_size % p.pp_size:
-        raise ConfigError(f"parallel.pp_size={p.pp_size} does not divide the world size {world_size}; start a multiple of {p.pp_size} processes")
+        raise ConfigError(
+            f"parallel.pp_size={p.pp_size} does not divide the world size {world_size}; start a "
+            f"multiple of {p.pp_size} processes"
+        )
 
 
 def ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
@@ -325,7 +354,11 @@ class PipelineBackend(Backend):
     def __init__(self, cfg: TrainConfig, state: ParallelState, *, data: TokenData | None = None):
         check_pipeline_config(cfg, state.world_size)
         if cfg.resume and (Path(cfg.out_dir) / CHECKPOINT).exists():
-            raise ConfigError(f"out_dir={cfg.out_dir} holds a {CHECKPOINT} of a run without pipeline stages, which parallel.pp_size={cfg.parallel.pp_size} cannot resume; pass run_name=NEW_NAME, or resume=false")
+            raise ConfigError(
+                f"out_dir={cfg.out_dir} holds a {CHECKPOINT} of a run without pipeline stages, which "
+                f"parallel.pp_size={cfg.parallel.pp_size} cannot resume; pass run_name=NEW_NAME, or "
+                "resume=false"
+            )
         self.state = state
         self.rank, self.world_size = state.rank, state.world_size
         self._load: LoadAccumulator | None = None  # where the stage's MoE blocks report, during a step
@@ -339,22 +372,39 @@ class PipelineBackend(Backend):
 
         cfg = self.cfg
         if cfg.grad_accum < cfg.parallel.pp_size and self.is_main:
-            print(f"note: grad_accum={cfg.grad_accum} micro-batches per step < parallel.pp_size={cfg.parallel.pp_size}: the pipeline never fills (stages wait for each other); raise grad_accum", file=sys.stderr)
+            print(
+                f"note: grad_accum={cfg.grad_accum} micro-batches per step < "
+                f"parallel.pp_size={cfg.parallel.pp_size}: the pipeline never fills (stages wait for "
+                "each other); raise grad_accum",
+                file=sys.stderr,
+            )
         skip_shm_comm_build()
-        self.module, self.params = build_pipeline_module(self.model_cfg, cfg.moe, num_stages=cfg.parallel.pp_size, seed=cfg.seed)
+        self.module, self.params = build_pipeline_module(
+            self.model_cfg, cfg.moe, num_stages=cfg.parallel.pp_size, seed=cfg.seed
+        )
         self.model = self.module
         if self.world_size > 1:  # each rank its own dropout / jitter draws, as every backend
             torch.manual_seed(rank_seed(cfg.seed, self.rank))
         grid = self.module._grid
-        self.replicas, self.replica_rank, self.stage = grid.data_parallel_size, grid.data_parallel_id, grid.get_stage_id()
-        assert self.rank == self.stage * self.replicas + self.replica_rank, "DeepSpeed's topology differs from ParallelState's layout"
+        self.replicas, self.replica_rank, self.stage = (
+            grid.data_parallel_size,
+            grid.data_parallel_id,
+            grid.get_stage_id(),
+        )
+        assert self.rank == self.stage * self.replicas + self.replica_rank, (
+            "DeepSpeed's topology differs from ParallelState's layout"
+        )
         optimizer = build_optimizer(self.module, cfg)
-        self.engine, *_ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds_config(cfg, self.replicas), dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=ds_config(cfg, self.replicas), dist_init_required=False
+        )
         self.optimizer = self.engine.optimizer
         if cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0:
             self.engine.clip_fp32_gradients = lambda: _clip_over_stages(self.engine)
         self.loss_fn: PipelineLoss = self.module.loss_fn
-        self.moe_blocks = [i for i in range(self.model_cfg.n_layers) if is_sparse_block(i, self.model_cfg) and cfg.moe.name != "dense"]
+        self.moe_blocks = [
+            i for i in range(self.model_cfg.n_layers) if is_sparse_block(i, self.model_cfg) and cfg.moe.name != "dense"
+        ]
         for layer in stage_layers(self.module):
             if isinstance(layer, BlockLayer):
                 layer.on_aux = self._on_aux
@@ -372,10 +422,21 @@ class PipelineBackend(Backend):
         dev = self.engine.device
         if split == "train":
             for m in range(count):
-                yield self.data.get_batch("train", index, c.batch_size, S, c.seed, device=dev, shard=m * self.replicas + self.replica_rank, num_shards=count * self.replicas)
+                yield self.data.get_batch(
+                    "train",
+                    index,
+                    c.batch_size,
+                    S,
+                    c.seed,
+                    device=dev,
+                    shard=m * self.replicas + self.replica_rank,
+                    num_shards=count * self.replicas,
+                )
         else:
             for i in range(count):
-                yield self.data.get_batch("val", i, c.batch_size, S, c.seed, device=dev, shard=self.replica_rank, num_shards=self.replicas)
+                yield self.data.get_batch(
+                    "val", i, c.batch_size, S, c.seed, device=dev, shard=self.replica_rank, num_shards=self.replicas
+                )
 
     def _mean_records(self) -> torch.Tensor:
         """The last stage's mean (lm, aux, z) over its micro-batches (zeros on other stages)."""
@@ -452,17 +513,26 @@ class PipelineBackend(Backend):
         return run_dir / PIPELINE_JSON
 
     def layout(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "pp_size": self.cfg.parallel.pp_size, "dp_size": self.replicas, "zero_stage": self.cfg.parallel.zero_stage}
+        return {
+            "world_size": self.world_size,
+            "pp_size": self.cfg.parallel.pp_size,
+            "dp_size": self.replicas,
+            "zero_stage": self.cfg.parallel.zero_stage,
+        }
 
     def state_dict(self) -> None:
-        raise NotImplementedError("pipeline checkpoints are DeepSpeed's (save_checkpoint); stage_state_dict gives a stage's weights")
+        raise NotImplementedError(
+            "pipeline checkpoints are DeepSpeed's (save_checkpoint); stage_state_dict gives a stage's weights"
+        )
 
     def save_checkpoint(self, run_dir: Path, meta: dict[str, Any]) -> Path:
         """``engine.save_checkpoint`` into ``out_dir/global_step<N>`` (collective), then (rank 0)
         ``out_dir/pipeline.json`` naming it, with the step, layout and config; older tags go."""
         step = meta["step"]
         tag = f"global_step{step}"
-        self.engine.save_checkpoint(str(run_dir), tag=tag, client_state={"step": step, "wandb_id": meta.get("wandb_id")})
+        self.engine.save_checkpoint(
+            str(run_dir), tag=tag, client_state={"step": step, "wandb_id": meta.get("wandb_id")}
+        )
         dist.barrier()  # every rank's files are written
         if self.is_main:
             info = {"tag": tag, "layout": self.layout(), **meta}
@@ -476,13 +546,22 @@ class PipelineBackend(Backend):
         """``pipeline.json``; the layout must be this run's (a one-line ConfigError)."""
         info = json.loads((run_dir / PIPELINE_JSON).read_text(encoding="utf-8"))
         if info["layout"] != self.layout():
-            raise ConfigError(f"out_dir={self.cfg.out_dir} holds a pipeline checkpoint of layout {info['layout']}, this run is {self.layout()}; resume with the same processes, parallel.pp_size and zero_stage, or pass resume=false")
+            raise ConfigError(
+                f"out_dir={self.cfg.out_dir} holds a pipeline checkpoint of layout {info['layout']}, "
+                f"this run is {self.layout()}; resume with the same processes, parallel.pp_size and "
+                "zero_stage, or pass resume=false"
+            )
         return info
 
     def restore(self, info: dict[str, Any]) -> None:
         with torch.no_grad():  # (it broadcasts the tied weight again)
-            loaded, client = self.engine.load_checkpoint(str(Path(self.cfg.out_dir)), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False)
+            loaded, client = self.engine.load_checkpoint(
+                str(Path(self.cfg.out_dir)), tag=info["tag"], load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if loaded is None or client is None or client.get("step") != info["step"]:
-            raise ConfigError(f"out_dir={self.cfg.out_dir}: DeepSpeed could not load {Path(self.cfg.out_dir) / info['tag']}; pass resume=false to start over")
+            raise ConfigError(
+                f"out_dir={self.cfg.out_dir}: DeepSpeed could not load "
+                f"{Path(self.cfg.out_dir) / info['tag']}; pass resume=false to start over"
+            )
         # RNG states are not in DeepSpeed's checkpoint: fresh streams from (seed, rank, step)
         torch.manual_seed(rank_seed(self.cfg.seed, self.rank, info["step"]))

@@ -47,10 +47,11 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -70,7 +71,9 @@ OBJECT_STORE_BYTES = 256 * 1024 * 1024  # a private Ray's object store: we pass 
 # checks before anything starts
 
 
-def check_ray_run(tc: TrainConfig, env: Mapping[str, str], *, cpu_count: int | None = None, gpu_count: int | None = None) -> None:
+def check_ray_run(
+    tc: TrainConfig, env: Mapping[str, str], *, cpu_count: int | None = None, gpu_count: int | None = None
+) -> None:
     """The config fits a Ray run on this machine; one-line :class:`ConfigError` otherwise.
     Cheap, no Ray started.  ``cpu_count``/``gpu_count``: this machine's (default: measured),
     checked only for ``ray_address=local`` (a cluster's are checked once connected)."""
@@ -80,24 +83,36 @@ def check_ray_run(tc: TrainConfig, env: Mapping[str, str], *, cpu_count: int | N
         raise ConfigError(f"parallel.backend={p.backend}: fit_on_ray runs parallel=ray only; add parallel=ray")
     validate_launch(tc, env)
     if p.use_gpu and tc.device == "cpu":
-        raise ConfigError("parallel.use_gpu=true with device=cpu: the workers would hold GPUs and compute on the CPU; set device=auto or parallel.use_gpu=false")
+        raise ConfigError(
+            "parallel.use_gpu=true with device=cpu: the workers would hold GPUs and compute on "
+            "the CPU; set device=auto or parallel.use_gpu=false"
+        )
     if not p.use_gpu and tc.device not in ("auto", "cpu"):
-        raise ConfigError(f"device={tc.device} with parallel.use_gpu=false: Ray gives the workers no GPU; set parallel.use_gpu=true (one GPU per worker) or device=auto")
+        raise ConfigError(
+            f"device={tc.device} with parallel.use_gpu=false: Ray gives the workers no GPU; set "
+            "parallel.use_gpu=true (one GPU per worker) or device=auto"
+        )
     if p.dist_backend == "nccl" and not p.use_gpu:
-        raise ConfigError("parallel.dist_backend=nccl needs parallel.use_gpu=true (NCCL runs on GPUs); use parallel.dist_backend=auto")
+        raise ConfigError(
+            "parallel.dist_backend=nccl needs parallel.use_gpu=true (NCCL runs on GPUs); use parallel.dist_backend=auto"
+        )
     if p.ray_address != "local":
         return
     cpus = cpu_count if cpu_count is not None else _cpu_count()
     need = p.num_workers * p.cpus_per_worker
     if need > cpus:
         raise ConfigError(
-            f"parallel.num_workers*cpus_per_worker={p.num_workers}*{p.cpus_per_worker}={need} CPUs but this machine has {cpus}; "
+            f"parallel.num_workers*cpus_per_worker={p.num_workers}*{p.cpus_per_worker}={need} "
+            f"CPUs but this machine has {cpus}; "
             f"lower parallel.num_workers or parallel.cpus_per_worker, or run on a cluster (parallel.ray_address=auto)"
         )
     if p.use_gpu:
         gpus = gpu_count if gpu_count is not None else _gpu_count()
         if p.num_workers > gpus:
-            raise ConfigError(f"parallel.use_gpu=true with parallel.num_workers={p.num_workers} but this machine has {gpus} GPU(s); lower num_workers to {gpus} or run on a cluster")
+            raise ConfigError(
+                f"parallel.use_gpu=true with parallel.num_workers={p.num_workers} but this machine "
+                f"has {gpus} GPU(s); lower num_workers to {gpus} or run on a cluster"
+            )
 
 
 def check_cluster(p: ParallelConfig, total: Mapping[str, float], per_node: list[Mapping[str, float]]) -> None:
@@ -106,11 +121,21 @@ def check_cluster(p: ParallelConfig, total: Mapping[str, float], per_node: list[
     check Ray would wait for resources that never come."""
     need_cpu = p.num_workers * p.cpus_per_worker
     if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"parallel.num_workers*cpus_per_worker={need_cpu} CPUs but the Ray cluster has {total.get('CPU', 0):g}; lower parallel.num_workers or parallel.cpus_per_worker, or add nodes")
+        raise ConfigError(
+            f"parallel.num_workers*cpus_per_worker={need_cpu} CPUs but the Ray cluster has "
+            f"{total.get('CPU', 0):g}; lower parallel.num_workers or parallel.cpus_per_worker, or "
+            "add nodes"
+        )
     if not any(n.get("CPU", 0) >= p.cpus_per_worker and (not p.use_gpu or n.get("GPU", 0) >= 1) for n in per_node):
-        raise ConfigError(f"parallel.cpus_per_worker={p.cpus_per_worker}{' and a GPU' if p.use_gpu else ''}: no node of the Ray cluster has that much; lower parallel.cpus_per_worker")
+        raise ConfigError(
+            f"parallel.cpus_per_worker={p.cpus_per_worker}{' and a GPU' if p.use_gpu else ''}: no "
+            "node of the Ray cluster has that much; lower parallel.cpus_per_worker"
+        )
     if p.use_gpu and total.get("GPU", 0) < p.num_workers:
-        raise ConfigError(f"parallel.use_gpu=true with parallel.num_workers={p.num_workers} but the Ray cluster has {total.get('GPU', 0):g} GPU(s); lower num_workers or add GPU nodes")
+        raise ConfigError(
+            f"parallel.use_gpu=true with parallel.num_workers={p.num_workers} but the Ray cluster "
+            f"has {total.get('GPU', 0):g} GPU(s); lower num_workers or add GPU nodes"
+        )
 
 
 def _cpu_count() -> int:
@@ -126,6 +151,7 @@ def _gpu_count() -> int:
 
 def _absolute(tc: TrainConfig) -> TrainConfig:
     """Paths the workers read, made absolute (a worker's working directory is Ray's, not ours)."""
+
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve()) if path else path
 
@@ -212,12 +238,19 @@ def _connected(p: ParallelConfig) -> Iterator[None]:
     else:
         why = unreachable(p.ray_address)
         if why is not None:  # Ray itself would retry the head for many minutes before failing
-            raise ConfigError(f"parallel.ray_address={p.ray_address}: nothing answers there ({why}); start the head with `ray start --head` (launch/ray_cluster.sh head) and check the address, or use parallel.ray_address=local")
+            raise ConfigError(
+                f"parallel.ray_address={p.ray_address}: nothing answers there ({why}); start the head "
+                "with `ray start --head` (launch/ray_cluster.sh head) and check the address, or use "
+                "parallel.ray_address=local"
+            )
         try:
             ray.init(address=p.ray_address, log_to_driver=True, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"parallel.ray_address={p.ray_address}: cannot connect to a Ray cluster there ({first}); start one with `ray start --head`, or use parallel.ray_address=local") from None
+            raise ConfigError(
+                f"parallel.ray_address={p.ray_address}: cannot connect to a Ray cluster there "
+                f"({first}); start one with `ray start --head`, or use parallel.ray_address=local"
+            ) from None
         try:
             yield
         finally:
@@ -228,7 +261,9 @@ def _check_v2() -> None:
     from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
     if not is_v2_enabled():
-        raise ConfigError(f"{V2_ENABLED_ENV_VAR}=0: parallel=ray uses Ray Train V2 (Ray's default); unset {V2_ENABLED_ENV_VAR}")
+        raise ConfigError(
+            f"{V2_ENABLED_ENV_VAR}=0: parallel=ray uses Ray Train V2 (Ray's default); unset {V2_ENABLED_ENV_VAR}"
+        )
 
 
 def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
@@ -254,8 +289,14 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"tc": tc},
-            torch_config=TorchConfig(backend=None if p.dist_backend == "auto" else p.dist_backend, timeout_s=int(max(1, p.timeout_s))),
-            scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})}),
+            torch_config=TorchConfig(
+                backend=None if p.dist_backend == "auto" else p.dist_backend, timeout_s=int(max(1, p.timeout_s))
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=p.num_workers,
+                use_gpu=p.use_gpu,
+                resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})},
+            ),
             run_config=RunConfig(
                 name=RAY_RUN_NAME,
                 storage_path=str(storage),
@@ -267,7 +308,11 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
                 logging_config=LoggingConfig(log_level="CRITICAL"),
             ),
         )
-        print(f"run directory: {tc.out_dir} (Ray: {p.num_workers} workers, ep_size {p.ep_size}, {'GPU' if p.use_gpu else 'CPU'})", file=sys.stderr)
+        print(
+            f"run directory: {tc.out_dir} (Ray: {p.num_workers} workers, ep_size {p.ep_size}, "
+            f"{'GPU' if p.use_gpu else 'CPU'})",
+            file=sys.stderr,
+        )
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
@@ -374,12 +419,18 @@ def train_loop_per_worker(config: dict) -> RunResult | None:
         torch.cuda.set_device(device)
     elif not tc.threads:
         torch.set_num_threads(p.cpus_per_worker)
-    state = ParallelState.build(p.ep_size, device=device, local_rank=ctx.get_local_rank(), timeout=timedelta(seconds=p.timeout_s))
+    state = ParallelState.build(
+        p.ep_size, device=device, local_rank=ctx.get_local_rank(), timeout=timedelta(seconds=p.timeout_s)
+    )
     # a progress bar does not survive Ray's log forwarding: rank 0 prints a console line per log instead
     tc = dataclasses.replace(tc, logger=dataclasses.replace(tc.logger, progress=False))
     data = load_data(tc.data, progress=False)
     reporter = RayReporter(state.is_main, ray.train.report, ray.train.Checkpoint.from_directory)
-    trainer = Trainer(tc, backend=DDPBackend(tc, state, data=data), hooks=TrainerHooks(on_log=reporter.on_log, on_checkpoint=reporter.on_checkpoint))
+    trainer = Trainer(
+        tc,
+        backend=DDPBackend(tc, state, data=data),
+        hooks=TrainerHooks(on_log=reporter.on_log, on_checkpoint=reporter.on_checkpoint),
+    )
     try:
         result = trainer.fit()
         reporter.flush()

@@ -43,7 +43,9 @@ def _sharded_state(opt_state: dict[str, Any], p: nn.Parameter) -> list[str]:
 
 
 @torch.no_grad()
-def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: ParallelState) -> tuple[dict, dict] | tuple[None, None]:
+def gather_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: ParallelState
+) -> tuple[dict, dict] | tuple[None, None]:
     """(model state dict, optimizer state dict) of the whole model on rank 0, in the format of
     a one-process run; (None, None) on other ranks.  Every rank must call it (ranks outside
     rank 0's expert-parallel group return at once).  The returned tensors may share memory
@@ -67,7 +69,7 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state:
     for where, t in local:
         by_dtype.setdefault(t.dtype, []).append((where, t))
     root = state.ep_rank == 0  # global rank 0
-    for dtype, items in by_dtype.items():
+    for items in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for _, t in items])
         bufs = [torch.empty_like(flat) for _ in range(state.ep_size)] if root else None
         dist.gather(flat, bufs, group=state.ep_group, group_dst=0)

@@ -182,7 +182,9 @@ class ParallelState:
                 timeout given to ``init_process_group``; None: torch's default, 30 min).
         """
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ParallelState.build needs torch.distributed.init_process_group first (or use ParallelState.single)")
+            raise RuntimeError(
+                "ParallelState.build needs torch.distributed.init_process_group first (or use ParallelState.single)"
+            )
         world, rank = dist.get_world_size(), dist.get_rank()
         check_parallel_sizes(world, ep_size, pp_size)
         if local_rank is None:

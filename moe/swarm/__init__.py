@@ -1,6 +1,9 @@
-"""Decentralized experts (Learning@home): experts served by peers and found through hivemind's DHT.
+"""Decentralized experts (Learning@home) and collaborative training (DeDLOC) over hivemind.
 
-``expert`` is the FFN a peer serves, ``server`` hosts experts and declares them on the DHT,
-``layer`` is the ``hivemind`` expert layer that searches, calls and masks them.  The only
-package rooms that import ``hivemind``.
+``dht`` is this process's DHT peer, ``uids`` the grid's expert names, ``records`` the signed
+declarations of who serves which expert, ``expert`` the FFN a peer serves, ``server`` hosts
+experts and declares them, ``layer`` is the ``hivemind`` expert layer (it registers itself)
+that searches, calls and masks them, ``collab`` a collaborative trainer peer, and ``peer`` a
+volunteer's machine running any of these roles (``moe-join``).  The only rooms that import
+``hivemind``.
 """

@@ -34,13 +34,13 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import get_dht_time
 
 from moe.config import TrainConfig, validate
-from moe.training.data import TokenData, load_data
 from moe.model.layers import LayerContext
 from moe.model.transformer import TransformerLM
-from moe.training.sinks import MetricsLogger
 from moe.swarm.layer import SwarmConnection
 from moe.swarm.records import collab_run_id, signing_key
+from moe.training.data import TokenData, load_data
 from moe.training.optim import lr_at
+from moe.training.sinks import MetricsLogger
 
 
 def peer_seed(dht: DHT) -> int:
@@ -90,7 +90,10 @@ class CollabTrainer:
     ):
         validate(cfg)
         if cfg.moe.name != "hivemind":
-            raise ValueError(f"a collaborative trainer peer trains moe=hivemind (experts on the swarm's servers), got moe.name={cfg.moe.name!r}")
+            raise ValueError(
+                "a collaborative trainer peer trains moe=hivemind (experts on the swarm's servers), "
+                f"got moe.name={cfg.moe.name!r}"
+            )
         if target_batch_size < 1 or cfg.batch_size < 1:
             raise ValueError(f"target_batch_size={target_batch_size} and batch_size={cfg.batch_size} must be >= 1")
         if min(matchmaking_time, averaging_timeout, load_state_timeout) <= 0:
@@ -122,7 +125,9 @@ class CollabTrainer:
             # both averagers (hivemind passes averager_opts to the state averager only)
             averager_opts=dict(request_timeout=min(3.0, matchmaking_time / 2)),
             grad_averager_factory=partial(GradientAverager, request_timeout=min(3.0, matchmaking_time / 2)),
-            tracker_opts=dict(private_key=signing_key(dht), min_refresh_period=0.2, max_refresh_period=2.0, default_refresh_period=1.0),
+            tracker_opts=dict(
+                private_key=signing_key(dht), min_refresh_period=0.2, max_refresh_period=2.0, default_refresh_period=1.0
+            ),
             verbose=False,
         )
         self.local_steps = 0  # local batches this peer trained on
@@ -134,7 +139,9 @@ class CollabTrainer:
         self.history: list[dict] = []  # one record per collaborative step this peer took part in
         self.logger = None
         if log:
-            run = dataclasses.asdict(cfg) | {"collab": {"target_batch_size": target_batch_size, "data_seed": self.data_seed}}
+            run = dataclasses.asdict(cfg) | {
+                "collab": {"target_batch_size": target_batch_size, "data_seed": self.data_seed}
+            }
             self.logger = MetricsLogger(Path(cfg.out_dir), cfg.logger, run_config=run, run_name=cfg.run_name)
         self._closed = False
 
@@ -174,7 +181,10 @@ class CollabTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
         loss = out.lm_loss.item()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training diverged on this peer: lm loss {loss} at collaborative step {self.collab_step}; lower optim.lr")
+            raise FloatingPointError(
+                f"training diverged on this peer: lm loss {loss} at collaborative step "
+                f"{self.collab_step}; lower optim.lr"
+            )
         self._window.append(loss)
         for la in out.layer_aux:  # SwarmAux: which tokens a live expert served, which experts failed
             self._served.append(float(la.alive_TK.any(dim=-1).float().mean()) if la.alive_TK.numel() else 0.0)
@@ -211,7 +221,10 @@ class CollabTrainer:
         c = self.cfg
         self.model.eval()
         try:
-            losses = [self.model(*self.data.get_batch("val", i, c.batch_size, self.model_cfg.seq_len, c.seed)).lm_loss.item() for i in range(c.eval_batches)]
+            losses = [
+                self.model(*self.data.get_batch("val", i, c.batch_size, self.model_cfg.seq_len, c.seed)).lm_loss.item()
+                for i in range(c.eval_batches)
+            ]
         finally:
             self.model.train()
         return sum(losses) / len(losses)
@@ -234,7 +247,13 @@ class CollabTrainer:
             tracker.shutdown(self.opt.shutdown_timeout)
             try:
                 subkey = b"[owner:" + signing_key(self.dht).get_public_key().to_bytes() + b"]"
-                self.dht.store(tracker.training_progress_key, None, get_dht_time() + tracker.metadata_expiration, subkey=subkey, return_future=True).result(10)
+                self.dht.store(
+                    tracker.training_progress_key,
+                    None,
+                    get_dht_time() + tracker.metadata_expiration,
+                    subkey=subkey,
+                    return_future=True,
+                ).result(10)
             except Exception:  # best effort: the record expires after metadata_expiration anyway
                 pass
             self.opt.shutdown()
@@ -242,7 +261,7 @@ class CollabTrainer:
             if self.logger is not None:
                 self.logger.close()
 
-    def __enter__(self) -> "CollabTrainer":
+    def __enter__(self) -> CollabTrainer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -252,4 +271,3 @@ class CollabTrainer:
 def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
     """``LambdaLR``'s multiplier of ``optim.lr`` at collaborative step ``epoch``."""
     return lr_at(epoch, cfg) / cfg.optim.lr
-

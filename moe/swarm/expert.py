@@ -44,7 +44,7 @@ class SwarmExpert(nn.Module):
         return self.act(x_ND @ self.w1_DF) @ self.w2_FD
 
     @classmethod
-    def from_grouped(cls, experts: GroupedExperts, index: int) -> "SwarmExpert":
+    def from_grouped(cls, experts: GroupedExperts, index: int) -> SwarmExpert:
         """A copy of expert ``index`` (local index into ``experts``' stacks), same activation."""
         if not 0 <= index < experts.num_experts:
             raise ValueError(f"expert index {index} is out of range for {experts.num_experts} experts")
@@ -69,7 +69,8 @@ class SwarmExpert(nn.Module):
     def _check_shapes(self, experts: GroupedExperts) -> None:
         if (experts.d_model, experts.d_ff) != (self.d_model, self.d_ff):
             raise ValueError(
-                f"GroupedExperts has (d_model, d_ff)=({experts.d_model}, {experts.d_ff}), this expert ({self.d_model}, {self.d_ff})"
+                f"GroupedExperts has (d_model, d_ff)=({experts.d_model}, {experts.d_ff}), this expert "
+                f"({self.d_model}, {self.d_ff})"
             )
 
 

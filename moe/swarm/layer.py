@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,6 @@ from moe.model.layers import ExpertLayer, LayerAux, LayerContext, Router, regist
 from moe.swarm.dht import shutdown_dht, start_dht
 from moe.swarm.records import get_signed_experts, record_validators
 from moe.swarm.uids import check_prefix, uid_coords
-
 
 _SEARCH_BYTES = 12 * 1024  # grid scores per beam-search command (float32), well under 16 KiB pickled
 # Exact search scores every (token, live expert) pair at once; beyond this many pairs the layer
@@ -70,12 +69,16 @@ class SwarmAux(LayerAux):
 
     expert_idx_TK: torch.Tensor = None  # long, flat grid index of each choice, -1 where beam search found fewer than K
     alive_TK: torch.Tensor = None  # bool, the choice's expert replied with a valid output
-    failed: dict[str, str] = field(default_factory=dict)  # uid -> why, forward pass ("<beam search>" if the search failed)
+    failed: dict[str, str] = field(
+        default_factory=dict
+    )  # uid -> why, forward pass ("<beam search>" if the search failed)
     backward_failed: dict[str, str] = field(default_factory=dict)  # uid -> why, filled when backward runs
     num_unserved: int = 0  # tokens with no valid reply at all (layer output 0 for them)
 
 
-def grid_balance_loss(scores: Sequence[torch.Tensor], expert_idx_TK: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+def grid_balance_loss(
+    scores: Sequence[torch.Tensor], expert_idx_TK: torch.Tensor, grid_size: Sequence[int]
+) -> torch.Tensor:
     """Switch's load-balancing loss ``E * sum_e f_e * P_e`` over the whole product-key grid.
 
     ``scores[d]`` is ``(T, G_d)``, the router logits of grid dimension d.  A product-key
@@ -165,9 +168,15 @@ class SwarmMoE(nn.Module):
             raise ValueError(f"grid_size must be a non-empty list of positive ints, got {list(grid_size)}")
         self.num_experts = math.prod(self.grid_size)
         self.k_best, self.k_min = k_best, k_min
-        self.forward_timeout, self.timeout_after_k_min, self.backward_timeout = forward_timeout, timeout_after_k_min, backward_timeout
+        self.forward_timeout, self.timeout_after_k_min, self.backward_timeout = (
+            forward_timeout,
+            timeout_after_k_min,
+            backward_timeout,
+        )
         self.dht = dht
-        self.routers = nn.ModuleList(Router(d_model, g, jitter_eps=jitter_eps, init_scale=init_scale, dtype=router_dtype) for g in self.grid_size)
+        self.routers = nn.ModuleList(
+            Router(d_model, g, jitter_eps=jitter_eps, init_scale=init_scale, dtype=router_dtype) for g in self.grid_size
+        )
         self.beam_search = MoEBeamSearcher(dht, self.prefix + ".", self.grid_size)
         self.require_signed = require_signed
         self.trusted_owners = None if trusted_owners is None else frozenset(trusted_owners)
@@ -181,7 +190,14 @@ class SwarmMoE(nn.Module):
         """
         bs = self.beam_search
         return self.dht.run_coroutine(
-            partial(bs._batch_find_best_experts, prefix=bs.uid_prefix, batch_grid_scores=grid_scores, beam_size=k, negative_caching=bs.negative_caching, num_workers=bs.num_workers),
+            partial(
+                bs._batch_find_best_experts,
+                prefix=bs.uid_prefix,
+                batch_grid_scores=grid_scores,
+                beam_size=k,
+                negative_caching=bs.negative_caching,
+                num_workers=bs.num_workers,
+            ),
             return_future=True,
         )
 
@@ -197,14 +213,18 @@ class SwarmMoE(nn.Module):
         level = {f"{self.prefix}.{i}.": (i,) for i in range(self.grid_size[0])}
         live: dict[int, object] = {}
         for d in range(1, len(self.grid_size)):
-            future = self.beam_search.get_active_successors(list(level), grid_size=self.grid_size[d], return_future=True)
+            future = self.beam_search.get_active_successors(
+                list(level), grid_size=self.grid_size[d], return_future=True
+            )
             found = future.result(timeout=max(0.0, deadline - time.monotonic()))
             nxt = {}
             for prefix, successors in found.items():
                 for coord, info in successors.items():
                     coords = level[prefix] + (int(coord),)
                     if d == len(self.grid_size) - 1:
-                        if info.uid == ".".join([self.prefix, *map(str, coords)]):  # a record naming another uid: never call it
+                        if info.uid == ".".join(
+                            [self.prefix, *map(str, coords)]
+                        ):  # a record naming another uid: never call it
                             live[self.flat_index(coords)] = info
                     else:
                         nxt[f"{prefix}{coord}."] = coords
@@ -225,7 +245,7 @@ class SwarmMoE(nn.Module):
         infos = [live[int(f)] for f in flat]
         return [[infos[j] for j in row] for row in top.tolist()]
 
-    def _drop_unsigned(self, calls: dict[str, "_ExpertCall"]) -> dict[str, str]:
+    def _drop_unsigned(self, calls: dict[str, _ExpertCall]) -> dict[str, str]:
         """Remove (and report) the calls whose server holds no acceptable signed declaration."""
         try:
             claims = get_signed_experts(self.dht, self.prefix, timeout=self.forward_timeout)
@@ -236,7 +256,10 @@ class SwarmMoE(nn.Module):
         rejected = {}
         for uid, call in list(calls.items()):
             peer = call.peer_id.to_base58()
-            if not any(p == peer and (self.trusted_owners is None or owner in self.trusted_owners) for owner, p in claims.get(uid, [])):
+            if not any(
+                p == peer and (self.trusted_owners is None or owner in self.trusted_owners)
+                for owner, p in claims.get(uid, [])
+            ):
                 rejected[uid] = why
                 del calls[uid]
         return rejected
@@ -294,7 +317,9 @@ class SwarmMoE(nn.Module):
                             coords = uid_coords(expert.uid, self.prefix)
                         except ValueError:
                             continue
-                        if len(coords) != len(self.grid_size) or any(not 0 <= c < g for c, g in zip(coords, self.grid_size)):
+                        if len(coords) != len(self.grid_size) or any(
+                            not 0 <= c < g for c, g in zip(coords, self.grid_size)
+                        ):
                             continue  # a record outside our grid: never call it
                         call = calls[expert.uid] = _ExpertCall(expert.uid, expert.peer_id, self.flat_index(coords))
                     call.rows.append(t)
@@ -302,8 +327,20 @@ class SwarmMoE(nn.Module):
                     expert_idx_TK[t, j] = call.flat
         if self.require_signed and calls:
             search_failed.update(self._drop_unsigned(calls))
-        p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p()) if calls else None  # cached per process by the DHT
-        state = _CallState(list(calls.values()), self.d_model, T, K, self.k_min, self.forward_timeout, self.timeout_after_k_min, self.backward_timeout, p2p)
+        p2p = (
+            RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p()) if calls else None
+        )  # cached per process by the DHT
+        state = _CallState(
+            list(calls.values()),
+            self.d_model,
+            T,
+            K,
+            self.k_min,
+            self.forward_timeout,
+            self.timeout_after_k_min,
+            self.backward_timeout,
+            p2p,
+        )
         state.failed.update(search_failed)
         # the empty leaf makes autograd run our backward (the experts' training step on their
         # servers) even when nothing before this layer needs a gradient
@@ -368,7 +405,8 @@ class _CallState:
 def _check_reply(reply, rows: int, d_model: int) -> str | None:
     """Why a reply is unusable, or None: exactly one float32 (rows, D) tensor, all finite."""
     if not isinstance(reply, (list, tuple)) or len(reply) != 1 or not isinstance(reply[0], torch.Tensor):
-        return f"expected one tensor, got {type(reply).__name__} of {len(reply) if isinstance(reply, (list, tuple)) else '?'}"
+        n = len(reply) if isinstance(reply, (list, tuple)) else "?"
+        return f"expected one tensor, got {type(reply).__name__} of {n}"
     t = reply[0]
     if tuple(t.shape) != (rows, d_model):
         return f"wrong shape {tuple(t.shape)}, expected {(rows, d_model)}"
@@ -380,7 +418,13 @@ def _check_reply(reply, rows: int, d_model: int) -> str | None:
 
 
 def _gather_replies(
-    tasks: dict[Future, int], calls: list[_ExpertCall], T: int, need_T: torch.Tensor, d_model: int, timeout: float, after_k_min: float
+    tasks: dict[Future, int],
+    calls: list[_ExpertCall],
+    T: int,
+    need_T: torch.Tensor,
+    d_model: int,
+    timeout: float,
+    after_k_min: float,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Wait for replies: until every token has ``need_T`` valid ones (then ``after_k_min`` more
     seconds for stragglers) or ``timeout`` seconds in all.  Returns valid replies and failure
@@ -436,7 +480,11 @@ class _SwarmCall(torch.autograd.Function):
         for i, call in enumerate(state.calls):
             rows = x_TD[torch.tensor(call.rows)]
             msg = [serialize_torch_tensor(rows)]
-            tasks[RemoteExpertWorker.run_coroutine(expert_forward(call.uid, [rows], msg, get_server_stub(state.p2p, call.peer_id)), return_future=True)] = i
+            tasks[
+                RemoteExpertWorker.run_coroutine(
+                    expert_forward(call.uid, [rows], msg, get_server_stub(state.p2p, call.peer_id)), return_future=True
+                )
+            ] = i
         need_T = torch.zeros(T, dtype=torch.long)
         for call in state.calls:
             need_T[torch.tensor(call.rows)] += 1
@@ -469,11 +517,18 @@ class _SwarmCall(torch.autograd.Function):
             r, s = torch.tensor(call.rows), torch.tensor(call.slots)
             rows, g = x_TD[r], grad_TKD[r, s].contiguous()
             msg = [serialize_torch_tensor(rows), serialize_torch_tensor(g)]
-            tasks[RemoteExpertWorker.run_coroutine(expert_backward(call.uid, [rows, g], msg, get_server_stub(state.p2p, call.peer_id)), return_future=True)] = i
+            tasks[
+                RemoteExpertWorker.run_coroutine(
+                    expert_backward(call.uid, [rows, g], msg, get_server_stub(state.p2p, call.peer_id)),
+                    return_future=True,
+                )
+            ] = i
         need_T = torch.zeros(state.T, dtype=torch.long)
         for call in alive:
             need_T[torch.tensor(call.rows)] += 1
-        ok, bad = _gather_replies(tasks, alive, state.T, need_T, state.d_model, state.backward_timeout, state.backward_timeout)
+        ok, bad = _gather_replies(
+            tasks, alive, state.T, need_T, state.d_model, state.backward_timeout, state.backward_timeout
+        )
         for i, g_ND in ok.items():
             grad_x.index_add_(0, torch.tensor(alive[i].rows), g_ND)
         for i, why in bad.items():
@@ -507,7 +562,9 @@ def connect(moe: MoEConfig) -> SwarmConnection:
     cannot be reached is a one-line ConfigError."""
     s = moe.swarm
     try:
-        return SwarmConnection(start_dht(s.initial_peers, host_maddrs=s.host_maddrs, record_validators=record_validators(s.uid_prefix)))
+        return SwarmConnection(
+            start_dht(s.initial_peers, host_maddrs=s.host_maddrs, record_validators=record_validators(s.uid_prefix))
+        )
     except Exception as e:
         peers = ", ".join(s.initial_peers) or "none"
         first = str(e).splitlines()[0] if str(e) else ""
@@ -522,12 +579,25 @@ def build_swarm_layer(d_model: int, d_ff: int, moe: MoEConfig, *, activation: st
     ``context.runtime`` (a :class:`SwarmConnection`).  ``d_ff`` and ``activation`` are the
     servers' (``moe-join --d-ff``, ``--activation``): nothing of them lives here."""
     if context.runtime is None:
-        raise ValueError("moe=hivemind needs a running DHT: build the model with context=LayerContext(runtime=moe.swarm.layer.connect(moe)) (the trainer does)")
+        raise ValueError(
+            "moe=hivemind needs a running DHT: build the model with "
+            "context=LayerContext(runtime=moe.swarm.layer.connect(moe)) (the trainer does)"
+        )
     s = moe.swarm
     return SwarmMoE(
-        d_model, dht=context.runtime.dht, uid_prefix=s.uid_prefix, grid_size=s.grid, k_best=s.k_best, k_min=s.k_min,
-        forward_timeout=s.forward_timeout, timeout_after_k_min=s.timeout_after_k_min, backward_timeout=s.backward_timeout,
-        jitter_eps=moe.jitter_eps, init_scale=moe.init_scale, router_dtype=getattr(torch, moe.router_dtype), require_signed=s.require_signed,
+        d_model,
+        dht=context.runtime.dht,
+        uid_prefix=s.uid_prefix,
+        grid_size=s.grid,
+        k_best=s.k_best,
+        k_min=s.k_min,
+        forward_timeout=s.forward_timeout,
+        timeout_after_k_min=s.timeout_after_k_min,
+        backward_timeout=s.backward_timeout,
+        jitter_eps=moe.jitter_eps,
+        init_scale=moe.init_scale,
+        router_dtype=getattr(torch, moe.router_dtype),
+        require_signed=s.require_signed,
     )
 
 

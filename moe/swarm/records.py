@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 import threading
 from collections import defaultdict
-from typing import Dict
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -46,7 +45,7 @@ SignedExpertSubkey = conbytes(regex=rb"^[^.\[\]]+(\.(0|[1-9][0-9]*))+" + _OWNER 
 class ExpertRecordsSchema(pydantic.BaseModel):
     """``<prefix>_experts``: signed uid -> server peer id (base58)."""
 
-    experts: Dict[SignedExpertSubkey, pydantic.StrictStr]
+    experts: dict[SignedExpertSubkey, pydantic.StrictStr]
 
 
 def records_key(prefix: str) -> str:
@@ -83,7 +82,10 @@ def _signer(dht: DHT) -> RSASignatureValidator:
     for v in getattr(composite, "_validators", []):
         if isinstance(v, RSASignatureValidator):
             return v
-    raise ValueError("this DHT has no RSASignatureValidator: start it with record_validators=moe.swarm.records.record_validators(prefix)")
+    raise ValueError(
+        "this DHT has no RSASignatureValidator: start it with "
+        "record_validators=moe.swarm.records.record_validators(prefix)"
+    )
 
 
 def signing_key(dht: DHT) -> RSAPrivateKey:
@@ -91,7 +93,9 @@ def signing_key(dht: DHT) -> RSAPrivateKey:
     return _signer(dht)._private_key
 
 
-def declare_signed_experts(dht: DHT, prefix: str, uids: list[str], *, expiration: float = 60.0, validator: RSASignatureValidator | None = None) -> dict[str, bool]:
+def declare_signed_experts(
+    dht: DHT, prefix: str, uids: list[str], *, expiration: float = 60.0, validator: RSASignatureValidator | None = None
+) -> dict[str, bool]:
     """Declare (or refresh) ``uids`` as served by ``dht``'s peer, signed with its key.
 
     ``validator``: the ``RSASignatureValidator`` the DHT was started with (its key marks the
@@ -100,7 +104,10 @@ def declare_signed_experts(dht: DHT, prefix: str, uids: list[str], *, expiration
     validator = validator or _signer(dht)
     key, peer = records_key(prefix), dht.peer_id.to_base58()
     expiration_time = get_dht_time() + expiration
-    return {uid: bool(dht.store(key, peer, expiration_time, subkey=uid.encode() + validator.local_public_key)) for uid in uids}
+    return {
+        uid: bool(dht.store(key, peer, expiration_time, subkey=uid.encode() + validator.local_public_key))
+        for uid in uids
+    }
 
 
 def owner_key(private_key: RSAPrivateKey) -> bytes:
@@ -146,7 +153,9 @@ class SignedDeclarer(threading.Thread):
     def declare(self) -> dict[str, bool]:
         ok: dict[str, bool] = {}
         for prefix, uids in self.by_prefix.items():
-            ok.update(declare_signed_experts(self.dht, prefix, uids, expiration=self.expiration, validator=self.validator))
+            ok.update(
+                declare_signed_experts(self.dht, prefix, uids, expiration=self.expiration, validator=self.validator)
+            )
         return ok
 
     def run(self) -> None:

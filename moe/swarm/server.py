@@ -85,9 +85,14 @@ class ExpertServer:
             raise ValueError(f"invalid expert uids {bad}: use <prefix>.<i>.<j>... (see moe.swarm.server.grid_uids)")
         widths = dict(d_model) if isinstance(d_model, Mapping) else dict.fromkeys(experts, d_model)
         if set(widths) != set(experts):
-            raise ValueError(f"d_model has widths for uids {sorted(widths)}, the experts are {sorted(experts)}: give one width per expert uid")
+            raise ValueError(
+                f"d_model has widths for uids {sorted(widths)}, the experts are {sorted(experts)}: "
+                "give one width per expert uid"
+            )
         self.uids = list(experts)
-        self.dht = start_dht(initial_peers, host_maddrs=host_maddrs, nat_port_map=nat_port_map, auto_nat=auto_nat, **dht_kwargs)
+        self.dht = start_dht(
+            initial_peers, host_maddrs=host_maddrs, nat_port_map=nat_port_map, auto_nat=auto_nat, **dht_kwargs
+        )
         try:
             backends = {
                 uid: ModuleBackend(
@@ -112,7 +117,9 @@ class ExpertServer:
             self.signed = None
             if sign_records:
                 period = update_period
-                self.signed = SignedDeclarer(self.dht, self.uids, update_period=period, expiration=expiration or max(2 * period, 30.0))
+                self.signed = SignedDeclarer(
+                    self.dht, self.uids, update_period=period, expiration=expiration or max(2 * period, 30.0)
+                )
         except BaseException:
             if getattr(self, "server", None) is not None and self.server.is_alive():
                 self.server.shutdown()  # stops the DHT too
@@ -141,7 +148,7 @@ class ExpertServer:
         self.server.shutdown()
         self.server.join(timeout)
 
-    def __enter__(self) -> "ExpertServer":
+    def __enter__(self) -> ExpertServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -162,12 +169,21 @@ class ServerProcess:
         start_timeout: seconds to wait for the child to report its addresses.
     """
 
-    def __init__(self, experts: Mapping[str, nn.Module], d_model: int | Mapping[str, int], *, start_timeout: float = 90.0, **server_kwargs):
+    def __init__(
+        self,
+        experts: Mapping[str, nn.Module],
+        d_model: int | Mapping[str, int],
+        *,
+        start_timeout: float = 90.0,
+        **server_kwargs,
+    ):
         ctx = mp.get_context("fork")
         prepare_to_fork()
         self._conn, child_conn = ctx.Pipe()
         self.uids = list(experts)
-        self.process = ctx.Process(target=_serve_in_child, args=(child_conn, dict(experts), d_model, server_kwargs), daemon=False)
+        self.process = ctx.Process(
+            target=_serve_in_child, args=(child_conn, dict(experts), d_model, server_kwargs), daemon=False
+        )
         self.process.start()
         child_conn.close()
         try:
@@ -203,7 +219,7 @@ class ServerProcess:
             pass
         self.process.join(10)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ every collective.  Per optimizer step ``s`` the loop calls::
     losses = backend.forward_backward(s, load)  # (lm, aux, z): this rank's micro-batches, forward and backward
     backend.reduce_gradients()                   # over the data-parallel replicas
     norm = backend.clip_gradients(max_norm)      # by the whole model's norm; None: the optimizer clips in its step
-    backend.sum_over_replicas_(values)           # the step's losses, the norm and any rank's Ctrl-C, for the finite check
+    backend.sum_over_replicas_(values)           # the losses, the norm, any rank's Ctrl-C: the finite check
     after = backend.optimizer_step()             # the norm the step clipped by, when only known now
 
 and besides: ``evaluate(batches)``, ``load_summary(load)`` (the expert load of a log window,
@@ -76,12 +76,19 @@ def model_config(cfg: TrainConfig, data: TokenData) -> ModelConfig:
     against the data: a one-line ConfigError when the model cannot train on it."""
     vocab = cfg.model.vocab_size or data.vocab_size
     if vocab < data.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's {data.vocab_size}; set "
+            "model.vocab_size=0 to take it from the tokenizer"
+        )
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     for split in ("train", "val"):
         n = len(getattr(data, split))
         if n < model_cfg.seq_len + 1:
-            raise ConfigError(f"data: the {split} split has {n} tokens, fewer than model.seq_len+1={model_cfg.seq_len + 1}; lower model.seq_len, raise data.val_fraction or add data")
+            raise ConfigError(
+                f"data: the {split} split has {n} tokens, fewer than "
+                f"model.seq_len+1={model_cfg.seq_len + 1}; lower model.seq_len, raise "
+                "data.val_fraction or add data"
+            )
     return model_cfg
 
 
@@ -113,7 +120,9 @@ class Backend:
         self.is_main = self.rank == 0
         self.data = data if data is not None else load_data(cfg.data, progress=cfg.logger.progress and self.is_main)
         self.model_cfg = model_config(cfg, self.data)
-        self.runtime = None  # what the expert layer's blocks share (moe=hivemind: the swarm connection); close() stops it
+        self.runtime = (
+            None  # what the expert layer's blocks share (moe=hivemind: the swarm connection); close() stops it
+        )
         self._comm = 0.0  # wall time in this backend's collectives (collective())
         try:
             self._build()
@@ -172,7 +181,16 @@ class Backend:
         c = self.cfg
         shards = self.replicas * (c.grad_accum if split == "train" else 1)
         shard = micro * self.replicas + self.replica_rank
-        x, y = self.data.get_batch(split, index, c.batch_size, self.model_cfg.seq_len, c.seed, device=self.device, shard=shard, num_shards=shards)
+        x, y = self.data.get_batch(
+            split,
+            index,
+            c.batch_size,
+            self.model_cfg.seq_len,
+            c.seed,
+            device=self.device,
+            shard=shard,
+            num_shards=shards,
+        )
         with self.autocast():
             return self.compute(x, y)
 
@@ -194,7 +212,9 @@ class Backend:
         for micro in range(c.grad_accum):
             out = self.forward("train", step, micro)
             self.backward(out.total_loss(c.moe), micro)
-            sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
+            sums += (
+                torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
+            )
             for block, la in zip(self.moe_blocks, out.layer_aux):
                 load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
                 failed = getattr(la, "failed", None)  # moe=hivemind: uid -> why, forward and backward

@@ -74,25 +74,37 @@ def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): i for i, p in enumerate(params)}
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None
+) -> None:
     """Load a whole-model checkpoint (any expert-parallel size wrote it) into this rank's
     shard: expert stacks and their optimizer state are sliced to the experts this rank
     holds, everything else is loaded as is.  No communication."""
     model_sd = dict(model_sd)
-    optim_sd = None if optim_sd is None else {"state": {i: dict(s) for i, s in optim_sd["state"].items()}, "param_groups": optim_sd["param_groups"]}
+    optim_sd = (
+        None
+        if optim_sd is None
+        else {"state": {i: dict(s) for i, s in optim_sd["state"].items()}, "param_groups": optim_sd["param_groups"]}
+    )
     index = _param_index(optimizer) if optimizer is not None else {}
     for key, p, first, n, total in expert_shards(model):
         if key not in model_sd:
             continue  # load_state_dict names the missing key
         full = model_sd[key]
         if full.dim() == 0 or full.shape[0] != total or tuple(full.shape[1:]) != tuple(p.shape[1:]):
-            raise ValueError(f"checkpoint: {key} has shape {tuple(full.shape)}, this model's experts need ({total}, {', '.join(map(str, p.shape[1:]))}): the checkpoint is of another model (moe.num_experts or sizes changed)")
+            raise ValueError(
+                f"checkpoint: {key} has shape {tuple(full.shape)}, this model's experts need "
+                f"({total}, {', '.join(map(str, p.shape[1:]))}): the checkpoint is of another model "
+                "(moe.num_experts or sizes changed)"
+            )
         model_sd[key] = full[first : first + n]
         if optim_sd is not None and id(p) in index and index[id(p)] in optim_sd["state"]:
             st = optim_sd["state"][index[id(p)]]
             for name, v in list(st.items()):
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == full.shape:
-                    st[name] = v[first : first + n].clone() if n != total else v  # a shard: not a view, the full stack can go
+                    st[name] = (
+                        v[first : first + n].clone() if n != total else v
+                    )  # a shard: not a view, the full stack can go
     model.load_state_dict(model_sd)
     if optimizer is not None and optim_sd is not None:
         optimizer.load_state_dict(optim_sd)
@@ -111,7 +123,24 @@ def write_text_atomic(path: Path, text: str) -> None:
 # optim.expert_lr_scale may not (it splits the optimizer's groups, and a checkpoint's groups
 # bring their own lr_scale back with them).
 RESUME_FIXED_KEYS = ("optim.expert_lr_scale",)
-RESUME_FREE_KEYS = ("steps", "resume", "out_dir", "run_name", "eval_every", "eval_batches", "ckpt_every", "threads", "peak_flops", "device", "logger", "optim", "data.cache_dir", "parallel", "batch_size", "grad_accum")
+RESUME_FREE_KEYS = (
+    "steps",
+    "resume",
+    "out_dir",
+    "run_name",
+    "eval_every",
+    "eval_batches",
+    "ckpt_every",
+    "threads",
+    "peak_flops",
+    "device",
+    "logger",
+    "optim",
+    "data.cache_dir",
+    "parallel",
+    "batch_size",
+    "grad_accum",
+)
 
 
 def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size: int = 1, dp_size: int = 1) -> None:
@@ -123,7 +152,14 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size:
     # this package: the run that wrote the checkpoint behaved as the default does.
     defaults = flatten(to_dict(TrainConfig()))
     added = {k for k in set(b) - set(a) if k in defaults and b[k] == defaults[k]}
-    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in added and (k in RESUME_FIXED_KEYS or not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))]
+    diff = [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+        and k not in added
+        and (k in RESUME_FIXED_KEYS or not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))
+    ]
+
     def global_batch(d: dict, dp: int) -> tuple[int, str]:
         bs, ga = d.get("batch_size", 0), d.get("grad_accum", 1)
         return bs * ga * dp, f"{bs}x{ga}x{dp}={bs * ga * dp}"
@@ -133,4 +169,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size:
         diff.insert(0, f"global batch (batch_size x grad_accum x data-parallel ranks): {saved_how} -> {now_how}")
     if diff:
         shown = ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
-        raise ConfigError(f"{run_dir} holds a checkpoint of another config ({shown}); pass run_name=NEW_NAME for a new run, or resume=false to start this one over")
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of another config ({shown}); pass run_name=NEW_NAME "
+            "for a new run, or resume=false to start this one over"
+        )

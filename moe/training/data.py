@@ -46,9 +46,10 @@ import sys
 import sysconfig
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,11 +96,13 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
     @classmethod
-    def byte(cls) -> "Tokenizer":
+    def byte(cls) -> Tokenizer:
         return cls("byte")
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, *, length: int | None = None, progress: bool = False) -> "Tokenizer":
+    def train_bpe(
+        cls, texts: Iterable[str], vocab_size: int, *, length: int | None = None, progress: bool = False
+    ) -> Tokenizer:
         """Byte-level BPE: every byte is in the alphabet, so any text round-trips exactly."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -117,7 +120,7 @@ class Tokenizer:
         return cls("bpe", hf)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls("bpe", HFTokenizer.from_file(str(path)))
@@ -182,7 +185,16 @@ class TokenData:
         )
 
     def get_batch(
-        self, split: str, index: int, batch_size: int, seq_len: int, seed: int, device: Any = None, *, shard: int = 0, num_shards: int = 1
+        self,
+        split: str,
+        index: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        device: Any = None,
+        *,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``split``: (x, y) int64 of shape (batch_size, seq_len), y = x shifted by one.
 
@@ -315,14 +327,20 @@ def _resolve_source(cfg: DataConfig) -> _Source:
         return _Source("stdlib", stdlib_root(), files, n_found, skip_bad=True)
     p = Path(cfg.path).expanduser()
     if not p.exists():
-        raise ConfigError(f"data.path={cfg.path!r} does not exist; point it at a text file, a folder of text files or a .bin of token ids (empty: the standard-library corpus)")
+        raise ConfigError(
+            f"data.path={cfg.path!r} does not exist; point it at a text file, a folder of text "
+            "files or a .bin of token ids (empty: the standard-library corpus)"
+        )
     p = p.resolve()
     skip = cfg.on_bad_file == "skip"
     if p.is_file():
         return _Source("file", p, [p], 1, skip_bad=skip)
     files = _walk(p, cfg.extensions, skip_hidden=True, skip_envs=False)
     if not files:
-        raise ConfigError(f"data: no files with extensions {', '.join(cfg.extensions)} under {p}; add files or set data.extensions (e.g. data.extensions=[.txt])")
+        raise ConfigError(
+            f"data: no files with extensions {', '.join(cfg.extensions)} under {p}; add files or "
+            "set data.extensions (e.g. data.extensions=[.txt])"
+        )
     n_found = len(files)
     if cfg.max_files > 0:
         files = files[: cfg.max_files]
@@ -342,12 +360,20 @@ def _read_text(path: Path) -> tuple[str | None, str, str]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        return None, f"is unreadable ({type(e).__name__}: {e.strerror or e})", "fix its permissions, remove it, or set data.on_bad_file=skip"
+        return (
+            None,
+            f"is unreadable ({type(e).__name__}: {e.strerror or e})",
+            "fix its permissions, remove it, or set data.on_bad_file=skip",
+        )
     try:
         text = raw.decode("utf-8-sig")  # a BOM is an encoding marker, not text
     except UnicodeDecodeError as e:
         bad = e.object[e.start]
-        return None, f"is not valid UTF-8 (byte 0x{bad:02x} at offset {e.start})", "convert it to UTF-8 (e.g. iconv -t utf-8), remove it, or set data.on_bad_file=skip"
+        return (
+            None,
+            f"is not valid UTF-8 (byte 0x{bad:02x} at offset {e.start})",
+            "convert it to UTF-8 (e.g. iconv -t utf-8), remove it, or set data.on_bad_file=skip",
+        )
     if not text.strip():
         return None, "is empty", "remove it or set data.on_bad_file=skip"
     nul = text.find("\0")
@@ -380,7 +406,10 @@ def _check_files(source: _Source, progress: bool) -> tuple[list[Path], list[tupl
         if not skipped:
             raise ConfigError(f"data: no files found under {source.root}; point data.path at text")
         what = "the file" if source.kind == "file" else f"{len(source.files)} files under"
-        raise ConfigError(f"data: nothing usable in {what} {source.root} ({len(skipped)} skipped, e.g. {skipped[0][0]} {skipped[0][1]}); point data.path at UTF-8 text")
+        raise ConfigError(
+            f"data: nothing usable in {what} {source.root} ({len(skipped)} skipped, e.g. "
+            f"{skipped[0][0]} {skipped[0][1]}); point data.path at UTF-8 text"
+        )
     return good, skipped
 
 
@@ -499,7 +528,7 @@ def _reap_stale(parent: Path, name: str) -> None:
     for entry in parent.iterdir():
         if entry.name.startswith(prefix):
             try:
-                pid = int(entry.name[len(prefix):].split("-")[0])
+                pid = int(entry.name[len(prefix) :].split("-")[0])
             except ValueError:
                 continue
             if not _pid_alive(pid):
@@ -586,7 +615,13 @@ def _build(cfg: DataConfig, source: _Source, key: str, out: Path, progress: bool
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(train_docs) + len(val_docs), desc=f"data: encoding {source.kind}", unit="file", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(train_docs) + len(val_docs),
+            desc=f"data: encoding {source.kind}",
+            unit="file",
+            leave=False,
+            dynamic_ncols=True,
+        )
     try:
         n_train = _write_tokens(tok, train_docs, out / "train.bin", dtype, bar)
         n_val = _write_tokens(tok, val_docs, out / "val.bin", dtype, bar)
@@ -660,10 +695,15 @@ def _load_bin(path: Path, cfg: DataConfig) -> TokenData:
         try:
             vocab_size = int(json.loads(sidecar.read_text(encoding="utf-8"))["vocab_size"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"data: {sidecar} must be JSON like {{\"vocab_size\": 50257}} ({e}); fix or delete it") from e
+            raise ConfigError(
+                f'data: {sidecar} must be JSON like {{"vocab_size": 50257}} ({e}); fix or delete it'
+            ) from e
         vocab_from = str(sidecar)
         if vocab_size <= max_id:
-            raise ConfigError(f"data: {sidecar} says vocab_size={vocab_size} but {path} holds id {max_id}; fix the sidecar or data.bin_dtype")
+            raise ConfigError(
+                f"data: {sidecar} says vocab_size={vocab_size} but {path} holds id {max_id}; fix the "
+                "sidecar or data.bin_dtype"
+            )
     meta = {
         "format": FORMAT_VERSION,
         "source": "bin",

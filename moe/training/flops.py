@@ -32,7 +32,8 @@ def measure_peak_flops(
     seconds: float = 0.5,
     n: int = 1024,
 ) -> float:
-    """FLOP/s of a square matmul loop on this device, measured once at start-up (warm-up then timed; cuda synchronize when on GPU).
+    """FLOP/s of a square matmul loop on this device, measured once at start-up (warm-up then
+    timed; cuda synchronize when on GPU).
 
     Each ``n x n @ n x n`` product counts ``2 n^3`` FLOPs; the fastest timed batch of them
     within about ``seconds`` gives the peak.  Call it after setting ``torch.set_num_threads``.
@@ -77,13 +78,19 @@ def transformer_flops_per_token(
     *,
     training: bool = True,
 ) -> float:
-    """PaLM appendix B: 6·N + 12·L·d·T for training (fwd+bwd), 2·N + 4·L·d·T forward only (N excludes embeddings; attention term per token).
+    """PaLM appendix B: 6·N + 12·L·d·T for training (fwd+bwd), 2·N + 4·L·d·T forward only (N
+    excludes embeddings; attention term per token).
 
     ``N`` is the active non-embedding parameter count (one matmul FLOP pair per parameter
     per token forward, twice that backward).  The attention term is the ``QK^T`` and ``AV``
     products over the full context ``T``; like PaLM it does not halve it for causal masking.
     """
-    for name, v in (("n_active_params_non_embedding", n_active_params_non_embedding), ("n_layers", n_layers), ("d_model", d_model), ("seq_len", seq_len)):
+    for name, v in (
+        ("n_active_params_non_embedding", n_active_params_non_embedding),
+        ("n_layers", n_layers),
+        ("d_model", d_model),
+        ("seq_len", seq_len),
+    ):
         if v < 0:
             raise ValueError(f"{name} must be non-negative, got {v}")
     fwd = 2.0 * n_active_params_non_embedding + 4.0 * n_layers * d_model * seq_len

@@ -27,9 +27,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,7 +73,14 @@ class Trainer:
         hooks: called on every rank as the run logs and checkpoints (:class:`TrainerHooks`).
     """
 
-    def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None, backend: Backend | None = None, hooks: TrainerHooks | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        data: TokenData | None = None,
+        backend: Backend | None = None,
+        hooks: TrainerHooks | None = None,
+    ):
         validate(cfg)
         if backend is not None and data is not None:
             raise ValueError("pass data= to the backend, not to the Trainer, when you build the backend yourself")
@@ -89,7 +97,9 @@ class Trainer:
         b = self.backend
         # FLOPs per token: active non-embedding params plus the output projection.
         n_flops = b.params["active_non_embedding"] + b.params["lm_head_flop_params"]
-        self.flops_per_token = transformer_flops_per_token(n_flops, b.model_cfg.n_layers, b.model_cfg.d_model, b.model_cfg.seq_len)
+        self.flops_per_token = transformer_flops_per_token(
+            n_flops, b.model_cfg.n_layers, b.model_cfg.d_model, b.model_cfg.seq_len
+        )
         self._stop: StopFlag | None = None
 
     @property
@@ -105,7 +115,7 @@ class Trainer:
         ``moe-train`` calls it at exit, however the run ends."""
         self.backend.close()
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,8 +138,16 @@ class Trainer:
         norm = b.clip_gradients(c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
         stop = float(self._stop is not None and self._stop.requested)
         known = norm is not None
-        vals = torch.cat([losses.float(), (norm.detach().float().reshape(1) if known else torch.zeros(1)).to(losses.device), losses.new_tensor([stop])])
-        vals = b.sum_over_replicas_(vals)  # one all-reduce: mean losses, the norm (the same everywhere), any rank's Ctrl-C
+        vals = torch.cat(
+            [
+                losses.float(),
+                (norm.detach().float().reshape(1) if known else torch.zeros(1)).to(losses.device),
+                losses.new_tensor([stop]),
+            ]
+        )
+        vals = b.sum_over_replicas_(
+            vals
+        )  # one all-reduce: mean losses, the norm (the same everywhere), any rank's Ctrl-C
         self._stop_agreed = bool(vals[4] > 0)
         lm, aux, z, gn = (vals[:4] / b.replicas).tolist()
         self._check_finite(lm, aux, z, gn if known else 0.0)  # the same values on every rank: all raise together
@@ -171,7 +189,12 @@ class Trainer:
 
     def save(self) -> Path:
         """Write the checkpoint (the main rank writes; every rank must call it)."""
-        meta = {"step": self.step, "config": to_dict(self.cfg), "wandb_id": self.wandb_id, "last_metrics": self.last_metrics}
+        meta = {
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "wandb_id": self.wandb_id,
+            "last_metrics": self.last_metrics,
+        }
         path = self.backend.save_checkpoint(self.run_dir, meta)
         if self.hooks.on_checkpoint is not None:
             self.hooks.on_checkpoint(self.step, path)
@@ -184,12 +207,17 @@ class Trainer:
         c, b = self.cfg, self.backend
         found = c.resume and self.checkpoint_path.exists()
         if b.count_ranks(found) not in (0, b.world_size):
-            raise ConfigError(f"out_dir={c.out_dir}: some ranks see {self.checkpoint_path.name} and some do not; out_dir must be on a filesystem every node sees")
+            raise ConfigError(
+                f"out_dir={c.out_dir}: some ranks see {self.checkpoint_path.name} and some do not; "
+                "out_dir must be on a filesystem every node sees"
+            )
         if not found:
             return False
         state = b.open_checkpoint(self.run_dir)
         layout = state.get("layout", {"world_size": 1, "dp_size": 1, "ep_size": 1})
-        check_resumable(state.get("config", {}), to_dict(c), self.run_dir, saved_dp_size=layout["dp_size"], dp_size=b.replicas)
+        check_resumable(
+            state.get("config", {}), to_dict(c), self.run_dir, saved_dp_size=layout["dp_size"], dp_size=b.replicas
+        )
         b.restore(state)
         self.step = state["step"]
         self.wandb_id = state.get("wandb_id")
@@ -217,15 +245,35 @@ class Trainer:
                 if not c.resume:
                     self.checkpoint_path.unlink(missing_ok=True)
         # peak of one process (measured on the main rank only: the ranks would share the cores), times the ranks
-        peak = c.peak_flops or b.broadcast(measure_peak_flops(b.device, b.dtype, seconds=0.5, n=2048) if self.is_main else None)
+        peak = c.peak_flops or b.broadcast(
+            measure_peak_flops(b.device, b.dtype, seconds=0.5, n=2048) if self.is_main else None
+        )
         peak_all = peak * b.world_size
-        logger = MetricsLogger(self.run_dir, c.logger, run_config=to_dict(c), is_main=self.is_main, run_name=c.run_name, resume_id=self.wandb_id)
+        logger = MetricsLogger(
+            self.run_dir,
+            c.logger,
+            run_config=to_dict(c),
+            is_main=self.is_main,
+            run_name=c.run_name,
+            resume_id=self.wandb_id,
+        )
         self.wandb_id = logger.wandb_run_id
         if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
             write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
-            logger.log(self.step, {"perf/peak_flops": peak, "perf/flops_per_token": self.flops_per_token, **{f"params/{k}": v for k, v in b.params.items()}})
+            logger.log(
+                self.step,
+                {
+                    "perf/peak_flops": peak,
+                    "perf/flops_per_token": self.flops_per_token,
+                    **{f"params/{k}": v for k, v in b.params.items()},
+                },
+            )
             if resumed and self.step >= c.steps:
-                print(f"{self.run_dir} already finished {self.step} steps; re-evaluating. Raise steps= to train on, or resume=false to start over", file=sys.stderr)
+                print(
+                    f"{self.run_dir} already finished {self.step} steps; re-evaluating. Raise steps= to "
+                    "train on, or resume=false to start over",
+                    file=sys.stderr,
+                )
             elif resumed:
                 print(f"resumed from {self.checkpoint_path} at step {self.step}", file=sys.stderr)
         tokens_per_step = c.batch_size * c.grad_accum * b.replicas * b.model_cfg.seq_len  # every replica's
@@ -246,10 +294,15 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % c.logger.log_every == 0 or self.step == end or stopping:
-                    metrics = {**window.metrics(tokens_per_step, self.flops_per_token, peak_all), **b.load_summary(load)}
+                    metrics = {
+                        **window.metrics(tokens_per_step, self.flops_per_token, peak_all),
+                        **b.load_summary(load),
+                    }
                     load.reset()
                     self.last_metrics = metrics
-                    history.append({"step": self.step, **{k: v for k, v in metrics.items() if not k.startswith("moe/")}})
+                    history.append(
+                        {"step": self.step, **{k: v for k, v in metrics.items() if not k.startswith("moe/")}}
+                    )
                     logger.log(self.step, metrics)
                     if self.hooks.on_log is not None:
                         self.hooks.on_log(self.step, metrics)
@@ -270,7 +323,11 @@ class Trainer:
             exit_code = 0
         except KeyboardInterrupt:
             if stopping and self.is_main:  # Ctrl-C was deferred to the end of a step: the state is whole
-                print(f"\ninterrupted: checkpoint at step {self.step} in {self.checkpoint_path}; run the same command with resume=true to go on", file=sys.stderr)
+                print(
+                    f"\ninterrupted: checkpoint at step {self.step} in {self.checkpoint_path}; run the "
+                    "same command with resume=true to go on",
+                    file=sys.stderr,
+                )
             raise
         finally:
             self._stop.restore()
@@ -286,7 +343,9 @@ class Trainer:
     def _log_eval(self, logger: MetricsLogger) -> float:
         val_loss = self.evaluate()
         logger.log(self.step, {"val/loss": val_loss})
-        logger.log_expert_load(self.step, LoadAccumulator.fracs_from_summary(self.last_metrics))  # the latest log window's
+        logger.log_expert_load(
+            self.step, LoadAccumulator.fracs_from_summary(self.last_metrics)
+        )  # the latest log window's
         if self.hooks.on_log is not None:
             self.hooks.on_log(self.step, {"val/loss": val_loss})
         return val_loss
@@ -332,12 +391,14 @@ class _Window:
         tps = self.steps * tokens_per_step / dt
         out: dict[str, Any] = {k: v / self.steps for k, v in self.sums.items()}
         out["train/lr"] = self.last_lr
-        out.update({
-            "perf/tokens_per_s": tps,
-            "perf/step_time_s": dt / self.steps,
-            "perf/mfu": mfu(tps, flops_per_token, peak_flops),
-            "perf/comm_time_s": (self.trainer.comm_seconds() - self.comm0) / self.steps,  # this rank's, per step
-        })
+        out.update(
+            {
+                "perf/tokens_per_s": tps,
+                "perf/step_time_s": dt / self.steps,
+                "perf/mfu": mfu(tps, flops_per_token, peak_flops),
+                "perf/comm_time_s": (self.trainer.comm_seconds() - self.comm0) / self.steps,  # this rank's, per step
+            }
+        )
         self.sums.clear()
         self.steps = 0
         self.t0, self.comm0 = time.perf_counter(), self.trainer.comm_seconds()

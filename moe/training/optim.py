@@ -41,7 +41,16 @@ def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
         for params, scale in ((shared, 1.0), (experts, o.expert_lr_scale)):
             picked = [p for p in params if (p.dim() >= 2) == matrices]
             if picked or params is shared:  # (at scale 1: the two groups, as always)
-                groups.append({"params": picked, "weight_decay": wd, "lr": o.lr * scale, "lr_scale": scale, "betas": (o.beta1, o.beta2), "eps": o.eps})
+                groups.append(
+                    {
+                        "params": picked,
+                        "weight_decay": wd,
+                        "lr": o.lr * scale,
+                        "lr_scale": scale,
+                        "betas": (o.beta1, o.beta2),
+                        "eps": o.eps,
+                    }
+                )
     return groups
 
 

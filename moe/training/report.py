@@ -32,8 +32,15 @@ def layer_load(metrics: dict[str, float], blocks: list[int]) -> dict[int, dict[s
     out = {}
     for i in blocks:
         p = f"moe/layer_{i}/"
-        fracs = [v for k, v in sorted(metrics.items(), key=lambda kv: _expert_index(kv[0])) if k.startswith(p + "frac_e")]
-        out[i] = {"cv": metrics.get(p + "cv", float("nan")), "max_over_mean": metrics.get(p + "max_over_mean", float("nan")), "dropped_frac": metrics.get(p + "dropped_frac", float("nan")), "frac": fracs}
+        fracs = [
+            v for k, v in sorted(metrics.items(), key=lambda kv: _expert_index(kv[0])) if k.startswith(p + "frac_e")
+        ]
+        out[i] = {
+            "cv": metrics.get(p + "cv", float("nan")),
+            "max_over_mean": metrics.get(p + "max_over_mean", float("nan")),
+            "dropped_frac": metrics.get(p + "dropped_frac", float("nan")),
+            "frac": fracs,
+        }
     return out
 
 
@@ -43,7 +50,13 @@ def _expert_index(key: str) -> int:
 
 
 def summary_metrics(r: RunResult) -> dict[str, float]:
-    out = {"final/train_loss": r.train_loss, "final/val_loss": r.val_loss, "final/tokens_per_s": r.tokens_per_s, "final/mfu": r.mfu, "final/step": r.step}
+    out = {
+        "final/train_loss": r.train_loss,
+        "final/val_loss": r.val_loss,
+        "final/tokens_per_s": r.tokens_per_s,
+        "final/mfu": r.mfu,
+        "final/step": r.step,
+    }
     for i, ld in r.layer_load.items():
         out[f"final/layer_{i}/cv"] = ld["cv"]
     return out
@@ -74,26 +87,38 @@ def format_summary(r: RunResult) -> str:
         "",
         f"done: {r.step} steps",
         f"  train loss {r.train_loss:.4f}   val loss {r.val_loss:.4f}",
-        f"  throughput {r.tokens_per_s:,.0f} tokens/s   MFU {100 * r.mfu:.1f}% (of the matmul peak measured at start-up)"
-        + ("\n  MFU above 100%: the start-up peak was measured while the machine was busy; pass peak_flops= for a fixed one" if r.mfu > 1 else ""),
-        f"  parameters {r.params['total']:,} total, {r.params['active_non_embedding']:,} active non-embedding per token",
+        f"  throughput {r.tokens_per_s:,.0f} tokens/s   MFU {100 * r.mfu:.1f}% (of the matmul "
+        "peak measured at start-up)"
+        + (
+            "\n  MFU above 100%: the start-up peak was measured while the machine was busy; pass "
+            "peak_flops= for a fixed one"
+            if r.mfu > 1
+            else ""
+        ),
+        f"  parameters {r.params['total']:,} total, {r.params['active_non_embedding']:,} "
+        "active non-embedding per token",
     ]
     if r.layer_load:
         lines.append("  expert load (fraction of tokens per expert, last log interval):")
         for i, ld in r.layer_load.items():
             fr = " ".join(f"{f:.2f}" for f in ld["frac"])
-            lines.append(f"    block {i}: cv {ld['cv']:.3f}  max/mean {ld['max_over_mean']:.2f}  dropped {100 * ld['dropped_frac']:.1f}%  [{fr}]")
+            lines.append(
+                f"    block {i}: cv {ld['cv']:.3f}  max/mean {ld['max_over_mean']:.2f}  dropped "
+                f"{100 * ld['dropped_frac']:.1f}%  [{fr}]"
+            )
     lines += [
         f"  checkpoint  {r.checkpoint}",
         f"  metrics     {r.metrics}",
-        f"  W&B run     {r.wandb_dir if r.wandb_dir else 'off'}" + ("   (offline: `wandb sync` it to upload)" if r.wandb_dir else ""),
+        f"  W&B run     {r.wandb_dir if r.wandb_dir else 'off'}"
+        + ("   (offline: `wandb sync` it to upload)" if r.wandb_dir else ""),
     ]
     return "\n".join(lines)
 
 
 def data_line(meta: dict) -> str:
     """One line on what the run trains on, e.g. for the default corpus:
-    ``data: stdlib, 1758 files (32 skipped: empty 28, not UTF-8 4), bpe vocab 4096, 9,027,506 train / 351,110 val tokens (cached)``."""
+    ``data: stdlib, 1758 files (32 skipped: empty 28, not UTF-8 4), bpe vocab 4096,
+    9,027,506 train / 351,110 val tokens (cached)``."""
     parts = [f"data: {meta.get('source', '?')}"]
     if "n_files" in meta:
         skipped = meta.get("skipped", 0)

@@ -93,7 +93,12 @@ def _expert_load_records(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and rec.get("type") == "expert_load" and isinstance(rec.get("step"), int) and isinstance(rec.get("load"), dict):
+        if (
+            isinstance(rec, dict)
+            and rec.get("type") == "expert_load"
+            and isinstance(rec.get("step"), int)
+            and isinstance(rec.get("load"), dict)
+        ):
             out.append(rec)
     return out
 
@@ -253,22 +258,35 @@ class MetricsLogger:
         if not self._active() or not load:
             return
         plain = {int(i): [float(x) for x in _plain(f"load[{i}]", list(f))] for i, f in sorted(load.items())}
-        self._write({"step": int(step), "time": time.time(), "type": "expert_load", "load": {str(i): f for i, f in plain.items()}})
+        self._write(
+            {
+                "step": int(step),
+                "time": time.time(),
+                "type": "expert_load",
+                "load": {str(i): f for i, f in plain.items()},
+            }
+        )
         if self._run is None:
             return
         import wandb
 
         self._add_load_rows(int(step), plain)
         rows = [r for _, step_rows in self._load_rows for r in step_rows]
-        data: dict[str, Any] = {"moe/expert_load": wandb.Table(columns=["step", "layer", "expert", "fraction"], data=rows)}
+        data: dict[str, Any] = {
+            "moe/expert_load": wandb.Table(columns=["step", "layer", "expert", "fraction"], data=rows)
+        }
         for i, fr in plain.items():
             bars = wandb.Table(columns=["expert", "fraction"], data=[[f"e{j}", f] for j, f in enumerate(fr)])
-            data[f"moe/layer_{i}/expert_load"] = wandb.plot.bar(bars, "expert", "fraction", title=f"block {i}: fraction of tokens per expert")
+            data[f"moe/layer_{i}/expert_load"] = wandb.plot.bar(
+                bars, "expert", "fraction", title=f"block {i}: fraction of tokens per expert"
+            )
         self._run.log(data, step=int(step))
 
     def _add_load_rows(self, step: int, load: dict[int, list[float]]) -> None:
         rows = [[step, i, j, f] for i, fr in sorted(load.items()) for j, f in enumerate(fr)]
-        self._load_rows = [(s, r) for s, r in self._load_rows if s != step] + [(step, rows)]  # a re-logged step replaces
+        self._load_rows = [(s, r) for s, r in self._load_rows if s != step] + [
+            (step, rows)
+        ]  # a re-logged step replaces
         while len(self._load_rows) > 1 and sum(len(r) for _, r in self._load_rows) > self.LOAD_TABLE_MAX_ROWS:
             kept = self._load_rows[:-1][::2] + self._load_rows[-1:]  # the first, every other, the latest
             self._load_rows = kept if len(kept) < len(self._load_rows) else self._load_rows[-1:]

@@ -16,8 +16,9 @@ Conventions for degenerate inputs (chosen so that nothing is ever NaN):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -175,9 +176,9 @@ class LoadAccumulator:
         for k, v in metrics.items():
             if not k.startswith("moe/layer_"):
                 continue
-            layer, _, name = k[len("moe/layer_"):].partition("/")
-            if layer.isdigit() and name.startswith("frac_e") and name[len("frac_e"):].isdigit():
-                out.setdefault(int(layer), {})[int(name[len("frac_e"):])] = float(v)
+            layer, _, name = k[len("moe/layer_") :].partition("/")
+            if layer.isdigit() and name.startswith("frac_e") and name[len("frac_e") :].isdigit():
+                out.setdefault(int(layer), {})[int(name[len("frac_e") :])] = float(v)
         return {i: [fr[j] for j in sorted(fr)] for i, fr in sorted(out.items())}
 
     def merge_ranks(self, all_reduce_sum: Callable[[torch.Tensor], Any], n_ranks: int) -> None:
@@ -192,7 +193,10 @@ class LoadAccumulator:
         parts = []
         for i in layers:
             s = self._layers[i]
-            scalars = [torch.as_tensor(v, dtype=torch.float64, device=first.device).reshape(1) for v in (s.dropped, s.routed, s.aux, s.z)]
+            scalars = [
+                torch.as_tensor(v, dtype=torch.float64, device=first.device).reshape(1)
+                for v in (s.dropped, s.routed, s.aux, s.z)
+            ]
             parts += [s.counts.to(first.device), *scalars]
         flat = torch.cat(parts)
         all_reduce_sum(flat)

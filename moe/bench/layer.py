@@ -1,0 +1,173 @@
+"""``moe-bench layer``: forward+backward tokens/s of our MoE layer against the dense FFN that does
+the same active FLOPs per token (dense tokens/s divided by k is the most a sparse layer can
+reach), and, when DeepSpeed is installed, DeepSpeed's MoE layer in the same run, so the ratios
+are measured side by side on the same (noisy, shared) machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from moe.config import MoEConfig
+from moe.model.layers import DenseFFN, MoELayer
+
+
+def _fwd_bwd_once(layer: nn.Module, x: torch.Tensor, call) -> float:
+    layer.zero_grad(set_to_none=False)  # as the trainer does: gradient buffers are reused
+    xi = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    call(layer, xi).float().pow(2).mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _time_interleaved(impls: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per forward+backward for each ``name: (layer, call)``.
+
+    The implementations take turns (dense, ours, deepspeed, dense, ours, ...) after one
+    warm-up each, so a shared machine's drifting speed hits them alike and their ratios hold.
+    """
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for layer, call in impls.values():
+        _fwd_bwd_once(layer, x, call)
+    for _ in range(repeats):
+        for name, (layer, call) in impls.items():
+            times[name].append(_fwd_bwd_once(layer, x, call))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _ours(layer, x):
+    return layer(x)[0]
+
+
+def _deepspeed_layer(d_model: int, d_ff: int, num_experts: int, k: int, capacity_factor: float, dropless: bool):
+    """DeepSpeed's einsum-based MoE layer, world size 1, or None when deepspeed is missing."""
+    try:
+        import deepspeed  # noqa: F401
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE
+    except ImportError:
+        return None
+    if not dist.is_initialized():
+        # DeepSpeed builds a shared-memory comm op on init (~50 s of compiling on CPU);
+        # a one-process benchmark never uses it.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+    expert = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(), nn.Linear(d_ff, d_model, bias=False))
+    return MoE(
+        hidden_size=d_model,
+        expert=expert,
+        num_experts=num_experts,
+        ep_size=1,
+        k=k,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        min_capacity=4,
+        drop_tokens=not dropless,
+        use_rts=False,
+    )
+
+
+def bench_layer(args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    D, F_, T = args.d_model, args.d_ff, args.tokens
+    x = torch.randn(T, D, device=device)
+    rows = []
+    dense = DenseFFN(D, F_).to(device)
+    dense_all = []
+    print(
+        f"dense FFN d={D} ffn={F_} tokens={T}: the limit, re-measured in turn with every row "
+        "(dense, ours, deepspeed, dense, ...)",
+        flush=True,
+    )
+    header = f"{'E':>4} {'k':>2} {'mode':>9} {'impl':>9} {'tokens/s':>10} {'ms':>7} {'limit':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for E in args.experts:
+        for k in args.k:
+            for mode in args.modes:
+                dropless = mode == "dropless"
+                cf = 1.0
+                impls = {"dense": (dense, _ours)}
+                ours = MoELayer(
+                    D,
+                    F_,
+                    MoEConfig(
+                        name="topk", num_experts=E, top_k=k, dropless=dropless, capacity_factor=cf, min_capacity=4
+                    ),
+                ).to(device)
+                ours.experts.grad_into_buffers = True  # as the trainer runs it
+                impls["ours"] = (ours, _ours)
+                if args.deepspeed and k <= 2:
+                    ds = _deepspeed_layer(D, F_, E, k, cf, dropless)
+                    if ds is not None:
+                        impls["deepspeed"] = (ds.to(device), lambda mod, xi: mod(xi.unsqueeze(0))[0])
+                secs = _time_interleaved(impls, x, args.repeats)
+                dense_all.append(T / secs["dense"])
+                limit = T / secs["dense"] / k
+                for impl, s in secs.items():
+                    if impl == "dense":
+                        continue
+                    tps = T / s
+                    row = {
+                        "E": E,
+                        "k": k,
+                        "mode": mode,
+                        "impl": impl,
+                        "tokens_per_s": tps,
+                        "ms": s * 1e3,
+                        "limit_tokens_per_s": limit,
+                        "ratio": tps / limit,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{E:>4} {k:>2} {mode:>9} {impl:>9} {tps:>10,.0f} {s * 1e3:>7.0f} {limit:>10,.0f} "
+                        f"{tps / limit:>6.2f}",
+                        flush=True,
+                    )
+                del impls
+    return {
+        "benchmark": "layer",
+        "d_model": D,
+        "d_ff": F_,
+        "tokens": T,
+        "repeats": args.repeats,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "dense_tokens_per_s": statistics.median(dense_all),
+        "rows": rows,
+    }
+
+
+def markdown_table(result: dict) -> str:
+    """The layer benchmark as the table in docs/performance.md."""
+    rows: dict[tuple, dict] = {}
+    for r in result["rows"]:
+        rows.setdefault((r["E"], r["k"], r["mode"]), {})[r["impl"]] = r
+    lines = [
+        "| E | k | mode | ours tokens/s | ours / limit | DeepSpeed tokens/s | DeepSpeed / limit |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for (E, k, mode), d in rows.items():
+        o, ds = d["ours"], d.get("deepspeed")
+        ds_cols = f"{ds['tokens_per_s']:,.0f} | {ds['ratio']:.2f}" if ds else "- | -"
+        lines.append(f"| {E} | {k} | {mode} | {o['tokens_per_s']:,.0f} | **{o['ratio']:.2f}** | {ds_cols} |")
+    return "\n".join(lines)
