@@ -446,7 +446,7 @@ def _moe_train() -> list[str]:
         (["moe=topk", "moe.top_k=9"], "moe.top_k"),
         (["model.d_model=100", "model.n_heads=3"], "model.d_model"),
         (["model.foo=1"], "model.foo"),  # Hydra's own "Could not override" block without the pre-check
-        (["run_name=${nope}"], "hydra.run.dir"),  # Hydra's run dir interpolates run_name: its error, mapped
+        (["run_name=${nope}"], "run_name"),  # caught before Hydra makes the run dir (which interpolates run_name)
         (["moe.top_k=[1,2"], "moe.top_k=[1,2"),  # Hydra's override parser
         (["parallel=ddp", "optim.warmup_steps=1"], "parallel.backend"),
     ],  # ddp without torchrun: before any process group
@@ -478,6 +478,7 @@ def test_moe_train_fails_with_one_line(tmp_path, args, key):
     assert lines[0].startswith(f"moe-train: error: {key}"), lines[0]
     assert "run directory:" not in p.stderr and not p.stdout.strip()
     assert not list(tmp_path.rglob("checkpoint*")) and not list(tmp_path.rglob("metrics.jsonl"))
+    assert not list(tmp_path.iterdir()), "a rejected command wrote files"  # issue 16: no runs/<name>/.hydra, no cli.log
 
 
 # ---------------------------------------------------------------------------------------------

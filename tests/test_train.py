@@ -6,17 +6,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from moe.config import ConfigError, MoEConfig, to_dict
+from moe.config import ConfigError, LoggerConfig, MoEConfig, to_dict
 from moe.model.transformer import ModelOutput
 from moe.training import checkpoint as ckpt
+from moe.training.checkpoint import CheckpointError
 from moe.training.loop import Trainer, TrainingDiverged
 from moe.training.optim import lr_at
 from moe.training.report import format_summary
@@ -372,16 +375,165 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_data):
     assert torch.equal(torch.cat(halves), tiny_data.get_batch("train", 0, 8, 64, cfg.seed)[0])
 
 
-def test_run_already_finished_is_reevaluated_not_retrained(tmp_path, tiny_data, capsys):
-    cfg = tiny_config(tmp_path, steps=5)
-    Trainer(cfg, data=tiny_data).fit()
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``run_dir``: (size, mtime, bytes)."""
+    return {
+        str(f.relative_to(run_dir)): (f.stat().st_size, f.stat().st_mtime_ns, f.read_bytes())
+        for f in sorted(run_dir.rglob("*"))
+        if f.is_file()
+    }
+
+
+def test_a_finished_run_run_again_reports_its_result_and_writes_nothing(tmp_path, tiny_data, capsys):
+    """Issue 16: re-running a finished run rewrote the checkpoint, appended to metrics.jsonl and
+    opened a second W&B directory; now it reports the run's result and touches no file."""
+    cfg = tiny_config(
+        tmp_path,
+        steps=5,
+        eval_every=5,
+        logger=LoggerConfig(wandb=True, wandb_mode="offline", progress=False, console=False, log_every=1),
+    )
+    first = Trainer(cfg, data=tiny_data).fit()
+    before = _snapshot(tmp_path)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    capsys.readouterr()
     again = Trainer(cfg, data=tiny_data).fit()
+    assert _snapshot(tmp_path) == before  # no file written, appended, touched or added
     assert again.step == 5 and len(again.history) == 0
-    assert "already finished" in capsys.readouterr().err
+    assert again.val_loss == pytest.approx(first.val_loss) and again.train_loss == pytest.approx(first.train_loss)
+    assert again.wandb_dir == first.wandb_dir  # the run's own W&B directory, not a new one
+    err = capsys.readouterr().err
+    assert (
+        "already finished its 5 steps; nothing was trained or written" in err
+        and "steps=10" in err
+        and "resume=false" in err
+    )
     text = format_summary(again)
-    assert "val loss" in text and "checkpoint" in text and "MFU above 100%" not in text
-    busy = format_summary(dataclasses.replace(again, mfu=2.16))  # the peak was measured under load
-    assert "MFU 216.0%" in busy and "MFU above 100%: the start-up peak was measured while the machine was busy" in busy
+    assert "val loss" in text and "checkpoint" in text
+
+
+def test_mfu_names_its_peak_and_never_exceeds_100_percent(tmp_path, tiny_data, capsys):
+    """Issue 16: a peak measured on a busy machine gave MFU 209%.  A peak below what the model
+    achieves is named and MFU shows 100%; the summary says where the peak came from."""
+    low = Trainer(tiny_config(tmp_path, steps=6, peak_flops=1.0), data=tiny_data).fit()  # 1 FLOP/s: far too low
+    assert all(h["perf/mfu"] <= 1.0 for h in low.history) and low.history[-1]["perf/mfu"] == 1.0
+    err = capsys.readouterr().err
+    assert "above the peak of 0.0" in err and "moe-bench peak" in err and err.count("above the peak") == 1
+    assert "of 0.0 GFLOP/s per process (given as peak_flops=)" in format_summary(low)
+    ok = Trainer(tiny_config(tmp_path / "ok", steps=6, peak_flops=1e15), data=tiny_data).fit()
+    assert 0 < ok.history[-1]["perf/mfu"] < 1.0 and "above the peak" not in capsys.readouterr().err
+
+
+def test_the_peak_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    from moe.training import flops
+
+    calls = []
+    monkeypatch.setattr(flops, "measure_machine_peak", lambda device, dtype: calls.append(1) or 5e10)
+    first = flops.machine_peak("cpu", cache_dir=tmp_path)
+    second = flops.machine_peak("cpu", cache_dir=tmp_path)
+    assert first.flops == second.flops == 5e10 and len(calls) == 1  # measured once, then read
+    assert "measured" in second.source and str(tmp_path / "peak_flops.json") in second.source
+    kept = json.loads((tmp_path / "peak_flops.json").read_text())
+    (key,) = kept
+    assert (
+        "cpu" in key and "float32" in key and f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+    )
+    assert flops.machine_peak("cpu", cache_dir=tmp_path, remeasure=True).flops == 5e10 and len(calls) == 2
+
+
+def test_the_kept_peak_is_the_best_of_several_trials(monkeypatch):
+    """A busy moment lowers one trial, not the best of them."""
+    from moe.training import flops
+
+    rates = iter([3e10, 9e10, 2e10, 8e10])
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda *a, **k: next(rates))
+    assert flops.measure_machine_peak(torch.device("cpu"), trials=4, pause=0) == 9e10
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_corrupt_checkpoint_is_one_line_and_left_untouched(tmp_path, tiny_data, damage):
+    cfg = tiny_config(tmp_path, steps=6, ckpt_every=3)
+    Trainer(cfg, data=tiny_data).fit(stop_after=3)
+    path = tmp_path / "checkpoint.pt"
+    data = b"" if damage == "empty" else path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as e:
+        Trainer(cfg, data=tiny_data).fit()
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "resume=false" in msg and "move the file" in msg
+    assert ("empty" if damage == "empty" else "truncated") in msg
+    assert path.read_bytes() == data  # left as it was
+
+
+def test_a_killed_saves_temporary_is_removed_at_the_next_start(tmp_path, tiny_data, capsys):
+    """A kill during a save leaves ``.checkpoint.pt.tmp-<host>-<pid>``; the next start removes
+    the ones whose writer is gone (this host, a dead pid, either naming), not a live writer's
+    or another host's."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        host = socket.gethostname()
+        tmp_path.mkdir(exist_ok=True)
+        gone = [
+            tmp_path / f".checkpoint.pt.tmp-{host}-{dead.pid}",
+            tmp_path / f".checkpoint.pt.tmp-{dead.pid}",  # the older naming
+            tmp_path / f".config.json.tmp-{host}-{dead.pid}",
+        ]
+        kept = [
+            tmp_path / f".checkpoint.pt.tmp-{host}-{live.pid}",
+            tmp_path / f".checkpoint.pt.tmp-another-host-{dead.pid}",
+            tmp_path / "notes.tmp-1",
+        ]
+        for f in gone + kept:
+            f.write_bytes(b"half a checkpoint")
+        Trainer(tiny_config(tmp_path, steps=6), data=tiny_data).fit()
+        assert not any(f.exists() for f in gone) and all(f.exists() for f in kept)
+        assert capsys.readouterr().err.count("left by a save that was killed") == 3
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_every_checkpoint_opens_with_weights_only_and_an_older_one_still_resumes(tmp_path, tiny_data):
+    """Issue 16: checkpoints needed weights_only=False (the numpy RNG state as an array).  Now
+    plain ``torch.load(weights_only=True)`` opens them; one written the older way (numpy array)
+    still resumes, bit-exactly."""
+    cfg = tiny_config(tmp_path / "a", "gshard", steps=6, ckpt_every=3)
+    straight = Trainer(cfg, data=tiny_data).fit()
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)  # no error: tensors, numbers, strings only
+    assert state["step"] == 6 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
+    b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"))
+    Trainer(b, data=tiny_data).fit(stop_after=3)
+    old = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    kind, keys, pos, has_gauss, gauss = old["rng"]["numpy"]
+    old["rng"]["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)  # as older versions wrote it
+    torch.save(old, tmp_path / "b" / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)  # torch's default refuses the array ...
+    resumed = Trainer(b, data=tiny_data).fit()  # ... ours allows numpy arrays, nothing else
+    assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in straight.history[3:]]
+
+
+def test_a_diverging_base_run_takes_the_divergence_path(tmp_path, tiny_data):
+    """Issue 16: a NaN reaching BASE's auction raised ``ValueError: scores_TE must be finite``;
+    any non-finite value in the forward now ends the run as the other layers' do."""
+    trainer = Trainer(tiny_config(tmp_path, "base", steps=10, ckpt_every=4), data=tiny_data)
+    real_forward = trainer.backend.forward
+
+    def poisoned(split, index, *args):
+        if split == "train" and trainer.step == 5:
+            with torch.no_grad():
+                trainer.model.blocks[0].ffn.router.weight_ED.fill_(float("nan"))
+        return real_forward(split, index, *args)
+
+    trainer.backend.forward = poisoned
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 6: lm loss nan.*last good checkpoint") as e:
+        trainer.fit()
+    assert "\n" not in str(e.value)
+    assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 4
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 - ``moe-bench layer`` (``moe.bench.layer``): the MoE layer against the dense limit and DeepSpeed's layer;
 - ``moe-bench parallel`` (``moe.bench.parallel``): train-step tokens/s at 1 and 2 processes;
 - ``moe-bench swarm`` (``moe.bench.swarm``): the hivemind layer over loopback against local experts;
+- ``moe-bench peak`` (``moe.bench.peak``): this machine's matmul peak, measured again and kept for MFU;
 - ``moe-bench quality`` (``moe.bench.quality``): dense against every MoE arm at equal compute.
 """
 
@@ -14,6 +15,7 @@ import sys
 import torch
 
 from moe.bench import parallel as bench_parallel
+from moe.bench import peak as bench_peak
 from moe.bench import swarm as bench_swarm
 from moe.bench.layer import bench_layer, markdown_table
 from moe.bench.quality.run import run_quality
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench_parallel.add_arguments(par)
     bench_swarm.add_parser(sub)
+    bench_peak.add_parser(sub)
     args, unknown = p.parse_known_args(argv)
     if args.what == "quality":
         # Overrides may come between options (`--arms switch-8 steps=3000 --jobs 1 seed=2`):
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.what == "swarm":
         return bench_swarm.run(args)
+    if args.what == "peak":
+        if args.threads < 0:
+            p.error(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+        return write_and_print(bench_peak.bench_peak(args), bench_peak.markdown_table, args.out)
     if args.what == "parallel":
         bench_parallel.check_arguments(par, args)
         return write_and_print(bench_parallel.bench_parallel(args), bench_parallel.markdown_table, args.out)

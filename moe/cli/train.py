@@ -22,7 +22,7 @@ import os
 import sys
 import traceback
 
-from moe.cli.config import CONF_DIR, check_group_overrides, config_from_hydra, one_line
+from moe.cli.config import CONF_DIR, check_group_overrides, compose, config_from_hydra, one_line
 from moe.config import ConfigError, TrainConfig, validate_launch
 
 
@@ -74,12 +74,13 @@ def train_in_process_group(tc: TrainConfig) -> None:
 
 def _train_ray(tc: TrainConfig) -> None:
     from moe.parallel.ray_train import fit_on_ray
+    from moe.training.checkpoint import CheckpointError
     from moe.training.loop import TrainingDiverged
     from moe.training.report import format_summary
 
     try:
         result = fit_on_ray(tc)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=1)
@@ -92,6 +93,7 @@ def _train(tc: TrainConfig, make_backend=None, *, main: bool = True) -> None:
     """Build this process's backend (``make_backend(data)``; default one process), train, print
     the summary (main rank)."""
     from moe.training.backend import Backend
+    from moe.training.checkpoint import CheckpointError
     from moe.training.data import load_data
     from moe.training.loop import Trainer, TrainingDiverged
     from moe.training.report import data_line, format_summary
@@ -108,6 +110,8 @@ def _train(tc: TrainConfig, make_backend=None, *, main: bool = True) -> None:
         print(f"run directory: {tc.out_dir}", file=sys.stderr)
     try:
         result = trainer.fit()
+    except (ConfigError, CheckpointError) as e:  # the checkpoint: another config's, or unreadable
+        _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=1)
     except KeyboardInterrupt:
@@ -131,12 +135,25 @@ def _quiet_hydra_on_other_ranks(args: list[str]) -> list[str]:
     return [*args, *extra]
 
 
+def check_before_hydra(args: list[str]) -> None:
+    """The whole config composed and validated (and the launch checked against it) before
+    Hydra runs: Hydra creates the run directory, its ``.hydra/`` and log before our code sees
+    the config, so a rejected command would leave them behind.  For plain ``key=value``
+    overrides; a command with Hydra's own flags (``-m``, ``--cfg``, ``-cn``, ...) is checked
+    when Hydra hands the config over, as before."""
+    if not all("=" in a and not a.startswith("-") for a in args):
+        return
+    tc = compose([a for a in args if not a.lstrip("+~").startswith("hydra")], job_name="moe-train")
+    validate_launch(tc, os.environ)
+
+
 def train_main() -> None:
     """Console script ``moe-train`` (overrides as arguments, e.g. ``moe=gshard steps=100``)."""
     import hydra
 
     try:
         check_group_overrides(sys.argv[1:])
+        check_before_hydra(sys.argv[1:])
     except ConfigError as e:
         _fail(str(e))
     sys.argv[1:] = _quiet_hydra_on_other_ranks(sys.argv[1:])

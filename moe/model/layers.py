@@ -160,7 +160,13 @@ class MoELayer(nn.Module):
                 normalize=c.normalize_weights,
                 random_routing=c.random_routing and self.training,
             )
-        assignment = self.dispatcher.balanced_assignment(logits_TE.detach()) if self.training else None
+        assignment = None
+        if self.training:
+            # A diverged step's NaN/inf affinities: any balanced assignment will do (the NaN reaches
+            # the loss through the gates, and the trainer stops every rank together there), so the
+            # auction, which refuses non-finite scores, sees zeros in their place.  No host sync.
+            scores = logits_TE.detach()
+            assignment = self.dispatcher.balanced_assignment(torch.where(torch.isfinite(scores), scores, 0.0))
         return base_route(logits_TE, training=self.training, assignment_T=assignment)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux]:

@@ -77,8 +77,8 @@ from moe.model.transformer import Block, TransformerLM, count_parameters, is_spa
 from moe.parallel.ds import skip_shm_comm_build
 from moe.parallel.state import ParallelState
 from moe.training.backend import CHECKPOINT, Backend, rank_seed
-from moe.training.checkpoint import write_text_atomic
 from moe.training.data import TokenData
+from moe.training.files import write_text_atomic
 from moe.training.optim import build_optimizer, set_lr
 from moe.training.telemetry import LoadAccumulator
 

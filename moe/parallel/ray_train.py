@@ -58,6 +58,7 @@ import torch
 from moe.config import ConfigError, ParallelConfig, TrainConfig, validate, validate_launch
 from moe.parallel.ddp import DDPBackend
 from moe.parallel.state import ParallelState
+from moe.training.checkpoint import CheckpointError
 from moe.training.data import load_data
 from moe.training.loop import Trainer, TrainerHooks, TrainingDiverged
 from moe.training.report import RunResult
@@ -317,7 +318,7 @@ def train_on_ray(tc: TrainConfig) -> tuple[RunResult, Any]:
             result = trainer.fit()
         except TrainingFailedError as e:
             err = worker_error(e)
-            if isinstance(err, (ConfigError, TrainingDiverged)):
+            if isinstance(err, (ConfigError, CheckpointError, TrainingDiverged)):
                 raise err from None  # moe-train prints its one line
             if err is e:
                 raise
@@ -334,11 +335,12 @@ def fit_on_ray(tc: TrainConfig) -> RunResult:
 
 def worker_error(e: BaseException) -> BaseException:
     """The exception to raise in the driver for Ray's ``TrainingFailedError`` ``e``: a worker's
-    ``ConfigError`` or ``TrainingDiverged`` (every rank raises those together; a peer may
-    instead see its collective fail), else the lowest rank's own exception, else ``e``."""
+    ``ConfigError``, ``CheckpointError`` or ``TrainingDiverged`` (every rank raises those
+    together; a peer may instead see its collective fail), else the lowest rank's own
+    exception, else ``e``."""
     failures = getattr(e, "worker_failures", None) or {}
     ordered = [failures[r] for r in sorted(failures)]
-    for kind in (ConfigError, TrainingDiverged):
+    for kind in (ConfigError, CheckpointError, TrainingDiverged):
         for err in ordered:
             if isinstance(err, kind):
                 return err

@@ -1,15 +1,16 @@
-"""Checkpoints written atomically, the RNG state that makes a resume bit-exact, the rules of
-which config may resume which checkpoint, and loading a whole-model checkpoint into a shard.
+"""Checkpoints: written atomically, opened safely (``weights_only=True``, one line when the file
+is not readable), the RNG state that makes a resume bit-exact, the rules of which config may
+resume which checkpoint, and loading a whole-model checkpoint into an expert shard.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk, then
-renamed over the old one: a crash at any moment leaves either the previous checkpoint or the
-new one, never a torn file.  The same for the small text files beside it
-(:func:`write_text_atomic`).
+renamed over the old one (``moe.training.files``): a crash at any moment leaves either the
+previous checkpoint or the new one, never a torn file; the next start deletes the temporary a
+killed save left (the loop, with ``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -20,41 +21,69 @@ import torch.nn as nn
 
 from moe.config import ConfigError, TrainConfig, flatten, to_dict, upgrade_config_dict
 from moe.model.experts import expert_shards
+from moe.training.files import write_atomic
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message is one line naming the file and the ways out."""
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    """``torch.save`` through a temporary beside ``path``, renamed over it (``moe.training.files``)."""
+    return write_atomic(path, lambda f: torch.save(state, f))
+
+
+# What numpy arrays in a checkpoint of an older version need (its numpy RNG state): array
+# reconstruction only, no code of the file's choosing; torch's documented allowlist for them.
+_NUMPY_ARRAY_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    getattr(np, "_core", np).multiarray._reconstruct,
+]
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
-    """``mmap=True`` maps the tensors instead of reading them: for a peek at the step or the
-    config of a large checkpoint."""
-    # weights_only=False: the state holds RNG states and plain config dicts we wrote ourselves.
-    return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    """A checkpoint, opened with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+    containers only, so opening one runs no code from the file.  Checkpoints of versions that
+    kept the numpy RNG state as an array load too (numpy arrays allowed, nothing else).
+    ``mmap=True`` maps the tensors instead of reading them: for a peek at the step or config.
+
+    A file that is not a readable checkpoint (truncated, empty, not ours) is a one-line
+    :class:`CheckpointError`; the file is left as it is."""
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:  # an older checkpoint's numpy arrays
+            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        size = path.stat().st_size if path.exists() else 0
+        msg = str(e)
+        if size == 0:
+            why = "it is empty"
+        elif "PytorchStreamReader" in msg or "zip archive" in msg:
+            why = "truncated, or not a checkpoint file"
+        else:
+            why = f"{type(e).__name__}: {msg.splitlines()[0][:120] if msg else 'unreadable'}"
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({why}; {size:,} bytes); it is left as it is. "
+            f"Pass resume=false to start the run over, or move the file away to keep it"
+        ) from None
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG this process draws from, in a form ``torch.load(weights_only=True)`` reads (the
+    numpy state's key array as a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,7 +92,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # (an ndarray in older checkpoints)
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -108,13 +139,6 @@ def load_full_state(
     model.load_state_dict(model_sd)
     if optimizer is not None and optim_sd is not None:
         optimizer.load_state_dict(optim_sd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside ``path``, then rename it over: readers see old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # Keys that may differ between a checkpoint's run and the run resuming it.  parallel.*: a

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from moe.config import ConfigError, DataConfig
+from moe.training.files import pid_alive, user_cache_dir, write_text_atomic
 
 FORMAT_VERSION = 1  # bump when the cache layout or the tokenization changes
 EOT_TOKEN = "<|endoftext|>"
@@ -458,8 +459,7 @@ def cache_root(cfg: DataConfig) -> Path:
     """``data.cache_dir``, else ``$XDG_CACHE_HOME/moe``, else ``~/.cache/moe`` (tokens go in ``data/``)."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "moe"
+    return user_cache_dir()
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -510,16 +510,6 @@ def _open_cache(path: Path, key: str) -> TokenData | None:
     return TokenData(arrays[0], arrays[1], int(meta["vocab_size"]), tok, meta)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours
-        return True
-    return True
-
-
 def _reap_stale(parent: Path, name: str) -> None:
     """Delete temporary build folders of ``name`` left by dead processes on this host."""
     prefix = f".{name}.tmp-{socket.gethostname()}-"
@@ -531,7 +521,7 @@ def _reap_stale(parent: Path, name: str) -> None:
                 pid = int(entry.name[len(prefix) :].split("-")[0])
             except ValueError:
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -578,12 +568,7 @@ def _write_tokens(tok: Tokenizer, docs: list[_Doc], out: Path, dtype: np.dtype, 
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _build(cfg: DataConfig, source: _Source, key: str, out: Path, progress: bool) -> None:

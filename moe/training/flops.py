@@ -8,14 +8,26 @@ parts plus ``top_k`` experts (and the router) of each MoE layer.
 The peak is measured, not looked up: a square-matmul loop on the training device and dtype.
 That is the achievable dense-matmul throughput (with the current torch thread count), so the
 MFU reported here is relative to what this machine can actually do, which is higher than MFU
-against a datasheet peak.
+against a datasheet peak.  It is measured once per machine, device, dtype, thread count and
+torch version (:func:`machine_peak`: the best of several short trials, so a busy moment does
+not lower it), kept in ``~/.cache/moe/peak_flops.json`` and reused by every run, which says
+where its peak came from; ``moe-bench peak`` measures it again, ``peak_flops=`` overrides it.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import platform
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from moe.training.files import user_cache_dir, write_text_atomic
+
+PEAK_CACHE = "peak_flops.json"
 
 
 def _sync(device: torch.device) -> None:
@@ -102,3 +114,76 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
     if not peak_flops > 0:
         raise ValueError(f"peak_flops must be positive, got {peak_flops}")
     return tokens_per_s * flops_per_token / peak_flops
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The FLOP/s MFU is measured against, and where it came from (shown with every MFU)."""
+
+    flops: float
+    source: str
+
+
+def _processor() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak holds for: the processor (or GPU), device, dtype, threads, torch."""
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else _processor()
+    dt = str(dtype).removeprefix("torch.")
+    return f"{what}, {device.type}, {dt}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def measure_machine_peak(
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    *,
+    trials: int = 8,
+    seconds: float = 0.25,
+    n: int = 2048,
+    pause: float = 0.05,
+) -> float:
+    """The best of ``trials`` short matmul measurements, a short pause between them: on a shared
+    machine another process's burst lowers some trials, not the best one."""
+    best = 0.0
+    for i in range(trials):
+        if i:
+            time.sleep(pause)
+        best = max(best, measure_peak_flops(device, dtype, seconds=seconds, n=n))
+    return best
+
+
+def machine_peak(
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    cache_dir: Path | None = None,
+    remeasure: bool = False,
+) -> Peak:
+    """This machine's peak for ``device``/``dtype`` at the current thread count: the one kept in
+    ``cache_dir/peak_flops.json`` (default ``~/.cache/moe``), measured and kept when there is
+    none (or ``remeasure``)."""
+    device = torch.device(device)
+    path = (cache_dir or user_cache_dir()) / PEAK_CACHE
+    key = machine_key(device, dtype)
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        kept = {}
+    entry = kept.get(key) if isinstance(kept, dict) and not remeasure else None
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+        return Peak(float(entry["flops"]), f"measured {entry.get('date', '?')} on this machine, kept in {path}")
+    flops = measure_machine_peak(device, dtype)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    kept = kept if isinstance(kept, dict) else {}
+    kept[key] = {"flops": flops, "date": date}
+    write_text_atomic(path, json.dumps(kept, indent=1, sort_keys=True))
+    return Peak(flops, f"measured {date} on this machine, kept in {path}")

@@ -36,13 +36,14 @@ import torch
 
 from moe.config import ConfigError, TrainConfig, to_dict, validate
 from moe.training.backend import Backend
-from moe.training.checkpoint import check_resumable, write_text_atomic
+from moe.training.checkpoint import check_resumable
 from moe.training.data import TokenData
-from moe.training.flops import measure_peak_flops, mfu, transformer_flops_per_token
+from moe.training.files import remove_stale_temporaries, write_text_atomic
+from moe.training.flops import Peak, machine_peak, mfu, transformer_flops_per_token
 from moe.training.interrupt import StopFlag
 from moe.training.optim import lr_at
 from moe.training.report import RunResult, layer_load, postfix, progress_bar, summary_metrics
-from moe.training.sinks import MetricsLogger, truncate_jsonl
+from moe.training.sinks import MetricsLogger, last_logged, truncate_jsonl, wandb_dirs
 from moe.training.telemetry import LoadAccumulator
 
 
@@ -228,59 +229,23 @@ class Trainer:
 
     def fit(self, *, stop_after: int | None = None) -> RunResult | None:
         """Train to ``cfg.steps`` (resuming from the run directory's checkpoint when allowed);
-        the :class:`RunResult` on the main rank, None on the others.
+        the :class:`RunResult` on the main rank, None on the others.  A run that finished
+        already reports its result and writes nothing.
 
         ``stop_after`` ends this call after that many steps, as if the process were killed
         right after a checkpoint: used to test resumption.
         """
         c, b = self.cfg, self.backend
-        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.is_main:  # a save killed halfway left its temporary: ours, its writer gone
+            for tmp in remove_stale_temporaries(self.run_dir):
+                print(f"removed {tmp.name}, left by a save that was killed", file=sys.stderr)
         resumed = self._resume()
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed:  # records logged after the checkpoint are about to be redone
-                truncate_jsonl(metrics_path, self.step)
-            else:  # a fresh start: records of an earlier run that never checkpointed go
-                metrics_path.unlink(missing_ok=True)
-                if not c.resume:
-                    self.checkpoint_path.unlink(missing_ok=True)
-        # peak of one process (measured on the main rank only: the ranks would share the cores), times the ranks
-        peak = c.peak_flops or b.broadcast(
-            measure_peak_flops(b.device, b.dtype, seconds=0.5, n=2048) if self.is_main else None
-        )
-        peak_all = peak * b.world_size
-        logger = MetricsLogger(
-            self.run_dir,
-            c.logger,
-            run_config=to_dict(c),
-            is_main=self.is_main,
-            run_name=c.run_name,
-            resume_id=self.wandb_id,
-        )
-        self.wandb_id = logger.wandb_run_id
-        if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
-            write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
-            logger.log(
-                self.step,
-                {
-                    "perf/peak_flops": peak,
-                    "perf/flops_per_token": self.flops_per_token,
-                    **{f"params/{k}": v for k, v in b.params.items()},
-                },
-            )
-            if resumed and self.step >= c.steps:
-                print(
-                    f"{self.run_dir} already finished {self.step} steps; re-evaluating. Raise steps= to "
-                    "train on, or resume=false to start over",
-                    file=sys.stderr,
-                )
-            elif resumed:
-                print(f"resumed from {self.checkpoint_path} at step {self.step}", file=sys.stderr)
+        if resumed and self.step >= c.steps:
+            return self._finished() if self.is_main else None
+        logger, peak = self._start(resumed)
         tokens_per_step = c.batch_size * c.grad_accum * b.replicas * b.model_cfg.seq_len  # every replica's
         end = c.steps if stop_after is None else min(c.steps, self.step + stop_after)
-        load = LoadAccumulator()
-        window = _Window(self)
-        history: list[dict[str, float]] = []
+        load, window, history = LoadAccumulator(), _Window(self, Peak(peak.flops * b.world_size, peak.source)), []
         val_loss = float("nan")
         bar = progress_bar(self.step, c.steps, enabled=self.is_main and c.logger.progress)
         exit_code, result = 1, None
@@ -294,18 +259,13 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % c.logger.log_every == 0 or self.step == end or stopping:
-                    metrics = {
-                        **window.metrics(tokens_per_step, self.flops_per_token, peak_all),
-                        **b.load_summary(load),
-                    }
+                    metrics = {**window.metrics(tokens_per_step, self.flops_per_token), **b.load_summary(load)}
                     load.reset()
                     self.last_metrics = metrics
                     history.append(
                         {"step": self.step, **{k: v for k, v in metrics.items() if not k.startswith("moe/")}}
                     )
-                    logger.log(self.step, metrics)
-                    if self.hooks.on_log is not None:
-                        self.hooks.on_log(self.step, metrics)
+                    self._log(logger, metrics)
                     if bar is not None:
                         bar.set_postfix_str(postfix(metrics))
                 with window.paused():  # eval and checkpoint time stay out of tokens/s
@@ -335,10 +295,71 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if exit_code == 0 and self.is_main:
-                result = self._result(val_loss, logger, history)
+                result = self._result(val_loss, logger.wandb_dir, history, peak)
                 logger.summary(summary_metrics(result))
             logger.close(exit_code=exit_code)
         return result
+
+    def _start(self, resumed: bool) -> tuple[MetricsLogger, Peak]:
+        """Before the first step: the metrics file made consistent with the checkpoint, the peak
+        FLOP/s MFU is measured against, the sinks, the run's config beside its metrics."""
+        c, b = self.cfg, self.backend
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed:  # records logged after the checkpoint are about to be redone
+                truncate_jsonl(metrics_path, self.step)
+            else:  # a fresh start: records of an earlier run that never checkpointed go
+                metrics_path.unlink(missing_ok=True)
+                if not c.resume:
+                    self.checkpoint_path.unlink(missing_ok=True)
+        # one process's peak (the main rank's: the ranks would share the cores); MFU counts it once per rank
+        peak = (
+            Peak(c.peak_flops, "given as peak_flops=")
+            if c.peak_flops
+            else b.broadcast(machine_peak(b.device, b.dtype) if self.is_main else None)
+        )
+        logger = MetricsLogger(
+            self.run_dir,
+            c.logger,
+            run_config=to_dict(c),
+            is_main=self.is_main,
+            run_name=c.run_name,
+            resume_id=self.wandb_id,
+        )
+        self.wandb_id = logger.wandb_run_id
+        if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
+            write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
+            logger.log(
+                self.step,
+                {
+                    "perf/peak_flops": peak.flops,
+                    "perf/flops_per_token": self.flops_per_token,
+                    **{f"params/{k}": v for k, v in b.params.items()},
+                },
+            )
+            print(f"MFU against a peak of {peak.flops / 1e9:,.1f} GFLOP/s per process ({peak.source})", file=sys.stderr)
+            if resumed:
+                print(f"resumed from {self.checkpoint_path} at step {self.step}", file=sys.stderr)
+        return logger, peak
+
+    def _finished(self) -> RunResult:
+        """A run that reached ``steps`` already: its result from the checkpoint and the metrics
+        file, nothing trained, evaluated or written (not even a W&B directory)."""
+        c = self.cfg
+        print(
+            f"{self.run_dir} already finished its {self.step} steps; nothing was trained or written. "
+            f"To train on, raise steps (e.g. steps={2 * c.steps}); to start over, pass resume=false",
+            file=sys.stderr,
+        )
+        val_loss = last_logged(self.run_dir / "metrics.jsonl", "val/loss")
+        dirs = wandb_dirs(self.run_dir, self.wandb_id)
+        return self._result(val_loss, dirs[-1] if dirs else None, [], None)
+
+    def _log(self, logger: MetricsLogger, metrics: dict[str, Any]) -> None:
+        logger.log(self.step, metrics)
+        if self.hooks.on_log is not None:
+            self.hooks.on_log(self.step, metrics)
 
     def _log_eval(self, logger: MetricsLogger) -> float:
         val_loss = self.evaluate()
@@ -350,7 +371,9 @@ class Trainer:
             self.hooks.on_log(self.step, {"val/loss": val_loss})
         return val_loss
 
-    def _result(self, val_loss: float, logger: MetricsLogger, history: list[dict[str, float]]) -> RunResult:
+    def _result(
+        self, val_loss: float, wandb_dir: Path | None, history: list[dict[str, float]], peak: Peak | None
+    ) -> RunResult:
         last = self.last_metrics
         return RunResult(
             step=self.step,
@@ -362,9 +385,11 @@ class Trainer:
             run_dir=self.run_dir,
             checkpoint=self.checkpoint_path,
             metrics=self.run_dir / "metrics.jsonl",
-            wandb_dir=logger.wandb_dir,
+            wandb_dir=wandb_dir,
             params=self.backend.params,
             history=history,
+            peak_flops=peak.flops if peak is not None else float("nan"),
+            peak_source=peak.source if peak is not None else "",
         )
 
 
@@ -372,8 +397,10 @@ class _Window:
     """The train metrics of one log window: sums of each step's values, wall time and comm
     time, with eval and checkpoint time left out (:meth:`paused`)."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: Trainer, peak: Peak):
         self.trainer = trainer
+        self.peak = peak  # every rank's together
+        self.warned = False
         self.sums: dict[str, float] = {}
         self.steps = 0
         self.last_lr = float("nan")
@@ -385,7 +412,7 @@ class _Window:
         self.last_lr = step_metrics["train/lr"]
         self.steps += 1
 
-    def metrics(self, tokens_per_step: int, flops_per_token: float, peak_flops: float) -> dict[str, Any]:
+    def metrics(self, tokens_per_step: int, flops_per_token: float) -> dict[str, Any]:
         """The window's means and throughput; starts a new window."""
         dt = time.perf_counter() - self.t0
         tps = self.steps * tokens_per_step / dt
@@ -395,7 +422,7 @@ class _Window:
             {
                 "perf/tokens_per_s": tps,
                 "perf/step_time_s": dt / self.steps,
-                "perf/mfu": mfu(tps, flops_per_token, peak_flops),
+                "perf/mfu": self._mfu(tps, flops_per_token),
                 "perf/comm_time_s": (self.trainer.comm_seconds() - self.comm0) / self.steps,  # this rank's, per step
             }
         )
@@ -403,6 +430,21 @@ class _Window:
         self.steps = 0
         self.t0, self.comm0 = time.perf_counter(), self.trainer.comm_seconds()
         return out
+
+    def _mfu(self, tps: float, flops_per_token: float) -> float:
+        """Model FLOP/s over the peak, never above 1: a model faster than the peak means the
+        peak is too low, which is said once (and how to fix it), not reported as MFU > 100%."""
+        value = mfu(tps, flops_per_token, self.peak.flops)
+        if value > 1 and not self.warned and self.trainer.is_main:
+            self.warned = True
+            print(
+                f"note: the model ran at {tps * flops_per_token / 1e9:,.1f} GFLOP/s, above the peak "
+                f"of {self.peak.flops / 1e9:,.1f} "
+                f"({self.peak.source}); MFU is shown as 100%. Measure the peak again with `moe-bench "
+                "peak`, or pass peak_flops=",
+                file=sys.stderr,
+            )
+        return min(1.0, value)
 
     def paused(self):
         return _Pause(self)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe.training.sinks import wandb_dirs
+
 
 @dataclass
 class RunResult:
@@ -25,6 +27,8 @@ class RunResult:
     wandb_dir: Path | None
     params: dict[str, int]
     history: list[dict[str, float]] = field(default_factory=list)  # per logged step
+    peak_flops: float = float("nan")  # one process's peak FLOP/s, what MFU is against
+    peak_source: str = ""  # where the peak came from
 
 
 def layer_load(metrics: dict[str, float], blocks: list[int]) -> dict[int, dict[str, Any]]:
@@ -87,14 +91,8 @@ def format_summary(r: RunResult) -> str:
         "",
         f"done: {r.step} steps",
         f"  train loss {r.train_loss:.4f}   val loss {r.val_loss:.4f}",
-        f"  throughput {r.tokens_per_s:,.0f} tokens/s   MFU {100 * r.mfu:.1f}% (of the matmul "
-        "peak measured at start-up)"
-        + (
-            "\n  MFU above 100%: the start-up peak was measured while the machine was busy; pass "
-            "peak_flops= for a fixed one"
-            if r.mfu > 1
-            else ""
-        ),
+        f"  throughput {r.tokens_per_s:,.0f} tokens/s   MFU {100 * r.mfu:.1f}%"
+        + (f" of {r.peak_flops / 1e9:,.1f} GFLOP/s per process ({r.peak_source})" if r.peak_source else ""),
         f"  parameters {r.params['total']:,} total, {r.params['active_non_embedding']:,} "
         "active non-embedding per token",
     ]
@@ -109,8 +107,7 @@ def format_summary(r: RunResult) -> str:
     lines += [
         f"  checkpoint  {r.checkpoint}",
         f"  metrics     {r.metrics}",
-        f"  W&B run     {r.wandb_dir if r.wandb_dir else 'off'}"
-        + ("   (offline: `wandb sync` it to upload)" if r.wandb_dir else ""),
+        f"  W&B run     {_wandb_line(r)}",
     ]
     return "\n".join(lines)
 
@@ -130,3 +127,17 @@ def data_line(meta: dict) -> str:
         parts.append(f"{n_train:,} train / {n_val:,} val tokens")
     line = ", ".join(parts)
     return line + (" (cached)" if meta.get("from_cache") else "")
+
+
+def _wandb_line(r: RunResult) -> str:
+    """The run's W&B directory; a resumed run has one per start, and ``wandb sync`` needs all."""
+    if not r.wandb_dir:
+        return "off"
+    run_id = Path(r.wandb_dir).name.rsplit("-", 1)[-1]
+    dirs = wandb_dirs(r.run_dir, run_id)
+    if len(dirs) > 1:
+        return (
+            f"{r.run_dir}/wandb/*-{run_id}   ({len(dirs)} directories, one per start: "
+            "`wandb sync` them all to upload the whole run)"
+        )
+    return f"{r.wandb_dir}   (offline: `wandb sync` it to upload)"

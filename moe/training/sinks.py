@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from moe.config import LoggerConfig
-from moe.training.checkpoint import write_text_atomic
+from moe.training.files import write_text_atomic
 
 
 def _plain(key: str, v: Any) -> Any:
@@ -352,3 +352,28 @@ def truncate_jsonl(path: Path, step: int) -> None:
         if rec.get("type") != "summary" and rec.get("step", 0) <= step:
             kept.append(line)
     write_text_atomic(path, "".join(k + "\n" for k in kept))
+
+
+def last_logged(path: Path, key: str) -> float:
+    """The last value of ``key`` in a ``metrics.jsonl`` (NaN when none); reads, never writes."""
+    value = float("nan")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return value
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)):
+            value = float(rec[key])
+    return value
+
+
+def wandb_dirs(run_dir: Path, run_id: str | None) -> list[Path]:
+    """The W&B directories of run ``run_id`` under ``run_dir/wandb`` (a resumed run adds one per
+    start), oldest first; ``wandb sync`` needs all of them for the whole history."""
+    if not run_id:
+        return []
+    return sorted((Path(run_dir) / "wandb").glob(f"*-{run_id}"))

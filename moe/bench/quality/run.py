@@ -27,7 +27,7 @@ from moe.cli.config import compose
 from moe.config import ConfigError, flatten, to_dict
 from moe.training.backend import resolve_device
 from moe.training.checkpoint import check_resumable
-from moe.training.flops import measure_peak_flops
+from moe.training.flops import machine_peak
 
 
 def _git_commit() -> str:
@@ -108,13 +108,14 @@ def run_quality(args) -> int:
             print(f"moe-bench quality: error: arm {arm.name}: {e}", file=sys.stderr)
             return 2
     if not args.report_only and todo and not any(o.startswith("peak_flops=") for o in extra):
-        # One peak for every arm, measured here before any arm runs: an arm measuring its own
-        # while others train would get a fraction of it and report MFU above 100%.
+        # One peak for every arm, this machine's kept one (measured once, before any arm runs:
+        # an arm measuring its own while others train would get a fraction of it).
         torch.set_num_threads(threads)
-        peak = measure_peak_flops(resolve_device(plans[0][3].device), seconds=1.0, n=2048)
+        kept = machine_peak(resolve_device(plans[0][3].device))
+        peak = kept.flops
         print(
-            f"moe-bench quality: matmul peak {peak / 1e9:.1f} GFLOP/s with {threads} thread(s); "
-            "every arm's MFU is against it",
+            f"moe-bench quality: every arm's MFU is against {peak / 1e9:.1f} GFLOP/s with "
+            f"{threads} thread(s) ({kept.source})",
             file=sys.stderr,
         )
         todo = [(arm, run_dir, ov + [f"peak_flops={peak:.6g}"], cfg) for arm, run_dir, ov, cfg in todo]
