@@ -98,6 +98,44 @@ def test_a_half_written_line_is_skipped(tmp_path):
     assert read_run(run)["series"]["train/loss"] == [[10, 4.9]]
 
 
+def test_a_sweep_lands_under_runs_where_the_dashboard_finds_it(tmp_path):
+    """Issue 16: `moe-train -m ...` wrote to multirun/, which `moe-dash runs` did not show."""
+    from omegaconf import OmegaConf
+
+    from moe.cli.config import CONF_DIR
+
+    sweep_dir = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["hydra"]["sweep"]["dir"]  # unresolved
+    assert sweep_dir.startswith("runs/"), sweep_dir
+    runs = tmp_path / "runs"
+    for d in (
+        runs / "switch-e8",
+        runs / "multirun" / "2026-12-05_01-02-03" / "0-dense-e1",
+        runs / "multirun" / "2026-12-05_01-02-03" / "1-switch-e8",
+    ):
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
+    names = [p.name for p in find_runs(runs)]
+    assert sorted(names) == ["0-dense-e1", "1-switch-e8", "switch-e8"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's formatting function")
+def test_counts_in_the_runs_table_are_formatted_alike():
+    """Issue 16: the runs table showed tokens/s as 915.36 for one run and 3.1k for another."""
+    import re
+    import subprocess
+
+    js = (Path(__file__).resolve().parent.parent / "moe" / "dash" / "static" / "dash.js").read_text()
+    fn = re.search(r"const fmtCount = \(v\) => \{.*?\n  \};", js, re.S).group(0)
+    values = [915.36, 3123.0, 12.3456, 0.5, 1_250_000, None]
+    out = subprocess.run(
+        ["node", "-e", fn + f"; console.log(JSON.stringify({json.dumps(values)}.map(fmtCount)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout) == ["915", "3.1k", "12.3", "0.5", "1.3M", "–"]
+
+
 def test_server_api_and_page_use_no_external_resources(runs_dir):
     httpd = make_server(runs_dir, port=0)
     serve_in_thread(httpd)
@@ -160,11 +198,11 @@ def test_export_inlines_everything(runs_dir, tmp_path):
 @pytest.fixture
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("CI"):  # CI installs them (make test -> make browser): never a silent skip there
+        if os.environ.get("CI"):  # .ci/run installs them (make browser, then make test): never a silent skip there
             pytest.fail("chromium/chromedriver missing in CI: `make browser` should have installed them")
         pytest.skip(
-            "needs Debian's chromium and chromium-driver (apt-get install chromium "
-            "chromium-driver; .ci/run installs them)"
+            "needs Debian's chromium and chromium-driver (`make browser` installs them, as root; "
+            ".ci/run does)"
         )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -30,7 +30,8 @@
     if (a >= 1e9) return (v / 1e9).toFixed(1) + "G";
     if (a >= 1e6) return (v / 1e6).toFixed(1) + "M";
     if (a >= 1e3) return (v / 1e3).toFixed(1) + "k";
-    return String(Math.round(v * 100) / 100);
+    if (a >= 100) return String(Math.round(v)); // 915, not 915.36, beside 3.1k
+    return String(Number(v.toPrecision(3)));
   };
   const colorOf = (snap, name) => PALETTE[snap.runs.findIndex((r) => r.name === name) % PALETTE.length];
 
