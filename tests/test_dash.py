@@ -200,10 +200,7 @@ def browser():
     if not (CHROMIUM and CHROMEDRIVER):
         if os.environ.get("CI"):  # .ci/run installs them (make browser, then make test): never a silent skip there
             pytest.fail("chromium/chromedriver missing in CI: `make browser` should have installed them")
-        pytest.skip(
-            "needs Debian's chromium and chromium-driver (`make browser` installs them, as root; "
-            ".ci/run does)"
-        )
+        pytest.skip("needs Debian's chromium and chromium-driver (`make browser` installs them, as root; .ci/run does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
