@@ -55,7 +55,13 @@ class SwarmConfig:
     host_maddrs: list[str] = field(
         default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"]
     )  # where the trainer's DHT peer listens
-    require_signed: bool = True  # call only experts with a signed declaration (moe.swarm.records)
+    require_signed: bool = True  # find and call experts through signed declarations only (moe.swarm.records)
+    trusted_keys: list[str] = field(
+        default_factory=list
+    )  # call only servers with these key fingerprints (moe-join prints its own); empty: any
+    max_reply_scale: float = (
+        1000.0  # refuse (and drop the server of) a reply or gradient over this many times the largest value sent
+    )
 
 
 @dataclass
@@ -80,6 +86,10 @@ class MoEConfig:
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
     swarm: SwarmConfig = field(default_factory=SwarmConfig)  # moe=hivemind only: the remote experts
 
+
+# Seconds ahead a record of a swarm may expire; every peer of the run refuses longer-lived ones, so
+# no peer can pin a declaration over an honest server's re-declarations (moe.swarm.records).
+MAX_RECORD_LIFETIME = 600.0
 
 # The swarm's keys sat directly under moe. (moe.grid, ...) before they had their own node.
 SWARM_KEYS = tuple(f.name for f in dataclasses.fields(SwarmConfig))
@@ -375,7 +385,37 @@ def check_multiaddr(addr: str, *, need_peer: bool = True) -> str | None:
         return f"port {m['port']} is out of range (0-65535)"
     if need_peer and not m["peer"]:
         return "it has no /p2p/<peer id> part; copy the whole address a peer prints"
+    if m["peer"] and not _is_peer_id(m["peer"]):
+        peer = m["peer"]
+        return (
+            f"{peer} is not a peer id (a base58 multihash, like the 12D3KooW... a peer prints); copy the whole address"
+        )
     return None
+
+
+def _is_peer_id(text: str) -> bool:
+    """A libp2p peer id: base58 of a multihash (code, digest length, digest), e.g. Qm... (sha2-256)
+    or 12D3KooW... (the identity hash of a public key)."""
+    n = 0
+    for ch in text:
+        n = n * 58 + _B58.index(ch)
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    raw = b"\0" * (len(text) - len(text.lstrip("1"))) + raw  # base58's leading '1's are zero bytes
+
+    def varint(i: int) -> tuple[int, int] | None:
+        value = shift = 0
+        while i < len(raw):
+            b = raw[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                return value, i
+            shift += 7
+        return None
+
+    code = varint(0)
+    length = varint(code[1]) if code else None
+    return bool(length) and code[0] in (0x00, 0x12) and length[0] == len(raw) - length[1] > 0
 
 
 def validate_swarm(m: MoEConfig) -> None:
@@ -418,6 +458,21 @@ def validate_swarm(m: MoEConfig) -> None:
     _check(
         bool(s.uid_prefix) and "." not in s.uid_prefix and s.uid_prefix.replace("_", "").replace("-", "").isalnum(),
         f"moe.swarm.uid_prefix={s.uid_prefix!r} must be one word of letters, digits, '_' or '-' (no dots), e.g. ffn",
+    )
+    _check(
+        s.max_reply_scale > 0 and math.isfinite(s.max_reply_scale),
+        f"moe.swarm.max_reply_scale={s.max_reply_scale} must be a positive number (1000: a "
+        "reply may be up to 1000x the largest value sent)",
+    )
+    for i, key in enumerate(s.trusted_keys):
+        _check(
+            re.fullmatch(r"[0-9a-f]{40}", key) is not None,
+            f"moe.swarm.trusted_keys[{i}]={key!r} is not a key fingerprint (40 hex digits, as "
+            "moe-join prints: signing key ...)",
+        )
+    _check(
+        not s.trusted_keys or s.require_signed,
+        "moe.swarm.trusted_keys needs moe.swarm.require_signed=true (keys sign the declarations)",
     )
     for i, addr in enumerate(s.initial_peers):
         why = check_multiaddr(addr)

@@ -60,6 +60,40 @@ class WrongDtypeExpert(nn.Module):
         return (x * self.w).double()
 
 
+class HugeExpert(nn.Module):
+    """A hostile peer: finite replies, 1e30 times the input (issue 16); counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.w * 1e30
+
+
+class _HugeGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1e30
+
+
+class HugeGradExpert(nn.Module):
+    """A hostile peer: an honest forward, an input gradient 1e30 times the one it was sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return _HugeGrad.apply(x) * self.w
+
+
 class SlowExpert(nn.Module):
     """A straggler: answers correctly, but only after ``delay`` seconds."""
 
@@ -162,6 +196,10 @@ def inproc():
         "dtype.0": WrongDtypeExpert(),
         "dtype.1": good[2],
         "slow.1": SwarmExpert(D, F_),  # its slow sibling slow.0 runs in a process of its own
+        "huge.0": HugeExpert(),
+        "huge.1": SwarmExpert(D, F_),
+        "biggrad.0": HugeGradExpert(),
+        "biggrad.1": SwarmExpert(D, F_),
     }
     local = {uid: m for uid, m in experts.items()}
     server = client = None
@@ -238,6 +276,39 @@ def test_invalid_replies_count_as_failed_and_never_reach_the_output(inproc, pref
     assert layer.routers[0].weight_ED.grad.abs().max() == 0  # one live expert: its weight is 1, constant
     with pytest.raises(ValueError, match="d_model"):
         layer(torch.randn(3, D + 1))
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_huge_finite_replies_are_refused_and_their_server_dropped_and_named(inproc):
+    """Issue 16: an expert answering 1e30 (forward), or sending back a 1e30 input gradient, was
+    accepted, and one volunteer stopped the run.  Now a reply over ``max_reply_scale`` times the
+    largest value sent is refused, and its server is named and never called again."""
+    server, client, local = inproc
+    torch.manual_seed(4)
+    peer = server.dht.peer_id.to_base58()
+    kw = dict(dht=client, grid_size=[2], k_best=2, k_min=1, **dict(FAST, timeout_after_k_min=10.0))
+    layer = SwarmMoE(D, uid_prefix="huge", **kw)
+    x = torch.randn(8, D, requires_grad=True)
+    with pytest.warns(UserWarning, match=f"dropped peer {peer}: it sent a bad reply for huge.0") as seen:
+        y, aux = layer(x)
+    assert len(seen) == 1 and "over 1000x the largest value sent" in str(seen[0].message)
+    assert set(aux.failed) == {"huge.0"} and "values up to" in aux.failed["huge.0"], aux.failed
+    torch.testing.assert_close(y, local["huge.1"](x.detach()), rtol=1e-4, atol=1e-5)  # the good expert alone
+    calls = server.modules["huge.0"].calls
+    y2, aux2 = layer(x)  # its server is dropped: neither of its experts is called again
+    assert server.modules["huge.0"].calls == calls and aux2.num_unserved == 8
+    assert all("was dropped" in why for why in aux2.failed.values()) and set(aux2.failed) == {"huge.0", "huge.1"}
+    assert torch.equal(y2, torch.zeros_like(y2)) and layer.peers.dropped[peer].startswith("huge.0: values up to")
+
+    grads = SwarmMoE(D, uid_prefix="biggrad", **kw)  # a fresh PeerBook
+    x = torch.randn(8, D, requires_grad=True)
+    y, aux = grads(x)
+    assert not aux.failed
+    with pytest.warns(UserWarning, match=f"dropped peer {peer}: it sent a bad reply for biggrad.0"):
+        y.pow(2).sum().backward()
+    assert set(aux.backward_failed) == {"biggrad.0"} and "over" in aux.backward_failed["biggrad.0"]
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 1e3  # the 1e30 gradient never reached the input
 
 
 @pytest.mark.network
@@ -444,17 +515,22 @@ class ScaledIdentity(nn.Module):
 
 
 @pytest.mark.network
-@pytest.mark.timeout(90)
-def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
-    """hivemind's expert records are unsigned: a later server declaring sig.1 takes it over
-    (beam search then calls it).  With ``require_signed`` the layer calls only servers with
-    a signed declaration of the uid: the impostor counts as failed, its reply never arrives."""
+@pytest.mark.timeout(120)
+def test_no_peer_can_take_over_or_shadow_an_honest_servers_uid():
+    """hivemind's expert records are unsigned and single-valued: a later server declaring sig.1
+    takes it over (beam search then calls it).  Issue 16: with ``require_signed`` the layer finds
+    experts through the signed declarations alone (one subkey per claimant: nobody shadows the
+    honest server's), keeps calling the server it first saw for a uid when an impostor signs a
+    claim of its own, calls only trusted keys when given them, and no peer can pin a record an
+    hour ahead: every peer of the run refuses expirations past the cap."""
+    from hivemind.utils import get_dht_time
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from moe.swarm.records import owner_key, record_validators
+    from moe.config import MAX_RECORD_LIFETIME
+    from moe.swarm.records import fingerprint, owner_key, record_validators
 
     torch.manual_seed(8)
-    key_honest = RSAPrivateKey()
+    key_honest, key_impostor = RSAPrivateKey(), RSAPrivateKey()
     honest_experts = {"sig.0": SwarmExpert(D, F_), "sig.1": SwarmExpert(D, F_)}
     reference = {u: _clone(m) for u, m in honest_experts.items()}
     honest = impostor = client = None
@@ -463,33 +539,54 @@ def test_require_signed_ignores_a_uid_hijacked_through_unsigned_records():
             honest_experts, D, sign_records=True, record_validators=record_validators("sig", key_honest)
         )
         client = start_dht(honest.maddrs, record_validators=record_validators("sig", RSAPrivateKey()))
-        impostor = ExpertServer(
-            {"sig.1": ScaledIdentity(5.0)},
-            D,
-            initial_peers=honest.maddrs,
-            record_validators=record_validators("sig", RSAPrivateKey()),
-        )
         x = torch.randn(6, D)
         kw = dict(dht=client, uid_prefix="sig", grid_size=[2], k_best=2, k_min=1, **PATIENT)
-
         with torch.no_grad():
-            plain = SwarmMoE(D, **kw)
-            y_plain, aux_plain = plain(x)
-            assert not aux_plain.failed  # the hijack works on unsigned records: sig.1 answered by the impostor
-            hijacked = [reference["sig.0"], ScaledIdentity(5.0)]
-            torch.testing.assert_close(
-                y_plain, _local_moe(x, plain.routers[0].weight_ED, hijacked), rtol=1e-4, atol=1e-5
+            tofu = SwarmMoE(D, require_signed=True, **kw)
+            y0, aux0 = tofu(x)  # sees the honest server first
+            assert not aux0.failed, aux0.failed
+            want = _local_moe(x, tofu.routers[0].weight_ED, [reference["sig.0"], reference["sig.1"]])
+            torch.testing.assert_close(y0, want, rtol=1e-4, atol=1e-5)
+
+            # the impostor declares sig.1 too: unsigned (hivemind's record) and signed with its own key
+            impostor = ExpertServer(
+                {"sig.1": ScaledIdentity(5.0)},
+                D,
+                initial_peers=honest.maddrs,
+                sign_records=True,
+                record_validators=record_validators("sig", key_impostor),
             )
-            layer = SwarmMoE(D, require_signed=True, trusted_owners=[owner_key(key_honest)], **kw)
-            y, aux = layer(x)
-            assert set(aux.failed) == {"sig.1"} and "signed" in aux.failed["sig.1"], aux.failed
-            torch.testing.assert_close(y, reference["sig.0"](x), rtol=1e-4, atol=1e-5)
-            assert not torch.allclose(y_plain, y)
+            plain = SwarmMoE(D, **kw)
+            plain.routers.load_state_dict(tofu.routers.state_dict())
+            y_plain, aux_plain = plain(x)
+            assert not aux_plain.failed  # unsigned records: sig.1 is answered by the impostor now
+            hijacked = _local_moe(x, tofu.routers[0].weight_ED, [reference["sig.0"], ScaledIdentity(5.0)])
+            torch.testing.assert_close(y_plain, hijacked, rtol=1e-4, atol=1e-5)
+
+            y1, aux1 = tofu(x)  # signed declarations: the honest one still stands, and was seen first
+            assert not aux1.failed, aux1.failed
+            torch.testing.assert_close(y1, want, rtol=1e-4, atol=1e-5)
+            assert tofu.peers.claimants["sig.1"] == fingerprint(owner_key(key_honest))
+
+            trusted = SwarmMoE(D, require_signed=True, trusted_owners=[fingerprint(owner_key(key_honest))], **kw)
+            trusted.routers.load_state_dict(tofu.routers.state_dict())
+            y2, aux2 = trusted(x)
+            assert not aux2.failed
+            torch.testing.assert_close(y2, want, rtol=1e-4, atol=1e-5)
+
+            theirs = SwarmMoE(D, require_signed=True, trusted_owners=[owner_key(key_impostor)], **kw)
+            _, aux3 = theirs(x)
+            assert set(aux3.failed) == {"sig.0"} and "not trusted" in aux3.failed["sig.0"], aux3.failed
 
             stranger = SwarmMoE(D, require_signed=True, trusted_owners=[owner_key(RSAPrivateKey())], **kw)
             y_none, aux_none = stranger(x)
             assert set(aux_none.failed) == {"sig.0", "sig.1"} and aux_none.num_unserved == 6
             assert torch.equal(y_none, torch.zeros_like(y_none))
+
+        # an hour ahead: every honest peer refuses it, whoever writes it
+        assert impostor.dht.store("sig.1", "pinned", get_dht_time() + 3600) is False
+        assert client.store("sig.1", "pinned", get_dht_time() + 3600) is False
+        assert client.store("sig.probe", "fine", get_dht_time() + MAX_RECORD_LIFETIME / 2) is True
     finally:
         if client is not None:
             shutdown_dht(client)
@@ -731,3 +828,52 @@ def test_exact_search_over_live_experts_matches_the_beam_search_and_brute_force(
             shutdown_dht(client)
         if server is not None:
             server.shutdown()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(180)
+def test_a_layer_whose_experts_all_fail_says_so_on_the_console_in_the_summary_and_the_dashboard(
+    tmp_path, tiny_data, capsys
+):
+    """Issue 16: with every server unsigned, training ran at `dropped 100.0%` and said nothing."""
+    import dataclasses
+
+    from moe.config import SwarmConfig
+    from moe.dash.data import collapses, read_run
+    from moe.training.loop import Trainer
+    from moe.training.report import format_summary
+    from tests.conftest import tiny_config
+
+    server = ExpertServer({u: SwarmExpert(D, F_) for u in grid_uids("dead", [2, 2])}, D, ready_timeout=60)  # unsigned
+    try:
+        c = tiny_config(tmp_path, steps=6)
+        swarm = SwarmConfig(
+            grid=[2, 2],
+            k_best=2,
+            uid_prefix="dead",
+            initial_peers=server.maddrs,
+            forward_timeout=15,
+            backward_timeout=15,
+            timeout_after_k_min=0.5,
+        )
+        moe = dataclasses.replace(
+            c.moe, name="hivemind", num_experts=4, top_k=2, dropless=True, jitter_eps=0.0, swarm=swarm
+        )
+        cfg = dataclasses.replace(
+            c,
+            model=dataclasses.replace(c.model, d_model=D, n_heads=2, d_ff=F_),
+            moe=moe,
+            logger=dataclasses.replace(c.logger, log_every=2),
+        )
+        with Trainer(cfg, data=tiny_data) as trainer:
+            result = trainer.fit()
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "WARNING: block 0 served no token at step 2: every assignment was dropped (100.0%)" in err
+    assert "no signed declaration" in err and "restart them without --unsigned" in err
+    assert err.count("WARNING: block 0 served no token") == 1  # loud once, not every log window
+    summary = format_summary(result)
+    assert "WARNING: block 0 served no token" in summary and "require_signed=false" in summary
+    flags = collapses(read_run(tmp_path))
+    assert {f["layer"] for f in flags} == {0, 1} and all("every token dropped" in f["reason"] for f in flags)

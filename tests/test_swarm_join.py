@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe.parallel.ports import free_port
+
 pytest.importorskip("hivemind")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,10 +81,21 @@ class Peer:
 # ---------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, before anything starts
 
+PEER = "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X"  # a well-formed peer id nobody has
 BAD = [
     (["--initial-peers", "127.0.0.1:31337"], "--initial-peers '127.0.0.1:31337': not a multiaddr"),
     (["--initial-peers", "/ip4/127.0.0.1/tcp/31337"], "no /p2p/<peer id> part"),
     (["--initial-peers", "/ip4/999.0.0.1/tcp/1/p2p/QmAbc"], "not an IPv4 address"),
+    # addresses that parse but lead nowhere (issue 16): one line each, no traceback
+    (["--initial-peers", "/ip4/127.0.0.1/tcp/45999/p2p/QmAbcdef123"], "QmAbcdef123 is not a peer id"),
+    (
+        ["--initial-peers", f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER}", "--start-timeout", "30"],
+        "failed to connect to bootstrap peers; check that a peer is running there",
+    ),
+    (
+        ["--initial-peers", f"/ip4/127.0.0.1/udp/{free_port()}/quic/p2p/{PEER}", "--start-timeout", "30"],
+        "give a peer's /tcp/ address",
+    ),
     (["--serve", "65"], "--serve 65: the grid 8x8 has 64 experts"),
     (["--serve", "5", "--grid", "2", "2"], "--serve 5: the grid 2x2 has 4 experts"),
     (["--serve", "4", "--first", "62"], "(2 from --first 62)"),
@@ -345,6 +358,77 @@ def test_swarm_local_trains_and_stops_cleanly(tmp_path):
     for name in ("root", "server0", "server1", "trainer0", "trainer1"):
         assert "moe-join: leaving the swarm" in (out / "peers" / f"{name}.log").read_text()
     assert "moe-join: serving 8 experts" in (out / "peers" / "server0.log").read_text()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_joiner_or_a_trainer_of_another_shape_is_refused_with_the_values(tmp_path, tiny_data):
+    """Issue 16: `moe-join --d-model 32` joined a d_model 16 run and failed every call in
+    silence; `--grid 4 4` served uids outside the run's 2x2 grid.  Every member states the run's
+    shape, signed; a joiner (or a trainer) of another shape is refused with one line."""
+    import dataclasses
+
+    from moe.config import ConfigError, SwarmConfig
+    from moe.training.loop import Trainer
+    from tests.conftest import tiny_config
+
+    first = Peer(
+        [
+            "--serve",
+            "4",
+            "--grid",
+            "2",
+            "2",
+            "--d-model",
+            "16",
+            "--d-ff",
+            "32",
+            "--update-period",
+            "2",
+            "--expiration",
+            "6",
+        ]
+    )
+    try:
+        addr = first.wait_line("moe-join: address ").split()[-1]
+        first.wait_line("moe-join: serving 4 experts")
+        key = first.lines[1].split()[3] if first.lines[1].startswith("moe-join: signing key") else None
+        assert key is not None and len(key) == 40, first.lines
+        for flags, theirs in (
+            (["--d-model", "32", "--d-ff", "32", "--grid", "2", "2"], "d_model 32"),
+            (["--d-model", "16", "--d-ff", "32", "--grid", "4", "4"], "grid 4x4"),
+        ):
+            p = subprocess.run(
+                [*JOIN, "--initial-peers", addr, "--serve", "1", *flags],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+            assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr[-2000:])
+            assert "d_model 16, expert d_ff 32, grid 2x2" in lines[0] and theirs in lines[0], lines[0]
+            assert (
+                f"declared by key {key[:12]}" in lines[0]
+                and "join with the run's --d-model, --d-ff and --grid" in lines[0]
+            ), lines[0]
+            assert "moe-join: serving" not in p.stdout  # nothing served
+        # a trainer of another width: the one-line ConfigError before training
+        c = tiny_config(tmp_path, steps=6)
+        swarm = SwarmConfig(grid=[2, 2], k_best=2, initial_peers=[addr], forward_timeout=15, backward_timeout=15)
+        moe = dataclasses.replace(
+            c.moe, name="hivemind", num_experts=4, top_k=2, dropless=True, jitter_eps=0.0, swarm=swarm
+        )
+        wrong = dataclasses.replace(c, model=dataclasses.replace(c.model, d_model=32, n_heads=2, d_ff=32), moe=moe)
+        with pytest.raises(
+            ConfigError,
+            match=r"moe\.swarm: the swarm's run ffn has d_model 16, expert d_ff 32, grid 2x2 .*peer has d_model 32,",
+        ) as e:
+            Trainer(wrong, data=tiny_data)
+        assert "\n" not in str(e.value)
+    finally:
+        first.stop()
 
 
 # ---------------------------------------------------------------------------------------------

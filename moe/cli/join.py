@@ -36,7 +36,7 @@ import threading
 import time
 
 from moe.cli.config import compose
-from moe.config import ConfigError, check_multiaddr
+from moe.config import MAX_RECORD_LIFETIME, ConfigError, check_multiaddr
 
 EPILOG = (
     "Roles: a DHT peer (always), an expert server (--serve N), a collaborative trainer peer "
@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsigned",
         action="store_true",
         help="do not sign expert declarations (trainers with moe.swarm.require_signed=true will not use them)",
+    )
+    p.add_argument(
+        "--identity",
+        default=None,
+        metavar="FILE",
+        help="file of this peer's signing key, made there if missing: the same key (fingerprint) at every start, "
+        "so trainers can list it in moe.swarm.trusted_keys (default: a new key each start)",
     )
     p.add_argument(
         "--update-period", type=float, default=15.0, help="seconds between re-declarations of the experts (default 15)"
@@ -240,6 +247,11 @@ def check_args(a: argparse.Namespace) -> None:
             f"--expiration {a.expiration} < --update-period {a.update_period}: the experts would "
             "vanish between declarations; make --expiration at least the period (2x is safe)"
         )
+    if a.expiration > MAX_RECORD_LIFETIME:
+        _fail(
+            f"--expiration {a.expiration:g}: the run's peers refuse records that live more than "
+            f"{MAX_RECORD_LIFETIME:g} s (so no peer can pin a declaration); lower it"
+        )
     a.train_config = None
     if not a.train:
         if a.overrides:
@@ -352,6 +364,7 @@ def options(a: argparse.Namespace):
         load_state_timeout=a.load_state_timeout,
         data_seed=a.data_seed,
         out=a.out,
+        identity=a.identity,
     )
 
 
@@ -359,6 +372,11 @@ def announce(v, a: argparse.Namespace, out) -> None:
     """Who this peer is, what it runs, and the lines other machines run to join it."""
     maddrs = v.maddrs
     print(f"moe-join: peer id {v.dht.peer_id.to_base58()}", file=out)
+    print(
+        f"moe-join: signing key {v.fingerprint} (a trainer that trusts only its own servers lists it in "
+        "moe.swarm.trusted_keys; --identity FILE keeps it across restarts)",
+        file=out,
+    )
     for m in maddrs:
         print(f"moe-join: address {m}", file=out)
     if v.server is not None:
@@ -487,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     check_args(a)
     import torch
 
-    from moe.swarm.peer import NotEnoughFreeExperts, Volunteer
+    from moe.swarm.dht import SwarmConnectError
+    from moe.swarm.peer import NotEnoughFreeExperts, ShapeMismatch, Volunteer
 
     torch.set_num_threads(1)
     if a.seed is not None:
@@ -499,6 +518,10 @@ def main(argv: list[str] | None = None) -> None:
             volunteer = Volunteer(options(a))
         except NotEnoughFreeExperts as e:
             _fail(str(e), code=1)
+        except ShapeMismatch as e:  # another run's shape: refused before serving anything
+            _fail(str(e))
+        except SwarmConnectError as e:  # an address that parses but leads nowhere
+            _fail(str(e))
         announce(volunteer, a, out)
         run(volunteer, a, _stop_on_signals(), out)
         print("moe-join: leaving the swarm", file=out, flush=True)

@@ -9,7 +9,9 @@ Collapse, as flagged: in the latest logged window of a layer, one expert takes m
 of the tokens (``max_frac > 0.5``, only meaningful with more than two experts), or the
 coefficient of variation of the per-expert load is above ``cv_threshold`` (default 1.0: the
 load's spread is as large as its mean).  Both are read from the same ``moe/layer_<i>/...``
-telemetry the console and W&B show.
+telemetry the console and W&B show.  Worse than a collapse, and flagged the same way: a layer
+that dropped every token (``dropped_frac`` >= 0.999; with ``moe=hivemind``, every expert call
+failed).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SERIES_KEYS = (
 )
 _LAYER = re.compile(r"^moe/layer_(\d+)/(.+)$")
 RUNNING_IF_WRITTEN_WITHIN_S = 120.0
+DEAD_LAYER_DROPPED = 0.999  # a layer that dropped this much of its assignments served (about) no token
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -179,6 +182,16 @@ def collapses(run: dict, cv_threshold: float = 1.0) -> list[dict]:
             continue
         E = len(L["frac"][-1])
         max_frac, cv = L["max_frac"][-1], L["cv"][-1]
+        dropped = L["dropped_frac"][-1]
+        if isinstance(dropped, (int, float)) and dropped >= DEAD_LAYER_DROPPED:  # worse than a collapse: nothing served
+            since = L["steps"][-1]
+            for s, d in zip(reversed(L["steps"]), reversed(L["dropped_frac"])):
+                if not (isinstance(d, (int, float)) and d >= DEAD_LAYER_DROPPED):
+                    break
+                since = s
+            reason = f"every token dropped ({100 * dropped:.0f}%): no expert served this layer"
+            out.append({"run": run["name"], "layer": int(i), "step": L["steps"][-1], "since": since, "reason": reason})
+            continue
         reasons = []
         if E > 2 and max_frac > 0.5:
             reasons.append(f"one expert takes {100 * max_frac:.0f}% of the tokens")

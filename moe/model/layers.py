@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moe.config import MoEConfig
+from moe.config import ModelConfig, MoEConfig
 from moe.model.dispatch import LocalDispatcher, TokenDispatcher
 from moe.model.experts import GroupedExperts, activation_fn, small_init_
 from moe.model.routing import Routing, base_route, gshard_route, switch_route, topk_route
@@ -217,13 +217,13 @@ class ExpertLayer:
     Attributes:
         build: ``build(d_model, d_ff, moe, *, activation, context) -> nn.Module``, the FFN of a
             sparse block (``context`` a :class:`LayerContext`).
-        start_runtime: ``start_runtime(moe) -> runtime`` for a layer whose blocks share a
+        start_runtime: ``start_runtime(moe, model) -> runtime`` for a layer whose blocks share a
             resource that must be started before the model is built and closed after the run
             (the runtime has ``close()``); None: nothing to start.
     """
 
     build: Callable[..., nn.Module]
-    start_runtime: Callable[[MoEConfig], Any] | None = None
+    start_runtime: Callable[[MoEConfig, ModelConfig], Any] | None = None
 
 
 ENTRY_POINT_GROUP = "moe.expert_layers"  # distributions register layers here: name = "module:ExpertLayer object"
@@ -256,11 +256,11 @@ def expert_layer_names() -> list[str]:
     return sorted({*_EXPERT_LAYERS, *(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))})
 
 
-def start_runtime(moe: MoEConfig) -> Any:
+def start_runtime(moe: MoEConfig, model: ModelConfig) -> Any:
     """Start what ``moe.name``'s blocks share (its :attr:`ExpertLayer.start_runtime`); None for
     a layer that needs nothing.  The caller closes what it gets (``close()``)."""
     start = expert_layer(moe.name).start_runtime
-    return start(moe) if start is not None else None
+    return start(moe, model) if start is not None else None
 
 
 def build_ffn(

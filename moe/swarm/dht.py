@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing.util
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 from hivemind import DHT
@@ -43,17 +44,38 @@ def start_dht(
 ) -> DHT:
     """A running DHT peer with safe defaults: loopback, no NAT port mapping, no auto-NAT.
 
-    ``kwargs`` go to ``hivemind.DHT`` (and from there to ``DHTNode`` and ``P2P.create``).
+    ``kwargs`` go to ``hivemind.DHT`` (and from there to ``DHTNode`` and ``P2P.create``).  A peer
+    that cannot start or reach ``initial_peers`` (nothing listens there, an address the p2p
+    daemon cannot dial) is a one-line :class:`SwarmConnectError`.
     """
     prepare_to_fork()
-    return DHT(
-        initial_peers=list(initial_peers),
-        start=True,
-        host_maddrs=list(host_maddrs),
-        nat_port_map=nat_port_map,
-        auto_nat=auto_nat,
-        **kwargs,
-    )
+    peers = list(initial_peers)
+    try:
+        return DHT(
+            initial_peers=peers,
+            start=True,
+            host_maddrs=list(host_maddrs),
+            nat_port_map=nat_port_map,
+            auto_nat=auto_nat,
+            **kwargs,
+        )
+    except Exception as e:
+        raise SwarmConnectError.from_error(e, peers, list(host_maddrs)) from None
+
+
+class SwarmConnectError(RuntimeError):
+    """This peer could not join the swarm (or start its DHT peer); the message is one line."""
+
+    @classmethod
+    def from_error(cls, e: BaseException, initial_peers: list[str], host_maddrs: list[str]) -> SwarmConnectError:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = re.sub(r"^Daemon failed to start: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", why)  # the p2p daemon's stamp
+        if not initial_peers:
+            return cls(f"could not start a DHT peer listening on {', '.join(host_maddrs)}: {why}")
+        hint = "check that a peer is running there (moe-join prints its address) and that the port is reachable"
+        if any("/quic" in a for a in initial_peers):
+            hint += "; give a peer's /tcp/ address (the ones moe-join prints): QUIC is not dialled here"
+        return cls(f"could not join the swarm through {', '.join(initial_peers)}: {why}; {hint}")
 
 
 def shutdown_dht(dht: DHT, timeout: float = 5.0) -> None:

@@ -12,13 +12,24 @@ per dimension after the first, the records hivemind's beam search reads) and tak
 token's exact top k among them in one tensor op; hivemind's per-token beam search (a Python
 loop per token, most of the layer's time over loopback, and approximate when experts are
 missing) is the fallback for 1-D grids and for more token x expert pairs than
-``EXACT_SEARCH_MAX_PAIRS``.  Each chosen expert gets one batched request with all its rows;
-the layer waits until every token has ``k_min`` replies (or all it asked for), then at most
+``EXACT_SEARCH_MAX_PAIRS``.
+
+With ``require_signed`` (the default in configs) the experts are found through the signed
+declarations alone (``moe.swarm.records``: one subkey per claimant, so no peer can shadow
+another's), always by the exact search; a uid several keys claim is called at the server first
+seen for it (trust on first use), or only at servers whose keys the run trusts
+(``trusted_owners``).
+
+Each chosen expert gets one batched request with all its rows; the layer waits until every
+token has ``k_min`` replies (or all it asked for), then at most
 ``timeout_after_k_min`` more, and never longer than ``forward_timeout``.  An expert that
 errs, times out, or replies with the wrong shape or dtype or with NaN/inf is a failed
 expert: it is masked out of the token's softmax (weight exactly 0, no gradient, no backward
-request) and its reply never reaches the model.  A token none of whose experts replied gets
-zero from the layer and passes through the block's residual.
+request) and its reply never reaches the model.  A reply (or an input gradient) whose largest
+value is more than ``max_reply_scale`` times the largest value sent is refused too, and a peer
+that sends any bad reply (wrong shape or dtype, NaN/inf, out of bounds) is dropped: named in a
+warning, its experts not called again in this run (:class:`PeerBook`).  A token none of whose
+experts replied gets zero from the layer and passes through the block's residual.
 
 The call path is our own (hivemind's ``expert_forward`` / ``expert_backward`` RPCs and its
 beam search), not ``RemoteMixtureOfExperts``: that one sends one request per (sample,
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -45,12 +57,20 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.beam_search import MoEBeamSearcher
 from hivemind.moe.client.expert import expert_backward, expert_forward, get_server_stub
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import PeerID
 from torch.autograd.function import once_differentiable
 
-from moe.config import ConfigError, MoEConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.model.layers import ExpertLayer, LayerAux, LayerContext, Router, register_expert_layer
-from moe.swarm.dht import shutdown_dht, start_dht
-from moe.swarm.records import get_signed_experts, record_validators
+from moe.swarm.dht import SwarmConnectError, shutdown_dht, start_dht
+from moe.swarm.records import (
+    RunShape,
+    SignedDeclarer,
+    fingerprint,
+    get_signed_experts,
+    record_validators,
+    shape_mismatch,
+)
 from moe.swarm.uids import check_prefix, uid_coords
 
 _SEARCH_BYTES = 12 * 1024  # grid scores per beam-search command (float32), well under 16 KiB pickled
@@ -63,8 +83,9 @@ EXACT_SEARCH_MAX_PAIRS = 1 << 22
 class SwarmAux(LayerAux):
     """``LayerAux`` plus what the swarm did in this forward.
 
-    ``counts_E`` covers the whole grid, row-major (E = prod(grid_size)); ``num_dropped``
-    counts the assignments lost to failed experts.
+    ``counts_E`` covers the whole grid, row-major (E = prod(grid_size)); ``num_routed`` is the
+    assignments the tokens asked for (T x k_best) and ``num_dropped`` those no expert served:
+    lost to failed experts, or never found (no live expert to choose).
     """
 
     expert_idx_TK: torch.Tensor = None  # long, flat grid index of each choice, -1 where beam search found fewer than K
@@ -111,6 +132,46 @@ def grid_z_loss(scores: Sequence[torch.Tensor]) -> torch.Tensor:
     return lse_T.pow(2).mean() if lse_T.numel() else lse_T.sum()
 
 
+class PeerBook:
+    """What the layers of a model learn about the swarm's servers, shared by every block (they
+    all call the same grid): the key each uid was first seen declared by (trust on first use:
+    a later claimant of the uid is not called while the first one keeps declaring it), and the
+    peers dropped for a bad reply (never called again in this run)."""
+
+    def __init__(self) -> None:
+        self.claimants: dict[str, str] = {}  # uid -> fingerprint of the key first seen declaring it
+        self.dropped: dict[str, str] = {}  # server peer id (base58) -> why
+
+    def choose(self, uid: str, claims: list[tuple[str, str]]) -> tuple[str, str]:
+        """The (key fingerprint, server peer id) to call ``uid`` at, among acceptable ``claims``."""
+        first = self.claimants.get(uid)
+        for fp, peer in claims:
+            if fp == first:
+                return fp, peer
+        fp, peer = min(claims)
+        self.claimants[uid] = fp
+        return fp, peer
+
+    def drop(self, peer: str, uid: str, why: str) -> None:
+        """Stop calling ``peer``: it sent a bad reply for ``uid``."""
+        if peer in self.dropped:
+            return
+        self.dropped[peer] = f"{uid}: {why}"
+        warnings.warn(
+            f"moe=hivemind: dropped peer {peer}: it sent a bad reply for {uid} ({why}); "
+            "none of its experts is called again in this run",
+            stacklevel=2,
+        )
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An expert to call: its uid and the server's peer id (what hivemind's ``ExpertInfo`` holds)."""
+
+    uid: str
+    peer_id: object
+
+
 class SwarmMoE(nn.Module):
     """MoE layer over remote experts on a product-key grid (``moe=hivemind``).
 
@@ -127,13 +188,17 @@ class SwarmMoE(nn.Module):
         backward_timeout: seconds a backward waits for expert gradients at most; an expert
             that does not answer in time passes no gradient back to the input.
         jitter_eps, init_scale, router_dtype: as ``moe.model.layers.Router`` (one per grid dim).
-        require_signed: call an expert only if its server holds a signed declaration for
-            its uid (``moe.swarm.records``; servers with ``sign_records=True``): hivemind's
-            beam-search records are unsigned, so any peer can point a uid at itself.  A
-            beam-search hit without one counts as failed.  The layer's DHT needs the run's
-            ``record_validators`` to check signatures on what it reads.
-        trusted_owners: with ``require_signed``, accept only declarations signed by these
-            keys (``moe.swarm.records.owner_key``); None: any signed declaration.
+        require_signed: find and call experts through their signed declarations only
+            (``moe.swarm.records``; servers with ``sign_records=True``), one subkey per claimant,
+            so no peer can point another's uid at itself: hivemind's beam-search records are
+            unsigned and single-valued.  The layer's DHT needs the run's ``record_validators``
+            to check signatures on what it reads.
+        trusted_owners: with ``require_signed``, call only servers whose declarations are
+            signed by these keys (``moe.swarm.records.owner_key`` bytes, or their
+            ``fingerprint`` strings); None: any signed declaration, the first seen per uid.
+        max_reply_scale: a reply, or an input gradient, whose largest value is more than this
+            many times the largest value sent (at least 1e-3) is refused and its server dropped.
+        peers: the :class:`PeerBook` shared with the model's other blocks (default: its own).
 
     ``forward(x)`` maps ``(..., D) -> ((..., D), SwarmAux)``, like the other expert layers.
     """
@@ -154,7 +219,9 @@ class SwarmMoE(nn.Module):
         init_scale: float = 0.1,
         router_dtype: torch.dtype = torch.float32,
         require_signed: bool = False,
-        trusted_owners: Sequence[bytes] | None = None,
+        trusted_owners: Sequence[bytes | str] | None = None,
+        max_reply_scale: float = 1000.0,
+        peers: PeerBook | None = None,
     ):
         super().__init__()
         if k_best < 1 or not 1 <= k_min <= k_best:
@@ -179,7 +246,15 @@ class SwarmMoE(nn.Module):
         )
         self.beam_search = MoEBeamSearcher(dht, self.prefix + ".", self.grid_size)
         self.require_signed = require_signed
-        self.trusted_owners = None if trusted_owners is None else frozenset(trusted_owners)
+        self.trusted = (
+            None
+            if trusted_owners is None
+            else frozenset(o if isinstance(o, str) else fingerprint(o) for o in trusted_owners)
+        )
+        if not max_reply_scale > 0:
+            raise ValueError(f"max_reply_scale must be > 0, got {max_reply_scale}")
+        self.max_reply_scale = max_reply_scale
+        self.peers = peers if peers is not None else PeerBook()
 
     def _search(self, grid_scores, k: int):
         """Beam search on the DHT process; a future of, per token, up to k ``ExpertInfo``.
@@ -236,33 +311,100 @@ class SwarmMoE(nn.Module):
         a beam search is approximate, and one tensor op for all tokens instead of a Python
         beam per token."""
         flat = torch.tensor(sorted(live), dtype=torch.long)
-        total = torch.zeros(scores[0].shape[0], len(flat), dtype=torch.float32)
-        rest = flat.clone()
+        coords, rest = [], flat.clone()
         for d in reversed(range(len(self.grid_size))):
-            total += scores[d].detach().float().cpu()[:, rest % self.grid_size[d]]
+            coords.insert(0, rest % self.grid_size[d])
             rest = rest // self.grid_size[d]
-        top = total.topk(min(k, len(flat)), dim=1).indices
+        cpu = [s.detach().float().cpu() for s in scores]
+        T = cpu[0].shape[0]
+        chunk = max(1, EXACT_SEARCH_MAX_PAIRS // len(flat))  # tokens scored at once: memory stays bounded
         infos = [live[int(f)] for f in flat]
-        return [[infos[j] for j in row] for row in top.tolist()]
+        rows: list[list] = []
+        for t0 in range(0, T, chunk):
+            total = sum(s[t0 : t0 + chunk][:, c] for s, c in zip(cpu, coords))  # (tokens, live experts)
+            top = total.topk(min(k, len(flat)), dim=1).indices
+            rows += [[infos[j] for j in row] for row in top.tolist()]
+        return rows
 
-    def _drop_unsigned(self, calls: dict[str, _ExpertCall]) -> dict[str, str]:
-        """Remove (and report) the calls whose server holds no acceptable signed declaration."""
+    def _in_grid(self, uid: str) -> tuple[int, ...] | None:
+        """The grid coordinates of ``uid``, or None when it is not an expert of this grid."""
         try:
-            claims = get_signed_experts(self.dht, self.prefix, timeout=self.forward_timeout)
-        except Exception as exc:  # cannot check: call nobody this step
-            claims, why = {}, f"signed records unavailable: {type(exc).__name__}: {exc}"[:300]
-        else:
-            why = "no signed declaration of this uid by this server"
-        rejected = {}
-        for uid, call in list(calls.items()):
-            peer = call.peer_id.to_base58()
-            if not any(
-                p == peer and (self.trusted_owners is None or owner in self.trusted_owners)
-                for owner, p in claims.get(uid, [])
-            ):
-                rejected[uid] = why
-                del calls[uid]
-        return rejected
+            coords = uid_coords(uid, self.prefix)
+        except ValueError:
+            return None
+        if len(coords) != len(self.grid_size) or any(not 0 <= c < g for c, g in zip(coords, self.grid_size)):
+            return None
+        return coords
+
+    def signed_experts(self) -> tuple[dict[int, _Found], dict[str, str]]:
+        """The experts to call, from the signed declarations: flat index -> (uid, server), each
+        uid at a trusted server (``trusted_owners``) or at the one first seen for it; and why
+        declared experts cannot be called (uid -> why)."""
+        claims = get_signed_experts(self.dht, self.prefix, timeout=self.forward_timeout)
+        live: dict[int, _Found] = {}
+        unusable: dict[str, str] = {}
+        for uid, declared in claims.items():
+            coords = self._in_grid(uid)
+            if coords is None:
+                continue  # a record outside our grid: never call it
+            ok = [
+                (fingerprint(owner), peer)
+                for owner, peer in declared
+                if self.trusted is None or fingerprint(owner) in self.trusted
+            ]
+            if not ok:
+                unusable[uid] = "declared by keys that are not trusted (moe.swarm.trusted_keys)"
+                continue
+            _, peer = self.peers.choose(uid, ok)
+            if peer in self.peers.dropped:
+                unusable[uid] = f"its server {peer} was dropped ({self.peers.dropped[peer]})"
+                continue
+            live[self.flat_index(coords)] = _Found(uid, PeerID.from_base58(peer))
+        return live, unusable
+
+    def _nothing_signed(self) -> str:
+        """Why the signed search found nothing to call (one more lookup, only then)."""
+        try:
+            unsigned = self.live_experts(self.forward_timeout) if len(self.grid_size) >= 2 else {}
+        except Exception:
+            unsigned = {}
+        if unsigned:
+            return f"no signed declaration of any expert of the grid ({len(unsigned)} declared unsigned)"
+        return "no expert of the grid is declared on the DHT"
+
+    def _unsigned_search(self, scores: list[torch.Tensor], T: int, K: int) -> tuple[list[list], dict[str, str]]:
+        """``require_signed=False``: hivemind's unsigned records (any peer can point a uid at
+        itself): the exact search over the declared experts on grids of 2+ dimensions, else (or
+        past ``EXACT_SEARCH_MAX_PAIRS``) hivemind's beam search."""
+        search_failed: dict[str, str] = {}
+        live = None
+        if len(self.grid_size) >= 2:
+            try:
+                live = self.live_experts(self.forward_timeout)
+            except Exception:  # the index is unreadable: the beam search below tries the DHT itself
+                live = None
+            if live is not None and T * len(live) > EXACT_SEARCH_MAX_PAIRS:
+                live = None
+        if live is not None:
+            if not live:
+                search_failed["<beam search>"] = "no expert of the grid is declared on the DHT"
+                return [[] for _ in range(T)], search_failed
+            return self._exact_search(scores, K, live), search_failed
+        np_scores = [s.detach().float().cpu().numpy() for s in scores]
+        # one DHT command per chunk of tokens, each pickled under 16 KiB: multiprocessing
+        # sends a bigger message in two writes, and hivemind's DHT process reads its
+        # (non-blocking) command pipe so that the second part fails and the DHT dies
+        step = max(1, _SEARCH_BYTES // (4 * sum(self.grid_size)))
+        pendings = [self._search([a[t0 : t0 + step] for a in np_scores], K) for t0 in range(0, T, step)]
+        deadline = time.monotonic() + self.forward_timeout
+        try:
+            found = [row for p in pendings for row in p.result(timeout=max(0.0, deadline - time.monotonic()))]
+        except Exception as exc:  # DHT unreachable or too slow: every token unserved this step
+            for p in pendings:
+                p.cancel()
+            found = [[] for _ in range(T)]
+            search_failed["<beam search>"] = f"{type(exc).__name__}: {exc}"[:300]
+        return found, search_failed
 
     def flat_index(self, coords: Sequence[int]) -> int:
         """Row-major grid index of expert coordinates."""
@@ -280,53 +422,35 @@ class SwarmMoE(nn.Module):
         scores = [r(x_TD) for r in self.routers]  # (T, G_d) each, fp32 (or router_dtype)
         expert_idx_TK = torch.full((T, K), -1, dtype=torch.long)
         calls: dict[str, _ExpertCall] = {}
-        search_failed = {}
-        live = None
-        if T and len(self.grid_size) >= 2:
+        search_failed: dict[str, str] = {}
+        found: list[list] = [[] for _ in range(T)]
+        if T and self.require_signed:
             try:
-                live = self.live_experts(self.forward_timeout)
-            except Exception:  # the index is unreadable: the beam search below tries the DHT itself
-                live = None
-            if live is not None and T * len(live) > EXACT_SEARCH_MAX_PAIRS:
-                live = None
-        if T and live is not None:
-            found = self._exact_search(scores, K, live) if live else [[] for _ in range(T)]
-            if not live:
-                search_failed["<beam search>"] = "no expert of the grid is declared on the DHT"
+                live, search_failed = self.signed_experts()
+            except Exception as exc:  # the records are unreadable: every token unserved this step
+                live, search_failed = {}, {"<signed search>": f"{type(exc).__name__}: {exc}"[:300]}
+            if live:
+                found = self._exact_search(scores, K, live)
+            elif not search_failed:
+                search_failed["<signed search>"] = self._nothing_signed()
         elif T:
-            np_scores = [s.detach().float().cpu().numpy() for s in scores]
-            # one DHT command per chunk of tokens, each pickled under 16 KiB: multiprocessing
-            # sends a bigger message in two writes, and hivemind's DHT process reads its
-            # (non-blocking) command pipe so that the second part fails and the DHT dies
-            step = max(1, _SEARCH_BYTES // (4 * sum(self.grid_size)))
-            pendings = [self._search([a[t0 : t0 + step] for a in np_scores], K) for t0 in range(0, T, step)]
-            deadline = time.monotonic() + self.forward_timeout
-            try:
-                found = [row for p in pendings for row in p.result(timeout=max(0.0, deadline - time.monotonic()))]
-            except Exception as exc:  # DHT unreachable or too slow: every token unserved this step
-                for p in pendings:
-                    p.cancel()
-                found = [[] for _ in range(T)]
-                search_failed["<beam search>"] = f"{type(exc).__name__}: {exc}"[:300]
+            found, search_failed = self._unsigned_search(scores, T, K)
         if T:  # the chosen experts, one call each
             for t, row in enumerate(found):
                 for j, expert in enumerate(row[:K]):
                     call = calls.get(expert.uid)
                     if call is None:
-                        try:
-                            coords = uid_coords(expert.uid, self.prefix)
-                        except ValueError:
-                            continue
-                        if len(coords) != len(self.grid_size) or any(
-                            not 0 <= c < g for c, g in zip(coords, self.grid_size)
-                        ):
+                        coords = self._in_grid(expert.uid)
+                        if coords is None:
                             continue  # a record outside our grid: never call it
+                        peer = expert.peer_id.to_base58()
+                        if peer in self.peers.dropped:
+                            search_failed[expert.uid] = f"its server was dropped ({self.peers.dropped[peer]})"
+                            continue
                         call = calls[expert.uid] = _ExpertCall(expert.uid, expert.peer_id, self.flat_index(coords))
                     call.rows.append(t)
                     call.slots.append(j)
                     expert_idx_TK[t, j] = call.flat
-        if self.require_signed and calls:
-            search_failed.update(self._drop_unsigned(calls))
         p2p = (
             RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p()) if calls else None
         )  # cached per process by the DHT
@@ -340,6 +464,8 @@ class SwarmMoE(nn.Module):
             self.timeout_after_k_min,
             self.backward_timeout,
             p2p,
+            self.max_reply_scale,
+            self.peers,
         )
         state.failed.update(search_failed)
         # the empty leaf makes autograd run our backward (the experts' training step on their
@@ -364,8 +490,8 @@ class SwarmMoE(nn.Module):
             aux_loss=grid_balance_loss(scores, expert_idx_TK, self.grid_size),
             z_loss=grid_z_loss(scores),
             counts_E=counts_E,
-            num_dropped=(chosen_TK & ~alive_TK.cpu()).sum().float(),
-            num_routed=chosen_TK.sum().float(),
+            num_dropped=float(T * K) - alive_TK.sum().float().cpu(),  # lost to failed experts, or never found
+            num_routed=torch.tensor(float(T * K)),  # the assignments the tokens asked for
             expert_idx_TK=expert_idx_TK,
             alive_TK=alive_TK.detach().cpu(),
             failed=dict(state.failed),
@@ -398,12 +524,15 @@ class _CallState:
     timeout_after_k_min: float
     backward_timeout: float
     p2p: object  # hivemind P2P replica of the layer's DHT
+    max_reply_scale: float
+    peers: PeerBook
     failed: dict[str, str] = field(default_factory=dict)
     backward_failed: dict[str, str] = field(default_factory=dict)
 
 
-def _check_reply(reply, rows: int, d_model: int) -> str | None:
-    """Why a reply is unusable, or None: exactly one float32 (rows, D) tensor, all finite."""
+def _check_reply(reply, rows: int, d_model: int, sent_max: float, max_scale: float) -> str | None:
+    """Why a reply is unusable, or None: exactly one float32 (rows, D) tensor, all finite, its
+    largest value at most ``max_scale`` times the largest value sent (at least 1e-3)."""
     if not isinstance(reply, (list, tuple)) or len(reply) != 1 or not isinstance(reply[0], torch.Tensor):
         n = len(reply) if isinstance(reply, (list, tuple)) else "?"
         return f"expected one tensor, got {type(reply).__name__} of {n}"
@@ -414,6 +543,10 @@ def _check_reply(reply, rows: int, d_model: int) -> str | None:
         return f"wrong dtype {t.dtype}, expected torch.float32"
     if not bool(torch.isfinite(t).all()):
         return "non-finite values (NaN/inf)"
+    limit = max_scale * max(sent_max, 1e-3)
+    biggest = float(t.abs().max()) if t.numel() else 0.0
+    if biggest > limit:
+        return f"values up to {biggest:.3g}, over {max_scale:g}x the largest value sent ({sent_max:.3g})"
     return None
 
 
@@ -425,10 +558,13 @@ def _gather_replies(
     d_model: int,
     timeout: float,
     after_k_min: float,
+    sent_max: list[float],
+    state: _CallState,
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Wait for replies: until every token has ``need_T`` valid ones (then ``after_k_min`` more
     seconds for stragglers) or ``timeout`` seconds in all.  Returns valid replies and failure
-    reasons by call index; calls still pending at the end are cancelled and count as failed."""
+    reasons by call index; calls still pending at the end are cancelled and count as failed.
+    A reply that arrives but is bad (``_check_reply``) drops its server (``state.peers``)."""
     ok: dict[int, torch.Tensor] = {}
     bad: dict[int, str] = {}
     got_T = torch.zeros(T, dtype=torch.long)
@@ -451,9 +587,10 @@ def _gather_replies(
             if exc is not None:
                 bad[i] = f"{type(exc).__name__}: {exc}"[:300]
                 continue
-            reason = _check_reply(fut.result(), rows, d_model)
+            reason = _check_reply(fut.result(), rows, d_model, sent_max[i], state.max_reply_scale)
             if reason is not None:
                 bad[i] = reason
+                state.peers.drop(calls[i].peer_id.to_base58(), calls[i].uid, reason)
                 continue
             ok[i] = fut.result()[0]
             got_T[torch.tensor(calls[i].rows)] += 1
@@ -489,7 +626,10 @@ class _SwarmCall(torch.autograd.Function):
         for call in state.calls:
             need_T[torch.tensor(call.rows)] += 1
         need_T = need_T.clamp_max(state.k_min)
-        ok, bad = _gather_replies(tasks, state.calls, T, need_T, D, state.forward_timeout, state.timeout_after_k_min)
+        sent_max = [float(x_TD[torch.tensor(c.rows)].abs().max()) for c in state.calls]
+        ok, bad = _gather_replies(
+            tasks, state.calls, T, need_T, D, state.forward_timeout, state.timeout_after_k_min, sent_max, state
+        )
         for i, out_ND in ok.items():
             call = state.calls[i]
             call.alive = True
@@ -526,8 +666,17 @@ class _SwarmCall(torch.autograd.Function):
         need_T = torch.zeros(state.T, dtype=torch.long)
         for call in alive:
             need_T[torch.tensor(call.rows)] += 1
+        sent_max = [float(grad_TKD[torch.tensor(c.rows), torch.tensor(c.slots)].abs().max()) for c in alive]
         ok, bad = _gather_replies(
-            tasks, alive, state.T, need_T, state.d_model, state.backward_timeout, state.backward_timeout
+            tasks,
+            alive,
+            state.T,
+            need_T,
+            state.d_model,
+            state.backward_timeout,
+            state.backward_timeout,
+            sent_max,
+            state,
         )
         for i, g_ND in ok.items():
             grad_x.index_add_(0, torch.tensor(alive[i].rows), g_ND)
@@ -545,33 +694,49 @@ class SwarmConnection:
     """This process's DHT peer, shared by every ``moe=hivemind`` block of a model (the layer
     registry's runtime: :func:`connect` starts it, ``close()`` leaves the swarm)."""
 
-    def __init__(self, dht: DHT):
+    def __init__(self, dht: DHT, declarer: SignedDeclarer | None = None):
         self.dht = dht
+        self.declarer = declarer  # this member's signed statement of the run's shape, kept fresh
+        self.peers = PeerBook()  # shared by the model's blocks
 
     def close(self) -> None:
-        """Stop the DHT peer (idempotent)."""
+        """Stop declaring the shape, stop the DHT peer (idempotent)."""
+        declarer, self.declarer = self.declarer, None
+        if declarer is not None:
+            declarer.stop()
         dht, self.dht = self.dht, None
         if dht is not None:
             shutdown_dht(dht)
 
 
-def connect(moe: MoEConfig) -> SwarmConnection:
+def run_shape(moe: MoEConfig, model: ModelConfig) -> RunShape:
+    """What this run's experts must be: ``model.d_model`` rows, ``moe.expert_d_ff`` (or
+    ``model.d_ff``) hidden units, ``moe.swarm.grid``."""
+    return RunShape(model.d_model, moe.expert_d_ff or model.d_ff, tuple(moe.swarm.grid))
+
+
+def connect(moe: MoEConfig, model: ModelConfig) -> SwarmConnection:
     """Join the swarm of ``moe.swarm.initial_peers`` (none: a new swarm), listening on
     ``moe.swarm.host_maddrs`` (loopback by default), NAT mapping and auto-NAT off, checking
-    signed expert records with the run's validators (``moe.swarm.records``).  A peer that
-    cannot be reached is a one-line ConfigError."""
+    signed records with the run's validators (``moe.swarm.records``); check that this run's
+    shape is the swarm's (:func:`run_shape`, against every member's signed statement, or the
+    trusted ones'), then state it too, signed, for as long as the run lasts.  A peer that cannot
+    be reached, or another shape, is a one-line ConfigError."""
     s = moe.swarm
     try:
-        return SwarmConnection(
-            start_dht(s.initial_peers, host_maddrs=s.host_maddrs, record_validators=record_validators(s.uid_prefix))
-        )
-    except Exception as e:
-        peers = ", ".join(s.initial_peers) or "none"
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(
-            f"moe.swarm.initial_peers: could not join the swarm (initial peers: {peers}): {type(e).__name__}: {first}; "
-            "check that a peer is running there (moe-join prints its address)"
-        ) from None
+        dht = start_dht(s.initial_peers, host_maddrs=s.host_maddrs, record_validators=record_validators(s.uid_prefix))
+    except SwarmConnectError as e:
+        raise ConfigError(f"moe.swarm.initial_peers: {e}") from None
+    try:
+        mine = run_shape(moe, model)
+        why = shape_mismatch(dht, s.uid_prefix, mine, trusted=set(s.trusted_keys) or None, timeout=s.forward_timeout)
+        if why is not None:
+            raise ConfigError(f"moe.swarm: {why}; set model.d_model, moe.expert_d_ff and moe.swarm.grid to the run's")
+        declarer = SignedDeclarer(dht, [], update_period=15.0, expiration=30.0, shape=mine, shape_prefix=s.uid_prefix)
+    except BaseException:
+        shutdown_dht(dht)
+        raise
+    return SwarmConnection(dht, declarer)
 
 
 def build_swarm_layer(d_model: int, d_ff: int, moe: MoEConfig, *, activation: str, context: LayerContext) -> SwarmMoE:
@@ -598,6 +763,9 @@ def build_swarm_layer(d_model: int, d_ff: int, moe: MoEConfig, *, activation: st
         init_scale=moe.init_scale,
         router_dtype=getattr(torch, moe.router_dtype),
         require_signed=s.require_signed,
+        trusted_owners=s.trusted_keys or None,
+        max_reply_scale=s.max_reply_scale,
+        peers=context.runtime.peers,
     )
 
 

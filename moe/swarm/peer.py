@@ -10,6 +10,7 @@ experts stop being declared (their records expire), the DHT peers stop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,12 +19,13 @@ from functools import partial
 import torch
 from hivemind import DHT
 from hivemind.moe.server.dht_handler import _get_experts
+from hivemind.utils.crypto import RSAPrivateKey
 
 from moe.config import TrainConfig
 from moe.swarm.collab import CollabTrainer
 from moe.swarm.dht import shutdown_dht, start_dht, visible_maddrs
 from moe.swarm.expert import SwarmExpert
-from moe.swarm.records import record_validators
+from moe.swarm.records import RunShape, fingerprint, load_identity, owner_key, record_validators, shape_mismatch
 from moe.swarm.server import ExpertServer
 from moe.swarm.uids import grid_uids
 
@@ -58,6 +60,11 @@ class VolunteerOptions:
     load_state_timeout: float = 60.0
     data_seed: int | None = None
     out: str | None = None  # the trainer's run directory; None: runs/collab-<its peer id tail>
+    identity: str | None = None  # file of this peer's signing key (made if missing); None: a new key each start
+
+
+class ShapeMismatch(RuntimeError):
+    """The swarm's run has another shape than this peer's experts (or trainer) would have."""
 
 
 class NotEnoughFreeExperts(RuntimeError):
@@ -94,16 +101,19 @@ class Volunteer:
         self.trainer: CollabTrainer | None = None
         self.train_dht: DHT | None = None
         o = opts
+        self.key = load_identity(o.identity) if o.identity else RSAPrivateKey.process_wide()
+        self.shape = RunShape(o.d_model, o.d_ff, tuple(o.grid))
         self.net = dict(
             host_maddrs=[f"/ip4/{o.host}/tcp/{o.port}"],
             nat_port_map=o.nat,
             auto_nat=o.nat,
-            record_validators=record_validators(o.prefix),
+            record_validators=record_validators(o.prefix, self.key),
             **({"announce_maddrs": o.announce} if o.announce else {}),
         )
         try:
+            free = self._look_around() if o.initial_peers and (o.serve or o.train is not None) else None
             if o.serve:
-                self.server = self._serve(self._choose_uids(), log)
+                self.server = self._serve(self._choose_uids(free), log)
                 self.dht = self.server.dht
             else:
                 self.dht = start_dht(o.initial_peers, **self.net)
@@ -113,20 +123,36 @@ class Volunteer:
             self.shutdown()
             raise
 
-    def _choose_uids(self) -> list[str]:
+    @property
+    def fingerprint(self) -> str:
+        """This peer's signing key, as trainers list it in ``moe.swarm.trusted_keys``."""
+        return fingerprint(owner_key(self.key))
+
+    def _look_around(self) -> list[str]:
+        """Before joining: the run's shape must be this peer's (every member states it, signed),
+        and which uids of the grid nobody serves yet.  Through a short-lived probe peer."""
+        o = self.opts
+        probe = start_dht(o.initial_peers, **{**self.net, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"]})
+        try:
+            why = shape_mismatch(probe, o.prefix, self.shape, timeout=o.start_timeout)
+            if why is not None:
+                grid = " ".join(map(str, o.grid))
+                raise ShapeMismatch(
+                    f"{why}; join with the run's --d-model, --d-ff and --grid (this peer has --d-model "
+                    f"{o.d_model} --d-ff {o.d_ff} --grid {grid})"
+                )
+            return free_uids(probe, grid_uids(o.prefix, o.grid), math.prod(o.grid), o.start_timeout)
+        finally:
+            shutdown_dht(probe)
+
+    def _choose_uids(self, free: list[str] | None) -> list[str]:
         o = self.opts
         uids = grid_uids(o.prefix, o.grid)
         if o.first is not None:
             return uids[o.first : o.first + o.serve]
-        if not o.initial_peers:
+        if free is None:  # a new swarm: nobody serves anything yet
             return uids[: o.serve]
-        probe = start_dht(
-            o.initial_peers, **{**self.net, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"]}
-        )  # who serves what: a short-lived peer
-        try:
-            chosen = free_uids(probe, uids, o.serve, o.start_timeout)
-        finally:
-            shutdown_dht(probe)
+        chosen = free[: o.serve]
         if len(chosen) < o.serve:
             raise NotEnoughFreeExperts(
                 f"--serve {o.serve}: only {len(chosen)} experts of the grid are free (the others are "
@@ -153,6 +179,7 @@ class Volunteer:
                     expiration=o.expiration,
                     ready_timeout=o.start_timeout,
                     sign_records=o.signed,
+                    shape=self.shape,
                     **self.net,
                 )
             except TimeoutError:

@@ -24,32 +24,91 @@ every peer of the run, servers and the root included.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator, conbytes
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.optim.progress_tracker import TrainingProgressSchema
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from moe.config import MAX_RECORD_LIFETIME
 from moe.swarm.uids import check_prefix, uid_prefix
 
 _OWNER = re.escape(b"[owner:") + rb".+?" + re.escape(b"]")
 SignedExpertSubkey = conbytes(regex=rb"^[^.\[\]]+(\.(0|[1-9][0-9]*))+" + _OWNER + rb"$")
 
 
+OwnerSubkey = conbytes(regex=rb"^" + _OWNER + rb"$")
+
+
 class ExpertRecordsSchema(pydantic.BaseModel):
-    """``<prefix>_experts``: signed uid -> server peer id (base58)."""
+    """``<prefix>_experts``: signed uid -> server peer id (base58); ``<prefix>_shape``: each
+    member's signed statement of the run's shape (:class:`RunShape`, as text)."""
 
     experts: dict[SignedExpertSubkey, pydantic.StrictStr]
+    shape: dict[OwnerSubkey, pydantic.StrictStr]
+
+
+class ExpirationCap(RecordValidatorBase):
+    """Refuses a record that would live more than ``MAX_RECORD_LIFETIME`` seconds from now
+    (plus clock skew): a peer cannot pin a declaration for an hour and keep an honest server's
+    re-declarations (whose expiration is earlier) from replacing it."""
+
+    def __init__(self, max_lifetime: float = MAX_RECORD_LIFETIME):
+        self.max_lifetime = max_lifetime
+
+    def validate(self, record: DHTRecord) -> bool:
+        return record.expiration_time <= get_dht_time() + self.max_lifetime
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, ExpirationCap) and other.max_lifetime == self.max_lifetime
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What every expert of a run must agree on: the rows' width, each expert's hidden size
+    and the grid of uids.  Published (signed) by every member of the run, checked by joiners."""
+
+    d_model: int
+    d_ff: int
+    grid: tuple[int, ...]
+
+    def text(self) -> str:
+        return f"d_model={self.d_model} d_ff={self.d_ff} grid={'x'.join(map(str, self.grid))}"
+
+    @classmethod
+    def parse(cls, text: str) -> RunShape | None:
+        m = re.fullmatch(r"d_model=(\d+) d_ff=(\d+) grid=(\d+(?:x\d+)*)", text)
+        if m is None:
+            return None
+        return cls(int(m[1]), int(m[2]), tuple(int(g) for g in m[3].split("x")))
+
+    def describe(self) -> str:
+        return f"d_model {self.d_model}, expert d_ff {self.d_ff}, grid {'x'.join(map(str, self.grid))}"
 
 
 def records_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}_experts"
+
+
+def shape_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}_shape"
+
+
+def fingerprint(owner: bytes) -> str:
+    """A short, printable name of a signing key (``owner_key``): the first 20 bytes of its
+    SHA-256, hex.  What ``moe-join`` prints and ``moe.swarm.trusted_keys`` lists."""
+    return hashlib.sha256(owner).hexdigest()[:40]
 
 
 def collab_run_id(prefix: str) -> str:
@@ -71,6 +130,7 @@ def record_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> 
     """
     return [
         RSASignatureValidator(private_key),
+        ExpirationCap(),
         SchemaValidator(ExpertRecordsSchema, allow_extra_keys=True, prefix=check_prefix(prefix)),
         SchemaValidator(TrainingProgressSchema, allow_extra_keys=True, prefix=collab_run_id(prefix)),
     ]
@@ -110,9 +170,65 @@ def declare_signed_experts(
     }
 
 
+def load_identity(path: str | Path) -> RSAPrivateKey:
+    """This peer's signing key from ``path`` (DER), made there (readable by its owner only) when
+    missing: the same key, hence the same fingerprint, every time the peer starts."""
+    path = Path(path).expanduser()
+    if path.exists():
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": path.read_bytes()})  # hivemind's own (un)pickling of a key
+        return key
+    key = RSAPrivateKey()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.to_bytes())
+    return key
+
+
 def owner_key(private_key: RSAPrivateKey) -> bytes:
     """The owner id of records signed with ``private_key``, as ``get_signed_experts`` reports it."""
     return private_key.get_public_key().to_bytes()
+
+
+def declare_shape(
+    dht: DHT, prefix: str, shape: RunShape, *, expiration: float, validator: RSASignatureValidator | None = None
+) -> bool:
+    """This peer's signed statement of the run's shape (one subkey per member, its own)."""
+    validator = validator or _signer(dht)
+    return bool(
+        dht.store(shape_key(prefix), shape.text(), get_dht_time() + expiration, subkey=validator.local_public_key)
+    )
+
+
+def get_shapes(dht: DHT, prefix: str, *, timeout: float | None = None) -> list[tuple[bytes, RunShape]]:
+    """Every member's declared shape of the run: [(owner public key, shape), ...]."""
+    found = dht.get(shape_key(prefix), latest=True, return_future=True).result(timeout)
+    out = []
+    if found is None or not isinstance(found.value, dict):
+        return out
+    for subkey, item in found.value.items():
+        m = re.fullmatch(rb"\[owner:(.+?)\]", subkey) if isinstance(subkey, bytes) else None
+        shape = RunShape.parse(item.value) if isinstance(item.value, str) else None
+        if m is not None and shape is not None:
+            out.append((m.group(1), shape))
+    return out
+
+
+def shape_mismatch(
+    dht: DHT, prefix: str, mine: RunShape, *, trusted: set[str] | None = None, timeout: float = 30.0
+) -> str | None:
+    """Why this peer does not fit the run (another shape declared by a member, or by a trusted
+    one when ``trusted`` fingerprints are given), or None."""
+    for owner, shape in get_shapes(dht, prefix, timeout=timeout):
+        if trusted is not None and fingerprint(owner) not in trusted:
+            continue
+        if shape != mine:
+            return (
+                f"the swarm's run {prefix} has {shape.describe()} (declared by key "
+                f"{fingerprint(owner)[:12]}); this peer has {mine.describe()}"
+            )
+    return None
 
 
 def get_signed_experts(dht: DHT, prefix: str, *, timeout: float | None = None) -> dict[str, list[tuple[bytes, str]]]:
@@ -133,18 +249,30 @@ def get_signed_experts(dht: DHT, prefix: str, *, timeout: float | None = None) -
 
 
 class SignedDeclarer(threading.Thread):
-    """Declares ``uids`` (grouped by their prefix) signed, now and every ``update_period`` s.
+    """Declares ``uids`` (grouped by their prefix) signed, and this member's statement of the
+    run's ``shape`` under ``shape_prefix``, now and every ``update_period`` s.
 
     The first declaration runs in the constructor, so the records exist when it returns.
     ``stop()`` ends the thread; the records then expire after ``expiration`` seconds.
     """
 
-    def __init__(self, dht: DHT, uids: list[str], *, update_period: float, expiration: float):
+    def __init__(
+        self,
+        dht: DHT,
+        uids: list[str],
+        *,
+        update_period: float,
+        expiration: float,
+        shape: RunShape | None = None,
+        shape_prefix: str | None = None,
+    ):
         super().__init__(daemon=True)
         self.dht, self.update_period, self.expiration = dht, update_period, expiration
         self.by_prefix: dict[str, list[str]] = defaultdict(list)
         for uid in uids:
             self.by_prefix[uid_prefix(uid)].append(uid)
+        self.shape = shape
+        self.shape_prefix = shape_prefix or next(iter(self.by_prefix), None)
         self.validator = _signer(dht)
         self._stop_event = threading.Event()
         self.declare()
@@ -156,6 +284,8 @@ class SignedDeclarer(threading.Thread):
             ok.update(
                 declare_signed_experts(self.dht, prefix, uids, expiration=self.expiration, validator=self.validator)
             )
+        if self.shape is not None and self.shape_prefix is not None:
+            declare_shape(self.dht, self.shape_prefix, self.shape, expiration=self.expiration, validator=self.validator)
         return ok
 
     def run(self) -> None:

@@ -24,7 +24,7 @@ from hivemind.moe.server import ModuleBackend, Server
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from moe.swarm.dht import LOOPBACK, prepare_to_fork, start_dht, visible_maddrs
-from moe.swarm.records import SignedDeclarer
+from moe.swarm.records import RunShape, SignedDeclarer
 
 
 def default_num_handlers() -> int:
@@ -55,6 +55,9 @@ class ExpertServer:
             the same period; the DHT must then be started with
             ``record_validators=moe.swarm.records.record_validators(prefix, key)`` (pass it
             here: it goes to the DHT).
+        shape: with ``sign_records``, this server's statement of the run's shape
+            (``moe.swarm.records.RunShape``), declared signed beside the experts: joiners of
+            another shape are refused.
         dht_kwargs: more keyword arguments for ``hivemind.DHT``.
 
     The server owns its DHT: ``shutdown()`` stops both (hivemind's ``Server.shutdown`` does).
@@ -76,6 +79,7 @@ class ExpertServer:
         expiration: float | None = None,
         ready_timeout: float = 60.0,
         sign_records: bool = False,
+        shape: RunShape | None = None,
         **dht_kwargs,
     ):
         if not experts:
@@ -118,7 +122,11 @@ class ExpertServer:
             if sign_records:
                 period = update_period
                 self.signed = SignedDeclarer(
-                    self.dht, self.uids, update_period=period, expiration=expiration or max(2 * period, 30.0)
+                    self.dht,
+                    self.uids,
+                    update_period=period,
+                    expiration=expiration or max(2 * period, 30.0),
+                    shape=shape,
                 )
         except BaseException:
             if getattr(self, "server", None) is not None and self.server.is_alive():

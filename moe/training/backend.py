@@ -142,7 +142,7 @@ class Backend:
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same weights on every rank; expert shards are slices of them
-        self.runtime = start_runtime(cfg.moe)
+        self.runtime = start_runtime(cfg.moe, self.model_cfg)
         self.model = TransformerLM(self.model_cfg, cfg.moe, context=self._layer_context()).to(self.device)
         if self.world_size > 1:  # each rank its own dropout, jitter and random-routing draws
             torch.manual_seed(rank_seed(cfg.seed, self.rank))
@@ -219,7 +219,7 @@ class Backend:
                 load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
                 failed = getattr(la, "failed", None)  # moe=hivemind: uid -> why, forward and backward
                 if failed is not None:
-                    load.add_failed(block, (u for u in (*failed, *la.backward_failed) if not u.startswith("<")))
+                    load.add_failed(block, {**failed, **la.backward_failed})
         return sums
 
     def backward(self, loss: torch.Tensor, micro: int) -> None:

@@ -42,7 +42,7 @@ from moe.training.files import remove_stale_temporaries, write_text_atomic
 from moe.training.flops import Peak, machine_peak, mfu, transformer_flops_per_token
 from moe.training.interrupt import StopFlag
 from moe.training.optim import lr_at
-from moe.training.report import RunResult, layer_load, postfix, progress_bar, summary_metrics
+from moe.training.report import RunResult, dead_layer_hint, layer_load, postfix, progress_bar, summary_metrics
 from moe.training.sinks import MetricsLogger, last_logged, truncate_jsonl, wandb_dirs
 from moe.training.telemetry import LoadAccumulator
 
@@ -102,6 +102,8 @@ class Trainer:
             n_flops, b.model_cfg.n_layers, b.model_cfg.d_model, b.model_cfg.seq_len
         )
         self._stop: StopFlag | None = None
+        self.dead_layers: dict[int, str] = {}  # block -> why it served no token (the latest log window)
+        self._dead_windows: dict[int, int] = {}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -260,6 +262,7 @@ class Trainer:
                     bar.update(1)
                 if self.step % c.logger.log_every == 0 or self.step == end or stopping:
                     metrics = {**window.metrics(tokens_per_step, self.flops_per_token), **b.load_summary(load)}
+                    self._watch_dead_layers(metrics, load, bar)
                     load.reset()
                     self.last_metrics = metrics
                     history.append(
@@ -356,6 +359,30 @@ class Trainer:
         dirs = wandb_dirs(self.run_dir, self.wandb_id)
         return self._result(val_loss, dirs[-1] if dirs else None, [], None)
 
+    def _watch_dead_layers(self, metrics: dict[str, Any], load: LoadAccumulator, bar) -> None:
+        """A layer that served no token in the window (every assignment dropped: with
+        ``moe=hivemind``, every expert call failed) is said loudly on the console, when it
+        starts, every 10 windows while it lasts, and when it ends; the summary repeats it."""
+        for i in self.backend.moe_blocks:
+            dropped = metrics.get(f"moe/layer_{i}/dropped_frac")
+            if dropped is None:
+                continue
+            if dropped >= DEAD_LAYER_DROPPED:
+                why = load.failure(i)
+                self.dead_layers[i] = why
+                n = self._dead_windows[i] = self._dead_windows.get(i, 0) + 1
+                if self.is_main and n % 10 == 1:
+                    _say(
+                        bar,
+                        f"WARNING: block {i} served no token at step {self.step}: every assignment was "
+                        f"dropped ({100 * dropped:.1f}%). {dead_layer_hint(why)}",
+                    )
+            elif i in self.dead_layers:
+                del self.dead_layers[i]
+                self._dead_windows.pop(i, None)
+                if self.is_main:
+                    _say(bar, f"block {i} serves tokens again at step {self.step} (dropped {100 * dropped:.1f}%)")
+
     def _log(self, logger: MetricsLogger, metrics: dict[str, Any]) -> None:
         logger.log(self.step, metrics)
         if self.hooks.on_log is not None:
@@ -381,7 +408,7 @@ class Trainer:
             val_loss=val_loss,
             tokens_per_s=last.get("perf/tokens_per_s", float("nan")),
             mfu=last.get("perf/mfu", float("nan")),
-            layer_load=layer_load(last, self.backend.moe_blocks),
+            layer_load=layer_load(last, self.backend.moe_blocks, failures=self.dead_layers),
             run_dir=self.run_dir,
             checkpoint=self.checkpoint_path,
             metrics=self.run_dir / "metrics.jsonl",
@@ -391,6 +418,17 @@ class Trainer:
             peak_flops=peak.flops if peak is not None else float("nan"),
             peak_source=peak.source if peak is not None else "",
         )
+
+
+DEAD_LAYER_DROPPED = 0.999  # a layer that dropped this much of its assignments served (about) no token
+
+
+def _say(bar, line: str) -> None:
+    """A line on the console, above the progress bar when there is one."""
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 class _Window:

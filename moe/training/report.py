@@ -31,8 +31,11 @@ class RunResult:
     peak_source: str = ""  # where the peak came from
 
 
-def layer_load(metrics: dict[str, float], blocks: list[int]) -> dict[int, dict[str, Any]]:
-    """``RunResult.layer_load``: each MoE block's load from the last logged metrics."""
+def layer_load(
+    metrics: dict[str, float], blocks: list[int], *, failures: dict[int, str] | None = None
+) -> dict[int, dict[str, Any]]:
+    """``RunResult.layer_load``: each MoE block's load from the last logged metrics, and why a
+    block served no token (``failures``, from the loop)."""
     out = {}
     for i in blocks:
         p = f"moe/layer_{i}/"
@@ -44,6 +47,7 @@ def layer_load(metrics: dict[str, float], blocks: list[int]) -> dict[int, dict[s
             "max_over_mean": metrics.get(p + "max_over_mean", float("nan")),
             "dropped_frac": metrics.get(p + "dropped_frac", float("nan")),
             "frac": fracs,
+            "failure": (failures or {}).get(i),
         }
     return out
 
@@ -104,6 +108,11 @@ def format_summary(r: RunResult) -> str:
                 f"    block {i}: cv {ld['cv']:.3f}  max/mean {ld['max_over_mean']:.2f}  dropped "
                 f"{100 * ld['dropped_frac']:.1f}%  [{fr}]"
             )
+            if ld["dropped_frac"] >= 0.999:
+                lines.append(
+                    f"    WARNING: block {i} served no token: every assignment was dropped. "
+                    f"{dead_layer_hint(ld.get('failure') or '')}"
+                )
     lines += [
         f"  checkpoint  {r.checkpoint}",
         f"  metrics     {r.metrics}",
@@ -141,3 +150,28 @@ def _wandb_line(r: RunResult) -> str:
             "`wandb sync` them all to upload the whole run)"
         )
     return f"{r.wandb_dir}   (offline: `wandb sync` it to upload)"
+
+
+def dead_layer_hint(failure: str) -> str:
+    """Why a layer served no token, and what to do about it (``failure``: the most common reason
+    its failed calls gave, ``LoadAccumulator.failure``; empty when nothing failed: capacity)."""
+    if not failure:
+        return (
+            "No expert call failed: the capacity dropped every token; raise moe.capacity_factor "
+            "or set moe.dropless=true."
+        )
+    if "no signed declaration" in failure:
+        fix = (
+            "the servers do not sign their declarations (moe-join --unsigned?): restart them "
+            "without --unsigned, or set moe.swarm.require_signed=false to call unsigned servers"
+        )
+    elif "not trusted" in failure:
+        fix = (
+            "no server's key is in moe.swarm.trusted_keys: add the fingerprints the servers "
+            "print (moe-join: signing key ...), or leave the list empty"
+        )
+    elif "no expert of the grid is declared" in failure:
+        fix = "no server serves this grid: start moe-join --serve N with this run's --prefix, --grid and --d-model"
+    else:
+        fix = "see docs/volunteers.md, Failures"
+    return f"Its experts failed ({failure}); {fix}."

@@ -113,12 +113,29 @@ class LoadAccumulator:
 
     def __init__(self) -> None:
         self._layers: dict[int, _LayerSums] = {}
-        self._failed: dict[int, set[str]] = {}  # layer -> remote experts that failed in the window
+        self._failed: dict[
+            int, dict[str, str]
+        ] = {}  # layer -> remote expert (or search) -> why it failed, in the window
 
-    def add_failed(self, layer: int, uids) -> None:
-        """Remote experts (``moe=hivemind``) that failed in one step of layer ``layer``; the
-        summary reports ``moe/layer_{i}/failed_experts``, the distinct ones over the window."""
-        self._failed.setdefault(layer, set()).update(uids)
+    def add_failed(self, layer: int, failures) -> None:
+        """Remote experts (``moe=hivemind``) that failed in one step of layer ``layer``: uids, or
+        a mapping uid -> why.  Names in ``<...>`` (``<beam search>``) are what failed before any
+        expert was called: they give a reason, not an expert.  The summary reports
+        ``moe/layer_{i}/failed_experts``, the distinct experts over the window."""
+        reasons = failures if isinstance(failures, dict) else dict.fromkeys(failures, "")
+        self._failed.setdefault(layer, {}).update(reasons)
+
+    def failure(self, layer: int) -> str:
+        """The most common reason the window's failures of ``layer`` gave, with an example
+        (``""`` when none failed)."""
+        failed = self._failed.get(layer) or {}
+        reasons = [why for why in failed.values() if why]
+        if not reasons:
+            return ""
+        why = max(set(reasons), key=reasons.count)
+        who = next(uid for uid, w in failed.items() if w == why)
+        n = sum(1 for uid in failed if not uid.startswith("<"))
+        return f"{n} expert(s) failed; e.g. {who}: {why}" if not who.startswith("<") else f"{who}: {why}"
 
     def add(
         self,
@@ -161,7 +178,7 @@ class LoadAccumulator:
             for j, f in enumerate(st["frac"]):
                 out[p + f"frac_e{j}"] = f
         for i in sorted(self._failed):
-            out[f"moe/layer_{i}/failed_experts"] = float(len(self._failed[i]))
+            out[f"moe/layer_{i}/failed_experts"] = float(sum(1 for uid in self._failed[i] if not uid.startswith("<")))
         return out
 
     def layer_fracs(self) -> dict[int, list[float]]:
