@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-MOE_LAYERS = ("dense", "switch", "gshard", "topk", "base", "hivemind")
+MOE_LAYERS = ("dense", "switch", "gshard", "topk", "deepseek", "base", "hivemind")  # moe.name
 
 
 class ConfigError(ValueError):
@@ -36,7 +36,20 @@ class ModelConfig:
     dropout: float = 0.0
     moe_every: int = 2  # every `moe_every`-th block (1-based: blocks moe_every, 2*moe_every, ...) is MoE
     tie_embeddings: bool = True
-    activation: str = "gelu"  # gelu | relu | silu
+    activation: str = "auto"  # auto (the block's: gelu for gpt, swiglu for llama) | gelu | relu | silu | swiglu
+    block: str = "gpt"  # gpt: LayerNorm, learned positions | llama: RMSNorm, rotary positions, SwiGLU
+    rope_theta: float = 10000.0  # llama: rotary base (Su et al. 2021; Llama uses 10000)
+    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
+
+    @property
+    def ffn_activation(self) -> str:
+        """The FFNs' and experts' activation: ``activation``, or the block's own when ``auto``."""
+        if self.activation != "auto":
+            return self.activation
+        return BLOCK_ACTIVATION.get(self.block, "gelu")
+
+
+BLOCK_ACTIVATION = {"gpt": "gelu", "llama": "swiglu"}  # model.activation=auto
 
 
 @dataclass
@@ -84,7 +97,31 @@ class MoEConfig:
     random_routing: bool = False  # GShard: keep the 2nd expert with probability min(1, 2 g2)
     normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
+    # -- DeepSeekMoE / DeepSeek-V3 (docs/layers.md): fine-grained, shared, sigmoid, loss-free, grouped
+    score_func: str = "softmax"  # topk: softmax | sigmoid (each expert's own sigmoid; gates renormalised over the k)
+    route_scale: float = 1.0  # topk: factor on the combine weights after renormalisation
+    bias_update_rate: float = 0.0  # loss-free balancing: per step bias += rate * sign(mean load - load); 0: off
+    aux_loss_type: str = "batch"  # batch | sequence: the balancing loss over the batch or within each sequence
+    granularity: int = 1  # m: each expert split into m of (expert_d_ff or d_ff)/m, m*top_k of them routed
+    num_shared_experts: int = 0  # always-on experts beside the routed ones, each the size of a routed expert
+    n_groups: int = 1  # group-limited routing: the routed experts in n_groups groups of consecutive experts
+    topk_groups: int = 1  # ... each token chooses among its best topk_groups groups (n_groups=1: no limit)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)  # moe=hivemind only: the remote experts
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts the router chooses among: ``num_experts * granularity``."""
+        return self.num_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        """Experts each token is sent to: ``top_k * granularity`` (the same FLOPs as ``top_k``
+        experts of the unsplit size)."""
+        return self.top_k * self.granularity
+
+    def routed_d_ff(self, d_ff: int) -> int:
+        """Each routed expert's hidden size, for a model whose FFN is ``d_ff`` wide."""
+        return (self.expert_d_ff or d_ff) // self.granularity
 
 
 # Seconds ahead a record of a swarm may expire; every peer of the run refuses longer-lived ones, so
@@ -110,6 +147,16 @@ def upgrade_config_dict(d: dict) -> dict:
         moe["swarm"] = swarm
         out["moe"] = moe
     return out
+
+
+def resolved_config_dict(d: dict) -> dict:
+    """A config dict with its ``auto`` values spelled out (``model.activation=auto`` -> the
+    block's own), so two configs that build the same model compare equal.  A copy."""
+    model = d.get("model")
+    if not isinstance(model, dict) or model.get("activation", "auto") != "auto":
+        return d
+    model = {**model, "activation": BLOCK_ACTIVATION.get(model.get("block", "gpt"), "gelu")}
+    return {**d, "model": model}
 
 
 @dataclass
@@ -361,6 +408,86 @@ def validate_moe(m: MoEConfig) -> None:
         _check(m.top_k == 2, f"moe.top_k={m.top_k}: gshard is top-2 routing; use moe=topk for other k")
     if m.name == "base":
         _check(m.top_k == 1, f"moe.top_k={m.top_k}: base assigns each token to exactly one expert; set moe.top_k=1")
+    validate_modern(m)
+
+
+ROUTED_LAYERS = ("switch", "gshard", "topk", "deepseek")  # the layers routing by router scores and top-k
+TOPK_LAYERS = ("topk", "deepseek")  # general top-k routing: deepseek is topk with DeepSeek's options on
+
+
+def validate_modern(m: MoEConfig) -> None:
+    """The DeepSeekMoE / DeepSeek-V3 options: which layers take them, and their ranges."""
+
+    def only(ok: bool, what: str, layers: str, fix: str) -> None:
+        _check(ok, f"{what}: moe={m.name} does not take it ({layers} only); {fix}")
+
+    _check(m.score_func in ("softmax", "sigmoid"), f"moe.score_func={m.score_func!r}; use softmax or sigmoid")
+    only(
+        m.score_func == "softmax" or m.name in TOPK_LAYERS,
+        f"moe.score_func={m.score_func}",
+        "moe=topk, moe=deepseek",
+        "use moe=topk (or the preset moe=deepseek)",
+    )
+    _check(m.route_scale > 0 and math.isfinite(m.route_scale), f"moe.route_scale={m.route_scale} must be > 0")
+    only(
+        m.route_scale == 1.0 or m.name in TOPK_LAYERS,
+        f"moe.route_scale={m.route_scale}",
+        "moe=topk, moe=deepseek",
+        "use moe=topk",
+    )
+    _check(
+        m.bias_update_rate >= 0 and math.isfinite(m.bias_update_rate),
+        f"moe.bias_update_rate={m.bias_update_rate} must be >= 0 (DeepSeek-V3: 0.001; 0 turns the expert bias off)",
+    )
+    only(
+        m.bias_update_rate == 0 or m.name in ROUTED_LAYERS,
+        f"moe.bias_update_rate={m.bias_update_rate}",
+        ", ".join(ROUTED_LAYERS),
+        "set moe.bias_update_rate=0",
+    )
+    _check(m.aux_loss_type in ("batch", "sequence"), f"moe.aux_loss_type={m.aux_loss_type!r}; use batch or sequence")
+    only(
+        m.aux_loss_type == "batch" or m.name in ROUTED_LAYERS,
+        "moe.aux_loss_type=sequence",
+        ", ".join(ROUTED_LAYERS),
+        "set moe.aux_loss_type=batch",
+    )
+    _check(m.granularity >= 1, f"moe.granularity={m.granularity} must be >= 1 (1: experts of the full size)")
+    only(
+        m.granularity == 1 or m.name in TOPK_LAYERS,
+        f"moe.granularity={m.granularity}",
+        "moe=topk, moe=deepseek",
+        "use moe=topk (m*k experts per token) or moe=deepseek",
+    )
+    _check(m.num_shared_experts >= 0, f"moe.num_shared_experts={m.num_shared_experts} must be >= 0")
+    only(
+        m.num_shared_experts == 0 or m.name in (*ROUTED_LAYERS, "base"),
+        f"moe.num_shared_experts={m.num_shared_experts}",
+        ", ".join((*ROUTED_LAYERS, "base")),
+        "set moe.num_shared_experts=0",
+    )
+    _check(
+        1 <= m.topk_groups <= m.n_groups,
+        f"moe.topk_groups={m.topk_groups} must be in [1, moe.n_groups={m.n_groups}]",
+    )
+    if m.n_groups > 1:
+        only(
+            m.name in TOPK_LAYERS,
+            f"moe.n_groups={m.n_groups}",
+            "moe=topk, moe=deepseek",
+            "use moe=topk or set moe.n_groups=1",
+        )
+        E, k = m.routed_experts, m.routed_top_k
+        _check(
+            E % m.n_groups == 0,
+            f"moe.n_groups={m.n_groups} does not divide the {E} routed experts; pick a divisor "
+            "(under expert parallelism: a multiple of parallel.ep_size, so a group is on one rank)",
+        )
+        _check(
+            k <= m.topk_groups * (E // m.n_groups),
+            f"moe.topk_groups={m.topk_groups} groups of {E // m.n_groups} experts hold fewer than the "
+            f"{k} experts a token is sent to; raise moe.topk_groups",
+        )
 
 
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -529,8 +656,9 @@ def validate_parallel(cfg: TrainConfig) -> None:
         "set parallel.ep_size=1 or pick an expert layer (e.g. moe=switch)",
     )
     _check(
-        cfg.moe.num_experts % p.ep_size == 0,
-        f"parallel.ep_size={p.ep_size} does not divide moe.num_experts={cfg.moe.num_experts}: "
+        cfg.moe.routed_experts % p.ep_size == 0,
+        f"parallel.ep_size={p.ep_size} does not divide the {cfg.moe.routed_experts} routed experts "
+        f"(moe.num_experts x moe.granularity): "
         "every rank of an expert-parallel group holds the same number of experts; pick an "
         "ep_size dividing num_experts",
     )
@@ -661,9 +789,31 @@ def validate(cfg: TrainConfig) -> None:
         f"model.moe_every={md.moe_every} > model.n_layers={md.n_layers}: no block would be "
         "MoE; lower moe_every or use moe=dense",
     )
-    _check(md.activation in ("gelu", "relu", "silu"), f"model.activation={md.activation!r}; use gelu, relu or silu")
+    _check(
+        md.activation in ("auto", "gelu", "relu", "silu", "swiglu"),
+        f"model.activation={md.activation!r}; use auto (the block's own), gelu, relu, silu or swiglu",
+    )
+    _check(md.block in BLOCK_ACTIVATION, f"model.block={md.block!r}; use gpt or llama")
+    _check(
+        md.block != "llama" or (md.d_model // md.n_heads) % 2 == 0,
+        f"model.block=llama rotates pairs of dimensions: the head size d_model/n_heads="
+        f"{md.d_model // max(md.n_heads, 1)} must be even",
+    )
+    _check(md.rope_theta > 0, f"model.rope_theta={md.rope_theta} must be > 0 (Llama: 10000)")
+    _check(md.norm_eps > 0, f"model.norm_eps={md.norm_eps} must be > 0")
     _check(md.vocab_size >= 0, f"model.vocab_size={md.vocab_size} must be >= 0 (0: from the tokenizer)")
     validate_moe(cfg.moe)
+    m = cfg.moe
+    _check(
+        (m.expert_d_ff or md.d_ff) % m.granularity == 0,
+        f"moe.granularity={m.granularity} does not divide the experts' hidden size "
+        f"{m.expert_d_ff or md.d_ff} (moe.expert_d_ff, or model.d_ff when 0); pick a divisor",
+    )
+    _check(
+        m.name != "hivemind" or md.ffn_activation != "swiglu",
+        "moe=hivemind: the swarm's experts are two-matrix FFNs (moe-join --activation gelu|relu|silu); "
+        "set model.activation=gelu (or another of those) for a llama block",
+    )
 
     d = cfg.data
     _check(d.tokenizer in ("bpe", "byte"), f"data.tokenizer={d.tokenizer!r}; use bpe or byte")

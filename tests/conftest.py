@@ -36,6 +36,21 @@ def tiny_config(out_dir, moe: str = "switch", **overrides) -> TrainConfig:
         "gshard": MoEConfig(name="gshard", num_experts=4, top_k=2, random_routing=True),
         "topk": MoEConfig(name="topk", num_experts=4, top_k=2, dropless=True, z_loss_weight=0.001),
         "base": MoEConfig(name="base", num_experts=4, top_k=1, dropless=True, aux_loss_weight=0.0),
+        # 8 fine-grained experts of d_ff/2 (2 per token) + 1 shared, sigmoid, loss-free bias, grouped
+        "deepseek": MoEConfig(
+            name="deepseek",
+            num_experts=4,
+            top_k=1,
+            granularity=2,
+            num_shared_experts=1,
+            score_func="sigmoid",
+            bias_update_rate=0.01,
+            aux_loss_type="sequence",
+            aux_loss_weight=0.001,
+            dropless=True,
+            n_groups=2,
+            topk_groups=1,
+        ),
     }[moe]
     cfg = TrainConfig(
         model=ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, seq_len=64, moe_every=1),

@@ -77,7 +77,12 @@ BAD = [
     ("expert_d_ff<0", ["moe.expert_d_ff=-1"], "moe.expert_d_ff", "must be >= 0"),
     ("num_experts=0", ["moe=topk", "moe.num_experts=0"], "moe.num_experts", "must be >= 1"),
     ("top_k=0", ["moe=topk", "moe.top_k=0"], "moe.top_k", "must be >= 1"),
-    ("unknown_moe_name", ["moe.name=expert_choice"], "moe.name", "use one of dense, switch, gshard, topk, base"),
+    (
+        "unknown_moe_name",
+        ["moe.name=expert_choice"],
+        "moe.name",
+        "use one of dense, switch, gshard, topk, deepseek, base",
+    ),
     ("switch_top_k=2", ["moe=switch", "moe.top_k=2"], "moe.top_k", "use moe=topk"),
     # moe=hivemind (issue 4)
     (
@@ -131,7 +136,7 @@ BAD = [
     ("n_layers=0", ["model.n_layers=0"], "model.n_layers", ">= 1"),
     ("seq_len<2", ["model.seq_len=1"], "model.seq_len", ">= 2"),
     ("moe_every>n_layers", ["model.moe_every=5"], "model.moe_every", "lower moe_every or use moe=dense"),
-    ("activation", ["model.activation=tanh"], "model.activation", "use gelu, relu or silu"),
+    ("activation", ["model.activation=tanh"], "model.activation", "gelu, relu, silu or swiglu"),
     ("dropout=1", ["model.dropout=1"], "model.dropout", "[0, 1)"),
     ("data.path_missing", ["data.path={tmp}/no/such/corpus.txt"], "data.path", "point it at a text file"),
     ("data=files_without_path", ["data=files"], "data.path", "set it, e.g. data.path="),
@@ -212,8 +217,8 @@ BAD = [
     ("dtype=fp8", ["dtype=fp8"], "dtype", "use auto, float32 or bfloat16"),
     ("dtype=float16", ["dtype=float16"], "dtype", "use dtype=bfloat16"),
     # keys that do not exist, however the user writes them (Hydra itself would print a block)
-    ("unknown_key", ["model.foo=1"], "model.foo", "known keys: activation, d_ff, d_model"),
-    ("unknown_key_append", ["+model.foo=1"], "model.foo", "known keys: activation, d_ff, d_model"),
+    ("unknown_key", ["model.foo=1"], "model.foo", "known keys: activation, block, d_ff, d_model"),
+    ("unknown_key_append", ["+model.foo=1"], "model.foo", "known keys: activation, block, d_ff, d_model"),
     ("unknown_key_typo", ["model.dmodel=128"], "model.dmodel", "did you mean model.d_model?"),
     ("unknown_top_level", ["learning_rate=0.1"], "learning_rate", "known keys: batch_size"),
     ("key_below_a_value", ["model.d_model.x=1"], "model.d_model.x", "set it directly (model.d_model=...)"),
@@ -222,7 +227,7 @@ BAD = [
         "unknown_group_option",
         ["moe=expert_choice"],
         "moe=expert_choice",
-        "choose one of base, dense, gshard, hivemind, switch, topk",
+        "choose one of base, deepseek, dense, gshard, hivemind, switch, topk",
     ),
 ]
 if not torch.cuda.is_available():
@@ -612,7 +617,10 @@ def test_from_dict_fills_missing_keys_with_defaults():
 @pytest.mark.parametrize(
     "data,match",
     [
-        ({"moe": {"topk": 2}}, r"^moe\.topk: unknown key \(did you mean moe\.top_k\?\); known keys: aux_loss_weight, "),
+        (
+            {"moe": {"topk": 2}},
+            r"^moe\.topk: unknown key \(did you mean moe\.top_k\?\); known keys: aux_loss_type, aux_loss_weight, ",
+        ),
         ({"model": {"d_model": 64, "heads": 4}}, r"^model\.heads: unknown key"),
         ({"optimizer": {}}, r"^optimizer: unknown key \(did you mean optim\?\)"),
         ({"moe": {"num_experts": "8"}}, r"^moe\.num_experts: expected an integer, got '8'"),

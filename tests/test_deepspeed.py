@@ -222,3 +222,18 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     assert state["step"] == 4 and state["layout"]["ep_size"] == 2
     assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # the whole model, gathered
     assert "ShareMemComm" not in p.stdout + p.stderr  # the shm op was not built
+
+
+@pytest.mark.slow
+def test_zero1_with_ep2_and_the_modern_layer_equals_one_process(pair, tmp_path, tiny_data):
+    """llama blocks, fine-grained + shared experts, sigmoid gates, the loss-free bias, grouped
+    routing (moe.model, ``deepseek``) under DeepSpeed's engine: the one-process run, and the
+    bias the same."""
+    from tests.test_modern_moe import _modern
+
+    par = pair.run(case_ds_fit, cfg=_ds(_modern(_cfg(tmp_path / "ds", "deepseek", world=2)), 1), data=tiny_data)[0]
+    ref = _reference(_modern(_cfg(tmp_path / "ref", "deepseek", batch_size=2 * B)), tiny_data)
+    assert par["engine"] == "DeepSpeedEngine" and par["moe"]
+    _assert_same_run(par, ref, keys=("train/loss", "train/z_loss", "train/grad_norm"))
+    biases = [k for k in ref["model"] if k.endswith("expert_bias_E")]
+    assert biases and all(torch.equal(par["model"][k], ref["model"][k]) for k in biases)

@@ -378,3 +378,28 @@ def test_deepspeed_launcher_trains_two_pipeline_stages(tmp_path):
     assert not (run / "checkpoint.pt").exists()
     assert "ShareMemComm" not in p.stdout + p.stderr
     assert "autograd kernel was not registered" not in p.stderr  # the tied weight's broadcast stays out of autograd
+
+
+@pytest.mark.slow
+def test_pp2_with_llama_blocks_and_the_modern_layer_equals_one_process(pair, tmp_path, tiny_data):
+    """No learned positions on the first stage, RMSNorm on the last, each stage's expert bias
+    updated from its own blocks' loads: the one-process run with grad_accum."""
+    from tests.test_modern_moe import _modern
+
+    def cfg(d, pp):
+        c = _cfg(d, pp=pp)
+        return _modern(
+            dataclasses.replace(c, moe=dataclasses.replace(tiny_config(d, "deepseek").moe, z_loss_weight=0.001))
+        )
+
+    got = pair.run(case_fit, cfg=cfg(tmp_path / "pp", 2), data=tiny_data)
+    ref = _reference(cfg(tmp_path / "ref", 1), tiny_data)
+    for hp, hr in zip(got[0]["history"], ref["history"]):
+        for k in ("train/loss", "train/aux_loss", "train/grad_norm"):
+            assert hp[k] == pytest.approx(hr[k], rel=TOL["rtol"], abs=TOL["atol"]), (hp["step"], k)
+    merged = {**got[0]["weights"], **got[1]["weights"]}
+    want = {k: v for k, v in ref["model"].items() if k != "lm_head.weight"}  # tied: tok_emb's
+    assert "pos_emb.weight" not in merged and set(merged) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(merged[k], v, **TOL, msg=lambda m: f"{k}: {m}")
+    assert ref["model"]["blocks.1.ffn.expert_bias_E"].abs().sum() > 0

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe.config import ConfigError, DataConfig, OptimConfig, ParallelConfig
 from moe.parallel.ray_train import (
@@ -352,6 +353,27 @@ def test_ep2_on_ray_equals_one_process_with_the_double_batch(ray_local, tmp_path
     ref = _reference(_clipped(_cfg(tmp_path / "ref", "switch", batch_size=2 * B, **over)), tiny_data)
     assert ckpt.load(tmp_path / "ep" / "checkpoint.pt")["layout"] == {"world_size": 2, "dp_size": 2, "ep_size": 2}
     _assert_same_run(par, ref, keys=NO_AUX)
+
+
+@pytest.mark.slow
+def test_ep2_on_ray_with_the_modern_layer_equals_one_process(ray_local, tmp_path, tiny_data):
+    """llama blocks and the deepseek layer (bias, shared and fine-grained experts, groups) on
+    two Ray workers: the one-process run, the bias in the checkpoint the same."""
+    from tests.test_modern_moe import _modern
+    from tests.test_parallel_train import NO_AUX, B, _assert_same_run, _cfg, _reference
+
+    par_cfg = _modern(_cfg(tmp_path / "ep", "deepseek"))
+    par_cfg = dataclasses.replace(
+        par_cfg,
+        parallel=ParallelConfig(backend="ray", num_workers=2, ep_size=2),
+        data=dataclasses.replace(par_cfg.data, cache_dir=str(tmp_path / "cache")),
+    )
+    run = fit_on_ray(par_cfg)
+    par = {"history": run.history, "step": run.step, "model": ckpt.load(tmp_path / "ep" / "checkpoint.pt")["model"]}
+    ref = _reference(_modern(_cfg(tmp_path / "ref", "deepseek", batch_size=2 * B)), tiny_data)
+    _assert_same_run(par, ref, keys=NO_AUX)
+    biases = [k for k in ref["model"] if k.endswith("expert_bias_E")]
+    assert biases and all(torch.equal(par["model"][k], ref["model"][k]) for k in biases)
 
 
 @pytest.mark.slow

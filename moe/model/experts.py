@@ -20,13 +20,20 @@ import torch.nn.functional as F
 from moe.ops import batched_mm, grouped_mm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+GATED = {"swiglu": F.silu}  # act(x @ w1) * (x @ w3): a third matrix, the gate's partner (Shazeer 2020)
 
 
 def activation_fn(name: str):
+    """The elementwise function of activation ``name`` (a gated one's: silu for swiglu)."""
     try:
-        return ACTIVATIONS[name]
+        return ACTIVATIONS.get(name) or GATED[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; use one of {', '.join(ACTIVATIONS)}") from None
+        raise ValueError(f"unknown activation {name!r}; use one of {', '.join([*ACTIVATIONS, *GATED])}") from None
+
+
+def is_gated(name: str) -> bool:
+    """Whether activation ``name`` multiplies by a second projection (SwiGLU: ``w3``)."""
+    return name in GATED
 
 
 def small_init_(w: torch.Tensor, scale: float, fan_in: int) -> None:
@@ -36,13 +43,14 @@ def small_init_(w: torch.Tensor, scale: float, fan_in: int) -> None:
 
 
 class GroupedExperts(nn.Module):
-    """E two-layer FFN experts ``w2·act(w1·x)`` with stacked weights ``w1_EDF``, ``w2_EFD``.
+    """E FFN experts ``w2·act(w1·x)`` with stacked weights ``w1_EDF``, ``w2_EFD``; with a gated
+    activation (``swiglu``) ``w2·(silu(w1·x) * (w3·x))``, a third stack ``w3_EDF``.
 
     Args:
         num_experts: E (the local experts, under expert parallelism).
         d_model: D.
         d_ff: F, each expert's hidden size.
-        activation: gelu | relu | silu.
+        activation: gelu | relu | silu | swiglu (gated: a third matrix ``w3_EDF``).
         dropout: expert dropout on the hidden activation (Switch uses a higher rate here).
         init_scale: Switch small-scale init, truncated normal with std sqrt(s / fan_in).
         first_expert, total_experts: under expert parallelism, this module holds experts
@@ -78,6 +86,7 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.first_expert, self.total_experts = first_expert, total_experts
         self.act = activation_fn(activation)
+        self.gated = is_gated(activation)
         self.dropout = dropout
         self.init_scale = init_scale
         # Accumulate weight gradients straight into allocated .grad buffers (moe.ops.grouped):
@@ -85,10 +94,15 @@ class GroupedExperts(nn.Module):
         self.grad_into_buffers = False
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        # (after w2: a gated stack leaves the other stacks' init draws as they were)
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if self.gated else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w, fan_in in ((self.w1_EDF, self.d_model), (self.w2_EFD, self.d_ff)):
+        stacks = [(self.w1_EDF, self.d_model), (self.w2_EFD, self.d_ff)]
+        if self.gated:
+            stacks.append((self.w3_EDF, self.d_model))
+        for w, fan_in in stacks:
             if self.total_experts == self.num_experts:
                 small_init_(w, self.init_scale, fan_in)
             else:  # draw all experts' weights, keep this shard's (same RNG use as one process)
@@ -97,15 +111,16 @@ class GroupedExperts(nn.Module):
                 with torch.no_grad():
                     w.copy_(full[self.first_expert : self.first_expert + self.num_experts])
 
-    def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Input and weights in the autocast dtype when autocast is on, else in x's dtype (our
         matmuls are not autocast ops: cast by hand, so both paths compute alike)."""
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        return x.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt)
+        w3 = self.w3_EDF.to(dt) if self.gated else None
+        return x.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt), w3
 
-    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.act(h)
+    def _hidden(self, h: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.act(h) if gate is None else self.act(h) * gate
         return F.dropout(h, self.dropout, self.training) if self.dropout else h
 
     def forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -127,15 +142,18 @@ class GroupedExperts(nn.Module):
             slot_N = expert_N * c_max + torch.arange(N, device=x_ND.device) - offsets[expert_N]
             x_ECD = x_ND.new_zeros(E * c_max, x_ND.shape[1]).index_copy(0, slot_N, x_ND).view(E, c_max, -1)
             return self.forward_padded(x_ECD).view(E * c_max, -1).index_select(0, slot_N)
-        x_ND, w1, w2 = self._cast(x_ND)
-        h_NF = self._hidden(grouped_mm(x_ND, w1, counts, into_grad=self.grad_into_buffers))
-        return grouped_mm(h_NF, w2, counts, into_grad=self.grad_into_buffers)
+        x_ND, w1, w2, w3 = self._cast(x_ND)
+        g = self.grad_into_buffers
+        gate = grouped_mm(x_ND, w3, counts, into_grad=g) if w3 is not None else None
+        h_NF = self._hidden(grouped_mm(x_ND, w1, counts, into_grad=g), gate)
+        return grouped_mm(h_NF, w2, counts, into_grad=g)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Capacity mode: one padded batch of C rows per expert."""
-        x_ECD, w1, w2 = self._cast(x_ECD)
+        x_ECD, w1, w2, w3 = self._cast(x_ECD)
         g = self.grad_into_buffers
-        return batched_mm(self._hidden(batched_mm(x_ECD, w1, into_grad=g)), w2, into_grad=g)
+        gate = batched_mm(x_ECD, w3, into_grad=g) if w3 is not None else None
+        return batched_mm(self._hidden(batched_mm(x_ECD, w1, into_grad=g), gate), w2, into_grad=g)
 
 
 # ---------------------------------------------------------------------------------------------

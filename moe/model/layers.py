@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from moe.config import ModelConfig, MoEConfig
 from moe.model.dispatch import LocalDispatcher, TokenDispatcher
-from moe.model.experts import GroupedExperts, activation_fn, small_init_
-from moe.model.routing import Routing, base_route, gshard_route, switch_route, topk_route
+from moe.model.experts import GroupedExperts, activation_fn, is_gated, small_init_
+from moe.model.routing import Routing, base_route, topk_route
 
 
 @dataclass
@@ -38,10 +38,12 @@ class LayerAux:
     counts_E: torch.Tensor  # assignments per expert (before capacity dropping)
     num_dropped: torch.Tensor  # scalar, assignments dropped by capacity
     num_routed: torch.Tensor  # scalar, assignments routed (tokens x choices kept by the router)
+    expert_bias: torch.Tensor | None = None  # loss-free balancing's bias this forward chose with (a copy)
 
 
 class DenseFFN(nn.Module):
-    """``W2·act(W1·x)``: the baseline every MoE is compared to.  Same init as one expert."""
+    """``W2·act(W1·x)`` (gated, SwiGLU: ``W2·(silu(W1·x) * W3·x)``): the baseline every MoE is
+    compared to.  Same init as one expert."""
 
     def __init__(
         self, d_model: int, d_ff: int, *, activation: str = "gelu", init_scale: float = 0.1, dropout: float = 0.0
@@ -49,13 +51,19 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff, bias=False)
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False) if is_gated(activation) else None
         self.act = activation_fn(activation)
         self.dropout = nn.Dropout(dropout)
         small_init_(self.w1.weight, init_scale, d_model)
         small_init_(self.w2.weight, init_scale, d_ff)
+        if self.w3 is not None:
+            small_init_(self.w3.weight, init_scale, d_model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.w2(self.dropout(self.act(self.w1(x)))), None
+        h = self.act(self.w1(x))
+        if self.w3 is not None:
+            h = h * self.w3(x)
+        return self.w2(self.dropout(h)), None
 
 
 class Router(nn.Module):
@@ -89,18 +97,31 @@ class Router(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """A sparse FFN: router -> routing function -> dispatcher -> grouped experts -> combine.
+    """A sparse FFN: router -> routing function -> dispatcher -> grouped experts -> combine,
+    plus the always-on shared experts when there are any.
 
     Args:
         d_model: D.
-        d_ff: F, each expert's hidden size (top-1 experts of the dense FFN's size keep the
-            active FLOPs per token equal to the dense model's).
-        cfg: the expert layer (``moe.name``: switch, gshard, topk or base).
-        activation: expert activation.
+        d_ff: F, the experts' hidden size before fine-grained splitting (top-1 experts of the
+            dense FFN's size keep the active FLOPs per token equal to the dense model's); each
+            routed expert is ``F / moe.granularity`` wide.
+        cfg: the expert layer (``moe.name``: switch, gshard, topk, deepseek or base) and its
+            options (``deepseek`` is top-k routing; its preset turns the DeepSeek options on).
+        activation: expert activation (``swiglu``: gated experts with a third matrix).
         dispatcher: moves tokens to experts; local by default.  Expert parallelism passes a
             ``moe.parallel.AllToAllDispatcher``: the layer then builds only the experts the
             dispatcher's ``expert_shard`` names (the router stays replicated, over all E), and
             BASE balances with the dispatcher's ``balanced_assignment`` (over the whole group).
+
+    Fine-grained experts (DeepSeekMoE, ``moe.granularity=m``): ``m * num_experts`` experts of
+    ``F / m``, each token sent to ``m * top_k`` of them: the active FLOPs of ``top_k`` unsplit
+    experts.  Shared experts (``moe.num_shared_experts=S``): one dense FFN of ``S * F / m``
+    (S experts of the routed size side by side), applied to every token and added to the routed
+    sum; its weights are ordinary replicated weights (all-reduced under data parallelism, never
+    sharded).  Loss-free balancing (``moe.bias_update_rate > 0``): ``expert_bias_E``, a buffer
+    saved with the weights, is added to the router scores to choose experts (never to the
+    combine weights); each training forward adds its loads to ``step_load_E`` and the trainer
+    calls :func:`update_expert_bias` once per optimizer step.
     """
 
     def __init__(
@@ -113,10 +134,12 @@ class MoELayer(nn.Module):
         dispatcher: TokenDispatcher | None = None,
     ):
         super().__init__()
-        if cfg.name not in ("switch", "gshard", "topk", "base"):
+        if cfg.name not in ("switch", "gshard", "topk", "deepseek", "base"):
             raise ValueError(f"MoELayer does not implement moe.name={cfg.name!r}")
+        if d_ff % cfg.granularity:
+            raise ValueError(f"moe.granularity={cfg.granularity} does not divide the experts' d_ff={d_ff}")
         self.cfg = cfg
-        E = cfg.num_experts
+        E, d_expert = cfg.routed_experts, d_ff // cfg.granularity
         self.router = Router(
             d_model,
             E,
@@ -131,34 +154,43 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(
             n_local,
             d_model,
-            d_ff,
+            d_expert,
             activation=activation,
             dropout=cfg.expert_dropout,
             init_scale=cfg.init_scale,
             first_expert=first,
             total_experts=E,
         )
+        # built after the routed experts: without shared experts every draw is as it was
+        self.shared = None
+        if cfg.num_shared_experts:
+            self.shared = DenseFFN(
+                d_model, cfg.num_shared_experts * d_expert, activation=activation, init_scale=cfg.init_scale
+            )
+        self.step_load_E: torch.Tensor | None = None  # this rank's loads since the last bias update (not saved)
+        bias = torch.zeros(E, dtype=torch.float32) if cfg.bias_update_rate > 0 else None
+        self.register_buffer("expert_bias_E", bias)  # None: no bias, nothing in the state dict
 
-    def route(self, logits_TE: torch.Tensor) -> Routing:
+    def route(self, logits_TE: torch.Tensor, seq_len: int | None = None) -> Routing:
         c = self.cfg
         cf = None if c.dropless else (c.capacity_factor if self.training else c.eval_capacity_factor)
-        if c.name == "switch":
-            return switch_route(logits_TE, capacity_factor=cf, min_capacity=c.min_capacity)
-        if c.name == "gshard":
-            return gshard_route(
-                logits_TE,
-                capacity_factor=cf,
-                min_capacity=c.min_capacity,
-                random_routing=c.random_routing and self.training,
-            )
-        if c.name == "topk":
+        aux_seq_len = seq_len if c.aux_loss_type == "sequence" else None
+        if c.name in ("switch", "gshard", "topk", "deepseek"):
+            k = {"switch": 1, "gshard": 2}.get(c.name, c.routed_top_k)
             return topk_route(
                 logits_TE,
-                c.top_k,
+                k,
                 capacity_factor=cf,
                 min_capacity=c.min_capacity,
-                normalize=c.normalize_weights,
-                random_routing=c.random_routing and self.training,
+                normalize=c.name == "gshard" or (c.name in ("topk", "deepseek") and c.normalize_weights),
+                random_routing=c.name != "switch" and c.random_routing and self.training,
+                aux_first_choice_only=c.name == "gshard",
+                score_func=c.score_func,
+                bias_E=self.expert_bias_E,
+                route_scale=c.route_scale,
+                n_groups=c.n_groups,
+                topk_groups=c.topk_groups,
+                aux_seq_len=aux_seq_len,
             )
         assignment = None
         if self.training:
@@ -172,21 +204,48 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        routing = self.route(self.router(x_TD))
+        routing = self.route(self.router(x_TD), seq_len=shape[-2] if x.dim() == 3 else None)
         x_in, plan = self.dispatcher.dispatch(x_TD, routing)
         if plan.counts is not None:
             y = self.experts.forward_grouped(x_in, plan.counts)
         else:
             y = self.experts.forward_padded(x_in)
         out_TD = self.dispatcher.combine(y, plan)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)[0]
+        counts_E = routing.counts_E.detach()
+        if self.expert_bias_E is not None and self.training:
+            self.step_load_E = counts_E if self.step_load_E is None else self.step_load_E + counts_E
         aux = LayerAux(
             routing.aux_loss,
             routing.z_loss,
-            routing.counts_E.detach(),
+            counts_E,
             routing.num_dropped.detach(),
             routing.counts_E.sum().detach(),
+            None if self.expert_bias_E is None else self.expert_bias_E.clone(),
         )
         return out_TD.view(shape), aux
+
+
+def update_expert_bias(model: nn.Module, sum_over_ranks_: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Loss-free balancing's step (Wang et al. 2024, DeepSeek-V3): for every MoE layer with an
+    expert bias, ``bias += rate * sign(mean(load) - load)``, the load being the assignments each
+    expert received since the last update, summed by ``sum_over_ranks_`` (in place) over every
+    rank that routes tokens to the same experts, so every rank moves its copy of the bias alike.
+    Underloaded experts gain, overloaded ones lose, balanced ones stay.  Call once per optimizer
+    step on every rank (collective when ``sum_over_ranks_`` is); returns the layers updated."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.expert_bias_E is not None]
+    if not layers:
+        return 0
+    loads_LE = torch.stack(
+        [m.step_load_E if m.step_load_E is not None else torch.zeros_like(m.expert_bias_E) for m in layers]
+    ).to(torch.float32)
+    loads_LE = sum_over_ranks_(loads_LE)
+    with torch.no_grad():
+        for m, load_E in zip(layers, loads_LE):
+            m.expert_bias_E.add_(m.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E))
+            m.step_load_E = None
+    return len(layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,4 +352,5 @@ register_expert_layer("dense", ExpertLayer(_build_dense))
 register_expert_layer("switch", ExpertLayer(_build_moe_layer))
 register_expert_layer("gshard", ExpertLayer(_build_moe_layer))
 register_expert_layer("topk", ExpertLayer(_build_moe_layer))
+register_expert_layer("deepseek", ExpertLayer(_build_moe_layer))  # topk with moe/conf/moe/deepseek.yaml's options
 register_expert_layer("base", ExpertLayer(_build_moe_layer))

@@ -123,6 +123,57 @@ def _finish(logits_TE, probs_TE, ids_TK, weights_TK, kept_TK, capacity, aux_loss
     )
 
 
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def router_scores(logits_TE: torch.Tensor, score_func: str = "softmax") -> torch.Tensor:
+    """Token-expert scores: ``softmax`` over the experts, or each expert's own ``sigmoid``
+    (DeepSeek-V3: an expert's score does not fall because another's rose)."""
+    if score_func == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    raise ValueError(f"unknown score function {score_func!r}; use one of {', '.join(SCORE_FUNCS)}")
+
+
+def limit_to_groups(select_TE: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """Group-limited routing (DeepSeek-V2/V3): the E experts form ``n_groups`` groups of
+    consecutive experts; each token keeps its ``topk_groups`` best groups and every expert of
+    the others gets ``-inf``.  A group's score is the sum of its two best selection scores
+    (DeepSeek-V3; its one best when a group holds a single expert)."""
+    T, E = select_TE.shape
+    if n_groups <= 1 or topk_groups >= n_groups:
+        return select_TE
+    if E % n_groups:
+        raise ValueError(f"{n_groups} groups do not divide {E} experts")
+    per = E // n_groups
+    grouped_TGe = select_TE.view(T, n_groups, per)
+    group_T_G = grouped_TGe.topk(min(2, per), dim=-1).values.sum(dim=-1)  # (T, G)
+    best_TG = group_T_G.topk(topk_groups, dim=-1).indices
+    keep_TG = torch.zeros(T, n_groups, dtype=torch.bool, device=select_TE.device).scatter_(1, best_TG, True)
+    return select_TE.masked_fill(~keep_TG.repeat_interleave(per, dim=1), float("-inf"))
+
+
+def sequence_balancing_loss(
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, seq_len: int, kept_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balancing loss: ``E * sum_i f_i P_i`` computed within each
+    sequence of ``seq_len`` consecutive tokens, then averaged over the sequences, so no single
+    sequence may pile onto a few experts even when the batch as a whole is balanced."""
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum()
+    if T % seq_len:
+        raise ValueError(f"{T} tokens are not whole sequences of {seq_len}")
+    B = T // seq_len
+    mask_BSKE = F.one_hot(ids_TK, E).to(probs_TE.dtype).view(B, seq_len, -1, E)
+    if kept_TK is not None:
+        mask_BSKE = mask_BSKE * kept_TK.view(B, seq_len, -1, 1)
+    f_BE = mask_BSKE.sum(dim=(1, 2)) / mask_BSKE.sum(dim=(1, 2, 3)).clamp_min(1.0).unsqueeze(1)
+    P_BE = probs_TE.view(B, seq_len, E).mean(dim=1)
+    return E * (f_BE * P_BE).sum(dim=-1).mean()
+
+
 def topk_route(
     logits_TE: torch.Tensor,
     k: int,
@@ -133,8 +184,14 @@ def topk_route(
     random_routing: bool = False,
     aux_first_choice_only: bool = False,
     generator: torch.Generator | None = None,
+    score_func: str = "softmax",
+    bias_E: torch.Tensor | None = None,
+    route_scale: float = 1.0,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    aux_seq_len: int | None = None,
 ) -> Routing:
-    """General top-k routing over a softmax of the logits.
+    """General top-k routing over router scores (a softmax of the logits, or sigmoids).
 
     Args:
         logits_TE: router logits (computed in fp32 by the caller; bf16/fp16 upcast to fp32
@@ -149,6 +206,15 @@ def topk_route(
         aux_first_choice_only: count f_i in the balancing loss over first choices only
             (Switch, GShard) instead of over all k choices.
         generator: RNG for random routing (the caller's, so runs are reproducible).
+        score_func: ``softmax`` or ``sigmoid`` (:func:`router_scores`).  With sigmoid the
+            balancing loss's P uses the scores normalised over the experts (DeepSeek-V3).
+        bias_E: loss-free balancing (Wang et al. 2024): added to the scores to *choose* the
+            experts only; the combine weights are the unbiased scores.  Not differentiated.
+        route_scale: the combine weights' factor, after normalisation (DeepSeek-V3's
+            routed scaling factor).
+        n_groups, topk_groups: group-limited routing (:func:`limit_to_groups`).
+        aux_seq_len: compute the balancing loss per sequence of this many consecutive tokens
+            (:func:`sequence_balancing_loss`); None: over the whole batch.
     """
     if logits_TE.dim() != 2:
         raise ValueError(f"logits must be (tokens, experts), got shape {tuple(logits_TE.shape)}")
@@ -156,16 +222,27 @@ def topk_route(
     if not 1 <= k <= E:
         raise ValueError(f"k={k} must be in [1, num_experts={E}]")
     logits_TE = _upcast(logits_TE)
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    gates_TK, ids_TK = torch.topk(probs_TE, k, dim=-1)
+    scores_TE = router_scores(logits_TE, score_func)
+    select_TE = scores_TE.detach()
+    if bias_E is not None:
+        select_TE = select_TE + bias_E.to(select_TE.dtype)
+    select_TE = limit_to_groups(select_TE, n_groups, topk_groups)
+    ids_TK = torch.topk(select_TE, k, dim=-1).indices
+    gates_TK = scores_TE.gather(1, ids_TK)
     if normalize and k > 1:
         gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    if route_scale != 1.0:
+        gates_TK = gates_TK * route_scale
     kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
     if random_routing and k > 1:
         u_T = torch.rand(T, device=logits_TE.device, generator=generator)
         kept_TK[:, 1] = u_T < 2.0 * gates_TK[:, 1].detach()
     aux_ids = ids_TK[:, :1] if aux_first_choice_only else ids_TK
-    aux = load_balancing_loss(probs_TE, aux_ids)
+    probs_TE = scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    if aux_seq_len is None:
+        aux = load_balancing_loss(probs_TE, aux_ids)
+    else:
+        aux = sequence_balancing_loss(probs_TE, aux_ids, aux_seq_len)
     capacity = None if capacity_factor is None else expert_capacity(T, E, k, capacity_factor, min_capacity)
     return _finish(logits_TE, probs_TE, ids_TK, gates_TK, kept_TK, capacity, aux)
 

@@ -1,6 +1,9 @@
 """A decoder-only Transformer (pre-norm, causal SDPA attention) with MoE FFNs.
 
-Every ``moe_every``-th block's FFN is the configured expert layer; the rest are dense.  The
+Two blocks (``model.block``): ``gpt`` (LayerNorm, learned positions, GELU) and ``llama``
+(RMSNorm, rotary position embeddings on queries and keys, SwiGLU FFNs and experts; no learned
+positions), computed as Hugging Face's ``LlamaModel`` computes them, so a trained model maps
+onto it weight for weight.  Every ``moe_every``-th block's FFN is the configured expert layer; the rest are dense.  The
 forward returns the language-model loss and the MoE layers' auxiliary terms separately
 (``ModelOutput``) so the caller weights them, and a pipeline stage can carry them on.  This
 file never imports ``torch.distributed``.
@@ -35,34 +38,90 @@ class ModelOutput:
         return self.lm_loss + moe.aux_loss_weight * self.aux_loss + moe.z_loss_weight * self.z_loss
 
 
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` (Zhang & Sennrich 2019), normalised in fp32 and
+    cast back before the weight, as Llama does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The block's normalisation: LayerNorm for ``gpt``, RMSNorm for ``llama``."""
+    if cfg.block == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of the rotary angles, each ``(S, head_dim)``: position ``s`` turns
+    the dimension pair ``(i, i + head_dim/2)`` by ``s * theta^(-2i/head_dim)`` (the "rotate
+    half" pairing of GPT-NeoX and Llama, not interleaved pairs)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (S, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys ``(B, H, S, d)`` by their positions' angles."""
+    half = x_BHSd.shape[-1] // 2
+    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
+    return x_BHSd * cos_Sd.to(x_BHSd.dtype) + rotated * sin_Sd.to(x_BHSd.dtype)
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; ``llama`` rotates queries and keys by position first."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        self.rotary_theta = cfg.rope_theta if cfg.block == "llama" else None
+        self._rotary: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None  # cached cos/sin
+
+    def _cos_sin(self, S: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._rotary
+        if cached is None or cached[0] < S or cached[1] != device:
+            cos, sin = rotary_cos_sin(S, head_dim, self.rotary_theta, device)
+            self._rotary = cached = (S, device, cos, sin)
+        return cached[2][:S], cached[3][:S]
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split(D, dim=-1)
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D/H)
+        if self.rotary_theta is not None:
+            cos, sin = self._cos_sin(S, D // self.n_heads, x_BSD.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
 class Block(nn.Module):
     """``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``; a sparse block's FFN is the expert
-    layer ``moe.name`` built with ``context`` (``moe.model.layers.build_ffn``)."""
+    layer ``moe.name`` built with ``context`` (``moe.model.layers.build_ffn``).  The norms are
+    ``model.block``'s (:func:`make_norm`)."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, sparse: bool, context: LayerContext | None = None):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = make_norm(cfg)
         d_ff = moe.expert_d_ff if sparse and moe.name != "dense" and moe.expert_d_ff else cfg.d_ff
         self.ffn = build_ffn(
-            moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.activation, dropout=cfg.dropout, context=context
+            moe, cfg.d_model, d_ff, sparse=sparse, activation=cfg.ffn_activation, dropout=cfg.dropout, context=context
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
@@ -79,7 +138,7 @@ def is_sparse_block(index: int, cfg: ModelConfig) -> bool:
 
 
 class TransformerLM(nn.Module):
-    """GPT-style decoder.  ``vocab_size`` must be set (the trainer takes it from the tokenizer).
+    """Decoder-only LM of ``model.block`` blocks.  ``vocab_size`` must be set (the trainer takes it from the tokenizer).
 
     Args:
         cfg, moe: the model's shape and its expert layer.
@@ -99,16 +158,17 @@ class TransformerLM(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
         self.cfg, self.moe = cfg, moe
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.block == "gpt" else None  # llama: rotary
         self.drop = nn.Dropout(cfg.dropout)
 
         self.blocks = nn.ModuleList(
             Block(cfg, moe, sparse=is_sparse_block(i, cfg), context=context) for i in range(cfg.n_layers)
         )
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb.weight, std=0.02)
         for name, p in self.named_parameters():  # GPT-2: attention projections at 0.02, output scaled by depth
             if name.endswith("qkv.weight"):
                 nn.init.normal_(p, std=0.02)
@@ -127,8 +187,10 @@ class TransformerLM(nn.Module):
         B, S = idx_BS.shape
         if S > self.cfg.seq_len:
             raise ValueError(f"sequence of {S} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        pos = torch.arange(S, device=idx_BS.device)
-        x = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))  # (B, S, D)
+        x = self.tok_emb(idx_BS)  # (B, S, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
+        x = self.drop(x)
         zero = x.new_zeros((), dtype=torch.float32)
         aux_loss, z_loss, layer_aux = zero, zero, []
         for block in self.blocks:
@@ -152,7 +214,7 @@ def count_parameters(model: TransformerLM) -> dict[str, int]:
     Counts are the whole model's: a module holding a shard of the experts counts all of
     them (``total_experts``), so every expert-parallel size reports the same numbers."""
     total = sum(p.numel() for p in model.parameters())
-    emb = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    emb = model.tok_emb.weight.numel() + (model.pos_emb.weight.numel() if model.pos_emb is not None else 0)
     head = model.lm_head.weight.numel()
     untied_head = 0 if model.cfg.tie_embeddings else head
     expert = active_expert = 0
@@ -163,7 +225,7 @@ def count_parameters(model: TransformerLM) -> dict[str, int]:
             per_expert = n_local // ex.num_experts
             total += per_expert * (ex.total_experts - ex.num_experts)  # the other ranks' shards
             expert += per_expert * ex.total_experts
-            active_expert += per_expert * model.moe.top_k
+            active_expert += per_expert * model.moe.routed_top_k
     non_emb = total - emb - untied_head
     return {
         "total": total,

@@ -128,6 +128,7 @@ class AllToAllDispatcher(TokenDispatcher):
         if self.ep_size > 1 and self.group is None:
             raise ValueError(f"expert-parallel size {self.ep_size} needs a process group")
         self.comm_seconds = 0.0
+        self.ranks_per_token_T: torch.Tensor | None = None  # the last dispatch's: distinct ranks each token reached
 
     def __deepcopy__(self, memo):  # holds a process-group handle: a copied model shares it
         return self
@@ -209,6 +210,10 @@ class AllToAllDispatcher(TokenDispatcher):
         kept_idx = kept_idx[order]
         send_E = torch.bincount(ids_N, minlength=E)
         token_idx_N = kept_idx // K
+        if S > 1:  # which ranks each token's rows go to (group-limited routing bounds it)
+            reach_TS = torch.zeros(T, S, dtype=torch.bool, device=x_TD.device)
+            reach_TS[token_idx_N, ids_N[order] // El] = True
+            self.ranks_per_token_T = reach_TS.sum(dim=1)
         x_send = x_TD.index_select(0, token_idx_N)
         weight_N = routing.weights_TK.reshape(-1)[kept_idx]
         recv_SE = self._exchange_counts(send_E)

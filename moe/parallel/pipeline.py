@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig
 from moe.model.layers import LayerAux
-from moe.model.transformer import Block, TransformerLM, count_parameters, is_sparse_block
+from moe.model.transformer import Block, TransformerLM, count_parameters, is_sparse_block, make_norm
 from moe.parallel.ds import skip_shm_comm_build
 from moe.parallel.state import ParallelState
 from moe.training.backend import CHECKPOINT, Backend, rank_seed
@@ -98,9 +98,13 @@ class StageLayer(nn.Module):
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """This layer's weights under their one-process ``TransformerLM`` names."""
+        if self.inner is None:
+            return {}
         return {self.prefix + k: v for k, v in self.inner.state_dict().items()}
 
     def copy_from(self, full_state: dict[str, torch.Tensor]) -> None:
+        if self.inner is None:
+            return
         own = {k[len(self.prefix) :]: v for k, v in full_state.items() if k.startswith(self.prefix)}
         self.inner.load_state_dict(own)
 
@@ -119,20 +123,22 @@ class TokenEmbedding(StageLayer):
 
 
 class PositionEmbedding(StageLayer):
-    """x (B, S, D) -> (dropout(x + pos), acc): starts the MoE loss accumulator."""
+    """x (B, S, D) -> (dropout(x + pos), acc): starts the MoE loss accumulator.  A ``llama``
+    model has no learned positions (its attention rotates by position): ``dropout(x)``."""
 
     prefix = "pos_emb."
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.inner = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.inner = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.block == "gpt" else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(x_BSD.shape[1], device=x_BSD.device)
+        if self.inner is not None:
+            x_BSD = x_BSD + self.inner(torch.arange(x_BSD.shape[1], device=x_BSD.device))
         # a leaf that requires grad: the engine backpropagates into every floating output
         acc_2 = torch.zeros(2, device=x_BSD.device, dtype=torch.float32, requires_grad=True)
-        return self.drop(x_BSD + self.inner(pos)), acc_2
+        return self.drop(x_BSD), acc_2
 
 
 class BlockLayer(StageLayer):
@@ -159,7 +165,7 @@ class FinalNorm(StageLayer):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.inner = nn.LayerNorm(cfg.d_model)
+        self.inner = make_norm(cfg)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, acc_2 = inputs
@@ -411,7 +417,7 @@ class PipelineBackend(Backend):
 
     def _on_aux(self, block: int, a: LayerAux) -> None:
         if self._load is not None:
-            self._load.add(block, a.counts_E, a.num_dropped, a.num_routed, a.aux_loss.detach(), a.z_loss.detach())
+            self._load.add_layer_aux(block, a)
 
     # -- data -------------------------------------------------------------------------------
 
@@ -484,6 +490,13 @@ class PipelineBackend(Backend):
 
     def mean_over_replicas(self, value: float) -> float:
         raise NotImplementedError("the pipeline averages its evaluation in evaluate()")
+
+    def sum_expert_load_(self, t: torch.Tensor) -> torch.Tensor:
+        """Over this stage's data-parallel replicas: they hold the same MoE blocks."""
+        if self.replicas > 1:
+            with self.collective():
+                dist.all_reduce(t, group=self.engine.grid.get_data_parallel_group())
+        return t
 
     def load_summary(self, load: LoadAccumulator) -> dict[str, float]:
         """Every stage's MoE blocks (summed over the data-parallel replicas), on rank 0 ({}

@@ -40,7 +40,7 @@ import torch
 
 from moe.config import ConfigError, ModelConfig, TrainConfig, validate
 from moe.model.experts import GroupedExperts
-from moe.model.layers import LayerContext, start_runtime
+from moe.model.layers import LayerContext, start_runtime, update_expert_bias
 from moe.model.transformer import ModelOutput, TransformerLM, count_parameters
 from moe.training import checkpoint as ckpt
 from moe.training.data import TokenData, load_data
@@ -216,10 +216,7 @@ class Backend:
                 torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float() / c.grad_accum
             )
             for block, la in zip(self.moe_blocks, out.layer_aux):
-                load.add(block, la.counts_E, la.num_dropped, la.num_routed, la.aux_loss.detach(), la.z_loss.detach())
-                failed = getattr(la, "failed", None)  # moe=hivemind: uid -> why, forward and backward
-                if failed is not None:
-                    load.add_failed(block, {**failed, **la.backward_failed})
+                load.add_layer_aux(block, la)
         return sums
 
     def backward(self, loss: torch.Tensor, micro: int) -> None:
@@ -240,6 +237,17 @@ class Backend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         return None
+
+    def update_expert_bias(self) -> None:
+        """Loss-free balancing's once-per-step bias update (``moe.bias_update_rate``), with the
+        step's expert loads summed over the ranks that hold the same MoE layers.  Collective
+        when there is more than one replica; nothing without an expert bias."""
+        update_expert_bias(self.model, self.sum_expert_load_)
+
+    def sum_expert_load_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum per-expert loads over every rank routing through the same layers, in place: the
+        data-parallel replicas (expert-parallel ranks included: their routers are replicas)."""
+        return self.sum_over_replicas_(t)
 
     @torch.no_grad()
     def evaluate(self, batches: int) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from moe.config import ConfigError, TrainConfig, flatten, to_dict, upgrade_config_dict
+from moe.config import ConfigError, TrainConfig, flatten, resolved_config_dict, to_dict, upgrade_config_dict
 from moe.model.experts import expert_shards
 from moe.training.files import write_atomic
 
@@ -171,7 +171,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, *, saved_dp_size:
     """A checkpoint is resumed only by the config that wrote it (schedule, logging,
     evaluation and the parallel layout may change, the global batch may not); anything else
     is a one-line ConfigError naming the keys."""
-    a, b = flatten(upgrade_config_dict(saved)), flatten(current)
+    a, b = flatten(resolved_config_dict(upgrade_config_dict(saved))), flatten(resolved_config_dict(current))
     # A key the checkpoint does not have, at its default now, came with a newer version of
     # this package: the run that wrote the checkpoint behaved as the default does.
     defaults = flatten(to_dict(TrainConfig()))

@@ -158,6 +158,7 @@ class Trainer:
         if after is not None:  # ZeRO-1/2, the pipeline: the norm is known once the step is taken
             gn, known = float(after), True
             self._check_finite(lm, aux, z, gn)  # (this step is applied already, and not saved)
+        b.update_expert_bias()
         self.step += 1
         out = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr}
         if known:

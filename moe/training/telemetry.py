@@ -116,6 +116,24 @@ class LoadAccumulator:
         self._failed: dict[
             int, dict[str, str]
         ] = {}  # layer -> remote expert (or search) -> why it failed, in the window
+        self._bias: dict[int, torch.Tensor] = {}  # layer -> the expert bias (loss-free balancing)
+
+    def add_layer_aux(self, layer: int, aux) -> None:
+        """Add one training forward of MoE block ``layer`` from its ``LayerAux``: the load and
+        losses, the expert bias (loss-free balancing) and the failed remote experts
+        (``moe=hivemind``: uid -> why, forward and backward) when it has them."""
+        self.add(layer, aux.counts_E, aux.num_dropped, aux.num_routed, aux.aux_loss.detach(), aux.z_loss.detach())
+        if aux.expert_bias is not None:
+            self.set_bias(layer, aux.expert_bias)
+        failed = getattr(aux, "failed", None)
+        if failed is not None:
+            self.add_failed(layer, {**failed, **aux.backward_failed})
+
+    def set_bias(self, layer: int, bias_E: torch.Tensor) -> None:
+        """Loss-free balancing's expert bias of layer ``layer`` as the window's latest step used
+        it (the same on every rank: kept, not summed).  The summary reports
+        ``moe/layer_{i}/bias_e{j}`` and the spread ``bias_range``."""
+        self._bias[layer] = bias_E.detach()
 
     def add_failed(self, layer: int, failures) -> None:
         """Remote experts (``moe=hivemind``) that failed in one step of layer ``layer``: uids, or
@@ -165,7 +183,8 @@ class LoadAccumulator:
 
     def summary(self) -> dict[str, float]:
         """Flat metrics ``moe/layer_{i}/{cv,entropy,entropy_norm,max_over_mean,dropped_frac,
-        aux_loss,z_loss,frac_e{j}}``; losses are means over the adds, the rest use summed counts."""
+        aux_loss,z_loss,frac_e{j}}``; losses are means over the adds, the rest use summed counts.
+        With loss-free balancing also ``bias_e{j}`` and ``bias_range``."""
         out: dict[str, float] = {}
         for i in sorted(self._layers):
             s = self._layers[i]
@@ -177,6 +196,11 @@ class LoadAccumulator:
             out[p + "z_loss"] = _to_float(s.z) / s.n
             for j, f in enumerate(st["frac"]):
                 out[p + f"frac_e{j}"] = f
+        for i in sorted(self._bias):
+            bias = self._bias[i].to(torch.float64).cpu().tolist()
+            for j, b in enumerate(bias):
+                out[f"moe/layer_{i}/bias_e{j}"] = b
+            out[f"moe/layer_{i}/bias_range"] = max(bias) - min(bias)
         for i in sorted(self._failed):
             out[f"moe/layer_{i}/failed_experts"] = float(sum(1 for uid in self._failed[i] if not uid.startswith("<")))
         return out
@@ -229,6 +253,7 @@ class LoadAccumulator:
     def reset(self) -> None:
         self._layers.clear()
         self._failed.clear()
+        self._bias.clear()
 
     def __len__(self) -> int:
         """Number of layers seen since the last reset."""
