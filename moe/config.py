@@ -268,6 +268,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     peak_flops: float = 0.0  # 0: measured at start-up by a short matmul benchmark
+    init_from: str = ""  # a dense run (dir or checkpoint.pt) to start from: sparse upcycling (moe.training.upcycle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,6 +833,17 @@ def validate(cfg: TrainConfig) -> None:
             os.path.exists(os.path.expanduser(d.path)),
             f"data.path={d.path!r} does not exist; point it at a text file, a folder of text "
             "files or a .bin of token ids (empty: the standard-library corpus)",
+        )
+
+    if cfg.init_from:
+        import os
+
+        resuming = cfg.resume and any(
+            os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("checkpoint.pt", "pipeline.json")
+        )  # a resumed run reads its own checkpoint, not init_from
+        _check(
+            resuming or os.path.exists(os.path.expanduser(cfg.init_from)),
+            f"init_from={cfg.init_from!r} does not exist; point it at a dense run's directory or its checkpoint.pt",
         )
 
     o = cfg.optim

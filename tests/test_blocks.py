@@ -44,7 +44,8 @@ def to_hf_llama(model: TransformerLM) -> dict[str, torch.Tensor]:
 
 
 def test_llama_block_equals_transformers_llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject: test extra): the oracle, never skipped
+
     cfg = llama_cfg(rope_theta=500.0, norm_eps=1e-6)
     torch.manual_seed(0)
     ours = TransformerLM(cfg, MoEConfig(name="dense")).eval()

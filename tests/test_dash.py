@@ -285,3 +285,38 @@ def test_exported_page_renders_without_a_server(runs_dir, browser, tmp_path):
     assert dash_main([str(runs_dir), "--export", str(out)]) == 0
     browser.get(out.as_uri())
     _check_rendered(browser, tmp_path, "export")
+
+
+@pytest.fixture(scope="module")
+def bias_run(tmp_path_factory, tiny_data):
+    """A real short run of the deepseek layer: it logs loss-free balancing's expert bias."""
+    root = tmp_path_factory.mktemp("bias-runs")
+    Trainer(tiny_config(root / "tiny-deepseek", "deepseek", steps=8, eval_every=4), data=tiny_data).fit()
+    return root
+
+
+def test_reader_keeps_the_expert_bias_per_step(bias_run):
+    run = read_run(bias_run / "tiny-deepseek")
+    L = run["layers"]["0"]
+    assert len(L["bias"]) == len(L["steps"]) == 8 and all(len(b) == 8 for b in L["bias"])  # 8 fine-grained experts
+    assert L["bias"][0] == [0.0] * 8 and any(v != 0 for v in L["bias"][-1])  # step 1 routed with the zero bias
+    assert read_run(_collapsed_run(bias_run / "no-bias"))["layers"]["1"]["bias"] == [None, None, None]
+
+
+@pytest.mark.browser
+def test_the_expert_bias_is_drawn_beside_the_load(bias_run, browser, tmp_path):
+    out = tmp_path / "dash.html"
+    assert dash_main([str(bias_run), "--export", str(out)]) == 0
+    browser.get(out.as_uri())
+    _wait(browser, "return document.body.dataset.ready === '1'")
+    charts = browser.execute_script(
+        "return [...document.querySelectorAll('[data-chart^=\"bias-\"] svg.heatmap')].map(s => "
+        "[+s.dataset.experts, +s.dataset.columns, s.querySelectorAll('rect.cell').length, "
+        "s.querySelector('rect.cell title').textContent])"
+    )
+    assert len(charts) == 2  # both blocks of the run
+    for experts, cols, cells, tip in charts:
+        assert experts == 8 and cells == experts * cols and "bias" in tip
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert not errors, errors
+    browser.save_screenshot(str(Path(os.environ.get("MOE_DASH_SCREENSHOTS", tmp_path)) / "bias.png"))

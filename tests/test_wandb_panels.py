@@ -264,3 +264,15 @@ def test_plan_orders_experts_numerically_and_skips_unlogged_stats():
         build_workspace(
             [dataclasses.replace(plan[0], panels=(Panel("x", "pie", ("a",)),))], entity="e", project="p", name="n"
         )
+
+
+def test_plan_draws_the_expert_bias_where_a_run_logged_it():
+    keys = {f"moe/layer_1/frac_e{j}" for j in range(4)} | {f"moe/layer_1/bias_e{j}" for j in range(4)}
+    keys |= {"moe/layer_1/bias_range", "moe/layer_1/cv"}
+    plan = panel_plan(RunKeys(Path("r"), frozenset(keys), {1: 4}, has_expert_load=False))
+    balance = {p.title: p for p in dict((s.name, s.panels) for s in plan)["Load balance"]}
+    bias = balance["Expert bias over time, block 1 (loss-free balancing)"]
+    assert bias.type == "line" and bias.keys == tuple(f"moe/layer_1/bias_e{j}" for j in range(4))
+    assert balance["Expert bias spread (loss-free balancing: max - min)"].keys == ("moe/layer_1/bias_range",)
+    plain = panel_plan(RunKeys(Path("r"), frozenset(keys - {k for k in keys if "bias" in k}), {1: 4}, False))
+    assert not any("bias" in p.title for s in plain for p in s.panels)

@@ -89,7 +89,8 @@ def read_run(run_dir: Path, *, now: float | None = None) -> dict:
 
     Returns ``{"name", "path", "status", "config", "series": {key: [[step, value], ...]},
     "layers": {i: {"steps": [...], "frac": [[...E] per step], "cv": [...], "dropped_frac": [...],
-    "max_frac": [...]}}, "params", "final", "last_step", "updated"}``.  Lines that are not
+    "max_frac": [...], "bias": [[...E] or None per step]}}, "params", "final", "last_step",
+    "updated"}`` ("bias": loss-free balancing's expert bias, where logged).  Lines that are not
     valid JSON (a line being written while we read) are skipped.
     """
     run_dir = Path(run_dir)
@@ -131,8 +132,12 @@ def read_run(run_dir: Path, *, now: float | None = None) -> dict:
             fr = sorted((int(k[6:]), v) for k, v in d.items() if k.startswith("frac_e") and k[6:].isdigit())
             if not fr:
                 continue
-            L = layers.setdefault(i, {"steps": [], "frac": [], "cv": [], "dropped_frac": [], "max_frac": []})
+            L = layers.setdefault(
+                i, {"steps": [], "frac": [], "cv": [], "dropped_frac": [], "max_frac": [], "bias": []}
+            )
             fracs = [v if isinstance(v, (int, float)) else 0.0 for _, v in fr]
+            bias = sorted((int(k[6:]), v) for k, v in d.items() if k.startswith("bias_e") and k[6:].isdigit())
+            L["bias"].append([v if isinstance(v, (int, float)) else 0.0 for _, v in bias] or None)
             L["steps"].append(step)
             L["frac"].append(fracs)
             L["cv"].append(d.get("cv"))

@@ -44,6 +44,7 @@ BALANCE = (
     ("dropped_frac", "Dropped fraction (over capacity)"),
     ("entropy_norm", "Routing entropy / ln E"),
     ("aux_loss", "Load-balancing aux loss"),
+    ("bias_range", "Expert bias spread (loss-free balancing: max - min)"),
 )
 THROUGHPUT = (
     ("Tokens / s", ("perf/tokens_per_s",)),
@@ -146,6 +147,9 @@ def panel_plan(run: RunKeys) -> list[Section]:
         fracs = present(f"moe/layer_{i}/frac_e{j}" for j in range(run.experts[i]))
         if fracs:
             balance.append(Panel(f"Expert load over time, block {i}", "stacked_area", fracs))
+        biases = present(f"moe/layer_{i}/bias_e{j}" for j in range(run.experts[i]))
+        if biases:
+            balance.append(Panel(f"Expert bias over time, block {i} (loss-free balancing)", "line", biases))
     if run.has_expert_load:
         balance.append(Panel("Expert load, every eval (table)", "table", (LOAD_TABLE,)))
     if balance:

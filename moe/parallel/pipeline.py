@@ -249,16 +249,24 @@ def stage_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_pipeline_module(
-    model_cfg: ModelConfig, moe_cfg: MoEConfig, *, num_stages: int, seed: int, partition_method: str = PARTITION_METHOD
+    model_cfg: ModelConfig,
+    moe_cfg: MoEConfig,
+    *,
+    num_stages: int,
+    seed: int,
+    partition_method: str = PARTITION_METHOD,
+    init: Callable[[nn.Module], None] | None = None,
 ):
     """The ``PipelineModule`` of this rank's stage, weights equal to ``TransformerLM`` built
-    with ``torch.manual_seed(seed)``; returns ``(module, full_params)`` (parameter counts of the
-    whole model, ``count_parameters``).  Collective: every rank calls it (after
-    ``deepspeed.init_distributed``)."""
+    with ``torch.manual_seed(seed)`` (then passed to ``init``, e.g. upcycling's copy of a dense
+    model); returns ``(module, full_params)`` (parameter counts of the whole model,
+    ``count_parameters``).  Collective: every rank calls it (after ``deepspeed.init_distributed``)."""
     from deepspeed.pipe import PipelineModule
 
     torch.manual_seed(seed)
     full = TransformerLM(model_cfg, moe_cfg)
+    if init is not None:
+        init(full)
     params = count_parameters(full)
     full_state = full.state_dict()  # (detached; freed with this function's frame)
     del full
@@ -386,7 +394,7 @@ class PipelineBackend(Backend):
             )
         skip_shm_comm_build()
         self.module, self.params = build_pipeline_module(
-            self.model_cfg, cfg.moe, num_stages=cfg.parallel.pp_size, seed=cfg.seed
+            self.model_cfg, cfg.moe, num_stages=cfg.parallel.pp_size, seed=cfg.seed, init=self.init_from_dense
         )
         self.model = self.module
         if self.world_size > 1:  # each rank its own dropout / jitter draws, as every backend

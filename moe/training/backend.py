@@ -46,8 +46,9 @@ from moe.training import checkpoint as ckpt
 from moe.training.data import TokenData, load_data
 from moe.training.optim import build_optimizer, optimizer_groups, set_lr
 from moe.training.telemetry import LoadAccumulator
+from moe.training.upcycle import upcycle_from
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = ckpt.CHECKPOINT  # the one-process format every backend but the pipeline writes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +110,7 @@ class Backend:
     replicas = 1
     world_size = 1
     rank = 0
+    init_note = ""  # what init_from did (upcycling), for the start-up lines
 
     def __init__(self, cfg: TrainConfig, *, data: TokenData | None = None):
         validate(cfg)
@@ -143,13 +145,23 @@ class Backend:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same weights on every rank; expert shards are slices of them
         self.runtime = start_runtime(cfg.moe, self.model_cfg)
-        self.model = TransformerLM(self.model_cfg, cfg.moe, context=self._layer_context()).to(self.device)
+        self.model = TransformerLM(self.model_cfg, cfg.moe, context=self._layer_context())
+        self.init_from_dense(self.model)
+        self.model.to(self.device)
         if self.world_size > 1:  # each rank its own dropout, jitter and random-routing draws
             torch.manual_seed(rank_seed(cfg.seed, self.rank))
         self.params = count_parameters(self.model)
         self.moe_blocks = self.model.moe_layers()
         self._use_grad_buffers(True)
         self.optimizer = self._optimizer()
+
+    def init_from_dense(self, model: torch.nn.Module) -> None:
+        """``init_from``: copy the dense run's weights into the freshly built ``model`` (sparse
+        upcycling, ``moe.training.upcycle``), unless this run resumes its own checkpoint."""
+        cfg = self.cfg
+        if not cfg.init_from or (cfg.resume and self.checkpoint_path(Path(cfg.out_dir)).exists()):
+            return
+        self.init_note = upcycle_from(model, cfg, self.model_cfg)
 
     def _use_grad_buffers(self, on: bool) -> None:
         """We only ever ``.backward()`` and zero ``.grad`` in place: the experts may accumulate

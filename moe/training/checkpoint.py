@@ -146,8 +146,10 @@ def load_full_state(
 # grad_accum: only the global batch (batch_size x grad_accum x data-parallel ranks) counts.
 # optim.expert_lr_scale may not (it splits the optimizer's groups, and a checkpoint's groups
 # bring their own lr_scale back with them).
+CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint (the one-process format)
 RESUME_FIXED_KEYS = ("optim.expert_lr_scale",)
 RESUME_FREE_KEYS = (
+    "init_from",
     "steps",
     "resume",
     "out_dir",

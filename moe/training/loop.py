@@ -345,6 +345,8 @@ class Trainer:
             print(f"MFU against a peak of {peak.flops / 1e9:,.1f} GFLOP/s per process ({peak.source})", file=sys.stderr)
             if resumed:
                 print(f"resumed from {self.checkpoint_path} at step {self.step}", file=sys.stderr)
+            elif b.init_note:
+                print(b.init_note, file=sys.stderr)
         return logger, peak
 
     def _finished(self) -> RunResult:

@@ -132,27 +132,45 @@
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   }
 
-  // Experts x steps heatmap of token shares. Columns are thinned to at most 240.
+  // Blue (negative) through white to red (positive), for signed values such as the expert bias.
+  function diverging(t) {
+    t = Math.min(1, Math.max(-1, t));
+    const w = 1 - Math.abs(t), c = t < 0 ? [33, 102, 172] : [178, 24, 43];
+    return `rgb(${c.map((a) => Math.round(a + (255 - a) * w)).join(",")})`;
+  }
+
+  // Experts x steps heatmap. Columns are thinned to at most 240. By default the values are
+  // token shares (layer.frac, viridis from 0, the even share 1/E marked); opts.values, opts.scale
+  // (value -> colour, with .ticks for the colour bar) and opts.tip give another quantity.
   function heatmap(title, layer, opts) {
     const box = el("div", { class: "chart" + (opts.flag ? " collapsed" : ""), "data-chart": opts.id });
     box.append(el("h3", { text: title }, opts.flag ? el("span", { class: "badge", text: opts.flag }) : null));
+    const values = opts.values || layer.frac;
     const T = layer.steps.length;
-    if (!T) { box.append(el("div", { class: "empty", text: "no data yet" })); return box; }
-    const E = layer.frac[T - 1].length;
+    if (!T || !values[T - 1]) { box.append(el("div", { class: "empty", text: "no data yet" })); return box; }
+    const E = values[T - 1].length;
     const stride = Math.ceil(T / 240), cols = [];
-    for (let t = 0; t < T; t += stride) cols.push(t);
+    for (let t = 0; t < T; t += stride) if (values[t]) cols.push(t);
     if (cols[cols.length - 1] !== T - 1) cols.push(T - 1);
     const W = 640, m = { l: 44, r: 70, t: 6, b: 30 }, cellH = Math.max(6, Math.min(22, 260 / E)), H = m.t + m.b + cellH * E;
     const cw = (W - m.l - m.r) / cols.length;
-    let vmax = 2 / E;
-    for (const t of cols) for (const v of layer.frac[t]) vmax = Math.max(vmax, v);
+    let scale = opts.scale, tip = opts.tip;
+    if (!scale) {
+      let vmax = 2 / E;
+      for (const t of cols) for (const v of values[t]) vmax = Math.max(vmax, v);
+      scale = (v) => viridis(v / vmax);
+      scale.lo = 0; scale.hi = vmax;
+      scale.ticks = [[0, "0%"], [1 / E, "1/E"], [vmax, (100 * vmax).toFixed(0) + "%"]];
+      scale.bar = (u) => viridis(u);
+      tip = (e, step, v) => `expert ${e}, step ${step}: ${(100 * v).toFixed(1)}% of tokens`;
+    }
     const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, class: "heatmap", "data-experts": String(E), "data-columns": String(cols.length), "data-cells": String(E * cols.length) });
     const g = svgEl("g", {});
     cols.forEach((t, ci) => {
-      layer.frac[t].forEach((v, e) => {
-        const r = svgEl("rect", { x: (m.l + ci * cw).toFixed(2), y: (m.t + e * cellH).toFixed(2), width: (cw + 0.3).toFixed(2), height: cellH + 0.3, fill: viridis(v / vmax), class: "cell" });
+      values[t].forEach((v, e) => {
+        const r = svgEl("rect", { x: (m.l + ci * cw).toFixed(2), y: (m.t + e * cellH).toFixed(2), width: (cw + 0.3).toFixed(2), height: cellH + 0.3, fill: scale(v), class: "cell" });
         const tt = svgEl("title", {});
-        tt.textContent = `expert ${e}, step ${layer.steps[t]}: ${(100 * v).toFixed(1)}% of tokens`;
+        tt.textContent = tip(e, layer.steps[t], v);
         r.append(tt);
         g.append(r);
       });
@@ -178,11 +196,11 @@
     const xl = svgEl("text", { x: (m.l + W - m.r) / 2, y: H - 3, "text-anchor": "middle" });
     xl.textContent = "step";
     ax.append(xl);
-    // colour bar: 0 .. vmax, with the even share 1/E marked
-    const bx = W - m.r + 18, bh = H - m.t - m.b;
-    for (let i = 0; i < 40; i++) ax.append(svgEl("rect", { x: bx, y: m.t + bh - ((i + 1) / 40) * bh, width: 10, height: bh / 40 + 0.5, fill: viridis((i + 0.5) / 40) }));
-    for (const [v, label] of [[0, "0%"], [1 / E, "1/E"], [vmax, (100 * vmax).toFixed(0) + "%"]]) {
-      const y = m.t + bh - (v / vmax) * bh;
+    // colour bar from scale.lo to scale.hi, with its ticks
+    const bx = W - m.r + 18, bh = H - m.t - m.b, span = scale.hi - scale.lo || 1;
+    for (let i = 0; i < 40; i++) ax.append(svgEl("rect", { x: bx, y: m.t + bh - ((i + 1) / 40) * bh, width: 10, height: bh / 40 + 0.5, fill: scale.bar((i + 0.5) / 40) }));
+    for (const [v, label] of scale.ticks) {
+      const y = m.t + bh - ((v - scale.lo) / span) * bh;
       ax.append(svgEl("line", { x1: bx - 2, x2: bx + 12, y1: y, y2: y, stroke: "#333" }));
       const tx = svgEl("text", { x: bx + 15, y: y + 3 });
       tx.textContent = label;
@@ -191,6 +209,18 @@
     svg.append(ax);
     box.append(svg);
     return box;
+  }
+
+  // The loss-free balancing bias of each expert over time: red raised (underloaded), blue lowered.
+  function biasHeatmap(title, layer, id) {
+    let amax = 1e-9;
+    for (const row of layer.bias) if (row) for (const v of row) amax = Math.max(amax, Math.abs(v));
+    const scale = (v) => diverging(v / amax);
+    scale.lo = -amax; scale.hi = amax;
+    scale.ticks = [[-amax, (-amax).toPrecision(2)], [0, "0"], [amax, "+" + amax.toPrecision(2)]];
+    scale.bar = (u) => diverging(2 * u - 1);
+    const tip = (e, step, v) => `expert ${e}, step ${step}: bias ${v >= 0 ? "+" : ""}${v.toPrecision(3)}`;
+    return heatmap(title, layer, { id, values: layer.bias, scale, tip });
   }
 
   function renderAlerts(snap) {
@@ -275,6 +305,9 @@
           { name: "load CV x100", color: "#1f77b4", dash: "4,3", points: pts(L.cv, 100) },
           { name: "top expert share %", color: "#ff7f0e", dash: "1,3", points: pts(L.max_frac, 100) },
         ], { id: `dropped-${r.name}-${i}`, ymin: 0, width: 420, height: 200, yfmt: (v) => v.toFixed(0), flag, legend: true }));
+        if (L.bias && L.bias.some((b) => b)) {
+          row.append(biasHeatmap(`block ${i}: expert bias (loss-free balancing: raised while underloaded)`, L, `bias-${r.name}-${i}`));
+        }
         block.append(row);
       }
       host.append(block);

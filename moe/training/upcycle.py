@@ -1,0 +1,167 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): start an MoE model from a trained dense one.
+
+``init_from=<dense run dir or checkpoint.pt>`` builds the configured model and then copies in
+the dense model's weights: embeddings, attention, norms, the dense blocks' FFNs and the output
+projection as they are; in every sparse block each routed expert is a copy of that block's
+dense FFN and the router stays freshly initialised.
+
+Fine-grained experts (``moe.granularity=m``): the dense FFN's hidden units are cut into m
+consecutive slices of ``d_ff/m``; expert ``c*m + j`` holds slice ``j`` of copy ``c`` (rows
+``j*d_ff/m ...`` of ``w1``/``w3``, the same rows of ``w2``'s input side).  The fresh router's
+row of expert ``c*m`` is repeated for ``c*m+1 ... c*m+m-1``, so at step 0 the m slices of a
+copy score alike and a token picks whole copies: the m slices then add up to the dense FFN
+when each carries the weight the whole copy would (``moe.route_scale=m`` with renormalised
+gates).  Shared experts start with a zero output projection (``w2 = 0``): they add nothing at
+step 0 and learn from there.
+
+The upcycled model computes the dense model's function exactly at step 0 when every token's
+combine weights over its copies sum to one: renormalised top-k (k >= 2 routed experts, or
+``topk`` with ``granularity >= 2``), ``route_scale`` equal to the granularity, no capacity
+dropping.  :func:`exact_start` says whether a config does, and why not; Switch (one expert,
+weighted by its router probability) does not: its output starts as ``p * FFN(x)``.
+
+Under expert parallelism each rank copies the dense FFN into its own shard of the experts
+(``moe.model.experts.expert_shards``): every rank reads the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, resolved_config_dict
+from moe.model.experts import expert_shards
+from moe.training import checkpoint as ckpt
+
+# the model keys that must agree between the dense source and the upcycled model
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "seq_len", "block", "activation", "tie_embeddings")
+
+
+def source_file(init_from: str) -> Path:
+    """The checkpoint file ``init_from`` names: a run directory's ``checkpoint.pt`` or the file
+    itself.  A one-line ConfigError when there is none, or when it is a pipeline run's
+    DeepSpeed checkpoint (which this package does not read back into one process)."""
+    p = Path(init_from).expanduser()
+    if p.is_dir():
+        if (p / ckpt.CHECKPOINT).exists():
+            return p / ckpt.CHECKPOINT
+        if (p / "pipeline.json").exists():
+            raise ConfigError(
+                f"init_from={init_from}: a pipeline-parallel run's DeepSpeed checkpoint; upcycle from "
+                "a dense run trained without parallel.pp_size (one process, DDP or ZeRO write checkpoint.pt)"
+            )
+        raise ConfigError(f"init_from={init_from}: no {ckpt.CHECKPOINT} in that directory; point it at a dense run")
+    if not p.is_file():
+        raise ConfigError(f"init_from={init_from} does not exist; point it at a dense run's directory or checkpoint.pt")
+    return p
+
+
+def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig, path: Path) -> None:
+    """The dense run's config against this one: the same model shape and vocabulary, and a
+    dense source; one-line ConfigErrors naming the keys."""
+    src = resolved_config_dict(saved.get("config") or {})
+    now = resolved_config_dict({"model": dict(vars(model_cfg))})
+    diff = [
+        f"model.{k}: {src.get('model', {}).get(k)!r} -> {now['model'][k]!r}"
+        for k in SHAPE_KEYS
+        if src.get("model", {}).get(k) != now["model"][k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"init_from={path}: the dense model has another shape ({', '.join(diff)}); upcycling copies "
+            "its weights, so set these as the dense run had them"
+        )
+    src_data, data = src.get("data", {}), cfg.data
+    for k in ("tokenizer", "vocab_size"):
+        if src_data.get(k) != getattr(data, k):
+            raise ConfigError(
+                f"init_from={path}: the dense run used data.{k}={src_data.get(k)!r}, this run "
+                f"data.{k}={getattr(data, k)!r}; the embeddings only fit the same tokenizer"
+            )
+    if (src.get("moe") or {}).get("name", "dense") != "dense":
+        raise ConfigError(
+            f"init_from={path}: the source is an moe={src['moe']['name']} run; upcycling starts from a "
+            "dense model (moe=dense)"
+        )
+
+
+def exact_start(moe: MoEConfig) -> tuple[bool, str]:
+    """Whether an upcycled model of layer config ``moe`` computes the dense model's function
+    at step 0 (every token's combine weights over its copies sum to one), and why not."""
+    if moe.name in ("base", "switch"):
+        return False, f"moe={moe.name} weighs its one expert by a router score below 1"
+    if moe.name == "gshard":
+        return True, ""
+    if not moe.normalize_weights or moe.routed_top_k < 2:
+        return False, "the combine weights are not renormalised over two or more experts"
+    if moe.route_scale != moe.granularity:
+        return False, f"moe.route_scale={moe.route_scale} is not the granularity {moe.granularity}"
+    if not moe.dropless:
+        return True, "(while no token is dropped by capacity)"
+    return True, ""
+
+
+@torch.no_grad()
+def upcycle_(model: nn.Module, dense_state: dict[str, torch.Tensor], moe: MoEConfig) -> dict[str, int]:
+    """Copy ``dense_state`` (a dense ``TransformerLM``'s state dict) into ``model`` as the module
+    docstring says; returns counts of what was done (``copied``, ``experts``, ``fresh``)."""
+    m = moe.granularity
+    own = model.state_dict()
+    shards = {key: (first, n_local) for key, _, first, n_local, _ in expert_shards(model)}
+    copied = experts = 0
+    fresh: list[str] = []
+    for key, target in own.items():
+        if key in dense_state and dense_state[key].shape == target.shape:
+            target.copy_(dense_state[key])
+            copied += 1
+            continue
+        block, _, rest = key.partition(".ffn.")
+        if key in shards:  # blocks.i.ffn.experts.w{1,2,3}_E..: slices of blocks.i.ffn.w{1,2,3}.weight
+            which = rest.rsplit(".", 1)[-1][:2]  # w1 | w2 | w3
+            dense = dense_state.get(f"{block}.ffn.{which}.weight")
+            if dense is None:
+                raise ConfigError(
+                    f"init_from: the dense model has no {block}.ffn.{which}.weight for {key} (a "
+                    f"{'SwiGLU' if which == 'w3' else 'dense'} FFN there?)"
+                )
+            full = dense.t()  # (D, F) for w1/w3, (F, D) for w2
+            F = full.shape[1] if which != "w2" else full.shape[0]
+            first, n_local = shards[key]
+            for i in range(n_local):
+                j = (first + i) % m  # slice j of copy (first + i) // m
+                rows = slice(j * F // m, (j + 1) * F // m)
+                target[i].copy_(full[:, rows] if which != "w2" else full[rows, :])
+            experts += 1
+            continue
+        fresh.append(key)
+    for key in fresh:
+        if key.endswith("router.weight_ED") and m > 1:  # one fresh row per copy, repeated over its slices
+            w = own[key]
+            w.copy_(w[::m].repeat_interleave(m, dim=0))
+        elif ".shared.w2." in key:
+            own[key].zero_()
+    model.load_state_dict(own)
+    return {"copied": copied, "experts": experts, "fresh": len(fresh)}
+
+
+def upcycle_from(model: nn.Module, cfg: TrainConfig, model_cfg: ModelConfig) -> str:
+    """Read ``cfg.init_from``, check it, copy it into ``model``; one line saying what was done."""
+    path = source_file(cfg.init_from)
+    saved = ckpt.load(path)
+    check_source(saved, cfg, model_cfg, path)
+    counts = upcycle_(model, saved["model"], cfg.moe)
+    exact, why = exact_start(cfg.moe)
+    step = saved.get("step", "?")
+    what = (
+        f"{counts['copied']} tensors copied, {counts['experts']} expert stacks from the dense FFNs, "
+        f"{counts['fresh']} fresh (routers, shared experts, biases)"
+    )
+    if cfg.moe.name == "dense":
+        what = f"{counts['copied']} tensors copied"
+    start = "step 0 computes the dense model's function" + (f" {why}" if exact and why else "")
+    if not exact:
+        start = f"step 0 is not the dense model's function: {why}"
+    return f"init_from {path} (step {step}): {what}; {start}"
