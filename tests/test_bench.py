@@ -33,16 +33,27 @@ def test_layer_bench_writes_json_with_every_row(tmp_path, capsys):
             "--repeats",
             "1",
             "--no-deepspeed",
+            "--fine-grained",
+            "2:4:1",
+            "2:2:1+1",
             "--out",
             str(out),
         ]
     )
     assert rc == 0
     result = json.loads(out.read_text())
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "granularity" not in r]
     assert {(r["E"], r["k"], r["mode"]) for r in rows} == {
         (E, k, m) for E in (4, 8) for k in (1, 2) for m in ("dropless", "capacity")
     }
+    fine = [r for r in result["rows"] if "granularity" in r]
+    assert [(r["E"], r["k"], r["expert_d_ff"], r["shared"]) for r in fine] == [(8, 4, 16, 0), (4, 2, 32, 1)]
+    # the limit is the dense FFN's tokens/s over the active width: 4 x 16 = 1 FFN; (2 + 1) x 32 = 1.5 FFNs
+    for r, width in zip(fine, (1.0, 1.5)):
+        assert r["active_width"] == width
+        assert r["limit_tokens_per_s"] == pytest.approx(r["dense_tokens_per_s"] / width)
+        assert 0 < r["ratio"] == pytest.approx(r["tokens_per_s"] / r["limit_tokens_per_s"])
+    assert "| 8 x 16 | 0 | 4 |" in markdown_table(result) and "| 4 x 32 | 1 | 2 |" in markdown_table(result)
     for r in rows:
         assert r["impl"] == "ours" and r["tokens_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["limit_tokens_per_s"])
@@ -53,6 +64,9 @@ def test_layer_bench_writes_json_with_every_row(tmp_path, capsys):
 def test_layer_bench_rejects_k_larger_than_experts(tmp_path):
     with pytest.raises(SystemExit):
         main(["layer", "--experts", "2", "--k", "3", "--out", str(tmp_path / "x.json")])
+    for bad in ("8:3", "8:3:1", "2:2:3"):  # malformed; d_ff 2048 not divisible by 3; k > N
+        with pytest.raises(SystemExit):
+            main(["layer", "--fine-grained", bad, "--out", str(tmp_path / "x.json")])
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -195,7 +196,59 @@ def test_summarize_and_the_bar():
     odd = summarize([_curve("dense", [3.0, 2.5, 2.2], every=100), _curve("switch-8", [2.9, 2.3, 2.1], every=100)])
     assert odd[1]["gap_mid"] == pytest.approx((2.9 + 2.3) / 2 - (3.0 + 2.5) / 2)  # step 150: between two evals
     checks = {claim.split(" ")[0]: met for claim, met, _ in bar_checks(rows)}
-    assert checks == {"Switch-8": True, "GShard-8": False}
+    assert checks == {"Switch-8": True, "GShard-8": False, "an": False}  # issue 17's needs the paired eval
+    by["switch-8"]["final_eval"] = {"batches": 256, "gap": -0.03, "gap_se": 0.005}
+    (claim, met, evidence) = bar_checks(rows)[-1]
+    assert "0.7x" in claim and met and "best: switch-8 at 0.50x of dense's steps" in evidence
+    by["switch-8"]["final_eval"] = {"batches": 256, "gap": -0.003, "gap_se": 0.005}  # within the noise
+    assert bar_checks(rows)[-1][1] is False
+
+
+def test_an_upcycled_arm_counts_steps_from_the_start_against_dense_continued(tmp_path):
+    """upcycle-8@200 trained 200 more steps after the dense run of 200: its curve starts at
+    step 200, and it is measured against dense@200 (dense continued), not dense."""
+
+    def write(name, steps, losses):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"step": s, "val/loss": v, "perf/step_time_s": 0.1} for s, v in zip(steps, losses)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+        return d
+
+    up = load_run(write("up", [100, 200], [2.2, 1.9]), "upcycle-8@200", offset=200)
+    cont = load_run(write("cont", [100, 200], [2.3, 2.0]), "dense@200", offset=200)
+    dense = _curve("dense", [3.0, 2.5, 2.2, 2.1])
+    assert up.val_steps == [300, 400] and up.train_steps == [300, 400] and up.time_at(400) == pytest.approx(20.0)
+    rows = {
+        r["arm"]: r
+        for r in summarize([dense, cont, up], baselines={"upcycle-8@200": "dense@200", "dense@200": "dense"})
+    }
+    assert rows["upcycle-8@200"]["baseline"] == "dense@200"
+    # dense@200 ends at 2.0 (step 400); upcycled reaches 2.0 at 300 + 100 * (2.2 - 2.0) / 0.3
+    assert rows["upcycle-8@200"]["steps_to_baseline"] == pytest.approx(300 + 100 * 0.2 / 0.3)
+    assert rows["upcycle-8@200"]["steps_ratio"] == pytest.approx((300 + 100 * 0.2 / 0.3) / 400)
+    assert rows["dense@200"]["baseline"] == "dense" and rows["dense@200"]["steps_to_baseline"] == pytest.approx(
+        300 + 100 * 0.2 / 0.3
+    )
+    gaps = paired_gaps(
+        {"dense": [2.0, 2.0], "dense@200": [1.9, 1.8], "upcycle-8@200": [1.8, 1.75]},
+        baselines={"upcycle-8@200": "dense@200", "dense@200": "dense"},
+    )
+    assert gaps["upcycle-8@200"]["gap"] == pytest.approx(-0.075) and gaps["dense@200"]["gap"] == pytest.approx(-0.15)
+
+
+def test_parse_begun_arms():
+    a = parse_arm("upcycle-8@500")
+    assert (a.name, a.baseline, a.source.name) == ("upcycle-8@500", "dense@500", "dense-500")
+    assert a.schedule_overrides(1500, "/r") == ["steps=1000", "init_from=/r/quality-dense-e1-500steps"]
+    assert a.source.schedule_overrides(1500, "/r") == ["steps=500"]
+    assert parse_arm("dense@500").baseline == "dense"
+    assert "moe.route_scale=2.0" in a.overrides(768) and "moe.granularity=2" in a.overrides(768)
+    for bad in ("upcycle-8", "switch-8@", "switch-8@0", "dense@x"):
+        with pytest.raises(ValueError):
+            parse_arm(bad)
+    with pytest.raises(ValueError, match="between 0 and steps"):
+        parse_arm("dense@1500").schedule_overrides(1500, "/r")
 
 
 def test_paired_gaps_against_statistics():
@@ -256,7 +309,7 @@ def test_arms_keep_dense_flops():
     assert parse_arm("gshard-16").overrides(768) == ["moe=gshard", "moe.num_experts=16", "moe.expert_d_ff=384"]
     with pytest.raises(ValueError, match="not divisible"):
         parse_arm("gshard-8").overrides(767)
-    for bad in ("switch", "topk-8", "base-1", "dense-8"):
+    for bad in ("switch", "topk-8", "base-1", "dense-8", "deepseek"):
         with pytest.raises(ValueError, match="not an arm"):
             parse_arm(bad)
 
@@ -362,3 +415,65 @@ def test_smoke_comparison_end_to_end(tmp_path, capsys):
     )  # the first run trained them all
     assert "- Trained by earlier invocations with this config" in out.read_text()
     assert "| dense |" in capsys.readouterr().out
+
+
+def test_the_deepseek_arm_matches_dense_flops_with_its_shared_expert():
+    """deepseek-8: 32 experts split 4 ways, 4 routed + 1 shared of d_ff/5 (rounded down):
+    active FFN width 5 x 153 = 765 of dense's 768; the arm's model has no more active
+    parameters than dense's beyond the router, and not 1% fewer."""
+    from moe.cli.config import compose
+    from moe.model.transformer import TransformerLM, count_parameters
+
+    ov = parse_arm("deepseek-8").overrides(768)
+    assert ov == [
+        "moe=deepseek",
+        "moe.num_experts=8",
+        "moe.top_k=1",
+        "moe.granularity=4",
+        "moe.num_shared_experts=1",
+        "moe.expert_d_ff=612",
+    ]
+
+    def active(overrides):
+        cfg = compose(["experiment=quality", *overrides, "out_dir=/dev/null"])
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=256)
+        return count_parameters(TransformerLM(model_cfg, cfg.moe))["active_non_embedding"], cfg
+
+    dense, _ = active(Arm("dense").overrides(768))
+    ds, cfg = active(ov)
+    router = 2 * 32 * 192  # 2 MoE blocks, 32 routed experts, d_model 192
+    assert cfg.moe.routed_experts == 32 and cfg.moe.routed_top_k == 4
+    assert 0.99 * dense <= ds - router <= dense
+
+
+def test_the_data_line_says_what_the_arms_trained_on():
+    from moe.bench.quality.run import data_description
+    from moe.config import DataConfig
+
+    assert data_description(DataConfig(tokenizer="byte")) == "byte tokenizer, the embedded stdlib corpus"
+    assert (
+        data_description(DataConfig(path="/corpora/prose", vocab_size=4096, max_files=30))
+        == "bpe tokenizer (vocab 4096), files under /corpora/prose, first 30 files"
+    )
+
+
+def test_smoke_upcycled_and_deepseek_arms_end_to_end(tmp_path, capsys):
+    """The dense source of 4 steps trains first, then dense@4 and upcycle-8@4 begin from its
+    checkpoint (8 more steps each) beside deepseek-8 from scratch; the report measures the
+    upcycled arm against dense@4."""
+    out = tmp_path / "results.md"
+    argv = ["quality", "--smoke", "--arms", "dense,dense@4,upcycle-8@4,deepseek-8"]
+    argv += ["--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--no-plots"]
+    assert bench_main(argv) == 0
+    runs = tmp_path / "runs"
+    src = json.loads((runs / "quality-dense-e1-4steps" / "config.json").read_text())
+    up = json.loads((runs / "quality-upcycle-e8-from4" / "config.json").read_text())
+    assert src["steps"] == 4 and up["steps"] == 8 and up["init_from"] == str(runs / "quality-dense-e1-4steps")
+    log = (runs / "logs" / "quality-upcycle-e8-from4.log").read_text()
+    assert "step 0 computes the dense model's function" in log
+    rows = {r["arm"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"dense", "dense@4", "upcycle-8@4", "deepseek-8"}  # the source is not an arm of the table
+    assert rows["upcycle-8@4"]["baseline"] == "dense@4" and rows["upcycle-8@4"]["steps"] == 12
+    assert rows["upcycle-8@4"]["final_eval"]["gap"] is not None
+    text = out.read_text()
+    assert "Arms named `<arm>@S` (S = 4)" in text and "steps to its baseline's final val loss" in text

@@ -119,6 +119,8 @@ def test_upcycling_refuses_another_shape_a_moe_source_and_a_missing_dir(dense_gp
         Trainer(wide, data=tiny_data)
     with pytest.raises(ConfigError, match=r"model.block: 'gpt' -> 'llama'"):
         Trainer(_moe_cfg(tmp_path / "b", src, "llama"), data=tiny_data)
+    with pytest.raises(ConfigError, match="upcycled experts are copies of the dense FFN"):
+        Trainer(_moe_cfg(tmp_path / "g", src, "gpt", name="gshard", expert_d_ff=64), data=tiny_data)
     with pytest.raises(ConfigError, match="does not exist"):
         Trainer(_moe_cfg(tmp_path / "c", tmp_path / "nowhere", "gpt"), data=tiny_data)
     moe_run = tmp_path / "moe-run"

@@ -17,7 +17,7 @@ import torch
 from moe.bench import parallel as bench_parallel
 from moe.bench import peak as bench_peak
 from moe.bench import swarm as bench_swarm
-from moe.bench.layer import bench_layer, markdown_table
+from moe.bench.layer import bench_layer, markdown_table, parse_fine_grained
 from moe.bench.quality.run import run_quality
 from moe.bench.results import write_and_print
 
@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--repeats", type=int, default=5)
     lay.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     lay.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="skip DeepSpeed's layer")
+    lay.add_argument(
+        "--fine-grained",
+        nargs="*",
+        default=["8:8:1", "8:4:1+1"],
+        metavar="N:m:k[+S]",
+        help="fine-grained rows: N experts split m ways, m*k routed, S shared (default: 64 experts of d_ff/8 "
+        "top-8; 32 of d_ff/4 top-4 + 1 shared); DeepSpeed's layer (top-1/2, no shared experts) has no such rows",
+    )
     lay.add_argument("--out", default="bench_results/layer.json")
     q = sub.add_parser(
         "quality", help="dense vs switch vs gshard vs base at equal compute: train every arm, write docs/results.md"
@@ -44,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument(
         "--arms",
         default="",
-        help="comma-separated, e.g. dense,switch-8,gshard-8,base-8 (default: dense and "
-        "switch/gshard/base at 8 and 16 experts)",
+        help="comma-separated, e.g. dense,switch-8,gshard-8,base-8,deepseek-8; <arm>@S begins from the "
+        "dense run of S steps: dense@500,upcycle-8@500 (default: dense and switch/gshard/base at 8 and 16 experts)",
     )
     q.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     q.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: cpu count / jobs)")
@@ -107,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     for k in getattr(args, "k", []):
         if k < 1 or k > min(args.experts):
             p.error(f"--k {k}: must be in [1, smallest --experts]")
+    for spec in args.fine_grained:
+        try:
+            n, m, _, _ = parse_fine_grained(spec)
+        except ValueError as e:
+            p.error(str(e))
+        if args.d_ff % m:
+            p.error(f"--fine-grained {spec}: --d-ff {args.d_ff} is not divisible by m={m}")
     return write_and_print(bench_layer(args), markdown_table, args.out)
 
 

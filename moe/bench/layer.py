@@ -79,6 +79,20 @@ def _deepspeed_layer(d_model: int, d_ff: int, num_experts: int, k: int, capacity
     )
 
 
+def parse_fine_grained(spec: str) -> tuple[int, int, int, int]:
+    """``N:m:k[+S]`` -> (num_experts, granularity, top_k, shared): N experts split m ways, m*k of
+    the m*N routed per token, S shared experts of the same d_ff/m beside them."""
+    head, _, shared = spec.partition("+")
+    try:
+        n, m, k = (int(v) for v in head.split(":"))
+        s = int(shared) if shared else 0
+    except ValueError:
+        raise ValueError(f"--fine-grained {spec!r}: write N:m:k or N:m:k+S, e.g. 8:8:1 or 8:4:1+1") from None
+    if min(n, m, k) < 1 or s < 0 or k > n:
+        raise ValueError(f"--fine-grained {spec!r}: need N, m, k >= 1, k <= N and S >= 0")
+    return n, m, k, s
+
+
 def bench_layer(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -138,6 +152,39 @@ def bench_layer(args) -> dict:
                         flush=True,
                     )
                 del impls
+    for spec in args.fine_grained:  # DeepSeekMoE shapes: many small experts, shared ones, dropless
+        n, m, k, shared = parse_fine_grained(spec)
+        cfg = MoEConfig(name="topk", num_experts=n, top_k=k, granularity=m, num_shared_experts=shared, dropless=True)
+        ours = MoELayer(D, F_, cfg).to(device)
+        ours.experts.grad_into_buffers = True
+        secs = _time_interleaved({"dense": (dense, _ours), "ours": (ours, _ours)}, x, args.repeats)
+        dense_all.append(T / secs["dense"])
+        width = (m * k + shared) / m  # active FFN width in dense FFNs: (m*k routed + S shared) of d_ff/m
+        limit = T / secs["dense"] / width
+        tps = T / secs["ours"]
+        row = {
+            "E": n * m,
+            "k": k * m,
+            "mode": "dropless",
+            "impl": "ours",
+            "granularity": m,
+            "shared": shared,
+            "expert_d_ff": F_ // m,
+            "active_width": width,
+            "dense_tokens_per_s": T / secs["dense"],
+            "tokens_per_s": tps,
+            "ms": secs["ours"] * 1e3,
+            "limit_tokens_per_s": limit,
+            "ratio": tps / limit,
+        }
+        rows.append(row)
+        label = f"{n * m}x{F_ // m}" + (f"+{shared}" if shared else "")
+        print(
+            f"{label:>9} {k * m:>2} {'dropless':>9} {'ours':>9} {tps:>10,.0f} {secs['ours'] * 1e3:>7.0f} "
+            f"{limit:>10,.0f} {tps / limit:>6.2f}",
+            flush=True,
+        )
+        del ours
     return {
         "benchmark": "layer",
         "d_model": D,
@@ -162,6 +209,8 @@ def markdown_table(result: dict) -> str:
     rows: dict[tuple, dict] = {}
     for r in result["rows"]:
         rows.setdefault((r["E"], r["k"], r["mode"]), {})[r["impl"]] = r
+    fine = [r for r in result["rows"] if r.get("granularity")]
+    rows = {key: d for key, d in rows.items() if not any(r.get("granularity") for r in d.values())}
     lines = [
         "| E | k | mode | ours tokens/s | ours / limit | DeepSpeed tokens/s | DeepSpeed / limit |",
         "|---:|---:|---|---:|---:|---:|---:|",
@@ -170,4 +219,15 @@ def markdown_table(result: dict) -> str:
         o, ds = d["ours"], d.get("deepspeed")
         ds_cols = f"{ds['tokens_per_s']:,.0f} | {ds['ratio']:.2f}" if ds else "- | -"
         lines.append(f"| {E} | {k} | {mode} | {o['tokens_per_s']:,.0f} | **{o['ratio']:.2f}** | {ds_cols} |")
+    if fine:
+        lines += [
+            "",
+            "| routed experts x d_ff | shared | k | ours tokens/s | limit (dense / active width) | ours / limit |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in fine:
+            lines.append(
+                f"| {r['E']} x {r['expert_d_ff']} | {r['shared']} | {r['k']} | {r['tokens_per_s']:,.0f} | "
+                f"{r['limit_tokens_per_s']:,.0f} | **{r['ratio']:.2f}** |"
+            )
     return "\n".join(lines)

@@ -81,6 +81,12 @@ def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig
                 f"init_from={path}: the dense run used data.{k}={src_data.get(k)!r}, this run "
                 f"data.{k}={getattr(data, k)!r}; the embeddings only fit the same tokenizer"
             )
+    m = cfg.moe
+    if m.name != "dense" and (m.expert_d_ff or model_cfg.d_ff) != model_cfg.d_ff:
+        raise ConfigError(
+            f"init_from={path}: moe.expert_d_ff={m.expert_d_ff} but upcycled experts are copies of the dense "
+            f"FFN (d_ff {model_cfg.d_ff}), or 1/m slices of it: set moe.expert_d_ff=0 and split with moe.granularity"
+        )
     if (src.get("moe") or {}).get("name", "dense") != "dense":
         raise ConfigError(
             f"init_from={path}: the source is an moe={src['moe']['name']} run; upcycling starts from a "

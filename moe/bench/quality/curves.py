@@ -39,14 +39,16 @@ def interp(x: float, xs: list[float], ys: list[float]) -> float:
     return ys[-1]
 
 
-def load_run(run_dir: Path, name: str = "") -> RunCurves:
+def load_run(run_dir: Path, name: str = "", *, offset: int = 0) -> RunCurves:
     """Curves from ``run_dir/metrics.jsonl`` (a resumed run's records appear once: the trainer
-    truncates the file to the checkpoint's step before it re-logs)."""
+    truncates the file to the checkpoint's step before it re-logs).  ``offset``: steps before
+    this run's first (an arm begun from a dense run of that many steps); every step is shifted
+    by it, and the training time starts at 0 (the source run's time is its own)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics (did the run start?)")
     rc = RunCurves(name or Path(run_dir).name)
-    prev_step, total = 0, 0.0
+    prev_step, total = offset, 0.0
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -54,7 +56,7 @@ def load_run(run_dir: Path, name: str = "") -> RunCurves:
         if r.get("type") == "summary":
             rc.final = {k: v for k, v in r.items() if isinstance(v, (int, float))}
             continue
-        step = r.get("step", 0)
+        step = r.get("step", 0) + offset
         if "val/loss" in r and r["val/loss"] is not None:
             if rc.val_steps and rc.val_steps[-1] == step:  # the final eval repeats a periodic one
                 rc.val_loss[-1] = r["val/loss"]
@@ -86,15 +88,18 @@ def steps_to_reach(steps: list[int], losses: list[float], target: float) -> floa
     return None
 
 
-def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
+def summarize(runs: list[RunCurves], baseline: str = "dense", *, baselines: dict[str, str] | None = None) -> list[dict]:
     """One table row per run: final val loss, steps (and wall-clock) to reach the baseline's
     final val loss and their ratio to the baseline's, the val-loss gap to the baseline half way
-    and at the end, tokens/s, parameters, mean load CV."""
-    base = next((r for r in runs if r.name == baseline), None)
-    target = base.val_loss[-1] if base and base.val_loss else None
-    base_steps = base.val_steps[-1] if base and base.val_steps else None
+    and at the end, tokens/s, parameters, mean load CV.  ``baselines`` names a run's own
+    baseline (an upcycled arm's: dense continued from the same point); the rest use ``baseline``."""
+    by_name = {r.name: r for r in runs}
     rows = []
     for r in runs:
+        base_name = (baselines or {}).get(r.name, baseline)
+        base = by_name.get(base_name)
+        target = base.val_loss[-1] if base and base.val_loss else None
+        base_steps = base.val_steps[-1] if base and base.val_steps else None
         reach = steps_to_reach(r.val_steps, r.val_loss, target) if target is not None else None
         cvs = [c for c in r.cv if not math.isnan(c)]
         tps = [t for t in r.tokens_per_s if not math.isnan(t)]
@@ -107,6 +112,7 @@ def summarize(runs: list[RunCurves], baseline: str = "dense") -> list[dict]:
         rows.append(
             {
                 "arm": r.name,
+                "baseline": base_name,
                 "steps": r.val_steps[-1] if r.val_steps else 0,
                 "final_val_loss": r.val_loss[-1] if r.val_loss else math.nan,
                 "steps_to_baseline": reach,

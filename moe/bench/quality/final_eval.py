@@ -14,16 +14,19 @@ from moe.training.checkpoint import load as load_ckpt
 from moe.training.data import load_data
 
 
-def paired_gaps(per_batch: dict[str, list[float]], baseline: str = "dense") -> dict[str, dict]:
+def paired_gaps(
+    per_batch: dict[str, list[float]], baseline: str = "dense", *, baselines: dict[str, str] | None = None
+) -> dict[str, dict]:
     """The final checkpoints on the same ``N`` val batches: each arm's mean loss, and its gap
-    to the baseline as the mean of the per-batch differences with its standard error (the
-    batches are shared, so the pairing removes their difficulty from the noise)."""
-    base = per_batch.get(baseline)
+    to its baseline (``baselines[arm]``, else ``baseline``) as the mean of the per-batch
+    differences with its standard error (the batches are shared, so the pairing removes their
+    difficulty from the noise)."""
     out = {}
     for name, losses in per_batch.items():
+        base = per_batch.get((baselines or {}).get(name, baseline))
         n = len(losses)
         row = {"batches": n, "val_loss": sum(losses) / n, "gap": None, "gap_se": None, "batches_ahead": None}
-        if base is not None and len(base) == n and name != baseline and n > 1:
+        if base is not None and base is not losses and len(base) == n and n > 1:
             d = [a - b for a, b in zip(losses, base)]
             mean = sum(d) / n
             row.update(

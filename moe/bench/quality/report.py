@@ -49,6 +49,29 @@ def bar_checks(rows: list[dict], baseline: str = "dense") -> list[tuple[str, boo
                     f"final val loss {by[arm]['final_val_loss']:.4f} vs dense {base['final_val_loss']:.4f} ({d:+.4f})",
                 )
             )
+    # issue 17: one arm far ahead (steps from the start; an upcycled arm against dense continued)
+    cands = [
+        r
+        for r in rows
+        if not r["arm"].startswith("dense") and r.get("steps_ratio") is not None and r["arm"] != baseline
+    ]
+    if cands:
+        best = min(cands, key=lambda r: r["steps_ratio"])
+        f = best.get("final_eval") or {}
+        ahead = f.get("gap") is not None and f["gap"] + 2 * f["gap_se"] < 0
+        paired = (
+            f"; final checkpoints {f['gap']:+.4f} ± {2 * f['gap_se']:.4f} (2 SE) against it"
+            if f.get("gap") is not None
+            else "; no paired final evaluation"
+        )
+        out.append(
+            (
+                "an arm reaches its baseline's final val loss in <= 0.7x the steps and beats it beyond 2 SE",
+                best["steps_ratio"] <= 0.7 and ahead,
+                f"best: {best['arm']} at {best['steps_ratio']:.2f}x of "
+                f"{best.get('baseline', baseline)}'s steps{paired}",
+            )
+        )
     return out
 
 
@@ -62,6 +85,7 @@ def _fmt(v, spec: str, none: str = "never") -> str:
 
 def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str = "") -> str:
     """The markdown report: setup, table, the bar, plots, then the kept notes."""
+    starts = setup.get("starts") or []
     lines = [
         "# Results: dense vs Switch vs GShard vs BASE at equal compute",
         "",
@@ -76,7 +100,20 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
         f"- Data: {setup['data']}",
         "- Equal compute per token: top-1 experts (switch, base) are the dense FFN's size; gshard's top-2 experts have"
         " half its hidden size, so two of them cost one dense FFN. The active-parameter "
-        "column shows it (the router adds E x d_model).",
+        "column shows it (the router adds E x d_model). deepseek arms: 4 routed experts of d_ff/5 (the experts split 4 "
+        "ways, top-1) and one shared expert of that size, 5/5 of a dense FFN (rounded down).",
+        *(
+            [
+                f"- Arms named `<arm>@S` (S = {', '.join(map(str, starts))}) begin from the dense model "
+                "trained for S steps (its own schedule) and train the remaining steps with a fresh one: "
+                "`upcycle-N@S` is upcycled from it (N copies of each dense FFN, each split in two halves, "
+                "two halves a token, route_scale 2: it starts as the dense model), `dense@S` continues "
+                "dense from the same checkpoint and is those arms' baseline (the table's steps count "
+                "from the dense run's step 0)."
+            ]
+            if starts
+            else []
+        ),
         (
             f"- Arms ran {setup['jobs']} at a time with {setup['threads']} thread(s) each, so "
             "tokens/s and wall-clock compare arms"
@@ -90,7 +127,7 @@ def render(rows: list[dict], *, setup: dict, plots: dict[str, str], notes: str =
         "",
         "## Table",
         "",
-        "| arm | steps | final val loss | steps to dense's final val loss | vs dense | "
+        "| arm | steps | final val loss | steps to its baseline's final val loss | vs baseline | "
         "training time to it | val loss minus dense's: half way / end | tokens/s | total "
         "params | active params | mean load CV |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

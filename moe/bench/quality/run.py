@@ -4,6 +4,7 @@ checkpoints and write the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moe.bench.quality.arms import DEFAULT_ARMS, SMOKE_OVERRIDES, expert_only, parse_arm
+from moe.bench.quality.arms import DEFAULT_ARMS, SMOKE_OVERRIDES, Arm, expert_only, parse_arm
 from moe.bench.quality.curves import load_run, summarize
 from moe.bench.quality.final_eval import final_eval, paired_gaps
 from moe.bench.quality.plots import plot
@@ -65,6 +66,7 @@ def run_quality(args) -> int:
     """Plan every arm (validating its config before anything starts), train the missing
     ones, and write the report."""
     arms = [parse_arm(a) for a in args.arms.split(",")] if args.arms else list(DEFAULT_ARMS)
+    arms = with_sources(arms)
     extra = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides)  # the user's overrides win
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
@@ -74,25 +76,34 @@ def run_quality(args) -> int:
     except ConfigError as e:
         print(f"moe-bench quality: error: {e}", file=sys.stderr)
         return 2
-    d_ff = base.model.d_ff
+    d_ff, steps = base.model.d_ff, base.steps
     plans = []
     for arm in arms:
         run_dir = runs_dir / arm.run_name
         own = [o for o in extra if not (arm.moe == "dense" and expert_only(o))]
-        ov = ["experiment=quality", *arm.overrides(d_ff), *own, f"threads={threads}", f"hydra.run.dir={run_dir}"]
         try:
-            cfg = compose([o for o in ov if not o.startswith("hydra.")] + [f"out_dir={run_dir}"])
-        except ConfigError as e:
+            ov = [
+                "experiment=quality",
+                *arm.overrides(d_ff),
+                *own,
+                *arm.schedule_overrides(steps, runs_dir),
+                f"threads={threads}",
+                f"hydra.run.dir={run_dir}",
+            ]
+            # (composed without init_from: the source run it names may not exist until phase one)
+            cfg = compose([o for o in ov if not o.startswith(("hydra.", "init_from="))] + [f"out_dir={run_dir}"])
+            init = [o.split("=", 1)[1] for o in ov if o.startswith("init_from=")]
+            cfg = dataclasses.replace(cfg, init_from=init[0]) if init else cfg
+        except (ConfigError, ValueError) as e:
             print(f"moe-bench quality: error: arm {arm.name}: {e}", file=sys.stderr)
             return 2
         plans.append((arm, run_dir, ov, cfg))
-    steps = plans[0][3].steps
     # A finished arm is not launched again; but only if it is this arm: a run dir trained with
     # other overrides is the same one-line error moe-train would give, before anything starts.
     todo = []
     for plan in plans:
         arm, run_dir, _, cfg = plan
-        if not finished(run_dir, steps):
+        if not finished(run_dir, cfg.steps):
             todo.append(plan)
             if not (run_dir / "checkpoint.pt").exists():
                 continue  # nothing to resume: moe-train starts it over
@@ -120,21 +131,27 @@ def run_quality(args) -> int:
         )
         todo = [(arm, run_dir, ov + [f"peak_flops={peak:.6g}"], cfg) for arm, run_dir, ov, cfg in todo]
     trained_here = {arm.name for arm, *_ in todo}
-    failed = (
-        [] if args.report_only or not todo else _train_arms(todo, jobs, steps, Path(args.log_dir or runs_dir / "logs"))
-    )
+    failed = []
+    if not args.report_only and todo:
+        log_dir = Path(args.log_dir or runs_dir / "logs")
+        sources = [p for p in todo if p[0].length]  # first: the other arms begin from them
+        failed = _train_arms(sources, jobs, log_dir) if sources else []
+        rest = [p for p in todo if not p[0].length and (p[0].source is None or p[0].source.name not in failed)]
+        failed += [p[0].name for p in todo if p[0].source is not None and p[0].source.name in failed]
+        failed += _train_arms(rest, jobs, log_dir) if rest else []
     runs = []
     for arm, run_dir, _, _ in plans:
         try:
-            runs.append(load_run(run_dir, arm.name))
+            runs.append(load_run(run_dir, arm.name, offset=arm.start))
         except FileNotFoundError as e:
             print(f"moe-bench quality: {arm.name}: {e}", file=sys.stderr)
     if not runs:
         return 1
-    rows = summarize(runs)
+    baselines = {arm.name: arm.baseline for arm, *_ in plans}
+    rows = [r for r in summarize(runs, baselines=baselines) if not r["arm"].startswith("dense-")]
     n_eval = args.final_eval if args.final_eval is not None else (4 if args.smoke else 256)
     if n_eval > 0:
-        gaps = paired_gaps(final_eval(plans, n_eval))
+        gaps = paired_gaps(final_eval([p for p in plans if not p[0].length], n_eval), baselines=baselines)
         for r in rows:
             r["final_eval"] = gaps.get(r["arm"])
     c = plans[0][3]
@@ -147,11 +164,10 @@ def run_quality(args) -> int:
         "model": f"{c.model.n_layers} layers, d_model {c.model.d_model}, {c.model.n_heads} heads, d_ff "
         f"{c.model.d_ff}, MoE every {c.model.moe_every} blocks",
         "tokens_per_step": c.batch_size * c.grad_accum * c.model.seq_len,
-        "steps": c.steps,
+        "steps": steps,
+        "starts": sorted({arm.start for arm, *_ in plans if arm.start}),
         "schedule": schedule([cfg for *_, cfg in plans]),
-        "data": f"{c.data.tokenizer} tokenizer"
-        + (f" (vocab {c.data.vocab_size})" if c.data.tokenizer == "bpe" else "")
-        + (f", first {c.data.max_files} files" if c.data.max_files else ", the embedded stdlib corpus"),
+        "data": data_description(c.data),
         "jobs": jobs,
         "threads": threads,
         "eval_batches": c.eval_batches,
@@ -179,7 +195,24 @@ def run_quality(args) -> int:
     return 0
 
 
-def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
+def data_description(d) -> str:
+    """The report's "Data:" line: the tokenizer and what the arms trained on."""
+    vocab = f" (vocab {d.vocab_size})" if d.tokenizer == "bpe" else ""
+    corpus = f"files under {d.path}" if d.path else "the embedded stdlib corpus"
+    first = f", first {d.max_files} files" if d.max_files else ""
+    return f"{d.tokenizer} tokenizer{vocab}, {corpus}{first}"
+
+
+def with_sources(arms: list[Arm]) -> list[Arm]:
+    """The arms, each arm's source (the dense run it begins from) first, once."""
+    out: list[Arm] = []
+    for arm in arms:
+        if arm.source is not None and arm.source not in out:
+            out.append(arm.source)
+    return out + [a for a in arms if a not in out]
+
+
+def _train_arms(plans, jobs: int, log_dir: Path) -> list[str]:
     """Run the arms ``jobs`` at a time; one progress bar over all their steps."""
     log_dir.mkdir(parents=True, exist_ok=True)
     todo = list(plans)
@@ -189,11 +222,12 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
     # those of the steps this command trains, not inflated by a finished arm's steps.
     # A part-trained arm counts from its checkpoint's step, not its last logged one: the metrics
     # logged after the checkpoint are dropped on resume, and the bar must not run backwards.
-    start = {arm.name: start_step(run_dir, steps) for arm, run_dir, _, _ in plans}
+    steps_of = {arm.name: cfg.steps for arm, _, _, cfg in plans}
+    start = {arm.name: start_step(run_dir, steps_of[arm.name]) for arm, run_dir, _, _ in plans}
     done_steps = dict(start)
     stale: dict[str, tuple | None] = {}
     bar = tqdm(
-        total=steps * len(plans),
+        total=sum(steps_of.values()),
         initial=sum(done_steps.values()),
         desc="quality",
         unit="step",
@@ -216,7 +250,7 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
                 running[arm.name] = (proc, log, run_dir)
             time.sleep(1.0)
             for name, (proc, log, run_dir) in list(running.items()):
-                done_steps[name] = steps_done(run_dir, start[name], stale[name], steps)
+                done_steps[name] = steps_done(run_dir, start[name], stale[name], steps_of[name])
                 if proc.poll() is not None:
                     log.close()
                     del running[name]
@@ -224,7 +258,7 @@ def _train_arms(plans, jobs: int, steps: int, log_dir: Path) -> list[str]:
                         failed.append(name)
                         tqdm.write(f"{name}: moe-train exited with {proc.returncode}; see {log.name}", file=sys.stderr)
                     else:
-                        done_steps[name] = steps
+                        done_steps[name] = steps_of[name]
             bar.n = sum(done_steps.values())
             bar.set_postfix_str(" ".join(sorted(running)), refresh=False)  # one refresh a poll, not two
             bar.refresh()
