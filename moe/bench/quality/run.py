@@ -133,12 +133,7 @@ def run_quality(args) -> int:
     trained_here = {arm.name for arm, *_ in todo}
     failed = []
     if not args.report_only and todo:
-        log_dir = Path(args.log_dir or runs_dir / "logs")
-        sources = [p for p in todo if p[0].length]  # first: the other arms begin from them
-        failed = _train_arms(sources, jobs, log_dir) if sources else []
-        rest = [p for p in todo if not p[0].length and (p[0].source is None or p[0].source.name not in failed)]
-        failed += [p[0].name for p in todo if p[0].source is not None and p[0].source.name in failed]
-        failed += _train_arms(rest, jobs, log_dir) if rest else []
+        failed = _train_arms(todo, jobs, Path(args.log_dir or runs_dir / "logs"))
     runs = []
     for arm, run_dir, _, _ in plans:
         try:
@@ -213,7 +208,9 @@ def with_sources(arms: list[Arm]) -> list[Arm]:
 
 
 def _train_arms(plans, jobs: int, log_dir: Path) -> list[str]:
-    """Run the arms ``jobs`` at a time; one progress bar over all their steps."""
+    """Run the arms ``jobs`` at a time, an arm that begins from a source run once that run has
+    finished (sources come first in ``plans``); one progress bar over all their steps.  An arm
+    whose source failed is not started, and counts as failed."""
     log_dir.mkdir(parents=True, exist_ok=True)
     todo = list(plans)
     running: dict[str, tuple] = {}
@@ -237,8 +234,17 @@ def _train_arms(plans, jobs: int, log_dir: Path) -> list[str]:
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     try:
         while todo or running:
-            while todo and len(running) < jobs:
-                arm, run_dir, ov, _ = todo.pop(0)
+            pending = {a.name for a, *_ in todo} | set(running)
+            for plan in [p for p in todo if p[0].source is not None and p[0].source.name in failed]:
+                todo.remove(plan)
+                failed.append(plan[0].name)
+                tqdm.write(f"{plan[0].name}: not started: its source {plan[0].source.name} failed", file=sys.stderr)
+            while len(running) < jobs:
+                ready = [p for p in todo if p[0].source is None or p[0].source.name not in pending]
+                if not ready:
+                    break
+                todo.remove(ready[0])
+                arm, run_dir, ov, _ = ready[0]
                 stale[arm.name] = file_sig(run_dir / "metrics.jsonl")  # before the trainer can touch it
                 log = open(log_dir / f"{arm.run_name}.log", "w")
                 proc = subprocess.Popen(
