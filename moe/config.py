@@ -98,7 +98,9 @@ class MoEConfig:
     normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
     # -- DeepSeekMoE / DeepSeek-V3 (docs/layers.md): fine-grained, shared, sigmoid, loss-free, grouped
-    score_func: str = "softmax"  # topk: softmax | sigmoid (each expert's own sigmoid; gates renormalised over the k)
+    score_func: str = (
+        "softmax"  # topk: softmax | sigmoid (each expert's own sigmoid; gates renormalised over the k > 1)
+    )
     route_scale: float = 1.0  # topk: factor on the combine weights after renormalisation
     bias_update_rate: float = 0.0  # loss-free balancing: per step bias += rate * sign(mean load - load); 0: off
     aux_loss_type: str = "batch"  # batch | sequence: the balancing loss over the batch or within each sequence
@@ -430,6 +432,12 @@ def validate_modern(m: MoEConfig) -> None:
         "use moe=topk (or the preset moe=deepseek)",
     )
     _check(m.route_scale > 0 and math.isfinite(m.route_scale), f"moe.route_scale={m.route_scale} must be > 0")
+    _check(
+        m.score_func != "sigmoid" or not m.normalize_weights or m.routed_top_k > 1,
+        "moe.score_func=sigmoid with one expert per token: its renormalised gate is always 1, so the router "
+        "would learn nothing through it; route to 2 or more (moe.top_k, moe.granularity) or set "
+        "moe.normalize_weights=false",
+    )
     only(
         m.route_scale == 1.0 or m.name in TOPK_LAYERS,
         f"moe.route_scale={m.route_scale}",

@@ -393,3 +393,13 @@ def test_bias_is_logged_per_expert(tmp_path, tiny_data):
     bias = [last[f"moe/layer_0/bias_e{j}"] for j in range(8)]
     assert "moe/layer_0/bias_e8" not in last and last["moe/layer_0/bias_range"] == pytest.approx(max(bias) - min(bias))
     assert all(abs(b / 0.01 - round(b / 0.01)) < 1e-4 for b in bias)  # whole steps of gamma
+
+
+def test_sequence_loss_needs_whole_sequences_and_sigmoid_top1_needs_no_renormalising():
+    layer = make_layer(aux_loss_type="sequence")
+    with pytest.raises(ValueError, match=r"\(batch, sequence, d_model\)"):
+        layer(inputs(8))
+    with pytest.raises(ConfigError, match="normalize_weights=false"):
+        validate_moe(MoEConfig(name="topk", num_experts=8, top_k=1, score_func="sigmoid"))
+    validate_moe(MoEConfig(name="topk", num_experts=8, top_k=1, score_func="sigmoid", normalize_weights=False))
+    validate_moe(MoEConfig(name="topk", num_experts=8, top_k=1, granularity=2, score_func="sigmoid"))

@@ -193,3 +193,30 @@ def test_ep2_upcycled_start_equals_one_process(pair, dense_gpt, tmp_path, tiny_d
     _assert_same_run(par, ref, keys=NO_AUX)
     dense = ckpt.load(src / "checkpoint.pt")["model"]
     assert torch.equal(ref["init"]["tok_emb.weight"], dense["tok_emb.weight"])
+
+
+def test_a_dense_checkpoint_from_before_the_block_option_upcycles(dense_gpt, tmp_path, tiny_data):
+    """Its config has no model.block / rope_theta / norm_eps and says activation=gelu: it ran
+    as today's defaults do, so it is accepted; a llama source of another rope base is not."""
+    src, dense = dense_gpt
+    state = ckpt.load(src / "checkpoint.pt")
+    for k in ("block", "rope_theta", "norm_eps"):
+        state["config"]["model"].pop(k)
+    state["config"]["model"]["activation"] = "gelu"
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    t = Trainer(_moe_cfg(tmp_path / "a", old, "gpt"), data=tiny_data)
+    assert torch.equal(t.model.tok_emb.weight, dense.tok_emb.weight)
+    other = _moe_cfg(tmp_path / "b", old, "gpt")
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, norm_eps=1e-6))
+    with pytest.raises(ConfigError, match=r"model.norm_eps: 1e-05 -> 1e-06"):
+        Trainer(other, data=tiny_data)
+
+
+def test_exact_start_names_what_breaks_it():
+    assert exact_start(MoEConfig(name="dense")) == (True, "")
+    assert exact_start(MoEConfig(name="gshard", top_k=2, random_routing=False, dropless=True)) == (True, "")
+    ok, why = exact_start(MoEConfig(name="gshard", top_k=2, random_routing=True))
+    assert not ok and "random_routing" in why
+    ok, why = exact_start(MoEConfig(name="deepseek", top_k=1, granularity=4, score_func="sigmoid"))
+    assert not ok and "route_scale=1.0 is not the granularity 4" in why

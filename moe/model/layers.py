@@ -204,6 +204,11 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
+        if self.cfg.aux_loss_type == "sequence" and x.dim() != 3:
+            raise ValueError(
+                f"moe.aux_loss_type=sequence needs the layer's input as (batch, sequence, d_model), got shape "
+                f"{tuple(shape)}; pass whole sequences or use aux_loss_type=batch"
+            )
         routing = self.route(self.router(x_TD), seq_len=shape[-2] if x.dim() == 3 else None)
         x_in, plan = self.dispatcher.dispatch(x_TD, routing)
         if plan.counts is not None:

@@ -48,6 +48,8 @@ class SwarmExpert(nn.Module):
         """A copy of expert ``index`` (local index into ``experts``' stacks), same activation."""
         if not 0 <= index < experts.num_experts:
             raise ValueError(f"expert index {index} is out of range for {experts.num_experts} experts")
+        if experts.gated:
+            raise ValueError("swarm experts are two-matrix FFNs; gated (swiglu) experts cannot be served")
         out = cls(experts.d_model, experts.d_ff, activation=_activation_name(experts.act))
         out.load_from_grouped(experts, index)
         return out
@@ -67,6 +69,11 @@ class SwarmExpert(nn.Module):
         experts.w2_EFD[index].copy_(self.w2_FD)
 
     def _check_shapes(self, experts: GroupedExperts) -> None:
+        if experts.gated:
+            raise ValueError(
+                "swarm experts are two-matrix FFNs (gelu, relu, silu); these experts are gated (swiglu) "
+                "and their third matrix w3 has no place here"
+            )
         if (experts.d_model, experts.d_ff) != (self.d_model, self.d_ff):
             raise ValueError(
                 f"GroupedExperts has (d_model, d_ff)=({experts.d_model}, {experts.d_ff}), this expert "

@@ -32,12 +32,31 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, resolved_config_dict
+from moe.config import (
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    TrainConfig,
+    resolved_config_dict,
+    to_dict,
+    upgrade_config_dict,
+)
 from moe.model.experts import expert_shards
 from moe.training import checkpoint as ckpt
 
 # the model keys that must agree between the dense source and the upcycled model
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "seq_len", "block", "activation", "tie_embeddings")
+SHAPE_KEYS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_ff",
+    "seq_len",
+    "block",
+    "activation",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+)
 
 
 def source_file(init_from: str) -> Path:
@@ -62,7 +81,9 @@ def source_file(init_from: str) -> Path:
 def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig, path: Path) -> None:
     """The dense run's config against this one: the same model shape and vocabulary, and a
     dense source; one-line ConfigErrors naming the keys."""
-    src = resolved_config_dict(saved.get("config") or {})
+    # a checkpoint of an older version lacks keys added since: it ran as their defaults do
+    src = _merged(to_dict(TrainConfig()), upgrade_config_dict(saved.get("config") or {}))
+    src = resolved_config_dict(src)
     now = resolved_config_dict({"model": dict(vars(model_cfg))})
     diff = [
         f"model.{k}: {src.get('model', {}).get(k)!r} -> {now['model'][k]!r}"
@@ -94,13 +115,24 @@ def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig
         )
 
 
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def exact_start(moe: MoEConfig) -> tuple[bool, str]:
     """Whether an upcycled model of layer config ``moe`` computes the dense model's function
     at step 0 (every token's combine weights over its copies sum to one), and why not."""
+    if moe.name == "dense":
+        return True, ""
     if moe.name in ("base", "switch"):
         return False, f"moe={moe.name} weighs its one expert by a router score below 1"
+    if moe.name == "gshard" and moe.random_routing:
+        return False, "gshard's random routing drops second experts in training (set moe.random_routing=false)"
     if moe.name == "gshard":
-        return True, ""
+        return True, "" if moe.dropless else "(while no token is dropped by capacity)"
     if not moe.normalize_weights or moe.routed_top_k < 2:
         return False, "the combine weights are not renormalised over two or more experts"
     if moe.route_scale != moe.granularity:
@@ -124,6 +156,11 @@ def upcycle_(model: nn.Module, dense_state: dict[str, torch.Tensor], moe: MoECon
             target.copy_(dense_state[key])
             copied += 1
             continue
+        if key in dense_state:
+            raise ConfigError(
+                f"init_from: {key} is {tuple(dense_state[key].shape)} in the dense model and "
+                f"{tuple(target.shape)} here; upcycle from a dense run of this shape and tokenizer"
+            )
         block, _, rest = key.partition(".ffn.")
         if key in shards:  # blocks.i.ffn.experts.w{1,2,3}_E..: slices of blocks.i.ffn.w{1,2,3}.weight
             which = rest.rsplit(".", 1)[-1][:2]  # w1 | w2 | w3
@@ -158,7 +195,7 @@ def upcycle_from(model: nn.Module, cfg: TrainConfig, model_cfg: ModelConfig) -> 
     path = source_file(cfg.init_from)
     saved = ckpt.load(path)
     check_source(saved, cfg, model_cfg, path)
-    counts = upcycle_(model, saved["model"], cfg.moe)
+    counts = upcycle_(model, saved["model"], cfg.moe)  # (a key of another shape: ConfigError)
     exact, why = exact_start(cfg.moe)
     step = saved.get("step", "?")
     what = (
