@@ -237,3 +237,15 @@ def test_zero1_with_ep2_and_the_modern_layer_equals_one_process(pair, tmp_path, 
     _assert_same_run(par, ref, keys=("train/loss", "train/z_loss", "train/grad_norm"))
     biases = [k for k in ref["model"] if k.endswith("expert_bias_E")]
     assert biases and all(torch.equal(par["model"][k], ref["model"][k]) for k in biases)
+    # the ZeRO-1, EP=2 run's checkpoint exports, and transformers computes what the run's model does
+    from transformers import AutoModelForCausalLM
+
+    from moe.inference.export import export_run
+    from moe.inference.load import load_run
+
+    assert export_run(tmp_path / "ds", tmp_path / "hf")["architecture"] == "Glm4MoeForCausalLM"
+    run = load_run(tmp_path / "ds", device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(1, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, run.model(x).logits, rtol=0, atol=5e-5)

@@ -37,6 +37,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from moe.config import ConfigError, ParallelConfig  # noqa: E402
+from moe.inference.load import load_run
 from moe.model.transformer import TransformerLM  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
@@ -210,6 +211,11 @@ def test_pp2_equals_one_process_with_grad_accum(pair, tmp_path, tiny_data, layou
         "tag"
     ] == "global_step3"
     assert not (tmp_path / "pp" / "global_step2").exists()  # the older tag removed
+    # moe-generate / moe-eval / moe-export read DeepSpeed's per-layer files back as one model
+    run = load_run(tmp_path / "pp", device="cpu")
+    assert run.step == 3
+    for k, v in ref["model"].items():
+        torch.testing.assert_close(run.model.state_dict()[k], v, **TOL, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.slow
@@ -403,3 +409,6 @@ def test_pp2_with_llama_blocks_and_the_modern_layer_equals_one_process(pair, tmp
     for k, v in want.items():
         torch.testing.assert_close(merged[k], v, **TOL, msg=lambda m: f"{k}: {m}")
     assert ref["model"]["blocks.1.ffn.expert_bias_E"].abs().sum() > 0
+    run = load_run(tmp_path / "pp", device="cpu")  # the expert bias comes back from the stage's file too
+    for k, v in ref["model"].items():
+        torch.testing.assert_close(run.model.state_dict()[k], v, **TOL, msg=lambda m: f"{k}: {m}")

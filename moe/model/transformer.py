@@ -98,15 +98,73 @@ class CausalSelfAttention(nn.Module):
             self._rotary = cached = (S, device, cos, sin)
         return cached[2][:S], cached[3][:S]
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """Attention of ``x``'s positions over themselves and, with ``cache``, over the
+        ``cache.length`` positions before them (their keys and values kept there; this call
+        appends its own, and the model advances the length)."""
         B, S, D = x_BSD.shape
+        start = 0 if cache is None else cache.length
         q, k, v = self.qkv(x_BSD).split(D, dim=-1)
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D/H)
         if self.rotary_theta is not None:
-            cos, sin = self._cos_sin(S, D // self.n_heads, x_BSD.device)
+            cos, sin = self._cos_sin(start + S, D // self.n_heads, x_BSD.device)
+            cos, sin = cos[start:], sin[start:]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, start + S, D/H)
+            if start > 0:  # query i (position start + i) sees keys 0 .. start + i
+                causal = False
+                if S > 1:
+                    mask = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class LayerCache:
+    """One block's keys and values for incremental decoding, ``(B, H, max_len, D/H)`` each,
+    filled up to ``length``."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, *, device, dtype):
+        self.k = torch.zeros(batch, n_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; the keys and values of every position so far."""
+        end = self.length + k_BHSd.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache: {end} positions do not fit its {self.k.shape[2]}")
+        self.k[:, :, self.length : end] = k_BHSd
+        self.v[:, :, self.length : end] = v_BHSd
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Every block's :class:`LayerCache`: pass it to :meth:`TransformerLM.forward` with the
+    next tokens only; the positions it holds are ``length``.  At most ``max_len`` (default
+    ``model.seq_len``, what the model was trained on) positions."""
+
+    def __init__(self, model: TransformerLM, batch: int, max_len: int | None = None):
+        cfg = model.cfg
+        self.max_len = cfg.seq_len if max_len is None else max_len
+        if cfg.block == "gpt" and self.max_len > cfg.seq_len:
+            raise ValueError(f"a gpt block has learned positions for {cfg.seq_len} tokens, not {self.max_len}")
+        p = model.tok_emb.weight
+        self.layers = [
+            LayerCache(batch, cfg.n_heads, self.max_len, cfg.d_model // cfg.n_heads, device=p.device, dtype=p.dtype)
+            for _ in range(cfg.n_layers)
+        ]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def advance(self, n: int) -> None:
+        for layer in self.layers:
+            layer.length += n
 
 
 class Block(nn.Module):
@@ -126,8 +184,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.sparse = sparse and moe.name != "dense"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux | None]:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerAux | None]:
+        x = x + self.drop(self.attn(self.ln1(x), cache))
         h, aux = self.ffn(self.ln2(x))
         return x + self.drop(h), aux
 
@@ -183,22 +241,33 @@ class TransformerLM(nn.Module):
         """Indices of the blocks whose FFN is sparse."""
         return [i for i, b in enumerate(self.blocks) if b.sparse]
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, *, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """Logits for ``idx``; with ``cache`` (incremental decoding), ``idx`` are the tokens
+        after the ``cache.length`` ones the cache holds, and the cache takes theirs."""
         B, S = idx_BS.shape
-        if S > self.cfg.seq_len:
-            raise ValueError(f"sequence of {S} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        start = 0 if cache is None else cache.length
+        limit = self.cfg.seq_len if cache is None else cache.max_len
+        if start + S > limit:
+            raise ValueError(
+                f"sequence of {start + S} tokens is longer than "
+                + (f"model.seq_len={limit}" if cache is None else f"the KV cache's {limit}")
+            )
         x = self.tok_emb(idx_BS)  # (B, S, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
+            x = x + self.pos_emb(torch.arange(start, start + S, device=idx_BS.device))
         x = self.drop(x)
         zero = x.new_zeros((), dtype=torch.float32)
         aux_loss, z_loss, layer_aux = zero, zero, []
-        for block in self.blocks:
-            x, aux = block(x)
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, None if cache is None else cache.layers[i])
             if aux is not None:
                 layer_aux.append(aux)
                 aux_loss = aux_loss + aux.aux_loss
                 z_loss = z_loss + aux.z_loss
+        if cache is not None:
+            cache.advance(S)
         logits = self.lm_head(self.ln_f(x))  # (B, S, V)
         lm_loss = None
         if targets_BS is not None:

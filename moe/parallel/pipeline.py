@@ -228,6 +228,47 @@ def pipeline_layers(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list:
     return [first, LayerSpec(PositionEmbedding, model_cfg), *blocks, LayerSpec(FinalNorm, model_cfg), head]
 
 
+def layer_prefixes(model_cfg: ModelConfig) -> list[str]:
+    """The one-process name prefix of each layer of :func:`pipeline_layers`, in its order (the
+    index DeepSpeed names each layer's checkpoint file by)."""
+    blocks = [f"blocks.{i}." for i in range(model_cfg.n_layers)]
+    return [TokenEmbedding.prefix, PositionEmbedding.prefix, *blocks, FinalNorm.prefix, LMHead.prefix]
+
+
+def read_pipeline_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A pipeline run's ``pipeline.json`` and its whole model in the one-process format
+    (``TransformerLM``'s state dict), read from DeepSpeed's files: each layer's weights are in
+    ``<tag>/layer_<index>-model_states.pt`` under ``inner.``, the index that of
+    :func:`pipeline_layers`; a tied LM head is the embedding, stored once.  No DeepSpeed, no
+    processes, any number of stages; opened ``weights_only``.  A missing file is a one-line
+    ConfigError."""
+    from moe.training.checkpoint import load as load_checkpoint
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / PIPELINE_JSON).read_text(encoding="utf-8"))
+    model = dict(info["config"]["model"])
+    model_cfg = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
+    tag_dir = run_dir / info["tag"]
+    state: dict[str, torch.Tensor] = {}
+    for index, prefix in enumerate(layer_prefixes(model_cfg)):
+        path = tag_dir / f"layer_{index:02d}-model_states.pt"
+        if not path.exists():
+            if prefix == LMHead.prefix and model_cfg.tie_embeddings:
+                continue  # the tied head: the embedding's weight
+            if prefix == PositionEmbedding.prefix and model_cfg.block != "gpt":
+                continue  # no learned positions
+            raise ConfigError(
+                f"{run_dir}: DeepSpeed's checkpoint {tag_dir.name} has no {path.name}; it is incomplete "
+                "(resume the run to write a whole one)"
+            )
+        for k, v in load_checkpoint(path).items():
+            if k.startswith("inner."):
+                state[prefix + k[len("inner.") :]] = v
+    if model_cfg.tie_embeddings:
+        state[LMHead.prefix + "weight"] = state[TokenEmbedding.prefix + "weight"]
+    return info, state
+
+
 def stage_layers(module: nn.Module) -> list[StageLayer]:
     """The layers this stage holds (a tied embedding once)."""
     return [m for m in module.modules() if isinstance(m, StageLayer)]

@@ -59,10 +59,11 @@ from moe.training.files import pid_alive, user_cache_dir, write_text_atomic
 
 FORMAT_VERSION = 1  # bump when the cache layout or the tokenization changes
 EOT_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"  # a BPE run's tokenizer, in its run directory (and the cache's)
 _CHUNK_CHARS = 1 << 20  # long texts are encoded in ~1 MB pieces so encode_batch can parallelise
 _BATCH_CHARS = 8 << 20  # text handed to one encode_batch call
 _MAX_LISTED_SKIPS = 100  # meta.json lists at most this many skipped files (the count is exact)
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,9 +128,13 @@ class Tokenizer:
         return cls("bpe", HFTokenizer.from_file(str(path)))
 
     def save(self, path: str | Path) -> None:
+        write_text_atomic(path, self.to_json())
+
+    def to_json(self) -> str:
+        """The BPE tokenizer as ``tokenizers``' JSON (what :meth:`load` reads)."""
         if self._hf is None:
             raise ValueError("the byte tokenizer has nothing to save")
-        self._hf.save(str(path))
+        return self._hf.to_str()
 
     def encode(self, text: str) -> list[int]:
         if self._hf is None:
@@ -266,17 +271,19 @@ def stdlib_root() -> Path:
 
 def stdlib_files() -> list[Path]:
     """The default corpus: the standard library's ``.py`` files, sorted by relative path."""
-    return _walk(stdlib_root(), (".py",), skip_hidden=False, skip_envs=True)
+    return walk_files(stdlib_root(), (".py",), skip_hidden=False, skip_envs=True)
 
 
-def _walk(root: Path, extensions: Sequence[str], *, skip_hidden: bool, skip_envs: bool) -> list[Path]:
+def walk_files(root: Path, extensions: Sequence[str], *, skip_hidden: bool, skip_envs: bool) -> list[Path]:
+    """Files below ``root`` with one of ``extensions``, sorted by relative path; installed
+    packages and bytecode caches left out (hidden files and virtualenvs too when asked)."""
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # prune in place so os.walk never descends into installed packages or environments
         keep = []
         for d in dirnames:
-            if d in _EXCLUDED_DIRS or (skip_hidden and d.startswith(".")):
+            if d in SKIPPED_DIRS or (skip_hidden and d.startswith(".")):
                 continue
             if skip_envs and os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg")):
                 continue
@@ -336,7 +343,7 @@ def _resolve_source(cfg: DataConfig) -> _Source:
     skip = cfg.on_bad_file == "skip"
     if p.is_file():
         return _Source("file", p, [p], 1, skip_bad=skip)
-    files = _walk(p, cfg.extensions, skip_hidden=True, skip_envs=False)
+    files = walk_files(p, cfg.extensions, skip_hidden=True, skip_envs=False)
     if not files:
         raise ConfigError(
             f"data: no files with extensions {', '.join(cfg.extensions)} under {p}; add files or "
@@ -356,7 +363,7 @@ def _rel(source: _Source, path: Path) -> str:
 # reading files
 
 
-def _read_text(path: Path) -> tuple[str | None, str, str]:
+def read_text_file(path: Path) -> tuple[str | None, str, str]:
     """(text, reason, fix): text is None when the file is unusable, with the reason and the fix."""
     try:
         raw = path.read_bytes()
@@ -396,7 +403,7 @@ def _check_files(source: _Source, progress: bool) -> tuple[list[Path], list[tupl
     good: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for path in _bar(source.files, progress, "data: checking files"):
-        text, reason, fix = _read_text(path)
+        text, reason, fix = read_text_file(path)
         if text is not None:
             good.append(path)
         elif source.skip_bad:
@@ -421,7 +428,7 @@ class _Doc:
     val_fraction: float = 0.0
 
     def text(self) -> str:
-        text, reason, fix = _read_text(self.path)
+        text, reason, fix = read_text_file(self.path)
         if text is None:  # the file changed since it was checked
             raise ConfigError(f"data: {self.path} {reason} (it changed during the build); {fix}")
         if self.part == "all":
@@ -501,12 +508,12 @@ def _open_cache(path: Path, key: str) -> TokenData | None:
             if f.stat().st_size != n * dtype.itemsize:
                 return None
             arrays.append(np.memmap(f, dtype=dtype, mode="r") if n else np.zeros(0, dtype))
-        tok = Tokenizer.load(path / "tokenizer.json") if meta["tokenizer"] == "bpe" else Tokenizer.byte()
+        tok = Tokenizer.load(path / TOKENIZER_FILE) if meta["tokenizer"] == "bpe" else Tokenizer.byte()
     except Exception:  # noqa: BLE001 - any damage (missing, truncated, unparsable) means rebuild
         return None
     meta.update(cache_dir=str(path), train_path=str(path / "train.bin"), val_path=str(path / "val.bin"))
     if tok.kind == "bpe":
-        meta["tokenizer_path"] = str(path / "tokenizer.json")
+        meta["tokenizer_path"] = str(path / TOKENIZER_FILE)
     return TokenData(arrays[0], arrays[1], int(meta["vocab_size"]), tok, meta)
 
 
@@ -591,7 +598,7 @@ def _build(cfg: DataConfig, source: _Source, key: str, out: Path, progress: bool
     if cfg.tokenizer == "bpe":
         texts = (c for d in train_docs for c in _chunks(d.text()))
         tok = Tokenizer.train_bpe(texts, cfg.vocab_size, length=len(train_docs), progress=progress)
-        tok.save(out / "tokenizer.json")
+        tok.save(out / TOKENIZER_FILE)
     else:
         tok = Tokenizer.byte()
     dtype = _token_dtype(tok.vocab_size)

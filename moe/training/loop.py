@@ -37,7 +37,7 @@ import torch
 from moe.config import ConfigError, TrainConfig, to_dict, validate
 from moe.training.backend import Backend
 from moe.training.checkpoint import check_resumable
-from moe.training.data import TokenData
+from moe.training.data import TOKENIZER_FILE, TokenData
 from moe.training.files import remove_stale_temporaries, write_text_atomic
 from moe.training.flops import Peak, machine_peak, mfu, transformer_flops_per_token
 from moe.training.interrupt import StopFlag
@@ -334,6 +334,9 @@ class Trainer:
         self.wandb_id = logger.wandb_run_id
         if self.is_main:  # the run's full config beside its metrics, for moe-dash and for people
             write_text_atomic(self.run_dir / "config.json", json.dumps(to_dict(c), indent=2, default=str))
+            tokenizer = getattr(getattr(b, "data", None), "tokenizer", None)
+            if tokenizer is not None and tokenizer.kind == "bpe":  # moe-generate / moe-eval / moe-export read it
+                tokenizer.save(self.run_dir / TOKENIZER_FILE)
             logger.log(
                 self.step,
                 {

@@ -22,10 +22,16 @@ weighted by its router probability) does not: its output starts as ``p * FFN(x)`
 
 Under expert parallelism each rank copies the dense FFN into its own shard of the experts
 (``moe.model.experts.expert_shards``): every rank reads the same file.
+
+``init_from`` may also name a Hugging Face Llama directory (``config.json`` of model_type
+``llama`` and ``model.safetensors``, sharded or not, e.g. one ``moe-export`` wrote): its
+weights are renamed into our dense llama model's (``moe.model.hf``) and upcycled the same way.
+Its shape must be this run's model and its vocabulary this run's tokenizer's.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,7 @@ from moe.config import (
     upgrade_config_dict,
 )
 from moe.model.experts import expert_shards
+from moe.model.hf import from_hf_llama, llama_model_config
 from moe.training import checkpoint as ckpt
 
 # the model keys that must agree between the dense source and the upcycled model
@@ -57,6 +64,41 @@ SHAPE_KEYS = (
     "rope_theta",
     "norm_eps",
 )
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory (its ``config.json`` names a ``model_type``), not a run's."""
+    try:
+        return path.is_dir() and "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def read_hf_llama(path: Path) -> dict[str, Any]:
+    """A Hugging Face Llama directory as a dense run's checkpoint would hold it: ``config``
+    (our model keys, moe=dense) and ``model`` (our names).  One-line ConfigErrors."""
+    from safetensors.torch import load_file
+
+    hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    try:
+        model = llama_model_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"init_from={path}: {e}") from None
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"init_from={path}: no model.safetensors (or its index); only safetensors weights are read")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(path / f)))
+    try:
+        state = from_hf_llama(weights, model["n_layers"], tied=model["tie_embeddings"])
+    except KeyError as e:
+        raise ConfigError(f"init_from={path}: the Llama's weights have no {e.args[0]}") from None
+    return {"config": {"model": model, "moe": {"name": "dense"}}, "model": state, "hf": True}
 
 
 def source_file(init_from: str) -> Path:
@@ -80,7 +122,8 @@ def source_file(init_from: str) -> Path:
 
 def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig, path: Path) -> None:
     """The dense run's config against this one: the same model shape and vocabulary, and a
-    dense source; one-line ConfigErrors naming the keys."""
+    dense source; one-line ConfigErrors naming the keys.  A Hugging Face Llama's config has
+    our model keys and its vocabulary size (``read_hf_llama``)."""
     # a checkpoint of an older version lacks keys added since: it ran as their defaults do
     src = _merged(to_dict(TrainConfig()), upgrade_config_dict(saved.get("config") or {}))
     src = resolved_config_dict(src)
@@ -88,7 +131,7 @@ def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig
     diff = [
         f"model.{k}: {src.get('model', {}).get(k)!r} -> {now['model'][k]!r}"
         for k in SHAPE_KEYS
-        if src.get("model", {}).get(k) != now["model"][k]
+        if src.get("model", {}).get(k) != now["model"][k] and not (k == "seq_len" and saved.get("hf"))
     ]
     if diff:
         raise ConfigError(
@@ -97,6 +140,14 @@ def check_source(saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig
         )
     src_data, data = src.get("data", {}), cfg.data
     for k in ("tokenizer", "vocab_size"):
+        if saved.get("hf"):  # no data config: its embedding must fit this run's vocabulary
+            vocab = saved["config"]["model"]["vocab_size"]
+            if vocab != model_cfg.vocab_size:
+                raise ConfigError(
+                    f"init_from={path}: the Llama's vocabulary is {vocab} tokens, this run's tokenizer has "
+                    f"{model_cfg.vocab_size}; its embeddings only fit the tokenizer it was trained with"
+                )
+            break
         if src_data.get(k) != getattr(data, k):
             raise ConfigError(
                 f"init_from={path}: the dense run used data.{k}={src_data.get(k)!r}, this run "
@@ -192,8 +243,12 @@ def upcycle_(model: nn.Module, dense_state: dict[str, torch.Tensor], moe: MoECon
 
 def upcycle_from(model: nn.Module, cfg: TrainConfig, model_cfg: ModelConfig) -> str:
     """Read ``cfg.init_from``, check it, copy it into ``model``; one line saying what was done."""
-    path = source_file(cfg.init_from)
-    saved = ckpt.load(path)
+    hf_dir = Path(cfg.init_from).expanduser()
+    if is_hf_dir(hf_dir):
+        path, saved = hf_dir, read_hf_llama(hf_dir)
+    else:
+        path = source_file(cfg.init_from)
+        saved = ckpt.load(path)
     check_source(saved, cfg, model_cfg, path)
     counts = upcycle_(model, saved["model"], cfg.moe)  # (a key of another shape: ConfigError)
     exact, why = exact_start(cfg.moe)
