@@ -118,6 +118,8 @@ def load_run(run: str | Path, *, device: str | torch.device | None = None) -> Lo
     cfg = run_config(saved, state, path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch has no CUDA device here; use --device cpu")
     model = TransformerLM(cfg.model, cfg.moe)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
