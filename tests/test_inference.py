@@ -283,9 +283,9 @@ def test_moe_eval_gives_the_trainers_evaluation_on_the_same_tokens(trained, tmp_
 
     run_dir, cfg, t = trained["deepseek-llama"]
     text = "x = [i * 2 for i in range(10)]  # doubled\nprint(sum(x))\n"
-    text = (text * 3)[: cfg.model.seq_len]  # seq_len bytes + the end-of-text id = seq_len + 1 tokens
+    text = (text * 3)[: cfg.model.seq_len - 1]  # end-of-text, seq_len - 1 bytes, end-of-text: seq_len + 1 tokens
     (tmp_path / "val.py").write_text(text)
-    stream = np.frombuffer(text.encode() + b"\0", dtype=np.uint8).astype(np.int64)
+    stream = np.frombuffer(b"\0" + text.encode() + b"\0", dtype=np.uint8).astype(np.int64)
     data = TokenData(train=stream, val=stream, vocab_size=256, tokenizer=Tokenizer.byte())
     backend = Backend(cfg, data=data)
     backend.model.load_state_dict(t.model.state_dict())
@@ -392,3 +392,91 @@ def test_a_hugging_face_model_of_another_shape_or_kind_is_refused(tmp_path, trai
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**conf, "num_key_value_heads": 2}))
     with pytest.raises(ConfigError, match="grouped-query attention"):
         Trainer(dataclasses.replace(bad, model=cfg.model), data=tiny_data)
+
+
+def test_export_never_replaces_its_own_run_and_cleans_up(trained, tmp_path, capsys):
+    from moe.inference.cli import export_main
+
+    run_dir = trained["dense-llama"][0]
+    for out in (run_dir, run_dir.parent):
+        with pytest.raises(SystemExit):
+            export_main([str(run_dir), str(out), "--overwrite"])
+        assert "is the run directory or holds it" in capsys.readouterr().err
+    assert (run_dir / "checkpoint.pt").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit):
+        export_main([str(run_dir), str(tmp_path / "a-file")])
+    assert "is a file" in capsys.readouterr().err
+    export_main([str(run_dir), str(tmp_path / "hf")])
+    export_main([str(run_dir), str(tmp_path / "hf"), "--overwrite"])  # replaces it whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "hf"]  # no temporaries left
+
+
+def test_a_literal_end_of_text_in_text_stays_text_in_the_exported_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from moe.inference.export import write_tokenizer
+
+    texts = ["def f(x): return x\n" * 20, "a<|endoftext|>b élan"]
+    ours = Tokenizer.train_bpe(texts, 300)
+    write_tokenizer(ours, tmp_path, 64)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    for t in texts:
+        assert theirs.encode(t) == ours.encode(t)
+    assert ours.eot_id not in ours.encode(texts[1])
+
+
+UNTRAINED = {
+    # GLM-4-MoE without shared experts (transformers builds them 0 wide), unnormalised sigmoid top-1
+    "sigmoid-top1-no-shared": (
+        dict(moe_every=1),
+        dict(name="topk", num_experts=4, score_func="sigmoid", normalize_weights=False, bias_update_rate=0.01),
+    ),
+    # 4 groups of 2, the best 2 groups, a route scale, 2 shared experts, dense block first
+    "deepseek-groups-scale-dense-first": (
+        dict(moe_every=2),
+        dict(
+            name="deepseek",
+            num_experts=4,
+            granularity=2,
+            top_k=1,
+            num_shared_experts=2,
+            score_func="sigmoid",
+            bias_update_rate=0.01,
+            n_groups=4,
+            topk_groups=2,
+            route_scale=2.5,
+        ),
+    ),
+    # GShard's top-2 (renormalised; random routing is training-only) with dense blocks between: Qwen2-MoE
+    "gshard-every-2nd": (dict(moe_every=2, n_layers=4), dict(name="gshard", num_experts=4)),
+}
+
+
+@pytest.mark.parametrize("name", list(UNTRAINED))
+def test_more_layouts_export_exactly(name, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from moe.model.hf import hf_config, to_hf
+
+    model_over, moe = UNTRAINED[name]
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_heads=4, d_ff=64, seq_len=32, block="llama", **{"n_layers": 2, **model_over}
+    )
+    ours = TransformerLM(cfg, MoEConfig(dropless=True, **moe)).eval()
+    with torch.no_grad():
+        for b in ours.buffers():  # an expert bias that changes choices
+            b.uniform_(-0.3, 0.3)
+    arch = architecture(cfg, ours.moe)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg, ours.moe, arch, eos_token_id=0)))
+    save_file(
+        {k: v.contiguous() for k, v in to_hf(ours.state_dict(), cfg, ours.moe, arch).items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    x = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(x).logits, ours(x).logits, rtol=0, atol=5e-5)

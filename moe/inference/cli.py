@@ -67,8 +67,8 @@ def generate_main(argv: list[str] | None = None) -> None:
     _threads(args.threads)
     try:
         run = load_run(args.run, device=args.device)
-    except (ConfigError, ValueError) as e:
-        _fail(prog, str(e))
+    except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: torch's, for a --device it cannot use
+        _fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
     tok = run.tokenizer
     if tok is None:
         _fail(prog, f"{args.run} trained on pre-tokenized ids and has no tokenizer: there is no text to prompt with")
@@ -133,6 +133,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     prog = "moe-eval"
     from moe.inference.evaluate import evaluate_text, load_table, read_eval_text
     from moe.inference.load import load_run
+    from moe.training.files import write_text_atomic
 
     _threads(args.threads)
     try:
@@ -140,10 +141,18 @@ def eval_main(argv: list[str] | None = None) -> None:
         if args.seq_len and not 2 <= args.seq_len + 1 <= run.cfg.model.seq_len + 1:
             raise ConfigError(f"--seq-len={args.seq_len} must be in [1, {run.cfg.model.seq_len}] (model.seq_len)")
         exts = [e.strip() for e in args.extensions.split(",") if e.strip()] or None
-        text = read_eval_text(args.data, run.tokenizer, extensions=exts, bin_dtype=run.cfg.data.bin_dtype)
+        if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
+            raise ConfigError(f"--json {args.json}: its folder does not exist")
+        text = read_eval_text(
+            args.data,
+            run.tokenizer,
+            extensions=exts,
+            bin_dtype=run.cfg.data.bin_dtype,
+            vocab_size=run.cfg.model.vocab_size,
+        )
         r = evaluate_text(run.model, text, seq_len=args.seq_len or None, batch_size=args.batch_size)
-    except (ConfigError, ValueError) as e:
-        _fail(prog, str(e))
+    except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: torch's, for a --device it cannot use
+        _fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
     r = {"run": str(run.path), "step": run.step, "data": str(args.data), **r}
     bpb = "n/a (token ids)" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
     print(f"{run.path} (step {run.step}) on {args.data}: {r['files']} file(s), {r['tokens']:,} tokens predicted")
@@ -156,7 +165,7 @@ def eval_main(argv: list[str] | None = None) -> None:
         print("expert load (assignments per expert, dropless):")
         print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2), encoding="utf-8")
+        write_text_atomic(Path(args.json).expanduser(), json.dumps(r, indent=2))
         print(f"wrote {args.json}")
 
 

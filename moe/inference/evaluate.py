@@ -1,14 +1,17 @@
 """Score a model on text: loss, perplexity, bits per byte, and each MoE layer's expert load.
 
 Text is tokenized as training tokenizes it: every file is one document followed by the
-end-of-text id, documents concatenated.  The stream is cut into consecutive windows of
-``seq_len + 1`` tokens overlapping by one (each window predicts its last ``seq_len`` tokens
-from the ones before; every token after the first is predicted exactly once), the last
-window shorter.  The loss is the mean cross-entropy over all predicted tokens (nats);
-perplexity is ``exp(loss)``; bits per byte is the total cross-entropy in bits over the text's
-UTF-8 bytes, each end-of-text separator counted as one byte (the byte tokenizer's NUL), so it
-compares models with different tokenizers.  A ``.bin`` of token ids is scored as it is (no
-bytes, no bits per byte).  Routing is the loaded model's: dropless.
+end-of-text id, documents concatenated, the whole stream starting with an end-of-text id too
+(so the first document's first token is predicted, as after any other document).  The stream
+is cut into consecutive windows of ``seq_len + 1`` tokens overlapping by one (each window
+predicts its last ``seq_len`` tokens from the ones before; every token after the first is
+predicted exactly once), the last window shorter.
+
+The loss is the mean cross-entropy over all predicted tokens (nats); perplexity is
+``exp(loss)``; bits per byte is the total cross-entropy in bits over the text's UTF-8 bytes,
+each end-of-text separator counted as one byte (the byte tokenizer's NUL), so it compares
+models with different tokenizers.  A ``.bin`` of token ids is scored as it is (no bytes, no
+bits per byte).  Routing is the loaded model's: dropless.
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ class EvalText:
 
 
 def read_eval_text(
-    path: str | Path, tokenizer: Tokenizer | None, *, extensions: list[str] | None = None, bin_dtype: str = "uint16"
+    path: str | Path,
+    tokenizer: Tokenizer | None,
+    *,
+    extensions: list[str] | None = None,
+    bin_dtype: str = "uint16",
+    vocab_size: int | None = None,
 ) -> EvalText:
     """``path`` (a text file, a folder of them, or a ``.bin`` of ids) as one token stream.  In
     a folder every file with one of ``extensions`` (None: every file) is read; files that are
@@ -48,7 +56,13 @@ def read_eval_text(
     if not p.exists():
         raise ConfigError(f"--data {path} does not exist; pass a text file, a folder of text files, or a .bin of ids")
     if p.is_file() and p.suffix == ".bin":
-        return EvalText(np.fromfile(p, dtype=np.dtype(bin_dtype)).astype(np.int64), None, [str(p)])
+        ids = np.fromfile(p, dtype=np.dtype(bin_dtype)).astype(np.int64)
+        if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+            raise ConfigError(
+                f"--data {path} holds token id {int(ids.max())}, outside the model's vocabulary of {vocab_size}; "
+                f"is it another tokenizer's (or not {bin_dtype})?"
+            )
+        return EvalText(ids, None, [str(p)])
     if tokenizer is None:
         raise ConfigError(
             f"the run trained on pre-tokenized ids and has no tokenizer; pass a .bin of token ids, not {path}"
@@ -57,10 +71,10 @@ def read_eval_text(
         files = [p]
     else:
         files = walk_files(p, extensions or [], skip_hidden=True, skip_envs=False) if extensions else _every_file(p)
-    pieces: list[np.ndarray] = []
+    eot = np.asarray([tokenizer.eot_id], dtype=np.int64)
+    pieces: list[np.ndarray] = [eot]  # a document starts after end-of-text: its first token is predicted too
     n_bytes = 0
     good, skipped = [], []
-    eot = np.asarray([tokenizer.eot_id], dtype=np.int64)
     for f in files:
         text, reason, _ = read_text_file(f)
         if text is None:
@@ -100,6 +114,8 @@ def evaluate_tokens(
     MoE layer's assignments per expert."""
     model.eval()
     seq_len = seq_len or model.cfg.seq_len
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size} must be >= 1")
     if len(tokens) < 2:
         raise ConfigError("the text to score has fewer than two tokens")
     device = model.tok_emb.weight.device

@@ -59,6 +59,7 @@ def write_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
         "add_prefix_space": False,
+        "split_special_tokens": True,  # a literal "<|endoftext|>" in text is text, as in training
         **special,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -72,9 +73,14 @@ def export_run(run: str | Path, out_dir: str | Path, *, overwrite: bool = False)
     saved, state, path = read_weights(run)
     cfg = run_config(saved, state, path)
     arch = architecture(cfg.model, cfg.moe)
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()
+    run_dir = path.parent.resolve()
+    if out == run_dir or out in run_dir.parents:
+        raise ConfigError(f"OUT_DIR {out_dir} is the run directory or holds it; write the export elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT_DIR {out_dir} is a file; pick a directory to write the model into")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pick another OUT_DIR or pass --overwrite")
+        raise ConfigError(f"{out_dir} exists and is not empty; pick another OUT_DIR or pass --overwrite")
     tokenizer = run_tokenizer(path.parent, cfg)
     eos = tokenizer.eot_id if tokenizer is not None else 0
     config = hf_config(cfg.model, cfg.moe, arch, eos_token_id=eos)
@@ -84,17 +90,24 @@ def export_run(run: str | Path, out_dir: str | Path, *, overwrite: bool = False)
 
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    if tokenizer is not None:
-        write_tokenizer(tokenizer, tmp, cfg.model.seq_len)
-    (tmp / "README.md").write_text(_card(cfg, arch, saved.get("step", 0), path, tokenizer), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, tmp, cfg.model.seq_len)
+        (tmp / "README.md").write_text(_card(cfg, arch, saved.get("step", 0), path, tokenizer), encoding="utf-8")
+        old = out.with_name(out.name + ".old-export")
+        if out.exists():  # aside first: a crash now leaves the old export, not nothing
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     n = sum(t.numel() for t in tensors.values())
     return {
         "architecture": arch,

@@ -81,11 +81,11 @@ def generate(
     tokens = list(prompt[-limit:])
     cache = KVCache(model, 1)
     logits = model(torch.tensor([tokens], device=device), cache=cache).logits[:, -1]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         tok = int(next_token(logits, how, generator)[0])
         yield tok
-        if stop is not None and tok == stop:
-            return
+        if (stop is not None and tok == stop) or i == max_new_tokens - 1:
+            return  # (no forward for a token that will not be asked for)
         tokens.append(tok)
         if cache.length == limit:  # full: slide the window (module docstring)
             tokens = tokens[-(limit // 2) :]

@@ -68,10 +68,20 @@ def read_weights(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """``(config dict, one-process state dict, file)`` of a run directory or checkpoint file."""
     path = checkpoint_file(run)
     if path.name == PIPELINE_JSON:
-        info, state = read_pipeline_checkpoint(path.parent)
+        try:
+            info, state = read_pipeline_checkpoint(path.parent)
+        except (ValueError, KeyError) as e:  # (ConfigError is a ValueError: passed on as it is)
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{path} is not a readable pipeline checkpoint ({type(e).__name__}: {e})") from None
         return {**info, "model": state}, state, path
-    saved = ckpt.load(path, map_location="cpu")
-    if "model" not in saved or "config" not in saved:
+    try:
+        saved = ckpt.load(path, map_location="cpu")
+    except ckpt.CheckpointError as e:  # its advice is the trainer's (resume=false): ours is where to look
+        raise ConfigError(
+            str(e).split("; it is left as it is")[0] + "; point at a run directory moe-train wrote"
+        ) from None
+    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
         raise ConfigError(f"{path} is not a moe-train checkpoint (it has no model weights and config)")
     return saved, saved["model"], path
 

@@ -285,6 +285,12 @@ def to_hf(state: dict[str, torch.Tensor], model: ModelConfig, moe: MoEConfig, ar
                     m + "shared_experts.up_proj.weight": sd[f + "shared.w3.weight"],
                     m + "shared_experts.down_proj.weight": sd[f + "shared.w2.weight"],
                 }
+            else:  # GLM-4-MoE always builds them (0 wide without any): empty weights, nothing missing
+                out |= {
+                    m + "shared_experts.gate_proj.weight": torch.zeros(0, D),
+                    m + "shared_experts.up_proj.weight": torch.zeros(0, D),
+                    m + "shared_experts.down_proj.weight": torch.zeros(D, 0),
+                }
     return out
 
 
@@ -336,6 +342,8 @@ def llama_model_config(hf: dict) -> dict:
         )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("the Llama has attention or MLP biases; ours has none")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"the Llama's MLP uses {hf['hidden_act']}; ours is SwiGLU (silu)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(
