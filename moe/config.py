@@ -97,6 +97,9 @@ class MoEConfig:
     random_routing: bool = False  # GShard: keep the 2nd expert with probability min(1, 2 g2)
     normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
+    gemm: str = (
+        "auto"  # dropless experts' matmul: loop (ours) | grouped_mm (torch._grouped_mm) | auto (CUDA: grouped_mm)
+    )
     # -- DeepSeekMoE / DeepSeek-V3 (docs/layers.md): fine-grained, shared, sigmoid, loss-free, grouped
     score_func: str = (
         "softmax"  # topk: softmax | sigmoid (each expert's own sigmoid; gates renormalised over the k > 1)
@@ -380,6 +383,10 @@ def validate_moe(m: MoEConfig) -> None:
         validate_swarm(m)
     _check(m.num_experts >= 1, f"moe.num_experts={m.num_experts} must be >= 1")
     _check(m.top_k >= 1, f"moe.top_k={m.top_k} must be >= 1")
+    _check(
+        m.gemm in ("auto", "loop", "grouped_mm"),
+        f"moe.gemm={m.gemm!r}; use auto (CUDA: torch's grouped GEMM, CPU: ours), loop or grouped_mm",
+    )
     _check(
         m.top_k <= m.num_experts,
         f"moe.top_k={m.top_k} > moe.num_experts={m.num_experts}: a token cannot pick more "

@@ -46,8 +46,12 @@ def test_layer_bench_writes_json_with_every_row(tmp_path, capsys):
     assert {(r["E"], r["k"], r["mode"]) for r in rows} == {
         (E, k, m) for E in (4, 8) for k in (1, 2) for m in ("dropless", "capacity")
     }
-    fine = [r for r in result["rows"] if "granularity" in r]
+    fine = [r for r in result["rows"] if "granularity" in r and r["impl"] == "ours"]
     assert [(r["E"], r["k"], r["expert_d_ff"], r["shared"]) for r in fine] == [(8, 4, 16, 0), (4, 2, 32, 1)]
+    # torch's grouped GEMM timed beside ours in every dropless row, its own column
+    torch_rows = {(r["E"], r["k"], r["mode"]) for r in result["rows"] if r["impl"] == "grouped_mm"}
+    assert torch_rows == {(E, k, "dropless") for E in (4, 8) for k in (1, 2)} | {(8, 4, "dropless"), (4, 2, "dropless")}
+    assert "_grouped_mm" in markdown_table(result).splitlines()[0]
     # the limit is the dense FFN's tokens/s over the active width: 4 x 16 = 1 FFN; (2 + 1) x 32 = 1.5 FFNs
     for r, width in zip(fine, (1.0, 1.5)):
         assert r["active_width"] == width
@@ -55,7 +59,7 @@ def test_layer_bench_writes_json_with_every_row(tmp_path, capsys):
         assert 0 < r["ratio"] == pytest.approx(r["tokens_per_s"] / r["limit_tokens_per_s"])
     assert "| 8 x 16 | 0 | 4 |" in markdown_table(result) and "| 4 x 32 | 1 | 2 |" in markdown_table(result)
     for r in rows:
-        assert r["impl"] == "ours" and r["tokens_per_s"] > 0
+        assert r["impl"] in ("ours", "grouped_mm") and r["tokens_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / r["limit_tokens_per_s"])
     printed = capsys.readouterr().out
     assert "ratio" in printed and markdown_table(result).splitlines()[2] in printed
@@ -96,7 +100,13 @@ def test_layer_bench_measures_deepspeed_side_by_side(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     impls = {(r["mode"], r["impl"]) for r in json.loads(out.read_text())["rows"]}
-    assert impls == {("dropless", "ours"), ("dropless", "deepspeed"), ("capacity", "ours"), ("capacity", "deepspeed")}
+    assert impls == {
+        ("dropless", "ours"),
+        ("dropless", "grouped_mm"),
+        ("dropless", "deepspeed"),
+        ("capacity", "ours"),
+        ("capacity", "deepspeed"),
+    }
 
 
 def test_parallel_bench_table_and_json_from_its_own_numbers(tmp_path, capsys):

@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     lay.add_argument("--no-deepspeed", dest="deepspeed", action="store_false", help="skip DeepSpeed's layer")
     lay.add_argument(
+        "--gemm",
+        nargs="+",
+        default=["loop", "grouped_mm"] if hasattr(torch, "_grouped_mm") else ["loop"],
+        choices=["loop", "grouped_mm"],
+        help="the experts' matmuls to time (dropless rows): ours (loop) and torch._grouped_mm, each its own column",
+    )
+    lay.add_argument(
         "--fine-grained",
         nargs="*",
         default=["8:8:1", "8:4:1+1"],

@@ -5,6 +5,7 @@ are measured side by side on the same (noisy, shared) machine."""
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -45,6 +46,13 @@ def _time_interleaved(impls: dict, x: torch.Tensor, repeats: int) -> dict[str, f
 
 def _ours(layer, x):
     return layer(x)[0]
+
+
+def _with_gemm(layer: MoELayer, gemm: str) -> MoELayer:
+    """A copy of ``layer`` (the same weights) whose experts multiply with ``gemm``."""
+    twin = copy.deepcopy(layer)
+    twin.experts.gemm = gemm
+    return twin
 
 
 def _deepspeed_layer(d_model: int, d_ff: int, num_experts: int, k: int, capacity_factor: float, dropless: bool):
@@ -106,7 +114,7 @@ def bench_layer(args) -> dict:
         "(dense, ours, deepspeed, dense, ...)",
         flush=True,
     )
-    header = f"{'E':>4} {'k':>2} {'mode':>9} {'impl':>9} {'tokens/s':>10} {'ms':>7} {'limit':>10} {'ratio':>6}"
+    header = f"{'E':>4} {'k':>2} {'mode':>9} {'impl':>10} {'tokens/s':>10} {'ms':>7} {'limit':>10} {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for E in args.experts:
@@ -124,6 +132,8 @@ def bench_layer(args) -> dict:
                 ).to(device)
                 ours.experts.grad_into_buffers = True  # as the trainer runs it
                 impls["ours"] = (ours, _ours)
+                if dropless and "grouped_mm" in args.gemm:  # torch's grouped GEMM (capacity mode: a padded bmm)
+                    impls["grouped_mm"] = (_with_gemm(ours, "grouped_mm"), _ours)
                 if args.deepspeed and k <= 2:
                     ds = _deepspeed_layer(D, F_, E, k, cf, dropless)
                     if ds is not None:
@@ -147,7 +157,7 @@ def bench_layer(args) -> dict:
                     }
                     rows.append(row)
                     print(
-                        f"{E:>4} {k:>2} {mode:>9} {impl:>9} {tps:>10,.0f} {s * 1e3:>7.0f} {limit:>10,.0f} "
+                        f"{E:>4} {k:>2} {mode:>9} {impl:>10} {tps:>10,.0f} {s * 1e3:>7.0f} {limit:>10,.0f} "
                         f"{tps / limit:>6.2f}",
                         flush=True,
                     )
@@ -157,34 +167,38 @@ def bench_layer(args) -> dict:
         cfg = MoEConfig(name="topk", num_experts=n, top_k=k, granularity=m, num_shared_experts=shared, dropless=True)
         ours = MoELayer(D, F_, cfg).to(device)
         ours.experts.grad_into_buffers = True
-        secs = _time_interleaved({"dense": (dense, _ours), "ours": (ours, _ours)}, x, args.repeats)
+        impls = {"dense": (dense, _ours), "ours": (ours, _ours)}
+        if "grouped_mm" in args.gemm:
+            impls["grouped_mm"] = (_with_gemm(ours, "grouped_mm"), _ours)
+        secs = _time_interleaved(impls, x, args.repeats)
         dense_all.append(T / secs["dense"])
         width = (m * k + shared) / m  # active FFN width in dense FFNs: (m*k routed + S shared) of d_ff/m
         limit = T / secs["dense"] / width
-        tps = T / secs["ours"]
-        row = {
-            "E": n * m,
-            "k": k * m,
-            "mode": "dropless",
-            "impl": "ours",
-            "granularity": m,
-            "shared": shared,
-            "expert_d_ff": F_ // m,
-            "active_width": width,
-            "dense_tokens_per_s": T / secs["dense"],
-            "tokens_per_s": tps,
-            "ms": secs["ours"] * 1e3,
-            "limit_tokens_per_s": limit,
-            "ratio": tps / limit,
-        }
-        rows.append(row)
         label = f"{n * m}x{F_ // m}" + (f"+{shared}" if shared else "")
-        print(
-            f"{label:>9} {k * m:>2} {'dropless':>9} {'ours':>9} {tps:>10,.0f} {secs['ours'] * 1e3:>7.0f} "
-            f"{limit:>10,.0f} {tps / limit:>6.2f}",
-            flush=True,
-        )
-        del ours
+        for impl in [i for i in impls if i != "dense"]:
+            tps = T / secs[impl]
+            row = {
+                "E": n * m,
+                "k": k * m,
+                "mode": "dropless",
+                "impl": impl,
+                "granularity": m,
+                "shared": shared,
+                "expert_d_ff": F_ // m,
+                "active_width": width,
+                "dense_tokens_per_s": T / secs["dense"],
+                "tokens_per_s": tps,
+                "ms": secs[impl] * 1e3,
+                "limit_tokens_per_s": limit,
+                "ratio": tps / limit,
+            }
+            rows.append(row)
+            print(
+                f"{label:>9} {k * m:>2} {'dropless':>9} {impl:>10} {tps:>10,.0f} {secs[impl] * 1e3:>7.0f} "
+                f"{limit:>10,.0f} {tps / limit:>6.2f}",
+                flush=True,
+            )
+        del ours, impls
     return {
         "benchmark": "layer",
         "d_model": D,
@@ -212,22 +226,33 @@ def markdown_table(result: dict) -> str:
     fine = [r for r in result["rows"] if r.get("granularity")]
     rows = {key: d for key, d in rows.items() if not any(r.get("granularity") for r in d.values())}
     lines = [
-        "| E | k | mode | ours tokens/s | ours / limit | DeepSpeed tokens/s | DeepSpeed / limit |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| E | k | mode | ours (loop) tokens/s | ours / limit | torch `_grouped_mm` tokens/s | `_grouped_mm` / limit "
+        "| DeepSpeed tokens/s | DeepSpeed / limit |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cols(r: dict | None, bold: bool = False) -> str:
+        if r is None:
+            return "- | -"
+        ratio = f"**{r['ratio']:.2f}**" if bold else f"{r['ratio']:.2f}"
+        return f"{r['tokens_per_s']:,.0f} | {ratio}"
+
     for (E, k, mode), d in rows.items():
-        o, ds = d["ours"], d.get("deepspeed")
-        ds_cols = f"{ds['tokens_per_s']:,.0f} | {ds['ratio']:.2f}" if ds else "- | -"
-        lines.append(f"| {E} | {k} | {mode} | {o['tokens_per_s']:,.0f} | **{o['ratio']:.2f}** | {ds_cols} |")
+        ours, torch_mm, ds = cols(d["ours"], True), cols(d.get("grouped_mm")), cols(d.get("deepspeed"))
+        lines.append(f"| {E} | {k} | {mode} | {ours} | {torch_mm} | {ds} |")
     if fine:
         lines += [
             "",
-            "| routed experts x d_ff | shared | k | ours tokens/s | limit (dense / active width) | ours / limit |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| routed experts x d_ff | shared | k | limit (dense / active width) | ours (loop) tokens/s | ours / limit "
+            "| `_grouped_mm` tokens/s | `_grouped_mm` / limit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        by: dict[tuple, dict] = {}
         for r in fine:
+            by.setdefault((r["E"], r["expert_d_ff"], r["shared"], r["k"]), {})[r["impl"]] = r
+        for (E, f, shared, k), d in by.items():
             lines.append(
-                f"| {r['E']} x {r['expert_d_ff']} | {r['shared']} | {r['k']} | {r['tokens_per_s']:,.0f} | "
-                f"{r['limit_tokens_per_s']:,.0f} | **{r['ratio']:.2f}** |"
+                f"| {E} x {f} | {shared} | {k} | {d['ours']['limit_tokens_per_s']:,.0f} | {cols(d['ours'], True)} | "
+                f"{cols(d.get('grouped_mm'))} |"
             )
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.ops import batched_mm, grouped_mm
+from moe.ops import batched_mm, grouped_mm, resolve_gemm, torch_grouped_mm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 GATED = {"swiglu": F.silu}  # act(x @ w1) * (x @ w3): a third matrix, the gate's partner (Shazeer 2020)
@@ -76,6 +76,7 @@ class GroupedExperts(nn.Module):
         init_scale: float = 0.1,
         first_expert: int = 0,
         total_experts: int | None = None,
+        gemm: str = "auto",
     ):
         super().__init__()
         total_experts = num_experts if total_experts is None else total_experts
@@ -92,6 +93,8 @@ class GroupedExperts(nn.Module):
         # Accumulate weight gradients straight into allocated .grad buffers (moe.ops.grouped):
         # right for loss.backward() with gradients zeroed in place, wrong for autograd.grad.
         self.grad_into_buffers = False
+        self.gemm = gemm  # moe.gemm: loop (ours) | grouped_mm (torch._grouped_mm) | auto (moe.ops.grouped.resolve_gemm)
+        resolve_gemm(gemm, torch.device("cpu"))  # a bad name fails here, not in the first forward
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         # (after w2: a gated stack leaves the other stacks' init draws as they were)
@@ -132,6 +135,10 @@ class GroupedExperts(nn.Module):
         expert's rows through its own matmul, experts spread over the cores, no wasted work.
         Measured side by side in ``moe-bench layer`` (docs/performance.md).
         """
+        if resolve_gemm(self.gemm, x_ND.device) == "grouped_mm":  # torch's kernel, no padding to the largest
+            x_ND, w1, w2, w3 = self._cast(x_ND)
+            gate = torch_grouped_mm(x_ND, w3, counts) if w3 is not None else None
+            return torch_grouped_mm(self._hidden(torch_grouped_mm(x_ND, w1, counts), gate), w2, counts)
         N, E = x_ND.shape[0], len(counts)
         c_max = max(counts) if counts else 0
         if N and E * c_max <= self.PAD_RATIO * N:

@@ -160,6 +160,7 @@ class MoELayer(nn.Module):
             init_scale=cfg.init_scale,
             first_expert=first,
             total_experts=E,
+            gemm=cfg.gemm,
         )
         # built after the routed experts: without shared experts every draw is as it was
         self.shared = None

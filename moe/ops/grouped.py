@@ -1,5 +1,7 @@
 """Expert matmul kernels: one matmul per expert over rows grouped by expert, and a batched
-matmul over a padded ``(E, C, D)`` buffer, both with hand-written backwards.
+matmul over a padded ``(E, C, D)`` buffer, both with hand-written backwards; and torch's own
+grouped GEMM (``torch._grouped_mm``, what torchtitan runs its experts on) behind the same
+interface, with what GPUs require of it (:func:`torch_grouped_mm`).
 
 The layer code (``moe.model.experts``) calls :func:`grouped_mm` and :func:`batched_mm` and never
 meets what is here: how the experts are spread over the CPU's cores, and how a weight
@@ -190,3 +192,72 @@ def batched_mm(x_ECD: torch.Tensor, w_EDF: torch.Tensor, *, into_grad: bool = Fa
     """``torch.bmm(x_ECD, w_EDF)``, its weight gradient accumulated into ``w.grad`` with
     ``into_grad`` (see :class:`_GroupedMM`)."""
     return _BatchedMM.apply(x_ECD, w_EDF, into_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's grouped GEMM
+
+GEMMS = ("auto", "loop", "grouped_mm")  # moe.gemm
+# Rows per expert group torch._grouped_mm needs for 16-bit inputs on CUDA (torchtitan pads each
+# expert's tokens to this: TOKEN_GROUP_ALIGN_SIZE_M); nothing is needed on CPU or in fp32.
+GROUPED_MM_ALIGN = 8
+
+
+def has_torch_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def resolve_gemm(name: str, device: torch.device) -> str:
+    """``moe.gemm`` as run on ``device``: ``auto`` is ``grouped_mm`` on CUDA (one kernel for every
+    expert) and ``loop`` on CPU, where our experts-over-threads loop measured faster side by side
+    (``moe-bench layer --gemm loop grouped_mm``, docs/performance.md)."""
+    if name not in GEMMS:
+        raise ValueError(f"moe.gemm={name!r}; use one of {', '.join(GEMMS)}")
+    if name == "auto":
+        name = "grouped_mm" if device.type == "cuda" and has_torch_grouped_mm() else "loop"
+    if name == "grouped_mm" and not has_torch_grouped_mm():
+        raise ValueError(f"moe.gemm=grouped_mm: torch {torch.__version__} has no torch._grouped_mm; use moe.gemm=loop")
+    return name
+
+
+def _contiguous_grad(g: torch.Tensor) -> torch.Tensor:
+    # torch._grouped_mm's backward refuses a gradient with zero strides (an expanded one, e.g.
+    # from .sum()): "Invalid strides/sizes"
+    return g.contiguous()
+
+
+def _raw_grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    offs = torch.tensor(counts, device=x_ND.device, dtype=torch.int64).cumsum(0).to(torch.int32)  # int32 ends
+    y = torch._grouped_mm(x_ND, w_EDF, offs=offs)
+    if y.requires_grad:
+        y.register_hook(_contiguous_grad)
+    return y
+
+
+def torch_grouped_mm(
+    x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int], *, align_rows: int | None = None
+) -> torch.Tensor:
+    """:func:`grouped_mm` computed by ``torch._grouped_mm`` (autograd included).
+
+    ``align_rows``: every expert's group padded with zero rows to a multiple of it (and to at
+    least one multiple: no empty groups), the padding dropped from the output; None: what the
+    device needs (:data:`GROUPED_MM_ALIGN` for 16-bit inputs on CUDA, else 1: nothing to pad).
+    Offsets are int32 ends of the groups, as the op requires."""
+    assert sum(counts) == x_ND.shape[0] and len(counts) == w_EDF.shape[0]
+    if align_rows is None:
+        align_rows = GROUPED_MM_ALIGN if x_ND.is_cuda and x_ND.element_size() == 2 else 1
+    x_ND = x_ND.contiguous()
+    if x_ND.shape[0] == 0:  # nothing routed here: our loop gives the empty output and zero gradients
+        return grouped_mm(x_ND, w_EDF, counts)
+    if align_rows <= 1:
+        return _raw_grouped_mm(x_ND, w_EDF, counts)
+    padded = [max(align_rows, -(-c // align_rows) * align_rows) for c in counts]
+    dev, E, N = x_ND.device, len(counts), x_ND.shape[0]
+    counts_t = torch.tensor(counts, device=dev)
+    starts = counts_t.cumsum(0) - counts_t
+    padded_t = torch.tensor(padded, device=dev)
+    padded_starts = padded_t.cumsum(0) - padded_t
+    expert_N = torch.repeat_interleave(torch.arange(E, device=dev), counts_t, output_size=N)
+    dest_N = padded_starts[expert_N] + torch.arange(N, device=dev) - starts[expert_N]
+    x_pad = x_ND.new_zeros(sum(padded), x_ND.shape[1]).index_copy(0, dest_N, x_ND)
+    return _raw_grouped_mm(x_pad, w_EDF, padded).index_select(0, dest_N)

@@ -163,6 +163,7 @@ RESUME_FREE_KEYS = (
     "logger",
     "optim",
     "data.cache_dir",
+    "moe.gemm",  # which kernel multiplies the experts: the same function
     "parallel",
     "batch_size",
     "grad_accum",
