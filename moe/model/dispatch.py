@@ -39,6 +39,51 @@ class DispatchPlan:
     num_tokens: int
 
 
+@dataclass
+class PermutationPlan(DispatchPlan):
+    """Every (token, choice) routed (dropless, nothing dropped): the rows are a permutation of
+    the T*K choices, and moving them is a gather both ways (:class:`_GatherRows`)."""
+
+    order_N: torch.Tensor  # flat choice t*K + j of each routed row
+    inverse_N: torch.Tensor  # routed row of each flat choice
+    weight_TK: torch.Tensor  # the combine weights, (T, K)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[src // K]`` where ``src`` is a permutation of the ``T*K`` choices: the forward a
+    gather, and so is the backward (the inverse permutation, then a sum over the K copies) —
+    where autograd's own backward of ``index_select`` is a scatter-add, which runs on one core
+    on CPUs (2-4x slower than the gather here, docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src_N: torch.Tensor, inverse_N: torch.Tensor, K: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse_N)
+        ctx.K, ctx.T = K, x.shape[0]
+        return x.index_select(0, src_N // K if K > 1 else src_N)
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        g = g_ND.index_select(0, inverse_N)  # back to choice order t*K + j
+        if ctx.K > 1:
+            g = g.view(ctx.T, ctx.K, -1).sum(1)
+        return g, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``y[perm]`` for a permutation ``perm`` (inverse ``inverse``): a gather both ways."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return y.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
 class TokenDispatcher(ABC):
     """Moves a layer's routed rows to its experts and back.
 
@@ -81,6 +126,14 @@ class LocalDispatcher(TokenDispatcher):
             order = torch.argsort(ids_N, stable=True)  # group by expert, token order within
             kept_idx = kept_idx[order]
             counts = torch.bincount(ids_N, minlength=E).tolist()
+            if kept_idx.numel() == T * K:  # nothing dropped: a permutation of the choices, gathers both ways
+                inverse = torch.empty_like(kept_idx)
+                inverse[kept_idx] = torch.arange(kept_idx.numel(), device=kept_idx.device)
+                w_TK = routing.weights_TK
+                plan = PermutationPlan(
+                    kept_idx // K, w_TK.reshape(-1)[kept_idx], counts, None, T, kept_idx, inverse, w_TK
+                )
+                return _GatherRows.apply(x_TD, kept_idx, inverse, K), plan
             plan = DispatchPlan(kept_idx // K, routing.weights_TK.reshape(-1)[kept_idx], counts, None, T)
             return x_TD.index_select(0, plan.token_idx_N), plan
         C = routing.capacity
@@ -92,6 +145,11 @@ class LocalDispatcher(TokenDispatcher):
 
     def combine(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         D = y.shape[-1]
+        if isinstance(plan, PermutationPlan):  # back to choice order by a gather, then each token's weighted sum
+            T, K = plan.weight_TK.shape
+            y_TKD = _PermuteRows.apply(y, plan.inverse_N, plan.order_N).view(T, K, D)
+            w_TK1 = plan.weight_TK.to(y.dtype).unsqueeze(-1)
+            return (y_TKD * w_TK1).squeeze(1) if K == 1 else (y_TKD * w_TK1).sum(1)
         y_ND = y if plan.slot_N is None else y.reshape(-1, D).index_select(0, plan.slot_N)
         y_ND = y_ND * plan.weight_N.to(y_ND.dtype).unsqueeze(1)
         return y_ND.new_zeros(plan.num_tokens, D).index_add(0, plan.token_idx_N, y_ND)
