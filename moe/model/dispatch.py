@@ -66,8 +66,23 @@ class _GatherRows(torch.autograd.Function):
         (inverse_N,) = ctx.saved_tensors
         g = g_ND.index_select(0, inverse_N)  # back to choice order t*K + j
         if ctx.K > 1:
-            g = g.view(ctx.T, ctx.K, -1).sum(1)
+            g = g.view(ctx.T, ctx.K, g.shape[-1]).sum(1)
         return g, None, None, None
+
+
+def choices_to_rows(x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, K: int) -> torch.Tensor:
+    """Routed rows ``x[order // K]`` when ``order`` is a permutation of all ``T*K`` choices (its
+    inverse ``inverse``): gathers forward and backward (:class:`_GatherRows`)."""
+    return _GatherRows.apply(x_TD, order_N, inverse_N, K)
+
+
+def rows_to_tokens(y_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, weight_TK: torch.Tensor):
+    """Each token's weighted sum of its K rows, ``(T, D)``: the rows back in choice order by a
+    gather, then summed over the K choices in order (so every dispatcher adds alike)."""
+    T, K = weight_TK.shape
+    y_TKD = _PermuteRows.apply(y_ND, inverse_N, order_N).view(T, K, y_ND.shape[-1])
+    w_TK1 = weight_TK.to(y_ND.dtype).unsqueeze(-1)
+    return (y_TKD * w_TK1).squeeze(1) if K == 1 else (y_TKD * w_TK1).sum(1)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -133,7 +148,7 @@ class LocalDispatcher(TokenDispatcher):
                 plan = PermutationPlan(
                     kept_idx // K, w_TK.reshape(-1)[kept_idx], counts, None, T, kept_idx, inverse, w_TK
                 )
-                return _GatherRows.apply(x_TD, kept_idx, inverse, K), plan
+                return choices_to_rows(x_TD, kept_idx, inverse, K), plan
             plan = DispatchPlan(kept_idx // K, routing.weights_TK.reshape(-1)[kept_idx], counts, None, T)
             return x_TD.index_select(0, plan.token_idx_N), plan
         C = routing.capacity
@@ -145,11 +160,8 @@ class LocalDispatcher(TokenDispatcher):
 
     def combine(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         D = y.shape[-1]
-        if isinstance(plan, PermutationPlan):  # back to choice order by a gather, then each token's weighted sum
-            T, K = plan.weight_TK.shape
-            y_TKD = _PermuteRows.apply(y, plan.inverse_N, plan.order_N).view(T, K, D)
-            w_TK1 = plan.weight_TK.to(y.dtype).unsqueeze(-1)
-            return (y_TKD * w_TK1).squeeze(1) if K == 1 else (y_TKD * w_TK1).sum(1)
+        if isinstance(plan, PermutationPlan):
+            return rows_to_tokens(y, plan.order_N, plan.inverse_N, plan.weight_TK)
         y_ND = y if plan.slot_N is None else y.reshape(-1, D).index_select(0, plan.slot_N)
         y_ND = y_ND * plan.weight_N.to(y_ND.dtype).unsqueeze(1)
         return y_ND.new_zeros(plan.num_tokens, D).index_add(0, plan.token_idx_N, y_ND)

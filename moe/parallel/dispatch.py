@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from moe.model.auction import balanced_assignment
-from moe.model.dispatch import DispatchPlan, TokenDispatcher
+from moe.model.dispatch import DispatchPlan, TokenDispatcher, choices_to_rows, rows_to_tokens
 from moe.model.routing import Routing
 from moe.parallel.state import ParallelState, check_expert_sharding
 
@@ -79,6 +79,10 @@ class AllToAllPlan(DispatchPlan):
     send_splits: list[int]  # rows sent to each EP rank
     recv_splits: list[int]  # rows received from each EP rank
     order_M: torch.Tensor | None  # received row feeding each expert-major row (None: identity)
+    # nothing dropped: the sent rows are a permutation of the T*K choices (moe.model.dispatch)
+    order_N: torch.Tensor | None = None  # flat choice t*K + j of each sent row
+    inverse_N: torch.Tensor | None = None  # sent row of each choice
+    weight_TK: torch.Tensor | None = None
 
 
 def _expert_major_order(recv_SE: torch.Tensor, M: int) -> torch.Tensor | None:
@@ -214,7 +218,13 @@ class AllToAllDispatcher(TokenDispatcher):
             reach_TS = torch.zeros(T, S, dtype=torch.bool, device=x_TD.device)
             reach_TS[token_idx_N, ids_N[order] // El] = True
             self.ranks_per_token_T = reach_TS.sum(dim=1)
-        x_send = x_TD.index_select(0, token_idx_N)
+        inverse = None
+        if kept_idx.numel() == T * K:  # nothing dropped: gathers both ways, as the local dispatcher
+            inverse = torch.empty_like(kept_idx)
+            inverse[kept_idx] = torch.arange(kept_idx.numel(), device=kept_idx.device)
+            x_send = choices_to_rows(x_TD, kept_idx, inverse, K)
+        else:
+            x_send = x_TD.index_select(0, token_idx_N)
         weight_N = routing.weights_TK.reshape(-1)[kept_idx]
         recv_SE = self._exchange_counts(send_E)
         sent_recv = torch.cat([send_E, recv_SE.reshape(-1)]).tolist()  # the one host sync: split sizes are ints
@@ -225,7 +235,10 @@ class AllToAllDispatcher(TokenDispatcher):
         order_M = _expert_major_order(recv_SE, sum(recv_splits))
         x_local = x_recv if order_M is None else x_recv.index_select(0, order_M)
         counts = [sum(col) for col in zip(*counts_SE)]  # rows per local expert, all sources
-        return x_local, AllToAllPlan(token_idx_N, weight_N, counts, None, T, send_splits, recv_splits, order_M)
+        gathers = (kept_idx, inverse, routing.weights_TK) if inverse is not None else (None, None, None)
+        return x_local, AllToAllPlan(
+            token_idx_N, weight_N, counts, None, T, send_splits, recv_splits, order_M, *gathers
+        )
 
     def combine(self, y: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         D = y.shape[-1]
@@ -233,5 +246,7 @@ class AllToAllDispatcher(TokenDispatcher):
         if plan.order_M is not None:  # back to source-major
             y_MD = y_MD.new_empty(y_MD.shape).index_copy(0, plan.order_M, y_MD)
         y_back = self._move(y_MD, plan.send_splits, plan.recv_splits)  # rows as this rank sent them
+        if plan.inverse_N is not None:
+            return rows_to_tokens(y_back, plan.order_N, plan.inverse_N, plan.weight_TK)
         y_ND = y_back * plan.weight_N.to(y_back.dtype).unsqueeze(1)
         return y_ND.new_zeros(plan.num_tokens, D).index_add(0, plan.token_idx_N, y_ND)
