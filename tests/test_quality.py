@@ -477,3 +477,18 @@ def test_smoke_upcycled_and_deepseek_arms_end_to_end(tmp_path, capsys):
     assert rows["upcycle-8@4"]["final_eval"]["gap"] is not None
     text = out.read_text()
     assert "Arms named `<arm>@S` (S = 4)" in text and "steps to its baseline's final val loss" in text
+
+
+def test_progress_reads_the_step_past_a_record_longer_than_its_first_read(tmp_path):
+    """A run with many experts logs expert-load records longer than 8 KiB; the progress bar
+    read step 0 from such a tail (the bar stood still while the arm trained)."""
+    from moe.bench.quality.progress import finished, last_step
+
+    m = tmp_path / "metrics.jsonl"
+    big = {"step": 350, "type": "expert_load", "load": {str(i): [0.015625] * 64 for i in range(40)}}
+    m.write_text(json.dumps({"step": 300, "train/loss": 2.0}) + "\n" + json.dumps(big) + "\n")
+    assert len(m.read_bytes()) > 2 * 8192
+    assert last_step(m) == 350
+    with m.open("a") as f:
+        f.write(json.dumps({"type": "summary", "final/val_loss": 1.0}) + "\n")
+    assert finished(tmp_path, 350) and not finished(tmp_path, 400)

@@ -101,6 +101,8 @@ def summarize(runs: list[RunCurves], baseline: str = "dense", *, baselines: dict
         target = base.val_loss[-1] if base and base.val_loss else None
         base_steps = base.val_steps[-1] if base and base.val_steps else None
         reach = steps_to_reach(r.val_steps, r.val_loss, target) if target is not None else None
+        if r is base:  # its own final loss is reached at its end (a noisy earlier eval does not count)
+            reach = base_steps
         cvs = [c for c in r.cv if not math.isnan(c)]
         tps = [t for t in r.tokens_per_s if not math.isnan(t)]
         gap_mid = gap_end = None

@@ -40,13 +40,20 @@ def step_of(records: list[dict]) -> int:
 
 
 def last_step(metrics: Path) -> int:
-    return step_of(tail_records(metrics))
+    """The last step logged; the tail read grows until it holds a whole record with a step
+    (an expert-load record of many experts is longer than the first 8 KiB read)."""
+    nbytes = 8192
+    while True:
+        recs = tail_records(metrics, nbytes)
+        if any("step" in r for r in recs) or nbytes >= 1 << 22:
+            return step_of(recs)
+        nbytes *= 4
 
 
 def finished(run_dir: Path, steps: int) -> bool:
     """The run reached ``steps`` and ended cleanly (its summary record is written last)."""
     recs = tail_records(run_dir / "metrics.jsonl")
-    return bool(recs) and recs[-1].get("type") == "summary" and step_of(recs) >= steps
+    return bool(recs) and recs[-1].get("type") == "summary" and last_step(run_dir / "metrics.jsonl") >= steps
 
 
 def start_step(run_dir: Path, steps: int) -> int:
