@@ -98,7 +98,7 @@ class MoEConfig:
     normalize_weights: bool = True  # renormalise the k gate values to sum to 1 (k > 1)
     router_dtype: str = "float32"  # selective precision: the router always runs in fp32
     gemm: str = (
-        "auto"  # dropless experts' matmul: loop (ours) | grouped_mm (torch._grouped_mm) | auto (CUDA: grouped_mm)
+        "auto"  # dropless experts' matmul: loop (ours) | grouped_mm (torch._grouped_mm) | auto (CUDA bf16: grouped_mm)
     )
     # -- DeepSeekMoE / DeepSeek-V3 (docs/layers.md): fine-grained, shared, sigmoid, loss-free, grouped
     score_func: str = (
@@ -385,7 +385,7 @@ def validate_moe(m: MoEConfig) -> None:
     _check(m.top_k >= 1, f"moe.top_k={m.top_k} must be >= 1")
     _check(
         m.gemm in ("auto", "loop", "grouped_mm"),
-        f"moe.gemm={m.gemm!r}; use auto (CUDA: torch's grouped GEMM, CPU: ours), loop or grouped_mm",
+        f"moe.gemm={m.gemm!r}; use auto (torch's grouped GEMM on CUDA in bf16, else ours), loop or grouped_mm",
     )
     _check(
         m.top_k <= m.num_experts,

@@ -103,6 +103,9 @@ def test_training_on_grouped_mm_follows_training_on_our_loop(tmp_path, tiny_data
 
 def test_gemm_names():
     assert resolve_gemm("auto", torch.device("cpu")) == "loop"  # measured faster here (docs/performance.md)
+    assert resolve_gemm("auto", torch.device("cpu"), torch.bfloat16) == "loop"
+    assert resolve_gemm("auto", torch.device("cuda"), torch.bfloat16) == "grouped_mm"  # (names only: no GPU here)
+    assert resolve_gemm("auto", torch.device("cuda"), torch.float32) == "loop"
     assert resolve_gemm("grouped_mm", torch.device("cpu")) == "grouped_mm"
     with pytest.raises(ValueError, match="moe.gemm='cutlass'"):
         resolve_gemm("cutlass", torch.device("cpu"))

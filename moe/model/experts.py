@@ -135,7 +135,10 @@ class GroupedExperts(nn.Module):
         expert's rows through its own matmul, experts spread over the cores, no wasted work.
         Measured side by side in ``moe-bench layer`` (docs/performance.md).
         """
-        if resolve_gemm(self.gemm, x_ND.device) == "grouped_mm":  # torch's kernel, no padding to the largest
+        dtype = (
+            torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
+        )
+        if resolve_gemm(self.gemm, x_ND.device, dtype) == "grouped_mm":  # torch's kernel, no padding to the largest
             x_ND, w1, w2, w3 = self._cast(x_ND)
             gate = torch_grouped_mm(x_ND, w3, counts) if w3 is not None else None
             return torch_grouped_mm(self._hidden(torch_grouped_mm(x_ND, w1, counts), gate), w2, counts)

@@ -207,14 +207,16 @@ def has_torch_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def resolve_gemm(name: str, device: torch.device) -> str:
-    """``moe.gemm`` as run on ``device``: ``auto`` is ``grouped_mm`` on CUDA (one kernel for every
-    expert) and ``loop`` on CPU, where our experts-over-threads loop measured faster side by side
-    (``moe-bench layer --gemm loop grouped_mm``, docs/performance.md)."""
+def resolve_gemm(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``moe.gemm`` as run on ``device`` for experts computing in ``dtype``: ``auto`` is
+    ``grouped_mm`` on CUDA in bf16/fp16 (one kernel for every expert, what its CUDA kernels are
+    built for) and ``loop`` otherwise: on CPU our experts-over-threads loop measured faster side
+    by side (``moe-bench layer``, docs/performance.md)."""
     if name not in GEMMS:
         raise ValueError(f"moe.gemm={name!r}; use one of {', '.join(GEMMS)}")
     if name == "auto":
-        name = "grouped_mm" if device.type == "cuda" and has_torch_grouped_mm() else "loop"
+        half = dtype in (torch.bfloat16, torch.float16)
+        name = "grouped_mm" if device.type == "cuda" and half and has_torch_grouped_mm() else "loop"
     if name == "grouped_mm" and not has_torch_grouped_mm():
         raise ValueError(f"moe.gemm=grouped_mm: torch {torch.__version__} has no torch._grouped_mm; use moe.gemm=loop")
     return name
