@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moe.config import ModelConfig, MoEConfig
+from moe.model.hf import to_hf
 from moe.model.transformer import RMSNorm, TransformerLM, apply_rotary, count_parameters, rotary_cos_sin
 
 
@@ -21,25 +22,11 @@ def llama_cfg(**kw) -> ModelConfig:
 
 
 def to_hf_llama(model: TransformerLM) -> dict[str, torch.Tensor]:
-    """Our dense llama model's weights under LlamaForCausalLM's names."""
-    D = model.cfg.d_model
-    sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["ln_f.weight"]}
-    out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(model.cfg.n_layers):
-        p, q = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = sd[p + "attn.qkv.weight"].split(D, dim=0)
-        out |= {
-            q + "self_attn.q_proj.weight": wq,
-            q + "self_attn.k_proj.weight": wk,
-            q + "self_attn.v_proj.weight": wv,
-            q + "self_attn.o_proj.weight": sd[p + "attn.proj.weight"],
-            q + "input_layernorm.weight": sd[p + "ln1.weight"],
-            q + "post_attention_layernorm.weight": sd[p + "ln2.weight"],
-            q + "mlp.gate_proj.weight": sd[p + "ffn.w1.weight"],
-            q + "mlp.up_proj.weight": sd[p + "ffn.w3.weight"],
-            q + "mlp.down_proj.weight": sd[p + "ffn.w2.weight"],
-        }
+    """Our dense llama model's weights under LlamaForCausalLM's names (moe-export's renaming,
+    itself checked against transformers' loading in tests/test_inference.py); the head kept
+    even when tied, as the state dict below is loaded whole."""
+    out = to_hf(model.state_dict(), model.cfg, model.moe, "LlamaForCausalLM")
+    out.setdefault("lm_head.weight", model.lm_head.weight)
     return out
 
 
