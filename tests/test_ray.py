@@ -337,19 +337,24 @@ def test_two_workers_train_report_checkpoint_and_resume(ray_local, tmp_path):
     assert [r["step"] for r in _metrics(out / "metrics.jsonl") if "train/loss" in r] == list(range(1, 25))
 
 
+def _fit_ep2_on_ray(cfg, tmp_path) -> dict:
+    """Train ``cfg`` (out_dir ``tmp_path/ep``) on two Ray workers with the experts split over
+    them; its history, step and the weights of the checkpoint it wrote."""
+    cfg = dataclasses.replace(
+        cfg,
+        parallel=ParallelConfig(backend="ray", num_workers=2, ep_size=2),
+        data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")),
+    )
+    run = fit_on_ray(cfg)
+    return {"history": run.history, "step": run.step, "model": ckpt.load(tmp_path / "ep" / "checkpoint.pt")["model"]}
+
+
 @pytest.mark.slow
 def test_ep2_on_ray_equals_one_process_with_the_double_batch(ray_local, tmp_path, tiny_data):
     from tests.test_parallel_train import NO_AUX, B, _assert_same_run, _cfg, _clipped, _reference
 
     over = {"dropless": True, "aux_loss_weight": 0.0}
-    par_cfg = _clipped(_cfg(tmp_path / "ep", "switch", **over))
-    par_cfg = dataclasses.replace(
-        par_cfg,
-        parallel=ParallelConfig(backend="ray", num_workers=2, ep_size=2),
-        data=dataclasses.replace(par_cfg.data, cache_dir=str(tmp_path / "cache")),
-    )
-    run = fit_on_ray(par_cfg)
-    par = {"history": run.history, "step": run.step, "model": ckpt.load(tmp_path / "ep" / "checkpoint.pt")["model"]}
+    par = _fit_ep2_on_ray(_clipped(_cfg(tmp_path / "ep", "switch", **over)), tmp_path)
     ref = _reference(_clipped(_cfg(tmp_path / "ref", "switch", batch_size=2 * B, **over)), tiny_data)
     assert ckpt.load(tmp_path / "ep" / "checkpoint.pt")["layout"] == {"world_size": 2, "dp_size": 2, "ep_size": 2}
     _assert_same_run(par, ref, keys=NO_AUX)
@@ -362,14 +367,7 @@ def test_ep2_on_ray_with_the_modern_layer_equals_one_process(ray_local, tmp_path
     from tests.test_modern_moe import _modern
     from tests.test_parallel_train import NO_AUX, B, _assert_same_run, _cfg, _reference
 
-    par_cfg = _modern(_cfg(tmp_path / "ep", "deepseek"))
-    par_cfg = dataclasses.replace(
-        par_cfg,
-        parallel=ParallelConfig(backend="ray", num_workers=2, ep_size=2),
-        data=dataclasses.replace(par_cfg.data, cache_dir=str(tmp_path / "cache")),
-    )
-    run = fit_on_ray(par_cfg)
-    par = {"history": run.history, "step": run.step, "model": ckpt.load(tmp_path / "ep" / "checkpoint.pt")["model"]}
+    par = _fit_ep2_on_ray(_modern(_cfg(tmp_path / "ep", "deepseek")), tmp_path)
     ref = _reference(_modern(_cfg(tmp_path / "ref", "deepseek", batch_size=2 * B)), tiny_data)
     _assert_same_run(par, ref, keys=NO_AUX)
     biases = [k for k in ref["model"] if k.endswith("expert_bias_E")]

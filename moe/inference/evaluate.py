@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from moe.config import ConfigError
 from moe.model.transformer import TransformerLM
-from moe.training.data import SKIPPED_DIRS, Tokenizer, read_text_file, walk_files
+from moe.training.data import Tokenizer, read_text_file, walk_files
 
 
 @dataclass
@@ -70,7 +70,7 @@ def read_eval_text(
     if p.is_file():
         files = [p]
     else:
-        files = walk_files(p, extensions or [], skip_hidden=True, skip_envs=False) if extensions else _every_file(p)
+        files = walk_files(p, extensions or None, skip_hidden=True, skip_envs=False)
     eot = np.asarray([tokenizer.eot_id], dtype=np.int64)
     pieces: list[np.ndarray] = [eot]  # a document starts after end-of-text: its first token is predicted too
     n_bytes = 0
@@ -87,16 +87,6 @@ def read_eval_text(
         why = f" ({skipped[0][0]} {skipped[0][1]})" if skipped else ""
         raise ConfigError(f"--data {path}: no UTF-8 text to score{why}")
     return EvalText(np.concatenate(pieces), n_bytes, good, skipped)
-
-
-def _every_file(root: Path) -> list[Path]:
-    """Every file below ``root`` but hidden ones, bytecode caches and installed packages."""
-
-    def keep(q: Path) -> bool:
-        parts = q.relative_to(root).parts
-        return q.is_file() and not any(p.startswith(".") or p in SKIPPED_DIRS for p in parts)
-
-    return sorted((q for q in root.rglob("*") if keep(q)), key=lambda q: q.relative_to(root).as_posix())
 
 
 def windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:

@@ -70,6 +70,13 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None
 
 
+def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``."""
+    inv = torch.empty_like(perm_N)
+    inv[perm_N] = torch.arange(perm_N.numel(), device=perm_N.device)
+    return inv
+
+
 def choices_to_rows(x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, K: int) -> torch.Tensor:
     """Routed rows ``x[order // K]`` when ``order`` is a permutation of all ``T*K`` choices (its
     inverse ``inverse``): gathers forward and backward (:class:`_GatherRows`)."""
@@ -142,8 +149,7 @@ class LocalDispatcher(TokenDispatcher):
             kept_idx = kept_idx[order]
             counts = torch.bincount(ids_N, minlength=E).tolist()
             if kept_idx.numel() == T * K:  # nothing dropped: a permutation of the choices, gathers both ways
-                inverse = torch.empty_like(kept_idx)
-                inverse[kept_idx] = torch.arange(kept_idx.numel(), device=kept_idx.device)
+                inverse = inverse_permutation(kept_idx)
                 w_TK = routing.weights_TK
                 plan = PermutationPlan(
                     kept_idx // K, w_TK.reshape(-1)[kept_idx], counts, None, T, kept_idx, inverse, w_TK

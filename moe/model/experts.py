@@ -114,11 +114,16 @@ class GroupedExperts(nn.Module):
                 with torch.no_grad():
                     w.copy_(full[self.first_expert : self.first_expert + self.num_experts])
 
-    def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Input and weights in the autocast dtype when autocast is on, else in x's dtype (our
-        matmuls are not autocast ops: cast by hand, so both paths compute alike)."""
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The autocast dtype when autocast is on, else x's."""
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Input and weights in :meth:`_compute_dtype` (our matmuls are not autocast ops: cast
+        by hand, so both paths compute alike)."""
+        dt = self._compute_dtype(x)
         w3 = self.w3_EDF.to(dt) if self.gated else None
         return x.to(dt), self.w1_EDF.to(dt), self.w2_EFD.to(dt), w3
 
@@ -135,10 +140,9 @@ class GroupedExperts(nn.Module):
         expert's rows through its own matmul, experts spread over the cores, no wasted work.
         Measured side by side in ``moe-bench layer`` (docs/performance.md).
         """
-        dtype = (
-            torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
-        )
-        if resolve_gemm(self.gemm, x_ND.device, dtype) == "grouped_mm":  # torch's kernel, no padding to the largest
+        if (
+            resolve_gemm(self.gemm, x_ND.device, self._compute_dtype(x_ND)) == "grouped_mm"
+        ):  # torch's kernel, no padding to the largest
             x_ND, w1, w2, w3 = self._cast(x_ND)
             gate = torch_grouped_mm(x_ND, w3, counts) if w3 is not None else None
             return torch_grouped_mm(self._hidden(torch_grouped_mm(x_ND, w1, counts), gate), w2, counts)

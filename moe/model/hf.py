@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from moe.config import ConfigError, ModelConfig, MoEConfig
+from moe.model.layers import top_k_of
 
 
 class ExportRefused(ConfigError):
@@ -106,12 +107,7 @@ def architecture(model: ModelConfig, moe: MoEConfig) -> str:
 
 def _renormalised(moe: MoEConfig) -> bool:
     """Whether the k combine weights are renormalised to sum to one (k >= 2)."""
-    k = {"switch": 1, "gshard": 2}.get(moe.name, moe.routed_top_k)
-    return k > 1 and (moe.name == "gshard" or (moe.name in ("topk", "deepseek") and moe.normalize_weights))
-
-
-def _top_k(moe: MoEConfig) -> int:
-    return {"switch": 1, "gshard": 2}.get(moe.name, moe.routed_top_k)
+    return top_k_of(moe) > 1 and (moe.name == "gshard" or (moe.name in ("topk", "deepseek") and moe.normalize_weights))
 
 
 def hf_config(model: ModelConfig, moe: MoEConfig, arch: str, *, eos_token_id: int) -> dict:
@@ -164,7 +160,7 @@ def hf_config(model: ModelConfig, moe: MoEConfig, arch: str, *, eos_token_id: in
     }
     if arch == "LlamaForCausalLM":
         return {**llama_like, "model_type": "llama", "attention_bias": False, "mlp_bias": False}
-    E, F_e, k = moe.routed_experts, moe.routed_d_ff(model.d_ff), _top_k(moe)
+    E, F_e, k = moe.routed_experts, moe.routed_d_ff(model.d_ff), top_k_of(moe)
     if arch == "MixtralForCausalLM":
         return {
             **llama_like,

@@ -41,6 +41,11 @@ class LayerAux:
     expert_bias: torch.Tensor | None = None  # loss-free balancing's bias this forward chose with (a copy)
 
 
+def top_k_of(cfg: MoEConfig) -> int:
+    """Experts each token is routed to: Switch's one, GShard's two, else ``routed_top_k``."""
+    return {"switch": 1, "gshard": 2}.get(cfg.name, cfg.routed_top_k)
+
+
 class DenseFFN(nn.Module):
     """``W2·act(W1·x)`` (gated, SwiGLU: ``W2·(silu(W1·x) * W3·x)``): the baseline every MoE is
     compared to.  Same init as one expert."""
@@ -177,7 +182,7 @@ class MoELayer(nn.Module):
         cf = None if c.dropless else (c.capacity_factor if self.training else c.eval_capacity_factor)
         aux_seq_len = seq_len if c.aux_loss_type == "sequence" else None
         if c.name in ("switch", "gshard", "topk", "deepseek"):
-            k = {"switch": 1, "gshard": 2}.get(c.name, c.routed_top_k)
+            k = top_k_of(c)
             return topk_route(
                 logits_TE,
                 k,

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from moe.model.auction import balanced_assignment
-from moe.model.dispatch import DispatchPlan, TokenDispatcher, choices_to_rows, rows_to_tokens
+from moe.model.dispatch import DispatchPlan, TokenDispatcher, choices_to_rows, inverse_permutation, rows_to_tokens
 from moe.model.routing import Routing
 from moe.parallel.state import ParallelState, check_expert_sharding
 
@@ -220,8 +220,7 @@ class AllToAllDispatcher(TokenDispatcher):
             self.ranks_per_token_T = reach_TS.sum(dim=1)
         inverse = None
         if kept_idx.numel() == T * K:  # nothing dropped: gathers both ways, as the local dispatcher
-            inverse = torch.empty_like(kept_idx)
-            inverse[kept_idx] = torch.arange(kept_idx.numel(), device=kept_idx.device)
+            inverse = inverse_permutation(kept_idx)
             x_send = choices_to_rows(x_TD, kept_idx, inverse, K)
         else:
             x_send = x_TD.index_select(0, token_idx_N)

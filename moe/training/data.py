@@ -274,10 +274,11 @@ def stdlib_files() -> list[Path]:
     return walk_files(stdlib_root(), (".py",), skip_hidden=False, skip_envs=True)
 
 
-def walk_files(root: Path, extensions: Sequence[str], *, skip_hidden: bool, skip_envs: bool) -> list[Path]:
-    """Files below ``root`` with one of ``extensions``, sorted by relative path; installed
-    packages and bytecode caches left out (hidden files and virtualenvs too when asked)."""
-    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+def walk_files(root: Path, extensions: Sequence[str] | None, *, skip_hidden: bool, skip_envs: bool) -> list[Path]:
+    """Files below ``root`` with one of ``extensions`` (None: every file), sorted by relative
+    path; installed packages and bytecode caches left out (hidden files and virtualenvs too
+    when asked)."""
+    exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # prune in place so os.walk never descends into installed packages or environments
@@ -292,7 +293,7 @@ def walk_files(root: Path, extensions: Sequence[str], *, skip_hidden: bool, skip
         for name in filenames:
             if skip_hidden and name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() in exts:
+            if exts is None or os.path.splitext(name)[1].lower() in exts:
                 p = Path(dirpath) / name
                 found.append((p.relative_to(root).as_posix(), p))
     found.sort(key=lambda t: t[0])  # os.walk order depends on the file system
