@@ -31,16 +31,75 @@ from pathlib import Path
 import torch
 from hivemind import DHT, Optimizer
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 
 from moe.config import TrainConfig, validate
 from moe.model.layers import LayerContext
 from moe.model.transformer import TransformerLM
+from moe.swarm.compression import PeerCompression, Traffic, counting
 from moe.swarm.layer import SwarmConnection
 from moe.swarm.records import collab_run_id, signing_key
 from moe.training.data import TokenData, load_data
 from moe.training.optim import lr_at
 from moe.training.sinks import MetricsLogger
+
+
+class PeerModel:
+    """What every trainer peer holds, whatever its sync: the run's model (the same initial
+    weights on every peer, from ``cfg.seed``), its tokens, and the expert-serving stats of a
+    window of local steps.
+
+    Any expert layer: with ``moe=hivemind`` the blocks call the swarm's experts through this
+    peer's DHT (their servers train them), with any other layer every parameter is local and
+    collaborative.
+    """
+
+    def __init__(self, cfg: TrainConfig, dht: DHT, data: TokenData | None = None):
+        validate(cfg)
+        self.cfg = cfg
+        self.data = data if data is not None else load_data(cfg.data, progress=False)
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every peer of the run
+        # the layers call experts through this peer's DHT (its owner stops it: no SwarmConnection.close here)
+        runtime = SwarmConnection(dht) if cfg.moe.name == "hivemind" else None
+        self.model = TransformerLM(self.model_cfg, cfg.moe, context=LayerContext(runtime=runtime))
+        self.model.train()
+        self._served: list[float] = []  # per local step and swarm block: fraction of tokens a live expert served
+        self._failed: set[str] = set()  # expert uids that failed (forward or backward) in the window
+
+    def observe(self, out) -> None:
+        """Note which tokens the swarm's live experts served in this local step."""
+        for la in out.layer_aux:
+            if hasattr(la, "alive_TK"):  # SwarmAux: which tokens a live expert served, which experts failed
+                self._served.append(float(la.alive_TK.any(dim=-1).float().mean()) if la.alive_TK.numel() else 0.0)
+                self._failed.update(u for u in (*la.failed, *la.backward_failed) if not u.startswith("<"))
+
+    def take_window(self) -> dict:
+        """The window's expert stats (moe=hivemind only), and a fresh window."""
+        rec = {}
+        if self.cfg.moe.name == "hivemind":
+            rec = {
+                "moe/served_fraction": sum(self._served) / len(self._served) if self._served else 0.0,
+                "moe/failed_experts": len(self._failed),
+            }
+        self._served.clear()
+        self._failed.clear()
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation LM loss over ``eval_batches`` fixed batches (the same on every peer)."""
+        c = self.cfg
+        self.model.eval()
+        try:
+            losses = [
+                self.model(*self.data.get_batch("val", i, c.batch_size, self.model_cfg.seq_len, c.seed)).lm_loss.item()
+                for i in range(c.eval_batches)
+            ]
+        finally:
+            self.model.train()
+        return sum(losses) / len(losses)
 
 
 def peer_seed(dht: DHT) -> int:
@@ -69,6 +128,7 @@ class CollabTrainer:
         load_state_timeout: seconds one attempt to download the state from a peer may take.
         average_state_every: also average the parameters every this many collaborative steps
             (in the background), so peers that missed a round drift back together.
+        compression: what gradients and state are averaged in: none (fp32), fp16, int8.
         data_seed: seed of this peer's batches (default: ``peer_seed(dht)``).
         data: the tokens (default ``load_data(cfg.data)``).
         log: write ``metrics.jsonl`` (and W&B, per ``cfg.logger``) in ``cfg.out_dir``.
@@ -84,33 +144,27 @@ class CollabTrainer:
         averaging_timeout: float = 30.0,
         load_state_timeout: float = 60.0,
         average_state_every: int = 1,
+        compression: str = "none",
         data_seed: int | None = None,
         data: TokenData | None = None,
         log: bool = True,
     ):
-        validate(cfg)
-        if cfg.moe.name != "hivemind":
-            raise ValueError(
-                "a collaborative trainer peer trains moe=hivemind (experts on the swarm's servers), "
-                f"got moe.name={cfg.moe.name!r}"
-            )
         if target_batch_size < 1 or cfg.batch_size < 1:
             raise ValueError(f"target_batch_size={target_batch_size} and batch_size={cfg.batch_size} must be >= 1")
         if min(matchmaking_time, averaging_timeout, load_state_timeout) <= 0:
             raise ValueError("matchmaking_time, averaging_timeout and load_state_timeout must be > 0 seconds")
         self.cfg, self.dht = cfg, dht
         self.target_batch_size = target_batch_size
-        self.data = data if data is not None else load_data(cfg.data, progress=False)
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        self.pm = PeerModel(cfg, dht, data)
+        self.model, self.data, self.model_cfg = self.pm.model, self.pm.data, self.pm.model_cfg
         self.data_seed = peer_seed(dht) if data_seed is None else data_seed
-        torch.manual_seed(cfg.seed)  # the same initial weights on every peer of the run
-        # the layers call experts through this peer's DHT (its owner stops it: no SwarmConnection.close here)
-        self.model = TransformerLM(self.model_cfg, cfg.moe, context=LayerContext(runtime=SwarmConnection(dht)))
-        self.model.train()
+        self.traffic = Traffic()
+        self.compression = PeerCompression(compression, traffic=self.traffic)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         o = cfg.optim
-        self.opt = Optimizer(
+        self.opt = _CountingOptimizer(
+            self.traffic,
             dht=dht,
             run_id=collab_run_id(cfg.moe.swarm.uid_prefix),
             params=[{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -122,9 +176,13 @@ class CollabTrainer:
             averaging_timeout=averaging_timeout,
             load_state_timeout=load_state_timeout,
             average_state_every=average_state_every,
+            grad_compression=self.compression,
+            state_averaging_compression=self.compression,
             # both averagers (hivemind passes averager_opts to the state averager only)
             averager_opts=dict(request_timeout=min(3.0, matchmaking_time / 2)),
-            grad_averager_factory=partial(GradientAverager, request_timeout=min(3.0, matchmaking_time / 2)),
+            grad_averager_factory=partial(
+                counting(GradientAverager, self.traffic), request_timeout=min(3.0, matchmaking_time / 2)
+            ),
             tracker_opts=dict(
                 private_key=signing_key(dht), min_refresh_period=0.2, max_refresh_period=2.0, default_refresh_period=1.0
             ),
@@ -132,9 +190,9 @@ class CollabTrainer:
         )
         self.local_steps = 0  # local batches this peer trained on
         self.samples = 0  # sequences this peer contributed
+        self.rounds_joined = 0  # collaborative steps this peer took part in
+        self.last_outcome = "none yet"
         self._window: list[float] = []  # local losses since the last collaborative step
-        self._served: list[float] = []  # per local step and MoE block: fraction of tokens a live expert served
-        self._failed: set[str] = set()  # expert uids that failed (forward or backward) in the window
         self._last_epoch = self.opt.local_epoch
         self.history: list[dict] = []  # one record per collaborative step this peer took part in
         self.logger = None
@@ -159,14 +217,22 @@ class CollabTrainer:
     def lr(self) -> float:
         return self.opt.opt.param_groups[0]["lr"]
 
+    @property
+    def sent_bytes(self) -> int:
+        """Tensor bytes this peer sent: gradient and state averaging, state it shared."""
+        return self.traffic.sent
+
+    @property
+    def received_bytes(self) -> int:
+        return self.traffic.received
+
     def load_state(self) -> int:
         """Download the current state (parameters, optimizer, collaborative step) from a peer;
         the collaborative step after it (unchanged when no peer has state yet)."""
         self.opt.load_state_from_peers()
         self._last_epoch = self.opt.local_epoch
         self._window.clear()
-        self._served.clear()
-        self._failed.clear()
+        self.pm.take_window()
         return self.opt.local_epoch
 
     def train_step(self) -> dict | None:
@@ -186,9 +252,7 @@ class CollabTrainer:
                 f"{self.collab_step}; lower optim.lr"
             )
         self._window.append(loss)
-        for la in out.layer_aux:  # SwarmAux: which tokens a live expert served, which experts failed
-            self._served.append(float(la.alive_TK.any(dim=-1).float().mean()) if la.alive_TK.numel() else 0.0)
-            self._failed.update(u for u in (*la.failed, *la.backward_failed) if not u.startswith("<"))
+        self.pm.observe(out)
         self.opt.step()
         self.opt.zero_grad()
         self.local_steps += 1
@@ -201,12 +265,13 @@ class CollabTrainer:
             "collab/peers": self.num_peers,
             "collab/local_steps": self.local_steps,
             "collab/samples": self.samples,
-            "moe/served_fraction": sum(self._served) / len(self._served) if self._served else 0.0,
-            "moe/failed_experts": len(self._failed),
+            "collab/sent_bytes": self.sent_bytes,
+            "collab/received_bytes": self.received_bytes,
+            **self.pm.take_window(),
         }
         self._window.clear()
-        self._served.clear()
-        self._failed.clear()
+        self.rounds_joined += 1
+        self.last_outcome = f"stepped with the swarm ({self.num_peers} trainer peers)"
         self._last_epoch = step = self.opt.local_epoch
         if c.eval_every and step % c.eval_every == 0:
             record["val/loss"] = self.evaluate()
@@ -215,19 +280,9 @@ class CollabTrainer:
             self.logger.log(step, record)
         return {"step": step, **record}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation LM loss over ``eval_batches`` fixed batches (the same on every peer)."""
-        c = self.cfg
-        self.model.eval()
-        try:
-            losses = [
-                self.model(*self.data.get_batch("val", i, c.batch_size, self.model_cfg.seq_len, c.seed)).lm_loss.item()
-                for i in range(c.eval_batches)
-            ]
-        finally:
-            self.model.train()
-        return sum(losses) / len(losses)
+        return self.pm.evaluate()
 
     def params_vector(self) -> torch.Tensor:
         """Every local parameter, flattened (for comparing peers)."""
@@ -266,6 +321,32 @@ class CollabTrainer:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+class _CountingOptimizer(Optimizer):
+    """hivemind's ``Optimizer`` whose state averager counts its traffic (the gradient
+    averager's factory does the same for gradients)."""
+
+    def __init__(self, traffic: Traffic, *args, **kwargs):
+        self._traffic = traffic
+        super().__init__(*args, **kwargs)
+
+    def _make_state_averager(self, **kwargs):
+        return counting(TrainingStateAverager, self._traffic)(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
 
 
 def _lr_factor(epoch: int, cfg: TrainConfig) -> float:

@@ -117,6 +117,12 @@ def collab_run_id(prefix: str) -> str:
     return f"{check_prefix(prefix)}_collab"
 
 
+def diloco_run_id(prefix: str) -> str:
+    """The run id of the run's low-communication trainers (``moe.swarm.diloco``): their
+    progress records are ``<prefix>_diloco_progress``, their averager's keys start with it."""
+    return f"{check_prefix(prefix)}_diloco"
+
+
 def progress_key(prefix: str) -> str:
     """The DHT key of the trainer peers' signed progress records (hivemind's ``ProgressTracker``)."""
     return f"{collab_run_id(prefix)}_progress"
@@ -133,6 +139,7 @@ def record_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> 
         ExpirationCap(),
         SchemaValidator(ExpertRecordsSchema, allow_extra_keys=True, prefix=check_prefix(prefix)),
         SchemaValidator(TrainingProgressSchema, allow_extra_keys=True, prefix=collab_run_id(prefix)),
+        SchemaValidator(TrainingProgressSchema, allow_extra_keys=True, prefix=diloco_run_id(prefix)),
     ]
 
 
