@@ -58,8 +58,8 @@ class Uniform8Bit(Uniform8BitQuantization):
         codebook_size = int(np.frombuffer(buf, count=1, dtype=np.int64)[0])
         codebook = np.frombuffer(buf, offset=8, count=codebook_size, dtype=self.codebook_dtype)
         quantized = np.frombuffer(buf, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
-        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        quantized = torch.from_numpy(quantized.astype(np.int64)).reshape(tuple(serialized_tensor.size))
+        codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized_tensor.dtype))
         return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
 
 

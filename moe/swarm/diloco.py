@@ -104,14 +104,17 @@ class _Averager(DecentralizedAverager):
     def get_current_state(self):
         return self._state_fn()
 
-    def expect_group(self, size: int) -> None:
-        """Close matchmaking as soon as ``size`` peers are in the group (the peers known to be
-        in this round) instead of always waiting ``min_matchmaking_time``."""
+    def prepare_round(self, round_: int, size: int) -> None:
+        """Look for group mates of round ``round_`` only (its number in the group key: a peer a
+        round late never averages its stale update into the others'), and close matchmaking
+        as soon as ``size`` peers are in (the peers known to be in this round) instead of
+        always waiting ``min_matchmaking_time``."""
         future = MPFuture()
-        self._outer_pipe.send(("_expect_group", [], dict(size=size, future=future)))
+        self._outer_pipe.send(("_prepare_round", [], dict(bits=format(round_ % 256, "08b"), size=size, future=future)))
         future.result(10)
 
-    async def _expect_group(self, size: int, future: MPFuture) -> None:  # in the averager's process
+    async def _prepare_round(self, bits: str, size: int, future: MPFuture) -> None:  # in the averager's process
+        self._matchmaking.group_key_manager.group_bits = bits
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
         future.set_result(None)
@@ -368,9 +371,11 @@ class DiLoCoTrainer:
         others = self._others()
         if any(r.epoch > self.round for r in others) and (record := self._resync("the others were a round ahead")):
             return record
-        mates = sum(r.epoch == self.round for r in others)
+        # mates: peers in this round, or a round behind as far as their records say (a record
+        # is published a moment after its peer moves on; a peer really behind resyncs itself)
+        mates = sum(r.epoch >= self.round - 1 for r in others)
         if mates:
-            self.averager.expect_group(mates + 1)
+            self.averager.prepare_round(self.round, mates + 1)
             mm = self.options.matchmaking_time
             try:
                 gathered = self.averager.step(

@@ -9,10 +9,12 @@ connection in both directions.  Per connection and direction the link
 - holds every chunk for ``delay_ms`` (one way; the round trip is twice it),
 - sends at most ``rate_mbit`` megabits per second (a serialising queue, as a router's
   interface: a chunk leaves when the ones before it have been sent),
-- loses each ~1448-byte TCP segment with probability ``loss``, as TCP experiences it: a lost
-  segment is resent, which stalls the stream behind it by one round trip (fast retransmit),
-  or by 200 ms (Linux's minimum RTO) when it is the last segment of a burst.  The bytes
-  arrive, late and in order, as they would over a lossy path.
+- loses each ~1448-byte TCP segment with probability ``loss``, as TCP experiences it: the
+  bytes all arrive, in order, but a chunk holding a lost segment arrives one round trip
+  late (fast retransmit), or 200 ms late (Linux's minimum RTO) when the loss was the last
+  segment of a burst; and a bulk transfer runs at most at TCP's steady-state rate under
+  that loss, MSS / RTT * 1.22 / sqrt(loss) (Mathis et al. 1997), as its congestion window
+  halves on each loss.
 
 A link counts the bytes it carries in each direction, per source port: libp2p dials from its
 listening port (``SO_REUSEPORT``), so the source port names the dialling peer, and a
@@ -62,6 +64,15 @@ class LinkSpec:
     def rtt(self) -> float:
         return 2 * self.delay_ms / 1000
 
+    @property
+    def bytes_per_s(self) -> float:
+        """The rate a bulk transfer gets: the link's, capped under loss by TCP's steady state
+        (Mathis: MSS / RTT * 1.22 / sqrt(p), with the RTT at least 1 ms); 0: unlimited."""
+        rates = [self.rate_mbit * 1e6 / 8] if self.rate_mbit else []
+        if self.loss:
+            rates.append(SEGMENT / max(self.rtt, 0.001) * 1.22 / self.loss**0.5)
+        return min(rates) if rates else 0.0
+
     def describe(self) -> str:
         parts = [f"{2 * self.delay_ms:g} ms round trip"]
         parts.append(f"{self.rate_mbit:g} Mbit/s" if self.rate_mbit else "no rate limit")
@@ -108,11 +119,12 @@ class _Pipe:
         # what TCP would keep in flight: at least a bandwidth-delay product, at least 4 MB
         bdp = spec.rate_mbit * 1e6 / 8 * max(spec.rtt, 0.001)
         self.max_in_flight = max(4 * 2**20, int(2 * bdp))
+        self.bytes_per_s = spec.bytes_per_s
 
     def _deliver_at(self, n: int, now: float) -> float:
         s = self.spec
         start = max(now, self.link_free)
-        self.link_free = start + (n * 8 / (s.rate_mbit * 1e6) if s.rate_mbit else 0.0)
+        self.link_free = start + (n / self.bytes_per_s if self.bytes_per_s else 0.0)
         t = self.link_free + s.delay_ms / 1000
         if s.loss:
             segments = -(-n // SEGMENT)
