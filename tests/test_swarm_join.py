@@ -116,7 +116,10 @@ BAD = [
         ["--train", "--matchmaking-time", "0"],
         "--matchmaking-time, --averaging-timeout and --load-state-timeout must be > 0",
     ),
-    (["--train", "moe=switch"], "'moe=switch': moe-join sets moe itself"),
+    (["--train", "--sync", "diloco", "--inner-steps", "0"], "--inner-steps 0 must be >= 1"),
+    (["--train", "--sync", "diloco", "--outer-momentum", "1"], "--outer-momentum 1.0 in [0, 1)"),
+    (["--train", "--sync", "sometimes"], "argument --sync: invalid choice: 'sometimes'"),
+    (["--train", "--compression", "int4"], "argument --compression: invalid choice: 'int4'"),
     (["--train", "model.d_model=32"], "'model.d_model=32': moe-join sets model.d_model itself; use --d-model"),
     (["--train", "model=nosuch"], "model=nosuch: there is no model config named 'nosuch'"),
     (["--train", "optim.nosuch=1"], "optim.nosuch"),
@@ -275,13 +278,16 @@ def test_serve_and_train_in_one_peer_shows_its_status_and_leaves_on_sigint(tmp_p
         assert trainer.wait_line("moe-join: peer id ").split()[3].startswith("12D3Koo")
         assert trainer.wait_line("moe-join: address ").endswith(trainer.lines[0].split()[3])  # .../p2p/<its peer id>
         assert "serving 4 experts ffn.0.0 .. ffn.1.1" in trainer.wait_line("moe-join: serving ")
-        assert "run ffn_collab: target batch 8" in trainer.wait_line("moe-join: training as a collaborative peer")
+        assert "run ffn (the swarm's experts), synced every step: target batch 8" in trainer.wait_line(
+            "moe-join: training as a collaborative peer"
+        )
         trainer.wait_line("moe-join: starting at collaborative step 0")
         deadline = time.monotonic() + 240
-        while True:  # the status line: experts, calls/s, the collaborative step, trainer peers, peers seen
+        while True:  # the status line: experts, calls/s, the round, trainer peers, contribution, bytes, peers seen
             line = trainer.wait_line("moe-join: status: ", timeout=120)
             assert "experts 4, expert calls/s" in line and "trainer peers" in line and "peers seen" in line, line
-            if int(line.split("collaborative step ")[1].split(",")[0]) >= 2 and "tokens served" in line:
+            assert "contributed" in line and "sent" in line and "received" in line and "last round:" in line, line
+            if int(line.split("round ")[1].split(",")[0]) >= 2 and "tokens served" in line:
                 break
             assert time.monotonic() < deadline, trainer.lines
         assert "trainer peers 1," in line, line
@@ -346,7 +352,7 @@ def test_swarm_local_trains_and_stops_cleanly(tmp_path):
         assert max(r["moe/served_fraction"] for r in train) > 0.5  # through the servers' experts
         assert any(r.get("val/loss") for r in records)
         log = (out / "peers" / f"trainer{i}.log").read_text()
-        assert "moe-join: status: experts 0, expert calls/s" in log and "collaborative step" in log
+        assert "moe-join: status: round " in log and "rounds joined" in log
         assert "moe-join: reached collaborative step 5" in log
     pids = [int(x) for x in (out / "peers" / "pids").read_text().split()]
     assert len(pids) == 5
@@ -429,6 +435,77 @@ def test_a_joiner_or_a_trainer_of_another_shape_is_refused_with_the_values(tmp_p
         assert "\n" not in str(e.value)
     finally:
         first.stop()
+
+
+def _diloco_args(addr: str, out, flags=(), overrides=()) -> list[str]:
+    """moe-join's arguments for a DiLoCo trainer of the 2x2-grid, d_model 32 run."""
+    return [
+        *("--initial-peers", addr, "--train", "--sync", "diloco", "--inner-steps", "4", "--compression", "int8"),
+        *("--grid", "2", "2", "--d-model", "32", "--d-ff", "64", "--batch-size", "4", "--matchmaking-time", "2"),
+        *("--status-every", "1", "--start-timeout", "60", "--out", str(out), *flags),
+        *("experiment=smoke", "logger=none", "moe.swarm.k_best=2", "moe.top_k=2", "model.n_heads=2"),
+        *("model.seq_len=32", *overrides),
+    ]
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_diloco_trainers_through_the_swarm_s_experts_and_what_they_refuse(tmp_path):
+    """Issue 19: low-communication peers (--sync diloco) train the model whose experts the
+    swarm's servers host (moe=hivemind), in one run; a trainer that would sync otherwise, train
+    another model, or join another prefix is refused with one line before it trains."""
+    root = Peer(["--serve", "4", "--grid", "2", "2", "--d-model", "32", "--d-ff", "64", "--status-every", "30"])
+    peers = [root]
+    try:
+        addr = root.wait_line("moe-join: address ").split()[-1]
+        root.wait_line("moe-join: serving 4 experts")
+        a = Peer(_diloco_args(addr, tmp_path / "a"))
+        peers.append(a)
+        a.wait_line("moe-join: training as a collaborative peer of run ffn (the swarm's experts), synced DiLoCo: 4")
+        b = Peer(_diloco_args(addr, tmp_path / "b"))
+        peers.append(b)
+        deadline = time.monotonic() + 300
+        while True:  # both train; the status line says how the rounds go
+            line = b.wait_line("moe-join: status: ", timeout=120)
+            assert "contributed" in line and "rounds joined" in line and "last round:" in line, line
+            if "last round: averaged with 1 peer" in line and int(line.split("round ")[1].split(",")[0]) >= 3:
+                break
+            assert time.monotonic() < deadline, b.lines[-5:]
+        assert int(line.split("tokens served by experts ")[1].split("%")[0]) > 50, line
+        assert "trainer peers 2" in line, line
+        sent = line.split("sent ")[1].split(",")[0]
+        assert sent.endswith("kB") or sent.endswith("MB"), line
+
+        for flags, overrides, words in (
+            (
+                ["--inner-steps", "8"],
+                [],
+                "--sync diloco --inner-steps 4; this peer would use --sync diloco --inner-steps 8",
+            ),
+            (["--sync", "every-step"], [], "this peer would use --sync every-step"),
+            ([], ["model.n_layers=3"], "the run's trainers train another model"),
+            (["--prefix", "other"], [], "the swarm runs prefix ffn, not --prefix other: join with --prefix ffn"),
+        ):
+            args = [*JOIN, *_diloco_args(addr, tmp_path / "x", flags, overrides)]
+            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
+            lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("Dec ")]
+            errors = [ln for ln in lines if ln.startswith("moe-join: error:")]
+            assert p.returncode == 2 and len(errors) == 1, (flags, overrides, p.returncode, p.stderr[-2000:])
+            assert words in errors[0], errors[0]
+            assert "moe-join: status:" not in p.stdout  # it never trained
+
+        for t in (a, b):
+            t.proc.send_signal(signal.SIGINT)
+        for t in (a, b):
+            assert t.proc.wait(120) == 0
+        rows = [json.loads(ln) for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if "train/loss" in r]
+        assert train and all("collab/sent_bytes" in r for r in train)
+        assert train[-1]["collab/sent_bytes"] > train[0]["collab/sent_bytes"] > 0
+    finally:
+        for p in peers:
+            p.stop()
 
 
 # ---------------------------------------------------------------------------------------------

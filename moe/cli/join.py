@@ -48,7 +48,6 @@ EPILOG = (
 
 # overrides moe-join sets from its own flags for the trainer (key -> the flag to use instead)
 _TRAIN_KEYS = {
-    "moe": "nothing: a trainer peer always trains moe=hivemind (the swarm's experts)",
     "moe.swarm.uid_prefix": "--prefix",
     "moe.swarm.grid": "--grid",
     "moe.num_experts": "--grid",
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=0,
-        help="leave after this collaborative step (default 0: train until Ctrl-C); the LR "
+        help="leave after this collaborative step (DiLoCo: round) (default 0: train until Ctrl-C); the LR "
         "schedule's length is the config's steps=",
     )
     t.add_argument(
@@ -189,6 +188,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--data-seed", type=int, default=None, help="seed of this peer's batches (default: from its peer id)"
+    )
+    t.add_argument(
+        "--sync",
+        choices=["every-step", "diloco"],
+        default="every-step",
+        help="every-step: average gradients at every collaborative step (hivemind.Optimizer, DeDLOC); diloco: "
+        "--inner-steps local AdamW steps, then average the parameter change and take an outer Nesterov step "
+        "(DiLoCo: H times fewer rounds). Every trainer of a run uses the same (default every-step)",
+    )
+    t.add_argument(
+        "--inner-steps",
+        type=int,
+        default=50,
+        metavar="H",
+        help="with --sync diloco: local steps per round (default 50)",
+    )
+    t.add_argument(
+        "--compression",
+        choices=["none", "fp16", "int8"],
+        default=None,
+        help="what averaged tensors are sent as (default: fp16 with --sync diloco, none with every-step)",
+    )
+    t.add_argument(
+        "--outer-lr", type=float, default=0.7, help="with --sync diloco: the outer Nesterov step's rate (default 0.7)"
+    )
+    t.add_argument(
+        "--outer-momentum", type=float, default=0.9, help="with --sync diloco: the outer momentum (default 0.9)"
+    )
+    t.add_argument(
+        "--no-error-feedback",
+        action="store_true",
+        help="with --sync diloco --compression int8: drop each round's rounding instead of carrying it over",
+    )
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="start this --prefix's run in a swarm that runs others (by default a prefix the swarm does not "
+        "run is refused: usually a typo)",
     )
     t.add_argument(
         "overrides",
@@ -267,6 +304,13 @@ def check_args(a: argparse.Namespace) -> None:
         _fail(f"--steps {a.steps} must be >= 0 (0: train until Ctrl-C)")
     if not min(a.matchmaking_time, a.averaging_timeout, a.load_state_timeout) > 0:
         _fail("--matchmaking-time, --averaging-timeout and --load-state-timeout must be > 0 seconds")
+    if a.compression is None:
+        a.compression = "fp16" if a.sync == "diloco" else "none"
+    if a.sync == "diloco":
+        if a.inner_steps < 1:
+            _fail(f"--inner-steps {a.inner_steps} must be >= 1 (local steps per round)")
+        if not (a.outer_lr > 0 and 0 <= a.outer_momentum < 1):
+            _fail(f"--outer-lr {a.outer_lr} must be > 0 and --outer-momentum {a.outer_momentum} in [0, 1)")
     a.train_config = train_config(a)
 
 
@@ -280,15 +324,16 @@ def train_config(a: argparse.Namespace):
         if key in _TRAIN_KEYS:
             _fail(f"{o!r}: moe-join sets {key} itself; use {_TRAIN_KEYS[key]}")
     grid = ",".join(map(str, a.grid))
-    ours = [
-        "moe=hivemind",
-        f"moe.swarm.uid_prefix={a.prefix}",
-        f"moe.swarm.grid=[{grid}]",
-        f"moe.num_experts={math.prod(a.grid)}",
-        f"model.d_model={a.d_model}",
-        f"moe.expert_d_ff={a.d_ff}",
-        f"out_dir={a.out or 'runs/collab'}",
-    ]
+    layer = next((o.split("=", 1)[1] for o in a.overrides if o.split("=", 1)[0] == "moe"), "hivemind")
+    ours = [f"moe.swarm.uid_prefix={a.prefix}", f"model.d_model={a.d_model}", f"out_dir={a.out or 'runs/collab'}"]
+    if layer == "hivemind":  # the swarm's experts: the grid and the experts' width are moe-join's
+        ours = [
+            "moe=hivemind",
+            *ours,
+            f"moe.swarm.grid=[{grid}]",
+            f"moe.num_experts={math.prod(a.grid)}",
+            f"moe.expert_d_ff={a.d_ff}",
+        ]
     if a.batch_size is not None:
         ours.append(f"batch_size={a.batch_size}")
     try:
@@ -320,8 +365,12 @@ def join_command(maddrs: list[str], a: argparse.Namespace) -> str:
 def collab_command(maddrs: list[str], a: argparse.Namespace) -> str:
     """The line another machine runs to train with this swarm as a collaborative peer."""
     grid = " ".join(map(str, a.grid))
+    if a.train and a.sync == "diloco":
+        sync = f"--sync diloco --inner-steps {a.inner_steps} --compression {a.compression}"
+    else:
+        sync = f"--target-batch-size {a.target_batch_size}"
     return (
-        f"moe-join --initial-peers {' '.join(maddrs)} --train --target-batch-size {a.target_batch_size} "
+        f"moe-join --initial-peers {' '.join(maddrs)} --train {sync} "
         f"--prefix {a.prefix} --grid {grid} --d-model {a.d_model} --d-ff {a.d_ff}"
     )
 
@@ -337,7 +386,9 @@ def train_command(maddrs: list[str], a: argparse.Namespace) -> str:
 
 def options(a: argparse.Namespace):
     """The checked arguments as the swarm's ``VolunteerOptions``."""
-    from moe.swarm.peer import VolunteerOptions  # the swarm imports hivemind: only once the arguments are good
+    # the swarm imports hivemind: only once the arguments are good
+    from moe.swarm.diloco import DiLoCoOptions
+    from moe.swarm.peer import VolunteerOptions
 
     return VolunteerOptions(
         initial_peers=a.initial_peers,
@@ -365,6 +416,16 @@ def options(a: argparse.Namespace):
         data_seed=a.data_seed,
         out=a.out,
         identity=a.identity,
+        sync=a.sync if a.train else "every-step",
+        diloco=DiLoCoOptions(
+            inner_steps=a.inner_steps,
+            outer_lr=a.outer_lr,
+            outer_momentum=a.outer_momentum,
+            compression=a.compression or "fp16",
+            error_feedback=not a.no_error_feedback,
+        ),
+        compression=a.compression or "none",
+        new_run=a.new_run,
     )
 
 
@@ -396,11 +457,21 @@ def announce(v, a: argparse.Namespace, out) -> None:
                 "are called like any server's)",
                 file=out,
             )
+        if a.sync == "diloco":
+            how = (
+                f"DiLoCo: {a.inner_steps} local steps of {tc.batch_size} sequences per round, the parameter "
+                f"change averaged in {a.compression}, outer Nesterov lr {a.outer_lr} momentum {a.outer_momentum}; "
+                f"LR schedule over {tc.steps} local steps"
+            )
+        else:
+            how = (
+                f"every step: target batch {a.target_batch_size} sequences per collaborative step, "
+                f"{tc.batch_size} per local step here; LR schedule over {tc.steps} steps"
+            )
+        layer = "the swarm's experts" if tc.moe.name == "hivemind" else f"moe={tc.moe.name}, experts local"
         print(
-            f"moe-join: training as a collaborative peer of run {v.trainer.opt.run_id}: target "
-            f"batch {a.target_batch_size} sequences per collaborative step, "
-            f"{tc.batch_size} per local step here; LR schedule over {tc.steps} steps; metrics in "
-            f"{tc.out_dir}/metrics.jsonl",
+            f"moe-join: training as a collaborative peer of run {tc.moe.swarm.uid_prefix} ({layer}), synced "
+            f"{how}; metrics in {tc.out_dir}/metrics.jsonl",
             file=out,
         )
     print(
@@ -420,33 +491,56 @@ def announce(v, a: argparse.Namespace, out) -> None:
     print("moe-join: Ctrl-C leaves the swarm", file=out, flush=True)
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 class _Status:
-    """The status line every ``--status-every`` seconds: experts served and their calls/s, the
-    trainer's collaborative step, peers seen."""
+    """The status line every ``--status-every`` seconds: what a volunteer wants to know.  Experts
+    served and their calls/s; as a trainer: the round (collaborative step), trainer peers, this
+    peer's contribution (tokens trained, rounds it averaged in), bytes its averagers sent and
+    received, and how the last round went; peers seen."""
 
     def __init__(self, v, out):
         self.v, self.out = v, out
         self.t, self.calls = time.monotonic(), 0
         self.loss: float | None = None
-        self.served = 0.0
+        self.served: float | None = None
 
     def trained(self, record: dict) -> None:
-        self.loss, self.served = record["train/loss"], record["moe/served_fraction"]
+        self.loss, self.served = record["train/loss"], record.get("moe/served_fraction")
 
     def __call__(self) -> None:
         v, now = self.v, time.monotonic()
         peers = v.peers_seen()
         rate = (v.calls - self.calls) / max(now - self.t, 1e-9)
         self.t, self.calls = now, v.calls
-        line = (
-            f"moe-join: status: experts {len(v.server.uids) if v.server is not None else 0}, expert calls/s {rate:.1f}"
-        )
+        parts = []
+        if v.server is not None:
+            parts.append(f"experts {len(v.server.uids)}, expert calls/s {rate:.1f}")
         if v.trainer is not None:
             t = v.trainer
-            line += f", collaborative step {t.collab_step}, trainer peers {t.num_peers}, local steps {t.local_steps}"
+            tokens = t.samples * t.model_cfg.seq_len
+            parts.append(
+                f"round {t.collab_step}, trainer peers {t.num_peers}, contributed {tokens:,} tokens in "
+                f"{t.local_steps} local steps, rounds joined {t.rounds_joined}, sent {_bytes(t.sent_bytes)}, "
+                f"received {_bytes(t.received_bytes)}, last round: {t.last_outcome}"
+            )
             if self.loss is not None:
-                line += f", loss {self.loss:.4f}, tokens served by experts {100 * self.served:.0f}%"
-        print(f"{line}, peers seen {peers if peers >= 0 else '?'}", file=self.out, flush=True)
+                parts.append(f"loss {self.loss:.4f}")
+            if self.served is not None:
+                parts.append(f"tokens served by experts {100 * self.served:.0f}%")
+        if not parts:
+            parts.append("DHT peer")
+        print(
+            f"moe-join: status: {', '.join(parts)}, peers seen {peers if peers >= 0 else '?'}",
+            file=self.out,
+            flush=True,
+        )
 
 
 def _stop_on_signals() -> threading.Event:

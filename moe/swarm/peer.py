@@ -24,8 +24,22 @@ from hivemind.utils.crypto import RSAPrivateKey
 from moe.config import TrainConfig
 from moe.swarm.collab import CollabTrainer
 from moe.swarm.dht import shutdown_dht, start_dht, visible_maddrs
+from moe.swarm.diloco import DiLoCoOptions, DiLoCoTrainer
 from moe.swarm.expert import SwarmExpert
-from moe.swarm.records import RunShape, fingerprint, load_identity, owner_key, record_validators, shape_mismatch
+from moe.swarm.records import (
+    RUNS_KEY,
+    Keeper,
+    RunShape,
+    TrainerTerms,
+    fingerprint,
+    load_identity,
+    owner_key,
+    prefix_mismatch,
+    record_validators,
+    shape_mismatch,
+    trainer_mismatch,
+    trainers_key,
+)
 from moe.swarm.server import ExpertServer
 from moe.swarm.uids import grid_uids
 
@@ -61,6 +75,10 @@ class VolunteerOptions:
     data_seed: int | None = None
     out: str | None = None  # the trainer's run directory; None: runs/collab-<its peer id tail>
     identity: str | None = None  # file of this peer's signing key (made if missing); None: a new key each start
+    sync: str = "every-step"  # the trainer's sync: every-step (hivemind.Optimizer) or diloco
+    diloco: DiLoCoOptions = field(default_factory=DiLoCoOptions)  # with sync=diloco
+    compression: str = "none"  # every-step: what gradients and state are averaged in
+    new_run: bool = False  # start this prefix's run in a swarm that runs others
 
 
 class ShapeMismatch(RuntimeError):
@@ -98,7 +116,8 @@ class Volunteer:
         self.calls = 0  # forward calls of the served experts
         self.dht: DHT | None = None
         self.server: ExpertServer | None = None
-        self.trainer: CollabTrainer | None = None
+        self.trainer: CollabTrainer | DiLoCoTrainer | None = None
+        self.keepers: list[Keeper] = []
         self.train_dht: DHT | None = None
         o = opts
         self.key = load_identity(o.identity) if o.identity else RSAPrivateKey.process_wide()
@@ -119,6 +138,13 @@ class Volunteer:
                 self.dht = start_dht(o.initial_peers, **self.net)
             if o.train is not None:
                 self.trainer = self._trainer()
+                terms = TrainerTerms.of(self.trainer.model, o.sync, o.diloco.inner_steps)
+                why = trainer_mismatch(self.train_dht, o.prefix, terms, timeout=o.start_timeout)
+                if why is not None:
+                    raise ShapeMismatch(why)
+                self.keepers.append(Keeper(self.train_dht, {RUNS_KEY: o.prefix, trainers_key(o.prefix): terms.text()}))
+            if self.server is not None:
+                self.keepers.append(Keeper(self.dht, {RUNS_KEY: o.prefix}))
         except BaseException:
             self.shutdown()
             raise
@@ -134,6 +160,9 @@ class Volunteer:
         o = self.opts
         probe = start_dht(o.initial_peers, **{**self.net, "host_maddrs": ["/ip4/127.0.0.1/tcp/0"]})
         try:
+            why = None if o.new_run else prefix_mismatch(probe, o.prefix, timeout=o.start_timeout)
+            if why is not None:
+                raise ShapeMismatch(why)
             why = shape_mismatch(probe, o.prefix, self.shape, timeout=o.start_timeout)
             if why is not None:
                 grid = " ".join(map(str, o.grid))
@@ -200,9 +229,18 @@ class Volunteer:
         tc = o.train
         if o.out is None:
             tc = dataclasses.replace(tc, out_dir=f"runs/collab-{self.train_dht.peer_id.to_base58()[-8:]}")
+        if o.sync == "diloco":
+            opts = dataclasses.replace(
+                o.diloco,
+                matchmaking_time=o.matchmaking_time,
+                averaging_timeout=o.averaging_timeout,
+                load_state_timeout=o.load_state_timeout,
+            )
+            return DiLoCoTrainer(tc, dht=self.train_dht, options=opts, data_seed=o.data_seed)
         return CollabTrainer(
             tc,
             dht=self.train_dht,
+            compression=o.compression,
             target_batch_size=o.target_batch_size,
             matchmaking_time=o.matchmaking_time,
             averaging_timeout=o.averaging_timeout,
@@ -225,6 +263,9 @@ class Volunteer:
     def shutdown(self) -> None:
         """Leave: the trainer's goodbye, then its DHT peer, then the server (with its DHT) or the DHT."""
         try:
+            for k in self.keepers:
+                k.stop()
+            self.keepers.clear()
             if self.trainer is not None:
                 self.trainer.shutdown()  # goodbye to the other trainers, averagers stopped
         finally:

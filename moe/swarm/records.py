@@ -14,6 +14,10 @@ an impostor: ``get_signed_experts`` returns every claim with its owner key, for 
 to choose whom it trusts).  hivemind's own expert records (``declare_experts``, read by the
 beam search) are not signed; moving the layer's search onto these records is still to do.
 
+Every member also states, signed, the run it belongs to (``moe_runs``: its prefix) and every
+trainer peer its terms (``<prefix>_trainers``: how it syncs and a fingerprint of its model),
+so a peer that would not fit is refused with one line before it starts (``moe-join``).
+
 Collaborative training (``moe.swarm.collab``, hivemind's ``Optimizer``) keeps each trainer
 peer's progress under ``<prefix>_collab_progress``, one subkey per peer: its
 ``[owner:<RSA public key>]`` (hivemind's ``ProgressTracker`` format).  The same
@@ -57,6 +61,14 @@ class ExpertRecordsSchema(pydantic.BaseModel):
 
     experts: dict[SignedExpertSubkey, pydantic.StrictStr]
     shape: dict[OwnerSubkey, pydantic.StrictStr]
+    trainers: dict[OwnerSubkey, pydantic.StrictStr]
+
+
+class RunsSchema(pydantic.BaseModel):
+    """``moe_runs``: each member's signed statement of the run (prefix) it belongs to, so a
+    peer that joins with another ``--prefix`` by mistake is told which runs the swarm has."""
+
+    runs: dict[OwnerSubkey, pydantic.StrictStr]
 
 
 class ExpirationCap(RecordValidatorBase):
@@ -140,6 +152,7 @@ def record_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> 
         SchemaValidator(ExpertRecordsSchema, allow_extra_keys=True, prefix=check_prefix(prefix)),
         SchemaValidator(TrainingProgressSchema, allow_extra_keys=True, prefix=collab_run_id(prefix)),
         SchemaValidator(TrainingProgressSchema, allow_extra_keys=True, prefix=diloco_run_id(prefix)),
+        SchemaValidator(RunsSchema, allow_extra_keys=True, prefix="moe"),
     ]
 
 
@@ -236,6 +249,123 @@ def shape_mismatch(
                 f"{fingerprint(owner)[:12]}); this peer has {mine.describe()}"
             )
     return None
+
+
+RUNS_KEY = "moe_runs"
+
+
+def trainers_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}_trainers"
+
+
+@dataclass(frozen=True)
+class TrainerTerms:
+    """What every trainer peer of a run must agree on: how it syncs and the model it trains
+    (a fingerprint of its parameters' names and shapes).  Published signed by every trainer."""
+
+    sync: str  # every-step | diloco
+    inner_steps: int  # DiLoCo's H (0 for every-step)
+    model: str  # fingerprint of the parameters' names and shapes
+    params: int
+
+    @classmethod
+    def of(cls, model, sync: str, inner_steps: int = 0) -> TrainerTerms:
+        h = hashlib.sha256()
+        n = 0
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+            n += p.numel()
+        return cls(sync, inner_steps if sync == "diloco" else 0, h.hexdigest()[:16], n)
+
+    def flags(self) -> str:
+        return f"--sync {self.sync}" + (f" --inner-steps {self.inner_steps}" if self.sync == "diloco" else "")
+
+    def text(self) -> str:
+        return f"sync={self.sync} inner_steps={self.inner_steps} model={self.model} params={self.params}"
+
+    @classmethod
+    def parse(cls, text: str) -> TrainerTerms | None:
+        m = re.fullmatch(r"sync=(\S+) inner_steps=(\d+) model=([0-9a-f]+) params=(\d+)", text)
+        return None if m is None else cls(m[1], int(m[2]), m[3], int(m[4]))
+
+    def mismatch(self, other: TrainerTerms) -> str | None:
+        """Why a trainer with these terms cannot train with one that has ``other``, or None."""
+        if self.model != other.model:
+            return (
+                f"the run's trainers train another model ({other.params:,} parameters, fingerprint "
+                f"{other.model}; this peer: {self.params:,}, {self.model}): use the run's config overrides"
+            )
+        if (self.sync, self.inner_steps) != (other.sync, other.inner_steps):
+            return f"the run's trainers sync with {other.flags()}; this peer would use {self.flags()}: join with theirs"
+        return None
+
+
+def declare_text(dht: DHT, key: str, text: str, *, expiration: float, validator=None) -> bool:
+    """Store this peer's signed ``text`` under ``key`` (one subkey per peer, its own)."""
+    validator = validator or _signer(dht)
+    return bool(dht.store(key, text, get_dht_time() + expiration, subkey=validator.local_public_key))
+
+
+def get_texts(dht: DHT, key: str, *, timeout: float | None = None) -> list[tuple[bytes, str]]:
+    """Every live signed statement under ``key``: [(owner public key, text), ...]."""
+    found = dht.get(key, latest=True, return_future=True).result(timeout)
+    out = []
+    if found is None or not isinstance(found.value, dict):
+        return out
+    for subkey, item in found.value.items():
+        m = re.fullmatch(rb"\[owner:(.+?)\]", subkey) if isinstance(subkey, bytes) else None
+        if m is not None and isinstance(item.value, str):
+            out.append((m.group(1), item.value))
+    return out
+
+
+def trainer_mismatch(dht: DHT, prefix: str, mine: TrainerTerms, *, timeout: float = 30.0) -> str | None:
+    """Why a trainer with ``mine`` cannot join the run's trainers, or None."""
+    for owner, text in get_texts(dht, trainers_key(prefix), timeout=timeout):
+        theirs = TrainerTerms.parse(text)
+        if theirs is not None and (why := mine.mismatch(theirs)) is not None:
+            return f"{why} (declared by key {fingerprint(owner)[:12]})"
+    return None
+
+
+def prefix_mismatch(dht: DHT, prefix: str, *, timeout: float = 30.0) -> str | None:
+    """Why ``prefix`` is not a run of this swarm (its members state theirs), or None (also
+    when nobody states any: a new swarm)."""
+    runs = sorted({text for _, text in get_texts(dht, RUNS_KEY, timeout=timeout)})
+    if not runs or prefix in runs:
+        return None
+    return (
+        f"the swarm runs {'prefix' if len(runs) == 1 else 'prefixes'} {', '.join(runs)}, not --prefix {prefix}: "
+        f"join with --prefix {runs[0]}, or pass --new-run to start run {prefix} in this swarm"
+    )
+
+
+class Keeper(threading.Thread):
+    """Keeps signed statements ``{key: text}`` alive: stored now and every ``period`` s; they
+    expire ``expiration`` s after ``stop()``."""
+
+    def __init__(self, dht: DHT, statements: dict[str, str], *, period: float = 10.0, expiration: float = 30.0):
+        super().__init__(daemon=True, name="moe-records")
+        self.dht, self.statements, self.period, self.expiration = dht, dict(statements), period, expiration
+        self.validator = _signer(dht)
+        self._stop_event = threading.Event()
+        self.declare()
+        self.start()
+
+    def declare(self) -> None:
+        for key, text in self.statements.items():
+            try:
+                declare_text(self.dht, key, text, expiration=self.expiration, validator=self.validator)
+            except Exception:  # the DHT is going down, or a transient failure: the next period retries
+                pass
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period):
+            self.declare()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(10)
 
 
 def get_signed_experts(dht: DHT, prefix: str, *, timeout: float | None = None) -> dict[str, list[tuple[bytes, str]]]:
