@@ -37,6 +37,7 @@ import time
 import torch
 import torch.nn as nn
 
+from moe.bench import swarm_train
 from moe.bench.results import write_and_print
 from moe.model.experts import GroupedExperts
 
@@ -332,13 +333,51 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-timeout", type=float, default=90.0, help="seconds a server start may take (3 tries)")
-    p.add_argument("--out", default="bench_results/swarm.json")
+    p.add_argument("--out", default=None, help="default bench_results/swarm.json (--train: swarm_train.json)")
+    t = p.add_argument_group("collaborative training (--train): every-step averaging against DiLoCo")
+    t.add_argument("--train", action="store_true", help="run the training comparison instead of the layer's")
+    t.add_argument("--peers", type=int, default=2, help="trainer peers per arm (2-4; default 2)")
+    t.add_argument("--steps", type=int, default=200, help="local steps of every peer in every arm (default 200)")
+    t.add_argument("--inner-steps", type=int, default=50, help="DiLoCo's H, local steps a round (default 50)")
+    t.add_argument("--arms", nargs="+", default=list(swarm_train.ARMS), choices=list(swarm_train.ARMS))
+    t.add_argument("--networks", nargs="+", default=list(swarm_train.NETWORKS), choices=list(swarm_train.NETWORKS))
+    t.add_argument(
+        "--network",
+        default="rtt=50ms,rate=100mbit",
+        help="the emulated link each peer sits behind (moe.swarm.netem; default rtt=50ms,rate=100mbit)",
+    )
+    t.add_argument("--no-kill", dest="kill", action="store_false", help="skip the arm that SIGKILLs a peer")
+    t.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to gather an averaging round")
+    t.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds an all-reduce may take")
+    t.add_argument(
+        "--config",
+        nargs="*",
+        default=list(swarm_train.DEFAULT_CONFIG),
+        metavar="KEY=VALUE",
+        help="the model and data, as moe-train's overrides (default: %(default)s)",
+    )
     p.set_defaults(swarm_parser=p)
 
 
 def run(args) -> int:
     """Check the options, run, write the JSON and print the table (``moe-bench swarm``)."""
     p = args.swarm_parser
+    if args.train:
+        if not 2 <= args.peers <= 4:
+            p.error(f"--peers {args.peers}: 2 to 4 trainer peers")
+        if args.inner_steps < 1 or args.steps < args.inner_steps or args.steps % args.inner_steps:
+            p.error(f"--steps {args.steps} must be a multiple of --inner-steps {args.inner_steps} (whole rounds)")
+        try:
+            from moe.swarm.netem import LinkSpec
+
+            LinkSpec.parse(args.network)
+        except ValueError as e:
+            p.error(str(e))
+        del args.swarm_parser
+        return write_and_print(
+            swarm_train.bench_train(args), swarm_train.markdown_table, args.out or "bench_results/swarm_train.json"
+        )
+    args.out = args.out or "bench_results/swarm.json"
     try:
         for s in args.sizes:
             parse_size(s)

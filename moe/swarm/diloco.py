@@ -203,6 +203,7 @@ class DiLoCoTrainer:
         )
         self._window: list[float] = []
         self.history: list[dict] = []
+        self.on_phase = None  # called with "averaging" as a round's averaging starts, "training" after it
         self.logger = None
         if log:
             run = dataclasses.asdict(cfg) | {
@@ -263,6 +264,12 @@ class DiLoCoTrainer:
     def load_state(self) -> int:
         """Download the state from the peer furthest ahead, line up with the others' progress
         in this round; the round after it (unchanged when no peer has state to share)."""
+        if self.round == 0 and all(r.epoch == 0 for r in self._others()):
+            # nobody has finished a round: their state is the run's seed's, as this peer's (the
+            # run's trainers all have the same seed: moe-join checks it) -- nothing to download
+            self.inner_done = self._others_progress()
+            self._report()
+            return self.round
         got = self.averager.load_state_from_peers(timeout=self.options.load_state_timeout)
         if got is None:
             self._report()
@@ -377,12 +384,17 @@ class DiLoCoTrainer:
         if mates:
             self.averager.prepare_round(self.round, mates + 1)
             mm = self.options.matchmaking_time
+            if self.on_phase is not None:
+                self.on_phase("averaging")
             try:
                 gathered = self.averager.step(
                     gather={"round": self.round}, weight=float(self.round_samples), timeout=2 * mm + 5
                 )
             except Exception:
                 gathered = None
+            finally:
+                if self.on_phase is not None:
+                    self.on_phase("training")
             if gathered:
                 rounds = [v.get("round") if isinstance(v, dict) else None for v in gathered.values()]
                 ahead = [r for r in rounds if isinstance(r, int) and r > self.round]

@@ -138,7 +138,7 @@ class Volunteer:
                 self.dht = start_dht(o.initial_peers, **self.net)
             if o.train is not None:
                 self.trainer = self._trainer()
-                terms = TrainerTerms.of(self.trainer.model, o.sync, o.diloco.inner_steps)
+                terms = TrainerTerms.of(self.trainer.model, o.sync, o.diloco.inner_steps, o.train.seed)
                 why = trainer_mismatch(self.train_dht, o.prefix, terms, timeout=o.start_timeout)
                 if why is not None:
                     raise ShapeMismatch(why)

@@ -267,26 +267,29 @@ class TrainerTerms:
     inner_steps: int  # DiLoCo's H (0 for every-step)
     model: str  # fingerprint of the parameters' names and shapes
     params: int
+    seed: int  # the initial weights' seed: peers that start together start from the same weights
 
     @classmethod
-    def of(cls, model, sync: str, inner_steps: int = 0) -> TrainerTerms:
+    def of(cls, model, sync: str, inner_steps: int = 0, seed: int = 0) -> TrainerTerms:
         h = hashlib.sha256()
         n = 0
         for name, p in model.named_parameters():
             h.update(f"{name}:{tuple(p.shape)};".encode())
             n += p.numel()
-        return cls(sync, inner_steps if sync == "diloco" else 0, h.hexdigest()[:16], n)
+        return cls(sync, inner_steps if sync == "diloco" else 0, h.hexdigest()[:16], n, seed)
 
     def flags(self) -> str:
         return f"--sync {self.sync}" + (f" --inner-steps {self.inner_steps}" if self.sync == "diloco" else "")
 
     def text(self) -> str:
-        return f"sync={self.sync} inner_steps={self.inner_steps} model={self.model} params={self.params}"
+        return (
+            f"sync={self.sync} inner_steps={self.inner_steps} model={self.model} params={self.params} seed={self.seed}"
+        )
 
     @classmethod
     def parse(cls, text: str) -> TrainerTerms | None:
-        m = re.fullmatch(r"sync=(\S+) inner_steps=(\d+) model=([0-9a-f]+) params=(\d+)", text)
-        return None if m is None else cls(m[1], int(m[2]), m[3], int(m[4]))
+        m = re.fullmatch(r"sync=(\S+) inner_steps=(\d+) model=([0-9a-f]+) params=(\d+) seed=(-?\d+)", text)
+        return None if m is None else cls(m[1], int(m[2]), m[3], int(m[4]), int(m[5]))
 
     def mismatch(self, other: TrainerTerms) -> str | None:
         """Why a trainer with these terms cannot train with one that has ``other``, or None."""
@@ -295,6 +298,8 @@ class TrainerTerms:
                 f"the run's trainers train another model ({other.params:,} parameters, fingerprint "
                 f"{other.model}; this peer: {self.params:,}, {self.model}): use the run's config overrides"
             )
+        if self.seed != other.seed:
+            return f"the run's trainers start from seed={other.seed}, this peer from seed={self.seed}: use theirs"
         if (self.sync, self.inner_steps) != (other.sync, other.inner_steps):
             return f"the run's trainers sync with {other.flags()}; this peer would use {self.flags()}: join with theirs"
         return None
