@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("hivemind")
 
 from moe.bench.cli import main  # noqa: E402
-from moe.bench.swarm import ARMS, LocalGridMoE, markdown_table  # noqa: E402
+from moe.bench.swarm import ARMS, NET_ARM, LocalGridMoE, markdown_table  # noqa: E402
 
 
 def test_local_grid_moe_is_the_swarm_function_on_a_hand_built_grid():
@@ -58,6 +58,8 @@ def test_swarm_bench_writes_json_with_every_row(tmp_path, capsys):
             "0",
             "--timeout-after-k-min",
             "10",
+            "--network",
+            "rtt=20ms,rate=50mbit",
             "--out",
             str(out),
         ]
@@ -67,7 +69,7 @@ def test_swarm_bench_writes_json_with_every_row(tmp_path, capsys):
     assert result["benchmark"] == "swarm" and result["servers"] == 4 and result["failed_fraction"] == 0.25
     rows = {r["arm"]: r for r in result["rows"]}
     assert [(r["d_model"], r["d_ff"], r["tokens"], r["arm"]) for r in result["rows"]] == [
-        (16, 32, 48, arm) for arm in ARMS
+        (16, 32, 48, arm) for arm in (*ARMS, NET_ARM)
     ]
     for r in result["rows"]:
         assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(48 / (r["ms"] / 1e3))
@@ -76,7 +78,10 @@ def test_swarm_bench_writes_json_with_every_row(tmp_path, capsys):
     # the live swarm computes the local layer's function, and nothing fails in it (a 10 s
     # straggler window: a slow live server on a loaded machine is not cut off; the dead
     # server's calls fail at once, their dial refused)
-    assert result["max_abs_diff_swarm_vs_local"]["16x32x48"] < 1e-4
+    assert result["max_abs_diff_swarm_vs_local"]["16x32x48 swarm"] < 1e-4
+    assert result["max_abs_diff_swarm_vs_local"]["16x32x48 swarm, emulated network"] < 1e-4
+    # behind 20 ms links a step waits at least a round trip (forward) and another (backward)
+    assert rows[NET_ARM]["ms"] > 2 * 20 and rows[NET_ARM]["failed_experts"] == 0
     assert rows["swarm"]["failed_experts"] == 0 and rows["swarm"]["dropped_frac"] == 0
     # the killed server's row (2 of the 8 experts) fails and is masked, every step
     failing = rows["swarm, 25% failed"]
@@ -100,3 +105,66 @@ def test_moe_bench_help_lists_the_swarm_subcommand(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "swarm" in out and "25% of the experts failing" in out and "--sizes" in out
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path, capsys):
+    """``moe-bench swarm --train`` at a toy size: every arm trains every step, the bytes and the
+    loss are reported per arm, and the killed arm's survivors finish."""
+    out = tmp_path / "train.json"
+    config = [
+        "moe=switch",
+        "model=tiny",
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        "model.seq_len=32",
+        "batch_size=4",
+        "data.tokenizer=byte",
+        "data.max_files=40",
+        "optim.warmup_steps=2",
+        "logger=none",
+        "eval_batches=2",
+    ]
+    rc = main(
+        [
+            "swarm",
+            "--train",
+            "--steps",
+            "12",
+            "--inner-steps",
+            "4",
+            "--matchmaking-time",
+            "1",
+            "--network",
+            "rtt=20ms,rate=100mbit",
+            "--out",
+            str(out),
+            "--config",
+            *config,
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    arms = {(a["arm"], a["network"]): a for a in result["arms"]}
+    assert set(arms) == {
+        *((arm, net) for arm in ("every-step", "diloco fp16", "diloco int8") for net in ("loopback", "emulated")),
+        ("diloco fp16 (1 of 3 peers killed)", "emulated"),
+    }
+    for a in result["arms"]:
+        assert a["finished"], a  # every surviving peer trained every step: nothing hung
+        assert a["tokens_per_s"] > 0 and a["wire_bytes_sent_per_mtok"] > 0 and a["val_loss"] > 0
+        assert a["wire_bytes_sent_per_mtok"] >= 0.9 * a["tensor_bytes_sent_per_mtok"]  # the wire carries the tensors
+    # three rounds of DiLoCo send far fewer bytes than twelve every-step rounds (and state averaging)
+    s = result["summary"]
+    assert s["bytes_every_step_over_diloco_fp16"] > 3 and s["bytes_every_step_over_diloco_int8"] > 3
+    assert (
+        arms[("diloco int8", "loopback")]["tensor_bytes_sent_per_mtok"]
+        < 0.7 * arms[("diloco fp16", "loopback")]["tensor_bytes_sent_per_mtok"]
+    )
+    killed = arms[("diloco fp16 (1 of 3 peers killed)", "emulated")]
+    assert killed["killed_at_s"] is not None and len(killed["peers_rows"]) == 2 and s["killed_run_finished"]
+    assert "every-step" in capsys.readouterr().out

@@ -441,3 +441,67 @@ def test_moe_train_parallel_ray_end_to_end(tmp_path):
         and "holds a checkpoint of another config (model.d_model: 64 -> 32" in last
     ), p.stderr[-4000:]
     assert OUR_FRAMES not in p.stderr, p.stderr[-4000:]  # no worker traceback before the line
+
+
+def _sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_head_that_advertises_an_address_out_of_reach_is_one_line_within_a_minute(tmp_path):
+    """Issue 19: a driver that reaches a head's GCS, but not the address the head advertises
+    for its node, retried for ten minutes.  Here a head in a network namespace answers at
+    10.77.0.2 (a veth this machine routes to) and advertises 10.78.0.2 (a veth inside the
+    namespace, no route from here): moe-train must fail in one line naming 10.78.0.2."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (ip netns) to give a Ray head an address this machine cannot reach")
+    ray_exe = shutil.which("ray", path=str(BIN))
+    assert ray_exe, "ray not installed next to the interpreter"
+    ns = f"moeray{os.getpid() % 100000}"
+    host_if, ns_if = f"mh{os.getpid() % 100000}", f"mn{os.getpid() % 100000}"
+    if _sh("ip", "netns", "add", ns, check=False).returncode != 0:
+        pytest.skip("cannot create a network namespace here (ip netns add failed)")
+    try:
+        _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+        _sh("ip", "addr", "add", "10.77.0.1/24", "dev", host_if)
+        _sh("ip", "link", "set", host_if, "up")
+        for cmd in (
+            ("addr", "add", "10.77.0.2/24", "dev", ns_if),
+            ("link", "set", ns_if, "up"),
+            ("link", "set", "lo", "up"),
+            ("link", "add", "va", "type", "veth", "peer", "name", "vb"),  # both ends inside: no route from here
+            ("addr", "add", "10.78.0.2/24", "dev", "va"),
+            ("link", "set", "va", "up"),
+            ("link", "set", "vb", "up"),
+        ):
+            _sh("ip", "-n", ns, *cmd)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        head = subprocess.run(
+            [
+                "ip",
+                *("netns", "exec", ns, ray_exe, "start", "--head", "--node-ip-address=10.78.0.2", "--port=6390"),
+                *("--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp_path}/ray"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
+        assert head.returncode == 0, head.stderr[-3000:]
+        from moe.parallel.ray_train import _connected, unreachable, unreachable_head
+
+        assert unreachable("10.77.0.2:6390") is None  # the GCS answers here ...
+        why = unreachable_head("10.77.0.2:6390")
+        assert why is not None and "advertises 10.78.0.2" in why, why  # ... but the node is out of reach
+        import ray
+
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=r"parallel.ray_address=10.77.0.2:6390: the head answers .*10\.78\.0\.2"):
+            with _connected(ParallelConfig(backend="ray", ray_address="10.77.0.2:6390")):
+                pass
+        assert time.monotonic() - t0 < 60 and not ray.is_initialized()
+    finally:
+        _sh("ip", "netns", "exec", ns, ray_exe, "stop", "--force", check=False, timeout=120)
+        _sh("ip", "netns", "del", ns, check=False)
+        _sh("ip", "link", "del", host_if, check=False)

@@ -368,6 +368,50 @@ def test_swarm_local_trains_and_stops_cleanly(tmp_path):
 
 @pytest.mark.network
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_swarm_local_over_emulated_links_with_diloco_trainers(tmp_path):
+    """NETEM=... puts every server and trainer behind its own relay link; SYNC=diloco trains
+    rounds of INNER_STEPS; everything, relays included, stops at the end."""
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "STEPS": "3",
+        "SYNC": "diloco",
+        "INNER_STEPS": "5",
+        "NETEM": "rtt=20ms,rate=100mbit",
+        "OUT": str(out),
+        "EXPIRATION": "6",
+        "START_TIMEOUT": "60",
+        "WANDB_MODE": "disabled",
+    }
+    env.pop("HYDRA_FULL_ERROR", None)
+    p = subprocess.run(
+        ["bash", str(ROOT / "launch" / "swarm_local.sh"), "logger=none", "batch_size=4", "optim.warmup_steps=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    for i in (0, 1):
+        records = [json.loads(ln) for ln in (out / f"trainer{i}" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if "train/loss" in r]
+        assert train and train[-1]["step"] >= 3 and train[-1]["collab/sent_bytes"] > 0, train
+        assert train[-1]["collab/local_steps"] >= 15  # 3 rounds of 5 local steps
+        log = (out / "peers" / f"trainer{i}.log").read_text()
+        assert "synced DiLoCo: 5 local steps" in log and "moe-join: reached collaborative step 3" in log
+    for name in ("server0", "server1", "trainer0", "trainer1"):  # each behind its link
+        assert "(20 ms round trip, 100 Mbit/s)" in (out / "peers" / f"netem-{name}.log").read_text()
+    relays = [int(x) for x in (out / "peers" / "relay_pids").read_text().split()]
+    assert len(relays) == 4
+    for pid in relays + [int(x) for x in (out / "peers" / "pids").read_text().split()]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.network
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_joiner_or_a_trainer_of_another_shape_is_refused_with_the_values(tmp_path, tiny_data):
     """Issue 16: `moe-join --d-model 32` joined a d_model 16 run and failed every call in

@@ -14,7 +14,11 @@ all with the same routers and the same expert weights (``SwarmExpert`` / ``Group
 - ``swarm, 25% failed``: ``SwarmMoE`` over a copy of the grid whose last row (25% of the
   experts) was served by a fifth server, SIGKILLed after it declared them: the records stay
   on the DHT (they outlive the run), the layer keeps choosing those experts, their calls fail
-  and are masked out (``aux.failed``) as in a swarm whose peers vanished.
+  and are masked out (``aux.failed``) as in a swarm whose peers vanished;
+- ``swarm, emulated network`` (unless ``--network none``): ``SwarmMoE`` over a third copy of
+  the grid on 4 more servers, each behind its own link of the user-space relay
+  (``moe.swarm.netem``, default 50 ms round trip and 100 Mbit/s each way): every request and
+  reply crosses a wide-area link.
 
 Every round measures every (size, arm) in turn, so a shared machine's drifting speed hits the
 arms alike; tokens/s is ``tokens / median seconds``.  Before timing, the swarm output is
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import math
 import os
@@ -42,6 +47,7 @@ from moe.bench.results import write_and_print
 from moe.model.experts import GroupedExperts
 
 ARMS = ("local", "swarm", "swarm, 25% failed")
+NET_ARM = "swarm, emulated network"
 
 
 class LocalGridMoE(nn.Module):
@@ -131,22 +137,44 @@ def bench_swarm(args) -> dict:
     for D, F_, _ in sizes:
         experts.append([SwarmExpert(D, F_) for _ in range(E)])
     by_row: list[dict] = [{} for _ in range(rows_total)]
+    net_by_row: list[dict] = [{} for _ in range(rows_total)]
     doomed: dict = {}
+    emulate = args.network != "none"
     for i in range(len(sizes)):
-        for name in (f"full{i}", f"fail{i}"):
+        for name in (f"full{i}", f"fail{i}", *([f"net{i}"] if emulate else [])):
             for e, uid in enumerate(grid_uids(name, grid)):
                 r = e // per_row
                 target = doomed if (name.startswith("fail") and r in failing_rows) else by_row[r]
+                target = net_by_row[r] if name.startswith("net") else target
                 target[uid] = copy.deepcopy(experts[i][e])
     load_before = os.getloadavg()[0]
     servers: list = []
     client = None
+    net = None
     t_start = time.monotonic()
     try:
         for group in by_row:
             servers.append(
                 _start_server(ServerProcess, group, args, initial_peers=servers[0].maddrs if servers else [])
             )
+        if emulate:  # 4 more servers, each behind a link: the client dials the link's port
+            from moe.parallel.ports import free_port
+            from moe.swarm.netem import LinkSpec, NetemProcess
+
+            net, link_spec = NetemProcess(), LinkSpec.parse(args.network)
+            for r, group in enumerate(net_by_row):
+                port = free_port()
+                link = net.add_link(("127.0.0.1", port), dataclasses.replace(link_spec, seed=r))
+                servers.append(
+                    _start_server(
+                        ServerProcess,
+                        group,
+                        args,
+                        initial_peers=servers[0].maddrs,
+                        host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+                        announce_maddrs=[f"/ip4/127.0.0.1/tcp/{link}"],
+                    )
+                )
         # the fifth server: declares the failing arm's last row for longer than the run, then dies
         _start_server(ServerProcess, doomed, args, initial_peers=servers[0].maddrs, expiration=24 * 3600.0).kill()
         client = start_dht(servers[0].maddrs)
@@ -164,22 +192,29 @@ def bench_swarm(args) -> dict:
             local_experts.grad_into_buffers = True  # as the trainer runs it (gradients zeroed in place)
             local = LocalGridMoE(copy.deepcopy(swarm.routers), local_experts, grid, k)
             arms[(D, F_, T)] = {"local": local, "swarm": swarm, "swarm, 25% failed": failing}
+            if emulate:
+                remote = SwarmMoE(D, dht=client, uid_prefix=f"net{i}", **layer_kw)
+                remote.routers.load_state_dict(swarm.routers.state_dict())
+                arms[(D, F_, T)][NET_ARM] = remote
             x = torch.randn(T, D)
-            swarm.timeout_after_k_min = args.forward_timeout  # the check waits for every reply
             with torch.no_grad():
-                y_s, aux = swarm(x)
                 y_l, _ = local(x)
-            swarm.timeout_after_k_min = args.timeout_after_k_min
-            if aux.failed:
-                raise RuntimeError(f"the live swarm failed experts before timing: {aux.failed}")
-            checks[(D, F_, T)] = (y_s - y_l).abs().max().item()
+                for name in ("swarm", NET_ARM) if emulate else ("swarm",):
+                    layer = arms[(D, F_, T)][name]
+                    layer.timeout_after_k_min = args.forward_timeout  # the check waits for every reply
+                    y_s, aux = layer(x)
+                    layer.timeout_after_k_min = args.timeout_after_k_min
+                    if aux.failed:
+                        raise RuntimeError(f"the live swarm ({name}) failed experts before timing: {aux.failed}")
+                    checks[(D, F_, T, name)] = (y_s - y_l).abs().max().item()
 
         inputs = {size: torch.randn(size[2], size[0]) for size in sizes}
         for size, layers in arms.items():
             for _ in range(args.warmup):
                 for layer in layers.values():
                     _fwd_bwd(layer, inputs[size])
-        runs: dict[str, list[dict]] = {_key(size, arm): [] for size in sizes for arm in ARMS}
+        arm_names = (*ARMS, NET_ARM) if emulate else ARMS
+        runs: dict[str, list[dict]] = {_key(size, arm): [] for size in sizes for arm in arm_names}
         for rnd in range(args.repeats):
             for size, layers in arms.items():
                 line = []
@@ -205,11 +240,13 @@ def bench_swarm(args) -> dict:
             shutdown_dht(client)
         for sp in servers:
             sp.shutdown()
+        if net is not None:
+            net.close()
 
     rows = []
     for D, F_, T in sizes:
         local_tps = None
-        for arm in ARMS:
+        for arm in arm_names:
             ms = runs[_key((D, F_, T), arm)]
             secs = statistics.median(m["seconds"] for m in ms)
             tps = T / secs
@@ -249,7 +286,8 @@ def bench_swarm(args) -> dict:
         "threads": torch.get_num_threads(),
         "server_threads": 1,
         "start_seconds": started,
-        "max_abs_diff_swarm_vs_local": {f"{D}x{F_}x{T}": v for (D, F_, T), v in checks.items()},
+        "network": args.network,
+        "max_abs_diff_swarm_vs_local": {f"{D}x{F_}x{T} {arm}": v for (D, F_, T, arm), v in checks.items()},
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -305,7 +343,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--sizes",
         nargs="+",
-        default=["64x256x256", "128x512x512", "256x1024x1024"],
+        default=["256x1024x1024", "512x2048x1024", "1024x4096x1024"],
         metavar="DxFxT",
         help="d_model x expert d_ff x tokens per forward",
     )
@@ -332,6 +370,12 @@ def add_parser(sub) -> None:
         help="torch threads in this process, the local arm's (default 1, as each server; 0: torch's default)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--network",
+        default="rtt=50ms,rate=100mbit",
+        help="the emulated link (moe.swarm.netem): of the fourth arm's servers; with --train, of every peer in the "
+        "emulated arms (default rtt=50ms,rate=100mbit; none: no emulated arm)",
+    )
     p.add_argument("--start-timeout", type=float, default=90.0, help="seconds a server start may take (3 tries)")
     p.add_argument("--out", default=None, help="default bench_results/swarm.json (--train: swarm_train.json)")
     t = p.add_argument_group("collaborative training (--train): every-step averaging against DiLoCo")
@@ -339,13 +383,10 @@ def add_parser(sub) -> None:
     t.add_argument("--peers", type=int, default=2, help="trainer peers per arm (2-4; default 2)")
     t.add_argument("--steps", type=int, default=200, help="local steps of every peer in every arm (default 200)")
     t.add_argument("--inner-steps", type=int, default=50, help="DiLoCo's H, local steps a round (default 50)")
+    t.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer Nesterov rate (default 0.7)")
+    t.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo's outer momentum (default 0.9)")
     t.add_argument("--arms", nargs="+", default=list(swarm_train.ARMS), choices=list(swarm_train.ARMS))
     t.add_argument("--networks", nargs="+", default=list(swarm_train.NETWORKS), choices=list(swarm_train.NETWORKS))
-    t.add_argument(
-        "--network",
-        default="rtt=50ms,rate=100mbit",
-        help="the emulated link each peer sits behind (moe.swarm.netem; default rtt=50ms,rate=100mbit)",
-    )
     t.add_argument("--no-kill", dest="kill", action="store_false", help="skip the arm that SIGKILLs a peer")
     t.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to gather an averaging round")
     t.add_argument("--averaging-timeout", type=float, default=60.0, help="seconds an all-reduce may take")
@@ -362,17 +403,21 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """Check the options, run, write the JSON and print the table (``moe-bench swarm``)."""
     p = args.swarm_parser
-    if args.train:
-        if not 2 <= args.peers <= 4:
-            p.error(f"--peers {args.peers}: 2 to 4 trainer peers")
-        if args.inner_steps < 1 or args.steps < args.inner_steps or args.steps % args.inner_steps:
-            p.error(f"--steps {args.steps} must be a multiple of --inner-steps {args.inner_steps} (whole rounds)")
+    if args.network != "none":
         try:
             from moe.swarm.netem import LinkSpec
 
             LinkSpec.parse(args.network)
         except ValueError as e:
             p.error(str(e))
+    if args.train:
+        if not 2 <= args.peers <= 4:
+            p.error(f"--peers {args.peers}: 2 to 4 trainer peers")
+        if args.inner_steps < 1 or args.steps < args.inner_steps or args.steps % args.inner_steps:
+            p.error(f"--steps {args.steps} must be a multiple of --inner-steps {args.inner_steps} (whole rounds)")
+        if args.network == "none":
+            args.networks = [n for n in args.networks if n != "emulated"]
+            args.kill = False  # the killed arm runs on the emulated network
         del args.swarm_parser
         return write_and_print(
             swarm_train.bench_train(args), swarm_train.markdown_table, args.out or "bench_results/swarm_train.json"

@@ -99,6 +99,8 @@ def _peer_main(conn, spec: dict, flag) -> None:
 
             opts = DiLoCoOptions(
                 inner_steps=spec["inner_steps"],
+                outer_lr=spec["outer_lr"],
+                outer_momentum=spec["outer_momentum"],
                 compression=spec["compression"],
                 matchmaking_time=spec["matchmaking_time"],
                 averaging_timeout=spec["averaging_timeout"],
@@ -205,6 +207,8 @@ def run_arm(name: str, network: str, args, cfg, data, *, peers: int, kill_one: b
                 sync="diloco" if sync == "diloco" else "every-step",
                 compression=comp,
                 inner_steps=args.inner_steps,
+                outer_lr=args.outer_lr,
+                outer_momentum=args.outer_momentum,
                 target_batch_size=(peers - (1 if kill_one else 0)) * cfg.batch_size,
                 matchmaking_time=args.matchmaking_time,
                 averaging_timeout=args.averaging_timeout,
@@ -297,6 +301,8 @@ def bench_train(args) -> dict:
         "config": list(args.config),
         "steps": args.steps,
         "inner_steps": args.inner_steps,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
         "peers": args.peers,
         "network": args.network,
         "tokens_per_peer": args.steps * cfg.batch_size * cfg.model.seq_len,

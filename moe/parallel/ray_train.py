@@ -225,6 +225,34 @@ def unreachable(address: str, timeout: float = 5.0) -> str | None:
     return None
 
 
+def unreachable_head(address: str, timeout: float = 10.0) -> str | None:
+    """Why the cluster whose GCS answers at ``HOST:PORT`` cannot be used from here: its live
+    nodes advertise addresses (their raylets, where a driver connects next) that accept no TCP
+    connection from this machine -- Ray itself would retry them for ten minutes.  None when
+    the head is reachable, or when this cannot be told (``auto``, ``ray://``, an old GCS)."""
+    if address == "auto" or address.startswith("ray://") or unreachable(address) is not None:
+        return None
+    try:
+        from ray._raylet import GcsClient
+
+        nodes = GcsClient(address=address).get_all_node_info(timeout=timeout).values()
+    except Exception:  # the GCS did not say: leave it to ray.init
+        return None
+    alive = [n for n in nodes if n.state == n.GcsNodeState.ALIVE]
+    heads = [n for n in alive if n.is_head_node] or alive
+    for n in heads:
+        target = f"{n.node_manager_address}:{n.node_manager_port}"
+        why = unreachable(target, timeout=min(timeout, 5.0))
+        if why is not None:
+            return (
+                f"the head answers at {address} but advertises {n.node_manager_address} (its raylet at "
+                f"{target}), which this machine cannot reach ({why}); start the head with "
+                f"`ray start --head --node-ip-address=ADDR` where ADDR is an address of the head this machine "
+                f"reaches (RAY_START_ARGS=--node-ip-address=ADDR launch/ray_cluster.sh head)"
+            )
+    return None
+
+
 @contextmanager
 def _connected(p: ParallelConfig) -> Iterator[None]:
     """Ray for this run: the one already initialised in this process, a private local one, or
@@ -244,6 +272,9 @@ def _connected(p: ParallelConfig) -> Iterator[None]:
                 "with `ray start --head` (launch/ray_cluster.sh head) and check the address, or use "
                 "parallel.ray_address=local"
             )
+        why = unreachable_head(p.ray_address)
+        if why is not None:
+            raise ConfigError(f"parallel.ray_address={p.ray_address}: {why}")
         try:
             ray.init(address=p.ray_address, log_to_driver=True, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import socket
 import sys
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay in ms (the round trip is twice it)")
     p.add_argument("--rate-mbit", type=float, default=0.0, help="rate limit per direction in Mbit/s (0: none)")
     p.add_argument("--loss", type=float, default=0.0, help="probability a TCP segment is lost and resent (0-1)")
+    p.add_argument(
+        "--link", default=None, metavar="SPEC", help="all three at once, e.g. rtt=50ms,rate=100mbit,loss=0.1%%"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-every", type=float, default=0.0, help="print bytes carried every this many seconds")
     p.add_argument("--control", action="store_true", help=argparse.SUPPRESS)
@@ -410,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = a.to.rpartition(":")
     try:
         spec = LinkSpec(a.delay_ms, a.rate_mbit, a.loss, a.seed)
+        if a.link is not None:
+            spec = dataclasses.replace(LinkSpec.parse(a.link), seed=a.seed)
         target = (host, int(port))
     except ValueError as e:
         print(f"moe-netem: error: {e if 'netem' in str(e) else f'--to {a.to!r}: write HOST:PORT'}", file=sys.stderr)
