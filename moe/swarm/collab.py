@@ -1,10 +1,11 @@
 """A collaborative trainer peer (DeDLOC): trains the run's model with other peers through
-hivemind's ``Optimizer``, its experts remote on the swarm's servers.
+hivemind's ``Optimizer``, averaging gradients at every collaborative step (``moe-join --sync
+every-step``; ``moe.swarm.diloco`` is the low-communication alternative).
 
-The model is ``TransformerLM`` with ``moe=hivemind`` blocks: the experts live on expert
-servers (``moe-join --serve``), which update them themselves on every backward request.
-What a trainer peer holds locally (embeddings, attention, norms, the routers) is trained
-collaboratively: every peer accumulates gradients on its own batches until the peers
+The model is ``TransformerLM`` (``PeerModel``, shared with DiLoCo peers).  With
+``moe=hivemind`` blocks the experts live on expert servers (``moe-join --serve``), which
+update them themselves on every backward request; with any other layer they are local.
+What a trainer peer holds locally is trained collaboratively: every peer accumulates gradients on its own batches until the peers
 together have ``target_batch_size`` sequences, then they average the gradients (all-reduce
 through the DHT's matchmaking) and take one optimizer step each: the *collaborative step*
 (hivemind's epoch, ``opt.local_epoch``).  Peers come and go: a peer that joins mid-run
@@ -17,7 +18,8 @@ so every peer, late joiners included, is on the same point of the schedule.
 
 Progress records (samples accumulated, collaborative step) are hivemind's, stored under
 ``<prefix>_collab_progress`` with one subkey per peer that names the peer's RSA key and
-signed with it (``moe.swarm.records``): no other peer can overwrite or delete them.
+signed with it (``moe.swarm.records``): no other peer can overwrite or delete them.  The
+averagers count the tensor bytes they send and receive (``moe.swarm.compression.Traffic``).
 """
 
 from __future__ import annotations
