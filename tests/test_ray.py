@@ -449,7 +449,7 @@ def _sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.Comple
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_head_that_advertises_an_address_out_of_reach_is_one_line_within_a_minute(tmp_path):
+def test_a_head_that_advertises_an_address_out_of_reach_is_one_line_within_a_minute():
     """Issue 19: a driver that reaches a head's GCS, but not the address the head advertises
     for its node, retried for ten minutes.  Here a head in a network namespace answers at
     10.77.0.2 (a veth this machine routes to) and advertises 10.78.0.2 (a veth inside the
@@ -462,6 +462,9 @@ def test_a_head_that_advertises_an_address_out_of_reach_is_one_line_within_a_min
     host_if, ns_if = f"mh{os.getpid() % 100000}", f"mn{os.getpid() % 100000}"
     if _sh("ip", "netns", "add", ns, check=False).returncode != 0:
         pytest.skip("cannot create a network namespace here (ip netns add failed)")
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="moeray")  # short: Ray's socket paths must fit in 107 bytes
     try:
         _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
         _sh("ip", "addr", "add", "10.77.0.1/24", "dev", host_if)
@@ -481,7 +484,7 @@ def test_a_head_that_advertises_an_address_out_of_reach_is_one_line_within_a_min
             [
                 "ip",
                 *("netns", "exec", ns, ray_exe, "start", "--head", "--node-ip-address=10.78.0.2", "--port=6390"),
-                *("--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp_path}/ray"),
+                *("--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"),
             ],
             capture_output=True,
             text=True,
@@ -505,3 +508,4 @@ def test_a_head_that_advertises_an_address_out_of_reach_is_one_line_within_a_min
         _sh("ip", "netns", "exec", ns, ray_exe, "stop", "--force", check=False, timeout=120)
         _sh("ip", "netns", "del", ns, check=False)
         _sh("ip", "link", "del", host_if, check=False)
+        shutil.rmtree(temp, ignore_errors=True)

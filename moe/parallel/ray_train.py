@@ -233,8 +233,13 @@ def unreachable_head(address: str, timeout: float = 10.0) -> str | None:
     if address == "auto" or address.startswith("ray://") or unreachable(address) is not None:
         return None
     try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
         from ray._raylet import GcsClient
 
+        # as ray.init does next: a cluster with token authentication needs this machine's token
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         nodes = GcsClient(address=address).get_all_node_info(timeout=timeout).values()
     except Exception:  # the GCS did not say: leave it to ray.init
         return None
