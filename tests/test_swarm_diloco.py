@@ -201,6 +201,13 @@ def _peer_main(conn, initial_peers, cfg, data, options, load_first):
                 while trainer.round < target and time.monotonic() < deadline:
                     trainer.train_step()
                 conn.send((trainer.round, list(trainer.history), trainer.sent_bytes))
+            elif cmd == "train_slowly":  # each local step delay seconds late, for one round
+                target, seconds, delay = args
+                deadline = time.monotonic() + seconds
+                while trainer.round < target and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    trainer.train_step()
+                conn.send((trainer.round, list(trainer.history), trainer.sent_bytes))
             elif cmd == "train_forever":  # until killed
                 while True:
                     trainer.train_step()
@@ -321,6 +328,52 @@ def test_peers_average_a_joiner_catches_up_and_a_killed_peer_stops_no_one(tmp_pa
         ((ra4, ha4, _),) = train_all([a], ra3 + 2, 240)
         assert ra4 >= ra3 + 2 and ha4[-1]["outcome"].startswith("alone"), [r["outcome"] for r in ha4]
         assert a.stop()
+        peers.clear()
+    finally:
+        for p in peers:
+            p.kill()
+        shutdown_dht(root)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_path, tiny_data):
+    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.diloco import DiLoCoOptions
+    from moe.swarm.records import record_validators
+
+    opts = DiLoCoOptions(inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0)
+    root = start_dht(record_validators=record_validators("ffn"))
+    initial = [str(m) for m in root.get_visible_maddrs()]
+    peers = []
+    try:
+        a = Peer(initial, diloco_config(tmp_path / "a"), tiny_data, opts)
+        peers.append(a)
+        b = Peer(initial, diloco_config(tmp_path / "b"), tiny_data, opts)
+        peers.append(b)
+        (ra, ha, _), (rb, hb, _) = train_all([a, b], 2, 240)
+        assert ra == rb == 2 and ha[-1]["outcome"] == hb[-1]["outcome"] == "averaged with 1 peer"
+
+        # b straggles: its round takes ~10x longer; a waits its matchmaking time, then goes on alone
+        b.send("train_slowly", 3, 240, 0.3)
+        a.send("train_until", 4, 240)
+        ra, ha, _ = a.recv(360)
+        rb, hb, _ = b.recv(360)
+        assert ra >= 4 and any(r["outcome"].startswith("alone") for r in ha[2:]), [r["outcome"] for r in ha]
+        assert any(r["outcome"].startswith("resynced") for r in hb[2:]), [r["outcome"] for r in hb]
+        assert rb >= ra - 1  # it downloaded the run's round instead of trailing behind
+
+        # then they average together again, from the same theta
+        (ra, ha, _), (rb, hb, _) = train_all([a, b], max(ra, rb) + 2, 240)
+        assert ha[-1]["outcome"] == "averaged with 1 peer" and hb[-1]["outcome"] == "averaged with 1 peer", (
+            [r["outcome"] for r in ha[-3:]],
+            [r["outcome"] for r in hb[-3:]],
+        )
+        (sa, pa), (sb, pb) = a.state(), b.state()
+        assert sa == sb and float((pa - pb).norm()) < 1e-3 * float(pa.norm())
+        for p in (a, b):
+            assert p.stop()
         peers.clear()
     finally:
         for p in peers:

@@ -67,17 +67,15 @@ def _peer_main(conn, spec: dict, flag) -> None:
     os.setsid()  # its own session: the bench can kill it with everything it started
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     torch.set_num_threads(1)
-    from hivemind.utils.crypto import RSAPrivateKey
-
     from moe.swarm.dht import shutdown_dht, start_dht
-    from moe.swarm.records import record_validators
+    from moe.swarm.records import new_identity, record_validators
 
     cfg, steps = spec["cfg"], spec["steps"]
     dht = start_dht(
         spec["initial_peers"],
         host_maddrs=[f"/ip4/127.0.0.1/tcp/{spec['port']}"],
         announce_maddrs=[f"/ip4/127.0.0.1/tcp/{spec['link']}"],
-        record_validators=record_validators(cfg.moe.swarm.uid_prefix, RSAPrivateKey()),
+        record_validators=record_validators(cfg.moe.swarm.uid_prefix, new_identity()),
     )
     trainer = None
     try:

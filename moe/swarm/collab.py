@@ -5,12 +5,13 @@ every-step``; ``moe.swarm.diloco`` is the low-communication alternative).
 The model is ``TransformerLM`` (``PeerModel``, shared with DiLoCo peers).  With
 ``moe=hivemind`` blocks the experts live on expert servers (``moe-join --serve``), which
 update them themselves on every backward request; with any other layer they are local.
-What a trainer peer holds locally is trained collaboratively: every peer accumulates gradients on its own batches until the peers
-together have ``target_batch_size`` sequences, then they average the gradients (all-reduce
-through the DHT's matchmaking) and take one optimizer step each: the *collaborative step*
-(hivemind's epoch, ``opt.local_epoch``).  Peers come and go: a peer that joins mid-run
-downloads the current parameters, optimizer state and collaborative step from another peer
-(``load_state``), and the others keep stepping when one leaves.
+What a trainer peer holds locally is trained collaboratively: every peer accumulates
+gradients on its own batches until the peers together have ``target_batch_size``
+sequences, then they average the gradients (all-reduce through the DHT's matchmaking) and
+take one optimizer step each: the *collaborative step* (hivemind's epoch,
+``opt.local_epoch``).  Peers come and go: a peer that joins mid-run downloads the current
+parameters, optimizer state and collaborative step from another peer (``load_state``), and
+the others keep stepping when one leaves.
 
 Learning rate: ``moe.training.optim.lr_at(collaborative step)``, through hivemind's scheduler hook (a
 ``LambdaLR`` hivemind steps once per collaborative step and re-aligns when state is loaded),

@@ -156,6 +156,12 @@ def record_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> 
     ]
 
 
+def new_identity() -> RSAPrivateKey:
+    """A signing key of its own for a peer started in a forked process (hivemind's process-wide
+    key is inherited through fork: two peers would sign as one)."""
+    return RSAPrivateKey()
+
+
 def _signer(dht: DHT) -> RSASignatureValidator:
     """The ``RSASignatureValidator`` ``dht`` was started with (it holds this peer's key)."""
     composite = getattr(dht, "_record_validator", None)  # hivemind keeps them in a CompositeValidator
