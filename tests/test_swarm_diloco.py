@@ -355,8 +355,8 @@ def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_pa
         (ra, ha, _), (rb, hb, _) = train_all([a, b], 2, 240)
         assert ra == rb == 2 and ha[-1]["outcome"] == hb[-1]["outcome"] == "averaged with 1 peer"
 
-        # b straggles: its round takes ~10x longer; a waits its matchmaking time, then goes on alone
-        b.send("train_slowly", 3, 240, 0.3)
+        # b straggles: its round takes ~15x longer; a waits for it (matchmaking, retried), then goes on alone
+        b.send("train_slowly", 3, 240, 0.7)  # 14 s late: past the 2 x matchmaking + 5 s a round waits
         a.send("train_until", 4, 240)
         ra, ha, _ = a.recv(360)
         rb, hb, _ = b.recv(360)
