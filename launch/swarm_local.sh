@@ -123,9 +123,9 @@ done
 trainers=()
 for i in 0 1; do
   net_flags "trainer$i"
-  setsid "${join[@]}" --initial-peers "$root" --train --steps "$STEPS" "${sync[@]}" --matchmaking-time "$MATCHMAKING" \
+  setsid "${join[@]}" --initial-peers "$root" "${net[@]}" --train --steps "$STEPS" "${sync[@]}" --matchmaking-time "$MATCHMAKING" \
     --prefix ffn --grid "${dims[@]}" --d-model "$D_MODEL" --d-ff "$D_FF" --out "$OUT/trainer$i" --status-every 10 \
-    "${net[@]}" experiment=smoke moe.swarm.k_best="$K" moe.top_k="$K" steps="$schedule" "$@" > "$LOGS/trainer$i.log" 2>&1 &
+    experiment=smoke moe.swarm.k_best="$K" moe.top_k="$K" steps="$schedule" "$@" > "$LOGS/trainer$i.log" 2>&1 &
   pids+=($!); peers+=($!); trainers+=($!)
 done
 echo "${peers[*]}" > "$LOGS/pids"   # the peers (each leads its process group), for checks

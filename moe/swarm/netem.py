@@ -420,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"moe-netem: error: {e if 'netem' in str(e) else f'--to {a.to!r}: write HOST:PORT'}", file=sys.stderr)
         sys.exit(2)
+    import signal
+
+    # started in the background by a script, SIGINT arrives ignored: stop on it (and SIGTERM) all the same
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with Netem(a.host) as net:
         try:
             got = net.add_link(target, spec, a.port)
