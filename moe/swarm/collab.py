@@ -105,6 +105,23 @@ class PeerModel:
         return sum(losses) / len(losses)
 
 
+def leave_progress(dht: DHT, tracker, timeout: float) -> None:
+    """Stop ``tracker``'s reports and say goodbye: this peer's progress record set to None
+    (signed), waited for.  Best effort: the record expires after ``metadata_expiration`` anyway."""
+    tracker.shutdown(timeout)
+    try:
+        subkey = b"[owner:" + signing_key(dht).get_public_key().to_bytes() + b"]"
+        dht.store(
+            tracker.training_progress_key,
+            None,
+            get_dht_time() + tracker.metadata_expiration,
+            subkey=subkey,
+            return_future=True,
+        ).result(10)
+    except Exception:
+        pass
+
+
 def peer_seed(dht: DHT) -> int:
     """A data seed of this peer's own, from its peer id: every peer reads other batches."""
     return int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:4], "big") & 0x7FFFFFFF
@@ -301,19 +318,7 @@ class CollabTrainer:
             # hivemind's shutdown sends the goodbye (this peer's progress record set to None)
             # without waiting for it, then stops the averagers, whose exit can make that last
             # DHT command fail; so stop the reports and say goodbye here, and wait for it
-            tracker = self.opt.tracker
-            tracker.shutdown(self.opt.shutdown_timeout)
-            try:
-                subkey = b"[owner:" + signing_key(self.dht).get_public_key().to_bytes() + b"]"
-                self.dht.store(
-                    tracker.training_progress_key,
-                    None,
-                    get_dht_time() + tracker.metadata_expiration,
-                    subkey=subkey,
-                    return_future=True,
-                ).result(10)
-            except Exception:  # best effort: the record expires after metadata_expiration anyway
-                pass
+            leave_progress(self.dht, self.opt.tracker, self.opt.shutdown_timeout)
             self.opt.shutdown()
         finally:
             if self.logger is not None:

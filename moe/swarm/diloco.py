@@ -50,10 +50,10 @@ import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
-from hivemind.utils import MPFuture, get_dht_time
+from hivemind.utils import MPFuture
 
 from moe.config import TrainConfig
-from moe.swarm.collab import PeerModel, peer_seed
+from moe.swarm.collab import PeerModel, leave_progress, peer_seed
 from moe.swarm.compression import PeerCompression, Traffic, counting
 from moe.swarm.records import diloco_run_id, signing_key
 from moe.training.data import TokenData
@@ -472,19 +472,7 @@ class DiLoCoTrainer:
             return
         self._closed = True
         try:
-            tracker = self.tracker
-            tracker.shutdown(5.0)
-            try:
-                subkey = b"[owner:" + signing_key(self.dht).get_public_key().to_bytes() + b"]"
-                self.dht.store(
-                    tracker.training_progress_key,
-                    None,
-                    get_dht_time() + tracker.metadata_expiration,
-                    subkey=subkey,
-                    return_future=True,
-                ).result(10)
-            except Exception:
-                pass
+            leave_progress(self.dht, self.tracker, 5.0)
             self.averager.shutdown()
         finally:
             if self.logger is not None:
