@@ -120,11 +120,6 @@ def test_loss_stalls_the_stream_but_delivers_every_byte_in_order():
 
 @pytest.mark.network
 @pytest.mark.timeout(180)
-@pytest.mark.skip(
-    reason="about 1 run in 3 a DHT peer behind a link hangs (store or bootstrap) past every timeout; "
-    "found at the end of the 2026-12-05 session, open in issue 19's note (the benchmark and the swarm_local "
-    "test, also through links, pass)"
-)
 def test_hivemind_peers_dial_through_their_links_and_bytes_are_attributed():
     pytest.importorskip("hivemind")
     from hivemind.utils import get_dht_time

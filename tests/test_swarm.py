@@ -877,3 +877,22 @@ def test_a_layer_whose_experts_all_fail_says_so_on_the_console_in_the_summary_an
     assert "WARNING: block 0 served no token" in summary and "require_signed=false" in summary
     flags = collapses(read_run(tmp_path))
     assert {f["layer"] for f in flags} == {0, 1} and all("every token dropped" in f["reason"] for f in flags)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_dht_process_reads_commands_longer_than_one_pipe_write():
+    """hivemind's DHT process reads its command pipe non-blocking (uvloop's add_reader): a
+    command over 16 KiB, written as its length and then its body, was read half-way, and the
+    process died with its caller blocked.  ``start_dht``'s peer reads whole messages."""
+    from hivemind.utils import get_dht_time
+
+    dht = start_dht()
+    try:
+        value = "v" * 200_000
+        for i in range(20):  # plain hivemind.DHT died within the first few, every run
+            assert dht.store(f"k{i}", value, get_dht_time() + 60, return_future=True).result(10)
+        assert dht.get("k19", latest=True, return_future=True).result(10).value == value
+        assert dht.is_alive()
+    finally:
+        shutdown_dht(dht)

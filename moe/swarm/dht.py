@@ -13,10 +13,42 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from hivemind import DHT
+import hivemind
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+class WholeMessages:
+    """The reading end of a hivemind helper process's command pipe, read a whole message at a time.
+
+    hivemind's DHT and averager processes wake on their command pipe through ``loop.add_reader``,
+    which under uvloop makes the pipe non-blocking.  multiprocessing writes a message over
+    16 KiB as its length and then its body (a DHT store of 20 KB, a long list of experts), so
+    the body can be missing when the length is read: ``recv`` raises BlockingIOError, hivemind logs it and reads on from
+    the middle of the message, the process dies on the garbage (EOFError), and its caller
+    blocks for ever on a pipe nobody reads (learning-at-home/hivemind#660 retries instead,
+    which still loses the message).  Reading in blocking mode waits the microseconds for the
+    rest; ``poll`` (what wakes the loop) is unchanged.
+    """
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def recv(self):
+        os.set_blocking(self._conn.fileno(), True)
+        return self._conn.recv()
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class DHT(hivemind.DHT):
+    """``hivemind.DHT`` whose process reads its commands whole (:class:`WholeMessages`)."""
+
+    def run(self) -> None:
+        self._inner_pipe = WholeMessages(self._inner_pipe)
+        super().run()
 
 
 def prepare_to_fork() -> None:
