@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,47 @@ def tiny_config(out_dir, moe: str = "switch", **overrides) -> TrainConfig:
         threads=0,
     )
     return dataclasses.replace(cfg, **overrides)
+
+
+# What a launch test adds to the command a doc shows: 4 steps of 4 experts, evaluated and
+# checkpointed at steps 2 and 4, logged every step, 10 files read, W&B off.
+SMOKE_OVERRIDES = [
+    "moe.num_experts=4",
+    "steps=4",
+    "optim.warmup_steps=1",
+    "eval_every=2",
+    "ckpt_every=2",
+    "eval_batches=1",
+    "logger.log_every=1",
+    "logger.wandb=false",
+    "peak_flops=1e11",
+    "data.max_files=10",
+]
+_OUTER_LAUNCH = (
+    "HYDRA_FULL_ERROR",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "NNODES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NPROC_PER_NODE",
+    "RAY_ADDRESS",
+)
+
+
+def launch_env(tmp_path: Path, bin_dir, **extra: str) -> dict[str, str]:
+    """The environment for a launch a test starts: none of an outer launch's variables
+    (torchrun's, DeepSpeed's, Ray's), ``bin_dir`` first on PATH, caches in ``tmp_path``, W&B off."""
+    env = {k: v for k, v in os.environ.items() if k not in _OUTER_LAUNCH}
+    env.update(
+        PATH=str(bin_dir) + os.pathsep + env.get("PATH", ""),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        WANDB_MODE="disabled",
+    )
+    env.update(extra)
+    return env
 
 
 def conf_command(config: str, starts_with: str) -> list[str]:

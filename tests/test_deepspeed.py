@@ -36,7 +36,7 @@ pytest.importorskip("deepspeed")
 from moe.config import ParallelConfig  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
-from tests.conftest import conf_command, rank_trainer  # noqa: E402
+from tests.conftest import SMOKE_OVERRIDES, conf_command, launch_env, rank_trainer  # noqa: E402
 from tests.test_parallel_train import (
     B,
     _assert_same_run,
@@ -190,26 +190,10 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     args = [launcher, *cmd[1:4], "--master_addr", "127.0.0.1", "--master_port", str(free_port()), exe, *rest]
     args += [
         "parallel.ep_size=2",
-        "moe.num_experts=4",
-        "steps=4",
-        "optim.warmup_steps=1",
-        "eval_every=2",
-        "ckpt_every=2",
-        "eval_batches=1",
-        "logger.log_every=1",
-        "logger.wandb=false",
-        "peak_flops=1e11",
-        "data.max_files=10",
+        *SMOKE_OVERRIDES,
         "threads=1",
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
-    )
+    env = launch_env(tmp_path, bin_dir)
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp_path / "runs" / "smoke-switch"

@@ -24,6 +24,7 @@ import pytest
 
 from moe.parallel.ports import free_port
 from moe.training import checkpoint as ckpt
+from tests.conftest import SMOKE_OVERRIDES, launch_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
@@ -31,31 +32,6 @@ SLURM = ROOT / "launch" / "slurm.sbatch"
 DEEPSPEED_SH = ROOT / "launch" / "deepspeed.sh"
 BIN = Path(sys.executable).parent
 TIMEOUT = 300  # seconds for both nodes together (the pair needs ~20-40 s on a busy 2-core machine)
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A clean environment: no torchrun variables of an outer launch, the venv's bin first."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "HYDRA_FULL_ERROR",
-            "WORLD_SIZE",
-            "RANK",
-            "LOCAL_RANK",
-            "NODE_RANK",
-            "NNODES",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "NPROC_PER_NODE",
-        )
-    }
-    env.update(
-        PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
-    )
-    env.update(extra)
-    return env
 
 
 def _run_nodes(
@@ -117,25 +93,17 @@ def test_torchrun_script_two_nodes_one_process_each(tmp_path):
     args = [
         "experiment=smoke",
         "parallel.ep_size=2",
-        "moe.num_experts=4",
-        "steps=4",
-        "optim.warmup_steps=1",
-        "eval_every=2",
-        "ckpt_every=2",
-        "eval_batches=1",
-        "logger.log_every=1",
-        "logger.wandb=false",
+        *SMOKE_OVERRIDES,
         "logger.progress=false",
-        "peak_flops=1e11",
-        "data.max_files=10",
         "threads=1",
         "parallel.timeout_s=120",
         f"out_dir={run}",
         f"hydra.run.dir={run}",
     ]
     envs = [
-        _env(
+        launch_env(
             tmp_path,
+            BIN,
             NNODES="2",
             NODE_RANK=str(node),
             NPROC_PER_NODE="1",
@@ -169,18 +137,9 @@ def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
         "experiment=smoke",
         "parallel.zero_stage=2",
         "parallel.ep_size=2",
-        "moe.num_experts=4",
-        "steps=4",
+        *SMOKE_OVERRIDES,
         "grad_accum=2",
-        "optim.warmup_steps=1",
-        "eval_every=2",
-        "ckpt_every=2",
-        "eval_batches=1",
-        "logger.log_every=1",
-        "logger.wandb=false",
         "logger.progress=false",
-        "peak_flops=1e11",
-        "data.max_files=10",
         "threads=1",
         "parallel.timeout_s=120",
         f"out_dir={run}",
@@ -188,8 +147,9 @@ def test_deepspeed_script_two_nodes_from_a_hostfile(tmp_path):
     ]
     port = free_port()
     envs = [
-        _env(
+        launch_env(
             tmp_path,
+            BIN,
             HOSTFILE=str(tmp_path / "hostfile"),
             NODE_RANK=str(node),
             MASTER_ADDR="127.0.0.1",
@@ -220,7 +180,7 @@ def test_deepspeed_script_names_a_bad_hostfile(tmp_path, hostfile, why):
     p = subprocess.run(
         ["bash", str(DEEPSPEED_SH), "steps=1"],
         cwd=tmp_path,
-        env=_env(tmp_path, HOSTFILE=str(path)),
+        env=launch_env(tmp_path, BIN, HOSTFILE=str(path)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -247,8 +207,9 @@ def test_slurm_script_runs_the_torchrun_script_on_every_node(tmp_path):
         'for n in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$n "$@" || exit $?; done\n',
     )
     _stand_in(fake / "torchrun", 'echo "torchrun $*"\n')
-    env = _env(
+    env = launch_env(
         tmp_path,
+        BIN,
         PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
         SLURM_JOB_NODELIST="gpu[07-08]",
         SLURM_JOB_NUM_NODES="2",
@@ -267,8 +228,13 @@ def test_slurm_script_runs_the_torchrun_script_on_every_node(tmp_path):
 
 
 def test_slurm_script_names_a_missing_torchrun_script(tmp_path):
-    env = _env(
-        tmp_path, SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path)
+    env = launch_env(
+        tmp_path,
+        BIN,
+        SLURM_JOB_NODELIST="n1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_ID="1",
+        SLURM_SUBMIT_DIR=str(tmp_path),
     )
     p = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "launch/torchrun.sh not found" in p.stderr

@@ -54,7 +54,7 @@ from moe.parallel.ddp import DDPBackend
 from moe.parallel.ports import free_port
 from moe.training import checkpoint as ckpt
 from moe.training.loop import Trainer, check_resumable
-from tests.conftest import rank_trainer, tiny_config
+from tests.conftest import SMOKE_OVERRIDES, launch_env, rank_trainer, tiny_config
 from tests.test_expert_parallel import WorkerPair
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -607,25 +607,9 @@ def test_torchrun_end_to_end(tmp_path):
     assert torchrun, "torchrun not installed next to the interpreter"
     args = [torchrun, "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]
     args += [
-        "moe.num_experts=4",
-        "steps=4",
-        "optim.warmup_steps=1",
-        "eval_every=2",
-        "ckpt_every=2",
-        "eval_batches=1",
-        "logger.log_every=1",
-        "logger.wandb=false",
-        "peak_flops=1e11",
-        "data.max_files=10",
+        *SMOKE_OVERRIDES,
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
-    )
+    env = launch_env(tmp_path, bin_dir)
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     run = tmp_path / "runs" / "smoke-switch"

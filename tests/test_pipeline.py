@@ -41,7 +41,7 @@ from moe.inference.load import load_run
 from moe.model.transformer import TransformerLM  # noqa: E402
 from moe.parallel.ports import free_port  # noqa: E402
 from moe.training.loop import Trainer  # noqa: E402
-from tests.conftest import rank_trainer, tiny_config  # noqa: E402
+from tests.conftest import SMOKE_OVERRIDES, launch_env, rank_trainer, tiny_config  # noqa: E402
 from tests.test_expert_parallel import WorkerPair  # noqa: E402
 from tests.test_parallel_train import fit_with_ctrl_c_on_rank_1  # noqa: E402
 
@@ -339,28 +339,12 @@ def test_deepspeed_launcher_trains_two_pipeline_stages(tmp_path):
         "parallel.pp_size=2",
         "parallel.zero_stage=1",
         "experiment=smoke",
-        "moe.num_experts=4",
+        *SMOKE_OVERRIDES,
         "grad_accum=2",
-        "steps=4",
-        "optim.warmup_steps=1",
-        "eval_every=2",
-        "ckpt_every=2",
-        "eval_batches=1",
-        "logger.log_every=1",
-        "logger.wandb=false",
         "logger.progress=false",
-        "peak_flops=1e11",
-        "data.max_files=10",
         "threads=1",
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        PATH=bin_dir + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
-    )
+    env = launch_env(tmp_path, bin_dir)
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp_path / "runs" / "smoke-switch"

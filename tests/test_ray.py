@@ -49,7 +49,7 @@ from moe.parallel.ray_train import (
 )
 from moe.training import checkpoint as ckpt
 from moe.training.loop import TrainingDiverged
-from tests.conftest import tiny_config
+from tests.conftest import SMOKE_OVERRIDES, launch_env, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "ray_cluster.sh"
@@ -398,28 +398,11 @@ def test_moe_train_parallel_ray_end_to_end(tmp_path):
     args = [
         exe,
         *cmd[1:],
-        "moe.num_experts=4",
-        "steps=4",
-        "optim.warmup_steps=1",
-        "eval_every=2",
-        "ckpt_every=2",
-        "eval_batches=1",
-        "logger.log_every=1",
-        "logger.wandb=false",
-        "peak_flops=1e11",
-        "data.max_files=10",
+        *SMOKE_OVERRIDES,
         f"out_dir={run}",
         f"hydra.run.dir={run}",
     ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS")
-    }
-    env.update(
-        PATH=str(BIN) + os.pathsep + env.get("PATH", ""), XDG_CACHE_HOME=str(tmp_path / "cache"), WANDB_MODE="disabled"
-    )
+    env = launch_env(tmp_path, str(BIN))
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.count("done: 4 steps") == 1 and f"checkpoint  {(run / 'checkpoint.pt').resolve()}" in p.stdout

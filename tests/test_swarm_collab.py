@@ -8,9 +8,6 @@ starts is stopped in ``finally``.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import signal
 import time
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 pytest.importorskip("hivemind")
 
 from moe.config import LoggerConfig, ModelConfig, MoEConfig, OptimConfig, SwarmConfig, TrainConfig  # noqa: E402
+from tests.forked import ForkedPeer, child_setup, serve, train_all  # noqa: E402
 
 PREFIX = "ffn"
 GRID = [2, 2]
@@ -60,16 +58,13 @@ def swarm_config(out_dir, seed: int = 0, steps: int = 60) -> TrainConfig:
 
 def _peer_main(conn, initial_peers, cfg, data, load_first):
     """A trainer peer in a forked child: answers the test's commands until ``stop``."""
-    os.setsid()  # its own session: the test can kill it with everything it started
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    torch.set_num_threads(1)
+    child_setup()
     from hivemind.utils.crypto import RSAPrivateKey
 
     from moe.swarm.collab import CollabTrainer
-    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.dht import start_dht
     from moe.swarm.records import record_validators
 
-    parent = os.getppid()
     dht = start_dht(initial_peers, record_validators=record_validators(PREFIX, RSAPrivateKey()))  # a key of its own
     trainer = CollabTrainer(
         cfg,
@@ -83,70 +78,20 @@ def _peer_main(conn, initial_peers, cfg, data, load_first):
     before = trainer.params_vector().clone()
     if load_first:
         trainer.load_state()
-    conn.send(("ready", trainer.collab_step, before, trainer.params_vector()))
-    try:
-        while os.getppid() == parent:
-            if not conn.poll(1.0):
-                continue
-            cmd, *args = conn.recv()
-            if cmd == "train_until":  # collaborative step >= target, or the time is up
-                target, seconds = args
-                deadline = time.monotonic() + seconds
-                while trainer.collab_step < target and time.monotonic() < deadline:
-                    trainer.train_step()
-                conn.send((trainer.collab_step, list(trainer.history), trainer.local_steps))
-            elif cmd == "state":
-                conn.send((trainer.collab_step, trainer.params_vector()))
-            elif cmd == "stop":
-                break
-    finally:
-        trainer.shutdown()
-        shutdown_dht(dht)
-        conn.send("stopped")
+    conn.send((trainer.collab_step, before, trainer.params_vector()))
+    serve(
+        conn,
+        trainer,
+        dht,
+        progress=lambda: trainer.collab_step,  # the collaborative step
+        report=lambda: (trainer.collab_step, list(trainer.history), trainer.local_steps),
+    )
 
 
-class PeerProc:
-    def __init__(self, initial_peers, cfg, data, load_first=False, timeout=180.0):
-        ctx = mp.get_context("fork")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer_main, args=(child, initial_peers, cfg, data, load_first), daemon=False)
-        self.proc.start()
-        child.close()
-        _, self.start_step, self.params_before, self.params_after_start = self.recv(timeout)
-
-    def recv(self, timeout: float):
-        assert self.conn.poll(timeout), f"trainer peer {self.proc.pid} did not answer within {timeout} s"
-        return self.conn.recv()
-
-    def send(self, *msg) -> None:
-        self.conn.send(msg)
-
-    def stop(self, timeout: float = 60.0) -> bool:
-        """Leave cleanly (optimizer and DHT shutdown); True if it said so in time."""
-        if not self.proc.is_alive():
-            return False
-        self.send("stop")
-        ok = False
-        try:
-            ok = self.recv(timeout) == "stopped"
-        except (AssertionError, EOFError, OSError):
-            pass
-        self.proc.join(20)
-        return ok
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.join(10)
-
-
-def train_all(peers, target: int, seconds: float):
-    """Every peer trains until collaborative step ``target`` (at most ``seconds``)."""
-    for p in peers:
-        p.send("train_until", target, seconds)
-    return [p.recv(seconds + 120) for p in peers]
+class PeerProc(ForkedPeer):
+    def __init__(self, initial_peers, cfg, data, load_first=False):
+        super().__init__(_peer_main, initial_peers, cfg, data, load_first)
+        self.start_step, self.params_before, self.params_after_start = self.hello
 
 
 @pytest.mark.network
@@ -183,8 +128,8 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
         # faster peer may fill a round alone while the other is still starting: hivemind steps
         # when the swarm's samples reach the target, whoever sent them)
         assert na > 0 and nb > 0 and min(na, nb) < 4 * TARGET // BATCH, (na, nb)
-        sa, pa = _state(a)
-        sb, pb = _state(b)
+        sa, pa = a.state()
+        sb, pb = b.state()
         assert sa == sb
         # averaged gradients, the same step on both: the same parameters (up to a round that
         # averaged only part of the tensors on a loaded machine, pulled back by state averaging)
@@ -231,11 +176,6 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
         for p in peers:
             p.kill()
         server.shutdown()
-
-
-def _state(p: PeerProc):
-    p.send("state")
-    return p.recv(60)
 
 
 def _validators():
