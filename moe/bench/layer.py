@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import torch
 import torch.nn as nn
 
+from moe.bench.results import machine
 from moe.config import MoEConfig
 from moe.model.layers import DenseFFN, MoELayer
 
@@ -207,12 +207,7 @@ def bench_layer(args) -> dict:
         "repeats": args.repeats,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "dense_tokens_per_s": statistics.median(dense_all),
         "rows": rows,
     }

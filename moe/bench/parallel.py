@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import multiprocessing
 import os
-import platform
 import queue
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import traceback
 
 import torch
 
+from moe.bench.results import machine
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
 from moe.parallel import ParallelState, ddp
 from moe.parallel.ports import free_port
@@ -261,12 +261,7 @@ def bench_parallel(args) -> dict:
         "repeats": args.repeats,
         "threads_per_process": 1,
         "dist_backend": "gloo",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "rows": rows,
         "rounds": runs,

@@ -9,11 +9,10 @@ under a key naming the processor, device, dtype, threads and torch version, wher
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import torch
 
+from moe.bench.results import machine
 from moe.training.flops import machine_key, machine_peak
 
 
@@ -45,7 +44,7 @@ def bench_peak(args) -> dict:
         "key": machine_key(device, dtype),
         "peak_flops": peak.flops,
         "source": peak.source,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine(),
     }
 
 

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
+
+
+def machine() -> dict:
+    """What a benchmark ran on, for its JSON: the platform, the processor, the CPUs, torch."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
 
 
 def write_and_print(result: dict, table, out: str) -> int:

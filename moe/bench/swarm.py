@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import math
 import os
-import platform
 import statistics
 import time
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from moe.bench import swarm_train
-from moe.bench.results import write_and_print
+from moe.bench.results import machine, write_and_print
 from moe.model.experts import GroupedExperts
 
 ARMS = ("local", "swarm", "swarm, 25% failed")
@@ -288,12 +287,7 @@ def bench_swarm(args) -> dict:
         "start_seconds": started,
         "network": args.network,
         "max_abs_diff_swarm_vs_local": {f"{D}x{F_}x{T} {arm}": v for (D, F_, T, arm), v in checks.items()},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "rows": rows,
         "rounds": runs,

@@ -34,12 +34,13 @@ import dataclasses
 import datetime
 import multiprocessing as mp
 import os
-import platform
 import signal
 import statistics
 import time
 
 import torch
+
+from moe.bench.results import machine
 
 ARMS = ("every-step", "diloco fp16", "diloco int8")
 # a 4-block model with 4 switch experts in blocks 2 and 4, byte tokens of the standard library
@@ -305,7 +306,7 @@ def bench_train(args) -> dict:
         "network": args.network,
         "tokens_per_peer": args.steps * cfg.batch_size * cfg.model.seq_len,
         "matchmaking_time": args.matchmaking_time,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine(),
         "arms": arms,
         "summary": summarize(arms),
     }
