@@ -9,10 +9,8 @@ own DHT peer and RSA key; every wait is bounded and every process is stopped in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import multiprocessing as mp
-import os
-import signal
 import time
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 pytest.importorskip("hivemind")
 
 from tests.conftest import tiny_config  # noqa: E402
+from tests.forked import ForkedPeer, child_setup, serve, train_all  # noqa: E402
 
 H = 20  # inner steps per round in the multi-peer test (~1 s: a round must outlast a state download)
 
@@ -173,116 +172,80 @@ def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
 
 
 # ------------------------------------------------------------------------------- peers together
-def _peer_main(conn, initial_peers, cfg, data, options, load_first):
-    os.setsid()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    torch.set_num_threads(1)
+def _peer_main(conn, initial_peers, cfg, data, options, load_first, dht_kwargs):
+    child_setup()
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.dht import start_dht
     from moe.swarm.diloco import DiLoCoTrainer
     from moe.swarm.records import record_validators
 
-    parent = os.getppid()
-    dht = start_dht(initial_peers, record_validators=record_validators("ffn", RSAPrivateKey()))
+    dht = start_dht(initial_peers, record_validators=record_validators("ffn", RSAPrivateKey()), **dht_kwargs)
     trainer = DiLoCoTrainer(cfg, dht=dht, options=options, data=data, log=False)
     before = trainer.params_vector().clone()
     if load_first:
         trainer.load_state()
-    conn.send(("ready", trainer.round, before, trainer.params_vector()))
+    conn.send((trainer.round, before, trainer.params_vector(), trainer.behind))
+
+    def report():
+        return trainer.round, list(trainer.history), trainer.sent_bytes
+
+    def train_slowly(target, seconds, delay):  # each local step delay seconds late
+        deadline = time.monotonic() + seconds
+        while trainer.round < target and time.monotonic() < deadline:
+            time.sleep(delay)
+            trainer.train_step()
+        conn.send(report())
+
+    def train_forever():  # until killed
+        while True:
+            trainer.train_step()
+
+    serve(
+        conn,
+        trainer,
+        dht,
+        progress=lambda: trainer.round,
+        report=report,
+        extra={"train_slowly": train_slowly, "train_forever": train_forever},
+    )
+
+
+class Peer(ForkedPeer):
+    def __init__(self, initial_peers, cfg, data, options, load_first=False, **dht_kwargs):
+        super().__init__(_peer_main, initial_peers, cfg, data, options, load_first, dht_kwargs)
+        self.start_round, self.params_before, self.params_after_start, self.behind = self.hello
+
+
+@contextlib.contextmanager
+def swarm(tmp_path, data, opts, n: int = 2):
+    """A root DHT peer and ``n`` trainer peers started from the run's seed; the test may add
+    and remove peers in the list; all left in it are killed, and the root stopped, at the end."""
+    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.records import record_validators
+
+    root = start_dht(record_validators=record_validators("ffn"))
+    initial = [str(m) for m in root.get_visible_maddrs()]
+    peers: list[Peer] = []
     try:
-        while os.getppid() == parent:
-            if not conn.poll(1.0):
-                continue
-            cmd, *args = conn.recv()
-            if cmd == "train_until":
-                target, seconds = args
-                deadline = time.monotonic() + seconds
-                while trainer.round < target and time.monotonic() < deadline:
-                    trainer.train_step()
-                conn.send((trainer.round, list(trainer.history), trainer.sent_bytes))
-            elif cmd == "train_slowly":  # each local step delay seconds late, for one round
-                target, seconds, delay = args
-                deadline = time.monotonic() + seconds
-                while trainer.round < target and time.monotonic() < deadline:
-                    time.sleep(delay)
-                    trainer.train_step()
-                conn.send((trainer.round, list(trainer.history), trainer.sent_bytes))
-            elif cmd == "train_forever":  # until killed
-                while True:
-                    trainer.train_step()
-            elif cmd == "state":
-                conn.send((trainer.round, trainer.params_vector()))
-            elif cmd == "stop":
-                break
+        for name in "abcdefgh"[:n]:
+            peers.append(Peer(initial, diloco_config(tmp_path / name), data, opts))
+        yield initial, peers
     finally:
-        trainer.shutdown()
-        shutdown_dht(dht)
-        conn.send("stopped")
-
-
-class Peer:
-    def __init__(self, initial_peers, cfg, data, options, load_first=False, timeout=180.0):
-        ctx = mp.get_context("fork")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer_main, args=(child, initial_peers, cfg, data, options, load_first))
-        self.proc.start()
-        child.close()
-        _, self.start_round, self.params_before, self.params_after_start = self.recv(timeout)
-
-    def recv(self, timeout: float):
-        assert self.conn.poll(timeout), f"peer {self.proc.pid} did not answer within {timeout} s"
-        return self.conn.recv()
-
-    def send(self, *msg) -> None:
-        self.conn.send(msg)
-
-    def state(self):
-        self.send("state")
-        return self.recv(60)
-
-    def stop(self, timeout: float = 60.0) -> bool:
-        if not self.proc.is_alive():
-            return False
-        self.send("stop")
-        try:
-            ok = self.recv(timeout) == "stopped"
-        except (AssertionError, EOFError, OSError):
-            ok = False
-        self.proc.join(20)
-        return ok
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.join(10)
-
-
-def train_all(peers, target: int, seconds: float):
-    for p in peers:
-        p.send("train_until", target, seconds)
-    return [p.recv(seconds + 120) for p in peers]
+        for p in peers:
+            p.kill()
+        shutdown_dht(root)
 
 
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_peers_average_a_joiner_catches_up_and_a_killed_peer_stops_no_one(tmp_path, tiny_data):
-    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.diloco import DiLoCoOptions
-    from moe.swarm.records import record_validators
 
     opts = DiLoCoOptions(inner_steps=H, compression="fp16", matchmaking_time=3.0, averaging_timeout=20.0)
-    root = start_dht(record_validators=record_validators("ffn"))
-    initial = [str(m) for m in root.get_visible_maddrs()]
-    peers = []
-    try:
-        a = Peer(initial, diloco_config(tmp_path / "a"), tiny_data, opts)
-        peers.append(a)
-        b = Peer(initial, diloco_config(tmp_path / "b"), tiny_data, opts)
-        peers.append(b)
+    with swarm(tmp_path, tiny_data, opts) as (initial, peers):
+        a, b = peers
         assert torch.equal(a.params_before, b.params_before)  # the run's seed
 
         (ra, ha, sent_a), (rb, hb, _) = train_all([a, b], 4, 240)
@@ -329,29 +292,17 @@ def test_peers_average_a_joiner_catches_up_and_a_killed_peer_stops_no_one(tmp_pa
         assert ra4 >= ra3 + 2 and ha4[-1]["outcome"].startswith("alone"), [r["outcome"] for r in ha4]
         assert a.stop()
         peers.clear()
-    finally:
-        for p in peers:
-            p.kill()
-        shutdown_dht(root)
 
 
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_path, tiny_data):
-    from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.diloco import DiLoCoOptions
-    from moe.swarm.records import record_validators
 
     opts = DiLoCoOptions(inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0)
-    root = start_dht(record_validators=record_validators("ffn"))
-    initial = [str(m) for m in root.get_visible_maddrs()]
-    peers = []
-    try:
-        a = Peer(initial, diloco_config(tmp_path / "a"), tiny_data, opts)
-        peers.append(a)
-        b = Peer(initial, diloco_config(tmp_path / "b"), tiny_data, opts)
-        peers.append(b)
+    with swarm(tmp_path, tiny_data, opts) as (_, peers):
+        a, b = peers
         (ra, ha, _), (rb, hb, _) = train_all([a, b], 2, 240)
         assert ra == rb == 2 and ha[-1]["outcome"] == hb[-1]["outcome"] == "averaged with 1 peer"
 
@@ -375,7 +326,47 @@ def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_pa
         for p in (a, b):
             assert p.stop()
         peers.clear()
-    finally:
-        for p in peers:
-            p.kill()
-        shutdown_dht(root)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_joiner_whose_download_outlasts_a_round_says_it_cannot_catch_up(tmp_path, tiny_data):
+    """Two peers behind 2 Mbit/s links train while a third joins: its state download (16 bytes
+    a parameter, ~15 s through their links) outlasts their rounds, so every download is stale
+    on arrival; it says so, with the numbers and the fix, instead of resyncing in silence."""
+    from moe.parallel.ports import free_port
+    from moe.swarm.diloco import DiLoCoOptions
+    from moe.swarm.netem import LinkSpec, NetemProcess
+
+    opts = DiLoCoOptions(
+        inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0, load_state_timeout=90.0
+    )
+    with NetemProcess() as net, swarm(tmp_path, tiny_data, opts, n=0) as (initial, peers):
+
+        def behind_a_link():  # every connection to the peer, whoever dials it, crosses its link
+            real = free_port()
+            link = net.add_link(("127.0.0.1", real), LinkSpec(rate_mbit=2))
+            return dict(host_maddrs=[f"/ip4/127.0.0.1/tcp/{real}"], announce_maddrs=[f"/ip4/127.0.0.1/tcp/{link}"])
+
+        for name in "ab":
+            peers.append(Peer(initial, diloco_config(tmp_path / name), tiny_data, opts, **behind_a_link()))
+        a, b = peers
+        (ra, _, _), _ = train_all([a, b], 1, 240)
+        assert ra >= 1
+        for p in (a, b):  # the run goes on while c joins
+            p.send("train_until", 10**6, 60)
+        c = Peer(initial, diloco_config(tmp_path / "c", seed=5), tiny_data, opts, load_first=True, **behind_a_link())
+        peers.append(c)
+        assert c.behind is not None and "cannot catch up" in c.behind, c.behind
+        assert "MB)" in c.behind and "--inner-steps" in c.behind
+        c.send("train_until", 10**6, 20)
+        rc, hc, _ = c.recv(300)
+        assert hc and all(r["outcome"].startswith("resynced") for r in hc), [r["outcome"] for r in hc]
+        assert any("cannot catch up" in r["outcome"] for r in hc), [r["outcome"] for r in hc]
+        ((ra, ha, _), (rb, _, _)) = [p.recv(300) for p in (a, b)]
+        assert min(ra, rb) > rc  # the run was ahead all along
+        assert any(r["outcome"].startswith("averaged with") for r in ha)  # a and b went on together
+        for p in (a, b, c):
+            assert p.stop()
+        peers.clear()

@@ -576,6 +576,8 @@ def run(v, a: argparse.Namespace, stop: threading.Event, out) -> None:
         file=out,
         flush=True,
     )
+    if behind := getattr(v.trainer, "behind", None):
+        print(f"moe-join: warning: {behind}", file=out, flush=True)
     next_status = time.monotonic() + a.status_every
     while not stop.is_set():
         if a.steps and v.trainer.collab_step >= a.steps:

@@ -174,6 +174,7 @@ class DiLoCoTrainer:
         self.samples = 0
         self.rounds_joined = 0  # rounds averaged with at least one other peer
         self.last_outcome = "none yet"
+        self.behind: str | None = None  # why this peer cannot catch up with the run (its last download's news)
         self.traffic = Traffic()
         self.compression = PeerCompression(options.compression, traffic=self.traffic)
         ef = options.error_feedback and options.compression == "int8"
@@ -268,14 +269,28 @@ class DiLoCoTrainer:
 
     def load_state(self) -> int:
         """Download the state from the peer furthest ahead, line up with the others' progress
-        in this round; the round after it (unchanged when no peer has state to share)."""
+        in this round; the round after it (unchanged when no peer has state to share).
+        ``behind`` says afterwards why this peer cannot catch up, if it cannot."""
+        self.behind = None
         if self.round == 0 and all(r.epoch == 0 for r in self._others()):
             # nobody has finished a round: their state is the run's seed's, as this peer's (the
             # run's trainers all have the same seed: moe-join checks it) -- nothing to download
             self.inner_done = self._others_progress()
             self._report()
             return self.round
-        got = self.averager.load_state_from_peers(timeout=self.options.load_state_timeout)
+        t0 = time.monotonic()
+        deadline = t0 + self.options.load_state_timeout
+        while True:
+            got = self.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+            # the others' offers to share (hivemind's ``all_averagers`` records) can be missing for
+            # a moment: a peer just started, an offer expiring before its renewal arrives; while
+            # their progress says they have state, ask again
+            if got is not None or time.monotonic() + 1.0 > deadline:
+                break
+            if not any(r.epoch > self.round for r in self._others()):
+                break
+            time.sleep(1.0)
+        took = time.monotonic() - t0
         if got is None:
             self._report()
             return self.round
@@ -306,7 +321,28 @@ class DiLoCoTrainer:
         self._window.clear()
         self._publish()
         self._report()
+        self.behind = self._behind(took)
         return self.round
+
+    def _behind(self, took: float) -> str | None:
+        """Why this peer cannot catch up, when the run moved on while it downloaded a state and
+        the download outlasts a round (the next download would be as late); else None."""
+        others = self._others()
+        moved = max((r.epoch for r in others), default=self.round) - self.round
+        if moved <= 0:
+            return None
+        if moved == 1:  # a round ended during the download: a slow link, or an unlucky moment?
+            rates = [r.samples_per_second for r in others if r.samples_per_second > 0]
+            training = self.options.inner_steps * self.cfg.batch_size * len(rates) / sum(rates) if rates else 0.0
+            if took < training:  # shorter than a round's training alone: the next download catches up
+                return None
+        size = sum(t.numel() * t.element_size() for t in self.theta) * 4  # theta, momentum, AdamW's two moments
+        return (
+            f"the run moved {moved} round{'s' if moved > 1 else ''} on during this peer's {took:.0f} s download "
+            f"of its state ({size / 1e6:.1f} MB): a round takes ~{took / moved:.0f} s there; while a download "
+            "outlasts a round this peer cannot catch up: the run needs longer rounds (a larger --inner-steps for "
+            "all its trainers) or this peer a faster link to them"
+        )
 
     def _others(self) -> list[LocalTrainingProgress]:
         """The other trainer peers' progress records, read from the DHT now (the tracker's
@@ -431,7 +467,9 @@ class DiLoCoTrainer:
         self.load_state()
         if self.round == before:
             return None
-        return self._finish_round(f"resynced: {why}", 0, 0.0, advance=False)
+        return self._finish_round(
+            f"resynced: {why}" + (f"; {self.behind}" if self.behind else ""), 0, 0.0, advance=False
+        )
 
     def _finish_round(self, outcome: str, group: int, seconds: float, advance: bool = True) -> dict:
         if advance:
