@@ -127,6 +127,7 @@ def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
             records = [r for _ in range(rounds * inner_steps) if (r := t.train_step()) is not None]
             got = t.params_vector().clone()
             local = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+            meta, shared, _ = t._shared_state()  # what a joiner downloads now (the averager's get_current_state)
     finally:
         shutdown_dht(dht)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -169,6 +170,21 @@ def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
                 p.copy_(th)
     want = torch.cat([t.reshape(-1) for t in theta])
     assert torch.allclose(got, want, atol=1e-6, rtol=0), float((got - want).abs().max())
+
+    # the state a joiner downloads: theta exact, the moments in bf16 (8 bits of mantissa), 10 bytes a parameter
+    n = len(params)
+    assert meta["round"] == rounds and meta["inner_step"] == rounds * inner_steps
+    for sent, th in zip(shared[:n], theta):
+        assert sent.dtype == torch.float32 and torch.allclose(sent, th, atol=1e-6, rtol=0)
+    moments = [*mom, *(inner.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq"))]
+    assert len(shared) == n + len(moments)
+    for sent, m in zip(shared[n:], moments):
+        assert sent.dtype == torch.int16 and sent.shape == m.shape  # bf16 bits
+        back = sent.view(torch.bfloat16).float()
+        assert torch.allclose(back, m, rtol=2**-8, atol=1e-6 * float(m.abs().max()) + 1e-30)
+        assert not torch.equal(back, torch.zeros_like(back))
+    size = sum(t.numel() * t.element_size() for t in shared)
+    assert size == 10 * sum(p.numel() for p in params)
 
 
 # ------------------------------------------------------------------------------- peers together
@@ -332,21 +348,22 @@ def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_pa
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_joiner_whose_download_outlasts_a_round_says_it_cannot_catch_up(tmp_path, tiny_data):
-    """Two peers behind 2 Mbit/s links train while a third joins: its state download (16 bytes
-    a parameter, ~15 s through their links) outlasts their rounds, so every download is stale
-    on arrival; it says so, with the numbers and the fix, instead of resyncing in silence."""
+    """Two peers behind 1 Mbit/s links train (int8 updates: ~1 byte a parameter a round) while
+    a third joins: its state download (10 bytes a parameter, ~15 s through their links)
+    outlasts their rounds, so every download is stale on arrival; it says so, with the
+    numbers and the fix, instead of resyncing in silence."""
     from moe.parallel.ports import free_port
     from moe.swarm.diloco import DiLoCoOptions
     from moe.swarm.netem import LinkSpec, NetemProcess
 
     opts = DiLoCoOptions(
-        inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0, load_state_timeout=90.0
+        inner_steps=H, compression="int8", matchmaking_time=2.0, averaging_timeout=20.0, load_state_timeout=90.0
     )
     with NetemProcess() as net, swarm(tmp_path, tiny_data, opts, n=0) as (initial, peers):
 
         def behind_a_link():  # every connection to the peer, whoever dials it, crosses its link
             real = free_port()
-            link = net.add_link(("127.0.0.1", real), LinkSpec(rate_mbit=2))
+            link = net.add_link(("127.0.0.1", real), LinkSpec(rate_mbit=1))
             return dict(host_maddrs=[f"/ip4/127.0.0.1/tcp/{real}"], announce_maddrs=[f"/ip4/127.0.0.1/tcp/{link}"])
 
         for name in "ab":

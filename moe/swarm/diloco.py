@@ -125,6 +125,11 @@ class _Averager(DecentralizedAverager):
         future.set_result(None)
 
 
+def _moment(sent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A downloaded optimizer moment as ``like``'s dtype (sent as bf16 bits in int16)."""
+    return (sent.view(torch.bfloat16) if sent.dtype == torch.int16 else sent).to(like.dtype, copy=True)
+
+
 class DiLoCoTrainer:
     """One low-communication trainer peer of a collaborative run.
 
@@ -253,7 +258,10 @@ class DiLoCoTrainer:
             steps = int(st["step"]) if "step" in st else steps
             adam += [st.get("exp_avg", torch.zeros_like(p)), st.get("exp_avg_sq", torch.zeros_like(p))]
         meta = {"round": self.round, "inner_step": steps, "samples": self.samples}
-        return meta, [t.detach().clone() for t in (*self.theta, *moms, *adam)]
+        # theta exact; the moments (running averages, noisy anyway) in bf16, its bits sent as int16
+        # (hivemind's wire format widens bf16 to fp32 by default): 10 bytes a parameter, not 16
+        moments = [m.detach().to(torch.bfloat16).view(torch.int16) for m in (*moms, *adam)]
+        return meta, [t.detach().clone() for t in self.theta] + moments
 
     def _shared_state(self):
         with self._state_lock:
@@ -308,12 +316,12 @@ class DiLoCoTrainer:
             for i, (t, p) in enumerate(zip(self.theta, params)):
                 t.copy_(tensors[i])
                 p.copy_(tensors[i])
-                self.outer.state[t] = {"momentum_buffer": tensors[n + i].clone()}
+                self.outer.state[t] = {"momentum_buffer": _moment(tensors[n + i], t)}
                 if meta["inner_step"] > 0:
                     self.inner.state[p] = {
                         "step": torch.tensor(float(meta["inner_step"])),
-                        "exp_avg": tensors[2 * n + 2 * i].clone(),
-                        "exp_avg_sq": tensors[2 * n + 2 * i + 1].clone(),
+                        "exp_avg": _moment(tensors[2 * n + 2 * i], p),
+                        "exp_avg_sq": _moment(tensors[2 * n + 2 * i + 1], p),
                     }
         self.round = int(meta["round"])
         self.inner_done = self._others_progress()
@@ -336,7 +344,8 @@ class DiLoCoTrainer:
             training = self.options.inner_steps * self.cfg.batch_size * len(rates) / sum(rates) if rates else 0.0
             if took < training:  # shorter than a round's training alone: the next download catches up
                 return None
-        size = sum(t.numel() * t.element_size() for t in self.theta) * 4  # theta, momentum, AdamW's two moments
+        with self._state_lock:
+            size = sum(t.numel() * t.element_size() for t in self._shared[1])  # theta, momentum, AdamW's moments
         return (
             f"the run moved {moved} round{'s' if moved > 1 else ''} on during this peer's {took:.0f} s download "
             f"of its state ({size / 1e6:.1f} MB): a round takes ~{took / moved:.0f} s there; while a download "
