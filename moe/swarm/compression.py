@@ -32,6 +32,8 @@ from hivemind.compression import CompressionBase, CompressionInfo, Float16Compre
 from hivemind.compression import serialization as _serialization
 from hivemind.compression.quantization import Uniform8BitQuantization, average_buckets
 
+from moe.swarm.dht import WholeMessages
+
 KINDS = ("none", "fp16", "int8")
 
 
@@ -112,11 +114,13 @@ class Traffic:
 
 
 def counting(cls, traffic: Traffic):
-    """A subclass of the averager ``cls`` whose process counts its tensor traffic in ``traffic``."""
+    """A subclass of the averager ``cls`` whose process counts its tensor traffic in ``traffic``
+    (and reads its commands whole: :class:`moe.swarm.dht.WholeMessages`)."""
 
     class Counting(cls):
         def run(self):  # the averager's own (forked) process
             traffic.install()
+            self._inner_pipe = WholeMessages(self._inner_pipe)
             super().run()
 
     Counting.__name__ = Counting.__qualname__ = f"Counting{cls.__name__}"

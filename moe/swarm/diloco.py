@@ -55,7 +55,6 @@ from hivemind.utils import MPFuture
 from moe.config import TrainConfig
 from moe.swarm.collab import PeerModel, leave_progress, peer_seed
 from moe.swarm.compression import PeerCompression, Traffic, counting
-from moe.swarm.dht import WholeMessages
 from moe.swarm.records import diloco_run_id, signing_key
 from moe.training.data import TokenData
 from moe.training.optim import lr_at
@@ -101,10 +100,6 @@ class _Averager(DecentralizedAverager):
     def __init__(self, *args, state_fn, **kwargs):
         self._state_fn = state_fn
         super().__init__(*args, **kwargs)
-
-    def run(self) -> None:
-        self._inner_pipe = WholeMessages(self._inner_pipe)  # in the averager's process
-        super().run()
 
     def get_current_state(self):
         return self._state_fn()
