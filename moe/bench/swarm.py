@@ -110,6 +110,7 @@ def bench_swarm(args) -> dict:
     from moe.swarm.dht import shutdown_dht, start_dht
     from moe.swarm.expert import SwarmExpert
     from moe.swarm.layer import SwarmMoE
+    from moe.swarm.peer import free_uids
     from moe.swarm.server import ServerProcess
     from moe.swarm.uids import grid_uids
 
@@ -175,8 +176,21 @@ def bench_swarm(args) -> dict:
                     )
                 )
         # the fifth server: declares the failing arm's last row for longer than the run, then dies
-        _start_server(ServerProcess, doomed, args, initial_peers=servers[0].maddrs, expiration=24 * 3600.0).kill()
+        dying = _start_server(ServerProcess, doomed, args, initial_peers=servers[0].maddrs, expiration=24 * 3600.0)
+        servers.append(dying)  # stopped at the end if anything fails before it dies (kill is idempotent)
         client = start_dht(servers[0].maddrs)
+        # hivemind declares from a thread of its own, after the server says it is ready: killed at
+        # once, it could die before its records reached the other peers, and the failing arm would
+        # not fail; so it dies once they are visible (and a moment more, for every replica)
+        deadline = time.monotonic() + args.start_timeout
+        while free_uids(client, list(doomed), len(doomed), args.start_timeout) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        dying.kill()
+        if free_uids(client, list(doomed), len(doomed), args.start_timeout):
+            raise RuntimeError(
+                "the failing arm's server died before its experts' records reached the other peers; run again"
+            )
         started = time.monotonic() - t_start
 
         arms: dict[tuple, dict[str, nn.Module]] = {}
