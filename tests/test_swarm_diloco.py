@@ -287,6 +287,10 @@ def test_peers_average_a_joiner_catches_up_and_a_killed_peer_stops_no_one(tmp_pa
             assert any(torch.equal(c.params_after_start, p) for p in (pa, pb))
         (ra2, _, _), (rb2, _, _), (rc2, hc, _) = train_all([a, b, c], c.start_round + 4, 240)
         assert min(ra2, rb2, rc2) >= c.start_round + 4
+        for _ in range(3):  # bounded: on a loaded machine a joiner's first averaging can miss (it then resyncs)
+            if any(r["outcome"].startswith("averaged with 2 peers") for r in hc):
+                break
+            (ra2, _, _), (rb2, _, _), (rc2, hc, _) = train_all([a, b, c], max(ra2, rb2, rc2) + 3, 240)
         assert any(r["outcome"].startswith("averaged with 2 peers") for r in hc), [r["outcome"] for r in hc]
 
         # b dies mid-training (SIGKILL, possibly inside an all-reduce): a and c go on, in bounded time
