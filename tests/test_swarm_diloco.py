@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing as mp
 import time
+import typing
 
 import pytest
 import torch
@@ -187,7 +189,94 @@ def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
     assert size == 10 * sum(p.numel() for p in params)
 
 
+# ------------------------------------------------------------------- an incomplete all-reduce
+def _swallowing_averager():
+    """DiLoCo's averager whose replies (the averaged parts this peer reduced) are dropped while
+    ``swallow`` is set: its mates send their parts and never get the result back."""
+    from moe.swarm.diloco import _Averager
+
+    class Swallowing(_Averager):  # one name for every peer: hivemind's RPC handle names are the class's
+        swallow = False
+
+        async def rpc_aggregate_part(self, stream, context):
+            async for msg in super().rpc_aggregate_part(stream, context):
+                if not self.swallow:
+                    yield msg
+
+    # hivemind reads an RPC's message types from its annotations
+    Swallowing.rpc_aggregate_part.__annotations__ = typing.get_type_hints(_Averager.rpc_aggregate_part)
+    return Swallowing
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_an_incomplete_all_reduce_says_how_much_arrived():
+    """hivemind fills the parts a mate never returned with the peer's own values and only logs
+    it; the averager says how much arrived.  Oracle: the plain average of the two inputs."""
+    from moe.swarm.dht import shutdown_dht, start_dht
+    from moe.swarm.diloco import RECEIVED
+
+    cls = _swallowing_averager()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [[torch.randn(300_000, generator=gen), torch.randn(7, 11, generator=gen)] for _ in range(2)]
+    mean = [(x + y) / 2 for x, y in zip(*inputs)]
+    root = start_dht()
+    dhts = [start_dht([str(m) for m in root.get_visible_maddrs()]) for _ in range(2)]
+    averagers = []
+    try:
+        for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
+            avg = cls(
+                [t.clone() for t in tensors], dht, start=False, prefix="incomplete", state_fn=lambda: ({}, [], None),
+                min_group_size=2, target_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0,
+                allreduce_timeout=30.0, next_chunk_timeout=10.0,
+            )  # fmt: skip
+            avg.swallow = i == 1  # b drops its replies to a (set before its process starts)
+            avg.run_in_background(await_ready=True)
+            averagers.append(avg)
+        steps = [avg.step(wait=False, timeout=60) for avg in averagers]
+        got_a, got_b = (s.result(90) for s in steps)
+        assert len(got_a) == len(got_b) == 3  # both peers' gathered data, and what arrived
+
+        # b got every part: the true average, everywhere
+        with averagers[1].get_tensors() as out_b:
+            for o, m in zip(out_b, mean):
+                torch.testing.assert_close(o, m)
+        assert got_b[RECEIVED] == 1.0
+        # a got only the parts it reduced itself; where b's reply is missing, a keeps its own input
+        with averagers[0].get_tensors() as out_a:
+            flat = torch.cat([o.reshape(-1) for o in out_a])
+        own, avg = torch.cat([t.reshape(-1) for t in inputs[0]]), torch.cat([m.reshape(-1) for m in mean])
+        averaged, kept = torch.isclose(flat, avg, rtol=1e-5, atol=1e-6), torch.eq(flat, own)
+        assert bool((averaged | kept).all()) and 0 < int(kept.sum()) < flat.numel()
+        assert got_a[RECEIVED] == pytest.approx(float(averaged.float().mean()), abs=1e-6)
+        assert 0.2 < got_a[RECEIVED] < 0.8
+    finally:
+        for avg in averagers:
+            avg.shutdown()
+        for dht in (*dhts, root):
+            shutdown_dht(dht)
+
+
 # ------------------------------------------------------------------------------- peers together
+def _swallow_replies(count) -> None:
+    """In this (forked) peer: its averager drops its replies in the next ``count.value``
+    all-reduce streams, as :func:`_swallowing_averager`'s, but set while the peer runs."""
+    from moe.swarm.diloco import _Averager
+
+    real = _Averager.rpc_aggregate_part
+
+    async def rpc_aggregate_part(self, stream, context):
+        with count.get_lock():
+            drop = count.value > 0
+            count.value -= drop
+        async for msg in real(self, stream, context):
+            if not drop:
+                yield msg
+
+    rpc_aggregate_part.__annotations__ = typing.get_type_hints(real)
+    _Averager.rpc_aggregate_part = rpc_aggregate_part
+
+
 def _peer_main(conn, initial_peers, cfg, data, options, load_first, dht_kwargs):
     child_setup()
     from hivemind.utils.crypto import RSAPrivateKey
@@ -196,6 +285,8 @@ def _peer_main(conn, initial_peers, cfg, data, options, load_first, dht_kwargs):
     from moe.swarm.diloco import DiLoCoTrainer
     from moe.swarm.records import record_validators
 
+    swallow = mp.Value("i", 0)  # shared with the averager's process, forked below
+    _swallow_replies(swallow)
     dht = start_dht(initial_peers, record_validators=record_validators("ffn", RSAPrivateKey()), **dht_kwargs)
     trainer = DiLoCoTrainer(cfg, dht=dht, options=options, data=data, log=False)
     before = trainer.params_vector().clone()
@@ -217,13 +308,16 @@ def _peer_main(conn, initial_peers, cfg, data, options, load_first, dht_kwargs):
         while True:
             trainer.train_step()
 
+    def swallow_replies(n):
+        swallow.value = n
+
     serve(
         conn,
         trainer,
         dht,
         progress=lambda: trainer.round,
         report=report,
-        extra={"train_slowly": train_slowly, "train_forever": train_forever},
+        extra={"train_slowly": train_slowly, "train_forever": train_forever, "swallow_replies": swallow_replies},
     )
 
 
@@ -343,6 +437,49 @@ def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_pa
         )
         (sa, pa), (sb, pb) = a.state(), b.state()
         assert sa == sb and float((pa - pb).norm()) < 1e-3 * float(pa.norm())
+        for p in (a, b):
+            assert p.stop()
+        peers.clear()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_peer_whose_averaging_is_incomplete_never_applies_it(tmp_path, tiny_data):
+    """An all-reduce that returns part of the group's result (a mate's replies lost) would leave
+    the peers' theta apart for good: the incomplete peer takes the state of the mate that
+    finished the round; when none did, both start the round over; theta stays the same."""
+    from moe.swarm.diloco import DiLoCoOptions
+
+    opts = DiLoCoOptions(inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0)
+
+    def same_theta(a, b):
+        (sa, pa), (sb, pb) = a.state(), b.state()
+        moved, apart = float((pa - a.params_before).norm()), float((pa - pb).norm())
+        assert sa == sb and moved > 0.1 and apart < 1e-3 * moved, (sa, sb, moved, apart)
+
+    with swarm(tmp_path, tiny_data, opts) as (_, peers):
+        a, b = peers
+        (ra, ha, _), (rb, hb, _) = train_all([a, b], 2, 240)
+        assert ra == rb == 2 and ha[-1]["outcome"] == hb[-1]["outcome"] == "averaged with 1 peer"
+
+        # b averages a's parts but drops its replies: a gets only the share it reduced itself
+        b.send("swallow_replies", 1)
+        (ra, ha, _), (rb, hb, _) = train_all([a, b], 4, 240)
+        assert hb[2]["outcome"] == "averaged with 1 peer", [r["outcome"] for r in hb]
+        assert ha[2]["outcome"].startswith("resynced: its averaging was incomplete ("), [r["outcome"] for r in ha]
+        assert "% of the group's result arrived)" in ha[2]["outcome"] and ha[2]["step"] == 3
+        assert ha[-1]["outcome"] == hb[-1]["outcome"] == "averaged with 1 peer"
+        same_theta(a, b)
+
+        # both drop their replies: neither has the whole result, no one finished the round
+        for p in (a, b):
+            p.send("swallow_replies", 1)
+        (ra2, ha2, _), (rb2, hb2, _) = train_all([a, b], max(ra, rb) + 2, 240)
+        for h, n in ((ha2, len(ha)), (hb2, len(hb))):
+            assert h[n]["outcome"].startswith(f"round {ra} started over: its averaging was incomplete"), h[n]
+            assert h[n]["step"] == ra and h[-1]["outcome"] == "averaged with 1 peer", [r["outcome"] for r in h]
+        same_theta(a, b)
         for p in (a, b):
             assert p.stop()
         peers.clear()

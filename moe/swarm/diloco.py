@@ -27,6 +27,10 @@ Peers come and go:
   ``averaging_timeout`` for the all-reduce; a peer that did not make it finds the others a
   round ahead in the progress records, drops its late round and downloads theta again;
   a peer that dies in the middle of an all-reduce costs its mates at most the timeout;
+- **incomplete averaging**: hivemind's all-reduce fills the parts a mate failed to return
+  with the peer's own delta; such a peer never applies its result (its theta would differ
+  from the others' for good): it downloads the state of a mate that finished the round, or,
+  when none did, starts the round over from the round's theta;
 - **alone**: a peer with no live mate applies its own delta: the run advances with one peer.
 
 Progress records (round, sequences trained this round) are hivemind's ``ProgressTracker``'s
@@ -94,12 +98,31 @@ class DiLoCoOptions:
         PeerCompression(self.compression)  # names a codec
 
 
+RECEIVED = "received"  # the key of ``_Averager.step``'s result under which it says how much arrived
+
+
 class _Averager(DecentralizedAverager):
-    """hivemind's averager whose shared state is the trainer's (round, theta, momentum, AdamW)."""
+    """hivemind's averager whose shared state is the trainer's (round, theta, momentum, AdamW),
+    and whose ``step`` says how much of the group's result arrived (``RECEIVED``)."""
 
     def __init__(self, *args, state_fn, **kwargs):
         self._state_fn = state_fn
+        self._received = 1.0
         super().__init__(*args, **kwargs)
+
+    # in the averager's process: hivemind's all-reduce uses this peer's own values for the parts
+    # a group mate failed to return (a timeout, a broken stream) and only logs "received N%
+    # results"; averaged deltas that differ between peers would leave their theta apart for good
+    async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+        self._received = 0.0
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        return {**gathered, RECEIVED: self._received}
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
+        runner = self._running_groups[group_info.group_id if group_id is None else group_id].result()
+        parts = runner.tensor_part_container
+        self._received = 1.0 - parts.failed_size / max(1, parts.total_size)
 
     def get_current_state(self):
         return self._state_fn()
@@ -418,6 +441,7 @@ class DiLoCoTrainer:
             for i, (d, t, p) in enumerate(zip(delta, self.theta, params)):
                 d.copy_(t - p)
                 self.compression.round_trip_(d, self.residual[i] if self.residual is not None else None)
+        residual = [r.clone() for r in self.residual] if self.residual is not None else None
         group = 1
         outcome = "alone"
         others = self._others()
@@ -440,6 +464,7 @@ class DiLoCoTrainer:
             finally:
                 if self.on_phase is not None:
                     self.on_phase("training")
+            received = gathered.pop(RECEIVED, 1.0) if gathered else 1.0
             if gathered:
                 rounds = [v.get("round") if isinstance(v, dict) else None for v in gathered.values()]
                 ahead = [r for r in rounds if isinstance(r, int) and r > self.round]
@@ -448,6 +473,8 @@ class DiLoCoTrainer:
                     if record is not None:
                         return record
                 group = len(gathered)
+                if received < 1.0:
+                    return self._incomplete(received, group, residual, t0)
                 outcome = f"averaged with {group - 1} peer{'s' if group > 2 else ''}"
                 self.rounds_joined += 1
             elif any(r.epoch > self.round for r in self._others()) and (record := self._resync("missed the averaging")):
@@ -463,6 +490,27 @@ class DiLoCoTrainer:
                 t.grad = None
                 p.copy_(t)
         return self._finish_round(outcome, group, time.monotonic() - t0)
+
+    def _incomplete(self, received: float, group: int, residual, t0: float) -> dict:
+        """This peer's averaging returned only part of the group's result (hivemind filled the
+        rest with this peer's own delta): applied, it would leave theta apart from the others'
+        for good.  Take the run's state from a group mate that finished the round (it is done
+        within the all-reduce's chunk timeout); if none did, start the round over from its theta
+        (untouched), as the group's other incomplete peers do."""
+        why = f"its averaging was incomplete ({received:.0%} of the group's result arrived)"
+        deadline = time.monotonic() + self.options.averaging_timeout / 2 + 5.0
+        while time.monotonic() < deadline and not any(r.epoch > self.round for r in self._others()):
+            time.sleep(0.5)
+        if any(r.epoch > self.round for r in self._others()) and (record := self._resync(why)):
+            return record
+        with torch.no_grad():
+            for t, p in zip(self.theta, self.model.parameters()):
+                p.copy_(t)
+            for r, before in zip(self.residual or [], residual or []):
+                r.copy_(before)  # the round's quantisation error was never applied
+        self.inner_done = 0
+        outcome = f"round {self.round} started over: {why} and no group mate finished it"
+        return self._finish_round(outcome, group, time.monotonic() - t0, advance=False)
 
     def _resync(self, why: str) -> dict | None:
         """Drop this late round and download the run's state; the record, or None when no peer
