@@ -96,11 +96,9 @@ class ForkedPeer:
 
     def kill(self) -> None:
         """SIGKILL it and everything it started."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.join(10)
+        from moe.swarm.server import kill_session
+
+        kill_session(self.proc)
 
 
 def train_all(peers: list[ForkedPeer], target: int, seconds: float) -> list:

@@ -248,7 +248,8 @@ def test_an_incomplete_all_reduce_says_how_much_arrived():
         own, avg = torch.cat([t.reshape(-1) for t in inputs[0]]), torch.cat([m.reshape(-1) for m in mean])
         averaged, kept = torch.isclose(flat, avg, rtol=1e-5, atol=1e-6), torch.eq(flat, own)
         assert bool((averaged | kept).all()) and 0 < int(kept.sum()) < flat.numel()
-        assert got_a[RECEIVED] == pytest.approx(float(averaged.float().mean()), abs=1e-6)
+        # (to a few elements of 300,000: where a's and b's inputs nearly agree, both match)
+        assert got_a[RECEIVED] == pytest.approx(float((averaged & ~kept).float().mean()), abs=1e-4)
         assert 0.2 < got_a[RECEIVED] < 0.8
     finally:
         for avg in averagers:

@@ -161,11 +161,9 @@ class _Peer:
         return self.conn.recv()
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.join(10)
+        from moe.swarm.server import kill_session
+
+        kill_session(self.proc)
 
     def stop(self) -> None:
         if self.proc.is_alive():

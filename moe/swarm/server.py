@@ -163,6 +163,16 @@ class ExpertServer:
         self.shutdown()
 
 
+def kill_session(process) -> None:
+    """SIGKILL a forked child that leads a session of its own (``os.setsid()``, first thing)
+    and every process it started (DHT, averagers, p2p daemons); reap it within 10 s."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.join(10)
+
+
 class ServerProcess:
     """An ``ExpertServer`` in a forked child process, in a session of its own.
 
@@ -221,11 +231,7 @@ class ServerProcess:
 
     def kill(self) -> None:
         """SIGKILL the child's whole session (no clean shutdown: its DHT records stay until they expire)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.join(10)
+        kill_session(self.process)
 
     def __enter__(self) -> ServerProcess:
         return self
