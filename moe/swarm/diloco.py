@@ -437,11 +437,11 @@ class DiLoCoTrainer:
     def _end_round(self) -> dict:
         params = list(self.model.parameters())
         t0 = time.monotonic()
+        residual = [r.clone() for r in self.residual] if self.residual is not None else None  # if the round is redone
         with self.averager.get_tensors() as delta, torch.no_grad():
             for i, (d, t, p) in enumerate(zip(delta, self.theta, params)):
                 d.copy_(t - p)
                 self.compression.round_trip_(d, self.residual[i] if self.residual is not None else None)
-        residual = [r.clone() for r in self.residual] if self.residual is not None else None
         group = 1
         outcome = "alone"
         others = self._others()
