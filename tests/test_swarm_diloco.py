@@ -364,6 +364,19 @@ def swarm(tmp_path, data, opts, n: int = 2):
         shutdown_dht(root)
 
 
+def together(peers, target: int) -> list:
+    """Train to ``target``, then on until a round all of ``peers`` averaged together (at most 3
+    more rounds: on a loaded machine a round's matchmaking can miss); their reports."""
+    mates = f"averaged with {len(peers) - 1} peer{'s' if len(peers) > 2 else ''}"
+    reports = train_all(peers, target, 240)
+    for _ in range(3):
+        if all(h[-1]["outcome"] == mates for _, h, _ in reports):
+            break
+        reports = train_all(peers, max(r for r, _, _ in reports) + 1, 240)
+    assert all(h[-1]["outcome"] == mates for _, h, _ in reports), [[r["outcome"] for r in h] for _, h, _ in reports]
+    return reports
+
+
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -434,24 +447,20 @@ def test_a_straggler_misses_its_round_the_other_goes_on_and_it_catches_up(tmp_pa
     opts = DiLoCoOptions(inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0)
     with swarm(tmp_path, tiny_data, opts) as (_, peers):
         a, b = peers
-        (ra, ha, _), (rb, hb, _) = train_all([a, b], 2, 240)
-        assert ra == rb == 2 and ha[-1]["outcome"] == hb[-1]["outcome"] == "averaged with 1 peer"
+        (r0, ha, _), (_, hb, _) = together([a, b], 2)
+        na, nb = len(ha), len(hb)
 
         # b straggles: its round takes ~15x longer; a waits for it (matchmaking, retried), then goes on alone
-        b.send("train_slowly", 3, 240, 0.7)  # 14 s late: past the 2 x matchmaking + 5 s a round waits
-        a.send("train_until", 4, 240)
+        b.send("train_slowly", r0 + 1, 240, 0.7)  # 14 s late: past the 2 x matchmaking + 5 s a round waits
+        a.send("train_until", r0 + 2, 240)
         ra, ha, _ = a.recv(360)
         rb, hb, _ = b.recv(360)
-        assert ra >= 4 and any(r["outcome"].startswith("alone") for r in ha[2:]), [r["outcome"] for r in ha]
-        assert any(r["outcome"].startswith("resynced") for r in hb[2:]), [r["outcome"] for r in hb]
+        assert ra >= r0 + 2 and any(r["outcome"].startswith("alone") for r in ha[na:]), [r["outcome"] for r in ha]
+        assert any(r["outcome"].startswith("resynced") for r in hb[nb:]), [r["outcome"] for r in hb]
         assert rb >= ra - 1  # it downloaded the run's round instead of trailing behind
 
         # then they average together again, from the same theta
-        (ra, ha, _), (rb, hb, _) = train_all([a, b], max(ra, rb) + 2, 240)
-        assert ha[-1]["outcome"] == "averaged with 1 peer" and hb[-1]["outcome"] == "averaged with 1 peer", (
-            [r["outcome"] for r in ha[-3:]],
-            [r["outcome"] for r in hb[-3:]],
-        )
+        together([a, b], max(ra, rb) + 2)
         (sa, pa), (sb, pb) = a.state(), b.state()
         assert sa == sb and float((pa - pb).norm()) < 1e-3 * float(pa.norm())
         for p in (a, b):
@@ -478,21 +487,12 @@ def test_a_peer_whose_averaging_is_incomplete_never_applies_it(tmp_path, tiny_da
     with swarm(tmp_path, tiny_data, opts) as (_, peers):
         a, b = peers
 
-        def together(target):  # train to target, then on until a round both averaged (bounded: on a
-            reports = train_all([a, b], target, 240)  # loaded machine a round's matchmaking can miss)
-            for _ in range(3):
-                if all(h[-1]["outcome"] == "averaged with 1 peer" for _, h, _ in reports):
-                    break
-                reports = train_all([a, b], max(r for r, _, _ in reports) + 1, 240)
-            assert all(h[-1]["outcome"] == "averaged with 1 peer" for _, h, _ in reports), reports
-            return reports
-
-        (ra, ha, _), _ = together(2)
+        (ra, ha, _), _ = together([a, b], 2)
 
         # b averages a's parts but drops its replies: a gets only the share it reduced itself
         n = len(ha)
         b.send("swallow_replies", 1)
-        (ra, ha, _), (rb, hb, _) = together(ra + 2)
+        (ra, ha, _), (rb, hb, _) = together([a, b], ra + 2)
         late = [r for r in ha[n:] if r["outcome"].startswith("resynced: its averaging was incomplete (")]
         assert len(late) == 1 and "% of the group's result arrived)" in late[0]["outcome"], [r["outcome"] for r in ha]
         b_then = next(r for r in hb if r["step"] == late[0]["step"])
@@ -517,7 +517,7 @@ def test_a_peer_whose_averaging_is_incomplete_never_applies_it(tmp_path, tiny_da
         for ((r, h, _), after), before in zip(got, residuals):
             assert r == ra and h[-1]["outcome"].startswith(f"round {ra} started over: its averaging was incomplete")
             assert after is not None and torch.equal(after, before) and bool(before.abs().sum() > 0)
-        together(ra + 2)
+        together([a, b], ra + 2)
         same_theta(a, b)
         for p in (a, b):
             assert p.stop()
