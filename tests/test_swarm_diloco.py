@@ -9,6 +9,7 @@ own DHT peer and RSA key; every wait is bounded and every process is stopped in 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import multiprocessing as mp
@@ -191,22 +192,58 @@ def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
 
 
 # ------------------------------------------------------------------- an incomplete all-reduce
-def _swallowing_averager():
-    """DiLoCo's averager whose replies (the averaged parts this peer reduced) are dropped while
-    ``swallow`` is set: its mates send their parts and never get the result back."""
+def _faulty_averager():
+    """DiLoCo's averager whose replies (the averaged parts this peer reduced) are dropped
+    (``fault = "drop"``: its mates send their parts and never get the result back) or held
+    back (``"stall"``: past the all-reduce's timeout)."""
     from moe.swarm.diloco import _Averager
 
-    class Swallowing(_Averager):  # one name for every peer: hivemind's RPC handle names are the class's
-        swallow = False
+    class Faulty(_Averager):  # one name for every peer: hivemind's RPC handle names are the class's
+        fault = None
 
         async def rpc_aggregate_part(self, stream, context):
             async for msg in super().rpc_aggregate_part(stream, context):
-                if not self.swallow:
+                if self.fault == "stall":
+                    await asyncio.sleep(120)
+                if self.fault != "drop":
                     yield msg
 
     # hivemind reads an RPC's message types from its annotations
-    Swallowing.rpc_aggregate_part.__annotations__ = typing.get_type_hints(_Averager.rpc_aggregate_part)
-    return Swallowing
+    Faulty.rpc_aggregate_part.__annotations__ = typing.get_type_hints(_Averager.rpc_aggregate_part)
+    return Faulty
+
+
+@contextlib.contextmanager
+def two_averagers(fault: str, **timeouts):
+    """Two of DiLoCo's averagers on loopback, b with ``fault`` (set before its process starts),
+    holding random inputs; (averagers, inputs)."""
+    from moe.swarm.dht import shutdown_dht, start_dht
+
+    cls = _faulty_averager()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [[torch.randn(n, generator=gen) for n in (50_000,) * 6 + (77,)] for _ in range(2)]
+    root = start_dht()
+    dhts = [start_dht([str(m) for m in root.get_visible_maddrs()]) for _ in range(2)]
+    averagers = []
+    try:
+        for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
+            avg = cls(
+                [t.clone() for t in tensors], dht, start=False, prefix="faulty", state_fn=lambda: ({}, [], None),
+                min_group_size=2, target_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0, **timeouts,
+            )  # fmt: skip
+            avg.fault = fault if i == 1 else None
+            avg.run_in_background(await_ready=True)
+            averagers.append(avg)
+        yield averagers, inputs
+    finally:
+        for avg in averagers:
+            avg.shutdown()
+        for dht in (*dhts, root):
+            shutdown_dht(dht)
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 @pytest.mark.network
@@ -214,49 +251,50 @@ def _swallowing_averager():
 def test_an_incomplete_all_reduce_says_how_much_arrived():
     """hivemind fills the parts a mate never returned with the peer's own values and only logs
     it; the averager says how much arrived.  Oracle: the plain average of the two inputs."""
-    from moe.swarm.dht import shutdown_dht, start_dht
-    from moe.swarm.diloco import RECEIVED
-
-    cls = _swallowing_averager()
-    gen = torch.Generator().manual_seed(0)
-    inputs = [[torch.randn(300_000, generator=gen), torch.randn(7, 11, generator=gen)] for _ in range(2)]
-    mean = [(x + y) / 2 for x, y in zip(*inputs)]
-    root = start_dht()
-    dhts = [start_dht([str(m) for m in root.get_visible_maddrs()]) for _ in range(2)]
-    averagers = []
-    try:
-        for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
-            avg = cls(
-                [t.clone() for t in tensors], dht, start=False, prefix="incomplete", state_fn=lambda: ({}, [], None),
-                min_group_size=2, target_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0,
-                allreduce_timeout=30.0, next_chunk_timeout=10.0,
-            )  # fmt: skip
-            avg.swallow = i == 1  # b drops its replies to a (set before its process starts)
-            avg.run_in_background(await_ready=True)
-            averagers.append(avg)
+    with two_averagers("drop", allreduce_timeout=30.0, next_chunk_timeout=10.0) as (averagers, inputs):
+        mean = [(x + y) / 2 for x, y in zip(*inputs)]
         steps = [avg.step(wait=False, timeout=60) for avg in averagers]
         got_a, got_b = (s.result(90) for s in steps)
-        assert len(got_a) == len(got_b) == 3  # both peers' gathered data, and what arrived
+        assert len(got_a) == len(got_b) == 2  # both peers' gathered data
 
         # b got every part: the true average, everywhere
         with averagers[1].get_tensors() as out_b:
             for o, m in zip(out_b, mean):
                 torch.testing.assert_close(o, m)
-        assert got_b[RECEIVED] == 1.0
+        assert averagers[1].received.value == 1.0
         # a got only the parts it reduced itself; where b's reply is missing, a keeps its own input
         with averagers[0].get_tensors() as out_a:
-            flat = torch.cat([o.reshape(-1) for o in out_a])
-        own, avg = torch.cat([t.reshape(-1) for t in inputs[0]]), torch.cat([m.reshape(-1) for m in mean])
+            flat = _flat(out_a)
+        own, avg = _flat(inputs[0]), _flat(mean)
         averaged, kept = torch.isclose(flat, avg, rtol=1e-5, atol=1e-6), torch.eq(flat, own)
         assert bool((averaged | kept).all()) and 0 < int(kept.sum()) < flat.numel()
         # (to a few elements of 300,000: where a's and b's inputs nearly agree, both match)
-        assert got_a[RECEIVED] == pytest.approx(float((averaged & ~kept).float().mean()), abs=1e-4)
-        assert 0.2 < got_a[RECEIVED] < 0.8
-    finally:
-        for avg in averagers:
-            avg.shutdown()
-        for dht in (*dhts, root):
-            shutdown_dht(dht)
+        received = averagers[0].received.value
+        assert received == pytest.approx(float((averaged & ~kept).float().mean()), abs=1e-4)
+        assert 0.2 < received < 0.8
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_an_all_reduce_cut_by_its_timeout_says_nothing_arrived_whole():
+    """b's replies to a are held back: the all-reduce's timeout cuts a's before it gives up on
+    b (hivemind's reducer timeout is twice the chunk timeout); a's step fails (the timeout,
+    then no group on its retry) with the parts it reduced itself already averaged into its
+    tensors (when they come first), and the averager says so (0.0): not to be applied."""
+    with two_averagers("stall", allreduce_timeout=6.0, next_chunk_timeout=10.0) as (averagers, inputs):
+        steps = [avg.step(wait=False, timeout=8) for avg in averagers]
+        with pytest.raises(Exception):  # noqa: B017 (hivemind's, which depends on the moment)
+            steps[0].result(60)
+        with averagers[0].get_tensors() as out_a:
+            changed = ~torch.eq(_flat(out_a), _flat(inputs[0]))
+        assert int(changed.sum()) < changed.numel()  # never whole: applied, theta would part
+        assert averagers[0].received.value == 0.0
+        try:  # b got a's replies: whole, or cut too
+            steps[1].result(60)
+        except Exception:
+            assert averagers[1].received.value == 0.0
+        else:
+            assert averagers[1].received.value == 1.0
 
 
 # ------------------------------------------------------------------------------- peers together
@@ -313,6 +351,17 @@ def _peer_main(conn, initial_peers, cfg, data, options, load_first, dht_kwargs):
     def swallow_replies(n):
         swallow.value = n
 
+    real_step, fail_at = trainer.averager.step, []
+
+    def step(*args, **kwargs):  # the next averaging finds no group, at wall-clock time fail_at (all peers at once)
+        if not fail_at:
+            return real_step(*args, **kwargs)
+        time.sleep(max(0.0, fail_at.pop() - time.time()))
+        trainer.averager.received.value = 1.0  # (as a real step does first) nothing averaged
+        raise TimeoutError("no group formed (the test's)")
+
+    trainer.averager.step = step
+
     def train_one_round(seconds):  # until a round's record (and the error-feedback residual after it)
         deadline = time.monotonic() + seconds
         while trainer.train_step() is None and time.monotonic() < deadline:
@@ -334,6 +383,7 @@ def _peer_main(conn, initial_peers, cfg, data, options, load_first, dht_kwargs):
             "swallow_replies": swallow_replies,
             "train_one_round": train_one_round,
             "residual": lambda: conn.send(residual()),
+            "no_group_at": fail_at.append,
         },
     )
 
@@ -519,6 +569,33 @@ def test_a_peer_whose_averaging_is_incomplete_never_applies_it(tmp_path, tiny_da
             assert after is not None and torch.equal(after, before) and bool(before.abs().sum() > 0)
         together([a, b], ra + 2)
         same_theta(a, b)
+        for p in (a, b):
+            assert p.stop()
+        peers.clear()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_peers_that_all_miss_a_round_do_not_each_go_on_alone(tmp_path, tiny_data):
+    """No group forms for a round, for both peers at the same moment: if each applied its own
+    change their theta would part for good; the first by peer id goes on alone, the other
+    finds it ahead and takes its state."""
+    from moe.swarm.diloco import DiLoCoOptions
+
+    opts = DiLoCoOptions(inner_steps=H, compression="fp16", matchmaking_time=2.0, averaging_timeout=20.0)
+    with swarm(tmp_path, tiny_data, opts) as (_, peers):
+        a, b = peers
+        (r0, ha, _), (_, hb, _) = together([a, b], 2)
+        n = {a: len(ha), b: len(hb)}
+        at = time.time() + 15.0  # past the round's end for both
+        for p in (a, b):
+            p.send("no_group_at", at)
+        reports = dict(zip((a, b), together([a, b], r0 + 2)))
+        missed = sorted(next(h for h in reports[p][1][n[p] :] if h["step"] == r0 + 1)["outcome"] for p in (a, b))
+        assert missed == ["alone (no peer joined the averaging)", "resynced: missed the averaging"], missed
+        (sa, pa), (sb, pb) = a.state(), b.state()
+        assert sa == sb and float((pa - pb).norm()) < 1e-3 * float((pa - a.params_before).norm())
         for p in (a, b):
             assert p.stop()
         peers.clear()

@@ -28,10 +28,13 @@ Peers come and go:
   round ahead in the progress records, drops its late round and downloads theta again;
   a peer that dies in the middle of an all-reduce costs its mates at most the timeout;
 - **incomplete averaging**: hivemind's all-reduce fills the parts a mate failed to return
-  with the peer's own delta; such a peer never applies its result (its theta would differ
-  from the others' for good): it downloads the state of a mate that finished the round, or,
-  when none did, starts the round over from the round's theta;
+  with the peer's own delta (or breaks off midway, some parts averaged in); such a peer
+  never applies its result (its theta would differ from the others' for good): it downloads
+  the state of a mate that finished the round, or, when none did, starts the round over
+  from the round's theta;
 - **alone**: a peer with no live mate applies its own delta: the run advances with one peer.
+  Peers that all missed each other in a round do not each do so: the first by peer id goes
+  on, the others wait a little, find it ahead and download its state.
 
 Progress records (round, sequences trained this round) are hivemind's ``ProgressTracker``'s
 under ``<prefix>_diloco_progress``, one subkey per peer, signed with the peer's RSA key
@@ -44,8 +47,10 @@ step is step ``r * H + i`` of ``cfg.steps``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import multiprocessing as mp
 import threading
 import time
 from pathlib import Path
@@ -98,31 +103,33 @@ class DiLoCoOptions:
         PeerCompression(self.compression)  # names a codec
 
 
-RECEIVED = "received"  # the key of ``_Averager.step``'s result under which it says how much arrived
-
-
 class _Averager(DecentralizedAverager):
     """hivemind's averager whose shared state is the trainer's (round, theta, momentum, AdamW),
-    and whose ``step`` says how much of the group's result arrived (``RECEIVED``)."""
+    and which says how much of the group's result its last ``step`` put in the tensors
+    (``received``)."""
 
     def __init__(self, *args, state_fn, **kwargs):
         self._state_fn = state_fn
-        self._received = 1.0
+        # shared with the averager's process (forked below): 1.0 while a step has not touched the
+        # tensors or returned the whole of the group's result; less when it returned part of it
+        # (hivemind puts this peer's own values where a mate's reply is missing, and only logs
+        # "received N% results"); 0.0 when an all-reduce failed midway (or was cut by the
+        # timeout), and for the rest of a step that retried after that
+        self.received = mp.Value(ctypes.c_double, 1.0)
         super().__init__(*args, **kwargs)
 
-    # in the averager's process: hivemind's all-reduce uses this peer's own values for the parts
-    # a group mate failed to return (a timeout, a broken stream) and only logs "received N%
-    # results"; averaged deltas that differ between peers would leave their theta apart for good
-    async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
-        self._received = 0.0
-        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        return {**gathered, RECEIVED: self._received}
+    def step(self, *args, **kwargs):
+        self.received.value = 1.0
+        return super().step(*args, **kwargs)
 
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):  # averager's process
+        untouched = self.received.value == 1.0  # not by an earlier, failed attempt of this step
+        self.received.value = 0.0
         await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
         runner = self._running_groups[group_info.group_id if group_id is None else group_id].result()
         parts = runner.tensor_part_container
-        self._received = 1.0 - parts.failed_size / max(1, parts.total_size)
+        if untouched:
+            self.received.value = 1.0 - parts.failed_size / max(1, parts.total_size)
 
     def get_current_state(self):
         return self._state_fn()
@@ -293,10 +300,11 @@ class DiLoCoTrainer:
             self._shared = snap
         self.averager.state_sharing_priority = float(self.round)
 
-    def load_state(self) -> int:
+    def load_state(self, ahead: bool = False) -> int:
         """Download the state from the peer furthest ahead, line up with the others' progress
-        in this round; the round after it (unchanged when no peer has state to share).
-        ``behind`` says afterwards why this peer cannot catch up, if it cannot."""
+        in this round; the round after it (unchanged when no peer has state to share; with
+        ``ahead``, when none further on than this peer has).  ``behind`` says afterwards why
+        this peer cannot catch up, if it cannot."""
         self.behind = None
         if self.round == 0 and all(r.epoch == 0 for r in self._others()):
             # nobody has finished a round: their state is the run's seed's, as this peer's (the
@@ -307,7 +315,12 @@ class DiLoCoTrainer:
         t0 = time.monotonic()
         deadline = t0 + self.options.load_state_timeout
         while True:
-            got = self.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                got = self.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+            except TimeoutError:
+                got = None
+            if got is not None and ahead and int(got[0].get("round", -1)) <= self.round:
+                got = None  # a peer of this round whose new priority is not declared yet: not the one
             # the others' offers to share (hivemind's ``all_averagers`` records) can be missing for
             # a moment: a peer just started, an offer expiring before its renewal arrives; while
             # their progress says they have state, ask again
@@ -464,7 +477,6 @@ class DiLoCoTrainer:
             finally:
                 if self.on_phase is not None:
                     self.on_phase("training")
-            received = gathered.pop(RECEIVED, 1.0) if gathered else 1.0
             if gathered:
                 rounds = [v.get("round") if isinstance(v, dict) else None for v in gathered.values()]
                 ahead = [r for r in rounds if isinstance(r, int) and r > self.round]
@@ -472,12 +484,14 @@ class DiLoCoTrainer:
                     record = self._resync(f"grouped with peers on rounds {sorted(set(map(str, rounds)))}")
                     if record is not None:
                         return record
+            if (received := self.averager.received.value) < 1.0:
+                why = f"{received:.0%} of the group's result arrived" if gathered else "its all-reduce failed midway"
+                return self._incomplete(why, len(gathered) if gathered else 1, residual, t0)
+            if gathered:
                 group = len(gathered)
-                if received < 1.0:
-                    return self._incomplete(received, group, residual, t0)
                 outcome = f"averaged with {group - 1} peer{'s' if group > 2 else ''}"
                 self.rounds_joined += 1
-            elif any(r.epoch > self.round for r in self._others()) and (record := self._resync("missed the averaging")):
+            elif record := self._alone():
                 return record
             else:
                 outcome = "alone (no peer joined the averaging)"
@@ -491,13 +505,29 @@ class DiLoCoTrainer:
                 p.copy_(t)
         return self._finish_round(outcome, group, time.monotonic() - t0)
 
-    def _incomplete(self, received: float, group: int, residual, t0: float) -> dict:
-        """This peer's averaging returned only part of the group's result (hivemind filled the
-        rest with this peer's own delta): applied, it would leave theta apart from the others'
-        for good.  Take the run's state from a group mate that finished the round (it is done
-        within the all-reduce's chunk timeout); if none did, start the round over from its theta
-        (untouched), as the group's other incomplete peers do."""
-        why = f"its averaging was incomplete ({received:.0%} of the group's result arrived)"
+    def _alone(self) -> dict | None:
+        """No group formed: go on alone, unless the round's other peers went on first (then take
+        their state).  Peers that missed each other in one round must not each apply their own
+        change (their theta would part for good); they fail at about the same moment (the same
+        timeout), so each waits ``rank`` x a few seconds first, ranked by peer id among the
+        round's peers: the first goes on, the others find it ahead and take its state."""
+        me = self.dht.peer_id.to_bytes()
+        rank = sorted([r.peer_id for r in self._others() if r.epoch == self.round] + [me]).index(me)
+        deadline = time.monotonic() + rank * max(3.0, self.options.matchmaking_time)
+        while True:
+            if any(r.epoch > self.round for r in self._others()):
+                return self._resync("missed the averaging")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+
+    def _incomplete(self, detail: str, group: int, residual, t0: float) -> dict:
+        """This peer's averaging put only part of the group's result in its delta (hivemind
+        filled the rest with this peer's own, or the all-reduce broke off): applied, it would
+        leave theta apart from the others' for good.  Take the run's state from a group mate
+        that finished the round (it is done within the all-reduce's chunk timeout); if none
+        did, start the round over from its theta (untouched), as the other incomplete peers do."""
+        why = f"its averaging was incomplete ({detail})"
         deadline = time.monotonic() + self.options.averaging_timeout / 2 + 5.0
         while time.monotonic() < deadline and not any(r.epoch > self.round for r in self._others()):
             time.sleep(0.5)
@@ -516,7 +546,7 @@ class DiLoCoTrainer:
         """Drop this late round and download the run's state; the record, or None when no peer
         has state to share (this peer then goes on with its own round)."""
         before = self.round
-        self.load_state()
+        self.load_state(ahead=True)
         if self.round == before:
             return None
         return self._finish_round(
