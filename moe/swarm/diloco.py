@@ -326,7 +326,7 @@ class DiLoCoTrainer:
             # their progress says they have state, ask again
             if got is not None or time.monotonic() + 1.0 > deadline:
                 break
-            if not any(r.epoch > self.round for r in self._others()):
+            if not self._ahead():
                 break
             time.sleep(1.0)
         took = time.monotonic() - t0
@@ -401,6 +401,16 @@ class DiLoCoTrainer:
                 if rec.peer_id != me and not rec.client_mode:
                     out.append(rec)
         return out
+
+    def _ahead(self, wait: float = 0.0) -> bool:
+        """Whether another peer is a round ahead of this one by the progress records; waits up
+        to ``wait`` seconds for one."""
+        deadline = time.monotonic() + wait
+        while not any(r.epoch > self.round for r in self._others()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
 
     def _others_progress(self) -> int:
         """Inner steps the other peers have done in this round (0 if none are in it)."""
@@ -513,13 +523,9 @@ class DiLoCoTrainer:
         round's peers: the first goes on, the others find it ahead and take its state."""
         me = self.dht.peer_id.to_bytes()
         rank = sorted([r.peer_id for r in self._others() if r.epoch == self.round] + [me]).index(me)
-        deadline = time.monotonic() + rank * max(3.0, self.options.matchmaking_time)
-        while True:
-            if any(r.epoch > self.round for r in self._others()):
-                return self._resync("missed the averaging")
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.5)
+        if self._ahead(wait=rank * max(3.0, self.options.matchmaking_time)):
+            return self._resync("missed the averaging")
+        return None
 
     def _incomplete(self, detail: str, group: int, residual, t0: float) -> dict:
         """This peer's averaging put only part of the group's result in its delta (hivemind
@@ -528,10 +534,7 @@ class DiLoCoTrainer:
         that finished the round (it is done within the all-reduce's chunk timeout); if none
         did, start the round over from its theta (untouched), as the other incomplete peers do."""
         why = f"its averaging was incomplete ({detail})"
-        deadline = time.monotonic() + self.options.averaging_timeout / 2 + 5.0
-        while time.monotonic() < deadline and not any(r.epoch > self.round for r in self._others()):
-            time.sleep(0.5)
-        if any(r.epoch > self.round for r in self._others()) and (record := self._resync(why)):
+        if self._ahead(wait=self.options.averaging_timeout / 2 + 5.0) and (record := self._resync(why)):
             return record
         with torch.no_grad():
             for t, p in zip(self.theta, self.model.parameters()):
