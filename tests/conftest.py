@@ -2,14 +2,120 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from moe.training.data import load_data
+
+
+def _adopt_orphans() -> None:
+    """Make this process a child subreaper (Linux): a process whose parent dies is re-parented
+    to the test run instead of to init, so the guard below still sees it."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+_adopt_orphans()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_outlives_its_module(request):
+    """Every process a test module started (forked peers, servers, DHTs, p2p daemons, launched
+    ranks) is gone once the module's fixtures are torn down.  One that is not is SIGKILLed with
+    everything under it and named in a warning: a leak must not slow down, or break, the modules
+    after it (a module whose peers kept training could turn every later network test into a
+    timeout)."""
+    try:
+        import psutil
+    except ImportError:
+        yield
+        return
+    before = {p.pid for p in _live_descendants(psutil)}
+    yield
+    deadline = time.monotonic() + 5  # a child that is shutting down gets a few seconds
+    while (left := [p for p in _live_descendants(psutil) if p.pid not in before]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    names = []
+    for proc in left:
+        try:
+            names.append(f"{proc.pid} {' '.join(proc.cmdline())[:160]}")
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
+    _reap_zombies(psutil)  # the orphans this run adopted, now dead: nobody else waits for them
+    if names:
+        message = f"{request.module.__name__} left {len(names)} process(es) running, now killed: " + "; ".join(names)
+        _say_now(request.config, message)
+        warnings.warn(message, stacklevel=1)
+
+
+def _say_now(config, line: str) -> None:
+    """A line on the terminal at once, between the progress dots (a run cut off by its time
+    limit prints no summary)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        if getattr(getattr(reporter, "_tw", None), "width_of_current_line", 0):
+            reporter.write("\n")
+        reporter.write_line(line)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Each failure named as it happens, with its error and how long it took."""
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        why = crash.message.splitlines()[0][:300] if crash is not None and crash.message else ""
+        _say_now(_config, f"{report.when} FAILED {report.nodeid} after {report.duration:.0f} s: {why}")
+
+
+_config = None
+
+
+def pytest_configure(config) -> None:
+    global _config
+    _config = config
+
+
+# Helpers a process starts once and keeps for its lifetime: not a module's leak.
+_LIFELONG = ("torch_shm_manager", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _live_descendants(psutil) -> list:
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(proc.cmdline()) for h in _LIFELONG):
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _reap_zombies(psutil) -> None:
+    for proc in psutil.Process().children():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(proc.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            pass
 
 
 @pytest.fixture(scope="module")

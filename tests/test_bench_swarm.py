@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -110,9 +112,11 @@ def test_moe_bench_help_lists_the_swarm_subcommand(capsys):
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path, capsys):
+def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path):
     """``moe-bench swarm --train`` at a toy size: every arm trains every step, the bytes and the
-    loss are reported per arm, and the killed arm's survivors finish."""
+    loss are reported per arm, and the killed arm's survivors finish.  The command runs in a
+    process of its own, as a user runs it: its peers, DHTs and p2p daemons come and go with it,
+    whatever happens to it."""
     out = tmp_path / "train.json"
     config = [
         "moe=switch",
@@ -129,8 +133,11 @@ def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path, caps
         "logger=none",
         "eval_batches=2",
     ]
-    rc = main(
+    p = subprocess.run(
         [
+            sys.executable,
+            "-m",
+            "moe.bench.cli",
             "swarm",
             "--train",
             "--steps",
@@ -139,15 +146,20 @@ def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path, caps
             "8",
             "--matchmaking-time",
             "1",
+            "--averaging-timeout",
+            "20",  # an all-reduce that stalls costs 20 s, not 60 (seen: arms of 64-70 s among arms of 3 s)
             "--network",
             "rtt=20ms,rate=100mbit",
             "--out",
             str(out),
             "--config",
             *config,
-        ]
+        ],
+        capture_output=True,
+        text=True,
+        timeout=780,
     )
-    assert rc == 0
+    assert p.returncode == 0, p.stderr[-4000:]
     result = json.loads(out.read_text())
     arms = {(a["arm"], a["network"]): a for a in result["arms"]}
     assert set(arms) == {
@@ -174,4 +186,4 @@ def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path, caps
     assert least(int8) < 0.7 * least(fp16)
     killed = arms[("diloco fp16 (1 of 3 peers killed)", "emulated")]
     assert killed["killed_at_s"] is not None and len(killed["peers_rows"]) == 2 and s["killed_run_finished"]
-    assert "every-step" in capsys.readouterr().out
+    assert all(f"| {a['arm']} | {a['network']} (" in p.stdout for a in result["arms"])  # the table, printed

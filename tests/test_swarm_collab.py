@@ -85,6 +85,7 @@ def _peer_main(conn, initial_peers, cfg, data, load_first):
         dht,
         progress=lambda: trainer.collab_step,  # the collaborative step
         report=lambda: (trainer.collab_step, list(trainer.history), trainer.local_steps),
+        extra={"leave_rounds": trainer.leave_rounds},
     )
 
 
@@ -153,12 +154,14 @@ def test_peers_step_together_a_joiner_loads_the_state_and_one_leaves(tmp_path, t
         assert min(sa2, sb2, sc2) >= sa + 3, (sa2, sb2, sc2)
         assert nc > 0 and max(r["collab/peers"] for r in hc) == 3  # it contributed, seen by the tracker
 
-        # one leaves cleanly; the others keep stepping
-        assert a.stop()
-        peers.remove(a)
+        # one is done: it leaves the rounds but stays up; the others keep stepping without it
+        a.send("leave_rounds")
+        a.state()  # answered once the goodbye is stored
         (sb3, hb3, _), (sc3, _, _) = train_all([b, c], max(sb2, sc2) + 3, 240)
         assert min(sb3, sc3) >= max(sb2, sc2) + 3, (sb3, sc3)
-        assert hb3[-1]["collab/peers"] == 2  # the leaver said goodbye
+        assert hb3[-1]["collab/peers"] == 2 and a.proc.is_alive()  # the leaver said goodbye
+        assert a.stop()  # then it leaves cleanly
+        peers.remove(a)
 
         losses = [r["train/loss"] for r in hb3]  # b took part from the start
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # the loss falls over the run

@@ -120,6 +120,11 @@ def _peer_main(conn, spec: dict, flag) -> None:
         while trainer.local_steps < steps:
             trainer.train_step()
         seconds = time.monotonic() - t0
+        if spec["sync"] == "every-step":
+            # done: no more collaborative steps, so the others stop waiting for this peer in
+            # theirs (its state stays downloadable); a DiLoCo peer that finished is a round
+            # ahead of any straggler, which downloads its state from it
+            trainer.leave_rounds()
         val = trainer.evaluate() if spec["evaluate"] else None
         conn.send(
             (

@@ -222,6 +222,7 @@ class CollabTrainer:
             }
             self.logger = MetricsLogger(Path(cfg.out_dir), cfg.logger, run_config=run, run_name=cfg.run_name)
         self._closed = False
+        self._left = False  # leave_rounds() done
 
     @property
     def collab_step(self) -> int:
@@ -308,6 +309,15 @@ class CollabTrainer:
         """Every local parameter, flattened (for comparing peers)."""
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
+    def leave_rounds(self) -> None:
+        """Take part in no more collaborative steps: say goodbye in the progress records, so
+        the others stop counting on this peer (hivemind counts a silent peer until its record
+        expires, and waits for it in every averaging round until then).  Its averagers stay up:
+        a peer that joins later can still download the state from it.  Idempotent."""
+        if not self._left:
+            self._left = True
+            leave_progress(self.dht, self.opt.tracker, self.opt.shutdown_timeout)
+
     def shutdown(self) -> None:
         """Leave the run: say goodbye in the progress records, stop the averagers.  The DHT
         stays up (its owner stops it).  Idempotent."""
@@ -318,7 +328,7 @@ class CollabTrainer:
             # hivemind's shutdown sends the goodbye (this peer's progress record set to None)
             # without waiting for it, then stops the averagers, whose exit can make that last
             # DHT command fail; so stop the reports and say goodbye here, and wait for it
-            leave_progress(self.dht, self.opt.tracker, self.opt.shutdown_timeout)
+            self.leave_rounds()
             self.opt.shutdown()
         finally:
             if self.logger is not None:
