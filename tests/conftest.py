@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,21 +15,10 @@ import pytest
 from moe.config import DataConfig, LoggerConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig
 from moe.training.data import load_data
 
-
-def _adopt_orphans() -> None:
-    """Make this process a child subreaper (Linux): a process whose parent dies is re-parented
-    to the test run instead of to init, so the guard below still sees it."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-_adopt_orphans()
+# Every process this test run starts inherits the mark (a launch's environment is a copy of
+# this one), so the guard below finds it even once its parent is gone and init adopted it.
+_RUN_MARK = "MOE_TEST_RUN"
+os.environ[_RUN_MARK] = f"{os.getpid()}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,10 +33,10 @@ def no_process_outlives_its_module(request):
     except ImportError:
         yield
         return
-    before = {p.pid for p in _live_descendants(psutil)}
+    before = {p.pid for p in _started_by_this_run(psutil)}
     yield
     deadline = time.monotonic() + 5  # a child that is shutting down gets a few seconds
-    while (left := [p for p in _live_descendants(psutil) if p.pid not in before]) and time.monotonic() < deadline:
+    while (left := [p for p in _started_by_this_run(psutil) if p.pid not in before]) and time.monotonic() < deadline:
         time.sleep(0.2)
     names = []
     for proc in left:
@@ -58,7 +46,6 @@ def no_process_outlives_its_module(request):
         except psutil.Error:
             pass
     psutil.wait_procs(left, timeout=10)
-    _reap_zombies(psutil)  # the orphans this run adopted, now dead: nobody else waits for them
     if names:
         message = f"{request.module.__name__} left {len(names)} process(es) running, now killed: " + "; ".join(names)
         _say_now(request.config, message)
@@ -98,24 +85,24 @@ def pytest_configure(config) -> None:
 _LIFELONG = ("torch_shm_manager", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
 
-def _live_descendants(psutil) -> list:
+def _started_by_this_run(psutil) -> list:
+    """The live processes under this one or carrying this run's mark (a forked child shows its
+    parent's environment as exec'd, without the mark, but stays under this process while its
+    own parent lives), helpers kept for life aside."""
+    me, mark = psutil.Process(), os.environ[_RUN_MARK]
+    under = {p.pid for p in me.children(recursive=True)}
     out = []
-    for proc in psutil.Process().children(recursive=True):
+    for proc in psutil.process_iter():
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(proc.cmdline()) for h in _LIFELONG):
+            if proc.pid == me.pid or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.pid not in under and proc.environ().get(_RUN_MARK) != mark:
+                continue
+            if not any(h in " ".join(proc.cmdline()) for h in _LIFELONG):
                 out.append(proc)
         except psutil.Error:
             pass
     return out
-
-
-def _reap_zombies(psutil) -> None:
-    for proc in psutil.Process().children():
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(proc.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError):
-            pass
 
 
 @pytest.fixture(scope="module")
