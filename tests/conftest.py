@@ -82,7 +82,7 @@ def pytest_configure(config) -> None:
 
 
 # Helpers a process starts once and keeps for its lifetime: not a module's leak.
-_LIFELONG = ("torch_shm_manager", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
+_LIFELONG = ("torch_shm_manager", "multiprocessing.resource_tracker", "multiprocessing.forkserver", "wandb-core")
 
 
 def _started_by_this_run(psutil) -> list:
