@@ -108,6 +108,34 @@ def test_diloco_options_refuse_bad_values():
 # ---------------------------------------------------------------- one peer against a naive loop
 @pytest.mark.network
 @pytest.mark.timeout(300)
+def _behind_verdicts(t) -> dict[str, bool]:
+    """Whether ``t`` says it cannot catch up after a download, as the others' records vary (one
+    other peer; a round of ``t``'s is inner_steps x batch_size samples)."""
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+
+    round_samples = t.options.inner_steps * t.cfg.batch_size
+    cases = {  # (rounds the other is ahead, its samples/s, seconds the download took)
+        "2 rounds": (2, round_samples / 10, 0.1),
+        "1 round, slow download": (1, round_samples / 10, 30.0),
+        "1 round, fast download": (1, round_samples / 10, 1.0),
+        "1 round, no speeds": (1, 0.0, 0.1),
+    }
+    out = {}
+    for name, (ahead, speed, took) in cases.items():
+        record = LocalTrainingProgress(
+            peer_id=b"other",
+            epoch=t.round + ahead,
+            samples_accumulated=0,
+            samples_per_second=speed,
+            time=0.0,
+            client_mode=False,
+        )
+        t._others = lambda record=record: [record]
+        out[name] = t._behind(took) is not None
+    del t._others
+    return out
+
+
 def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
     """Alone, a round is H AdamW steps then SGD-Nesterov on theta with theta - local as gradient."""
     from moe.model.transformer import TransformerLM
@@ -132,8 +160,18 @@ def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
             got = t.params_vector().clone()
             local = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
             meta, shared, _ = t._shared_state()  # what a joiner downloads now (the averager's get_current_state)
+            behind = _behind_verdicts(t)
     finally:
         shutdown_dht(dht)
+    # after a download, "cannot catch up" only when the run moved on by more than a download
+    # can make up: 2 rounds, or 1 round in less time than the download took; no verdict while
+    # no peer's speed is known (seen: "the run moved 1 round on during this peer's 0 s download")
+    assert behind == {
+        "2 rounds": True,
+        "1 round, slow download": True,
+        "1 round, fast download": False,
+        "1 round, no speeds": False,
+    }, behind
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["outcome"] == "alone" for r in records)
     assert torch.equal(got, local)  # the local copy restarts from theta

@@ -372,7 +372,9 @@ class DiLoCoTrainer:
             return None
         if moved == 1:  # a round ended during the download: a slow link, or an unlucky moment?
             rates = [r.samples_per_second for r in others if r.samples_per_second > 0]
-            training = self.options.inner_steps * self.cfg.batch_size * len(rates) / sum(rates) if rates else 0.0
+            if not rates:  # no peer's speed known yet: no ground to say this peer cannot catch up
+                return None
+            training = self.options.inner_steps * self.cfg.batch_size * len(rates) / sum(rates)
             if took < training:  # shorter than a round's training alone: the next download catches up
                 return None
         with self._state_lock:
