@@ -41,15 +41,30 @@ def no_process_outlives_its_module(request):
     names = []
     for proc in left:
         try:
-            names.append(f"{proc.pid} {' '.join(proc.cmdline())[:160]}")
+            name = " ".join(proc.cmdline())[:160]
+        except psutil.Error:
+            name = "?"
+        try:
             proc.send_signal(signal.SIGKILL)
+            names.append(f"{proc.pid} {name}")
         except psutil.Error:
             pass
-    psutil.wait_procs(left, timeout=10)
+    # dead or a zombie within 10 s (not reaped here: a child's owner, e.g. its
+    # multiprocessing.Process, still waits for it and must see its exit)
+    deadline = time.monotonic() + 10
+    while any(_running(psutil, p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
     if names:
         message = f"{request.module.__name__} left {len(names)} process(es) running, now killed: " + "; ".join(names)
         _say_now(request.config, message)
         warnings.warn(message, stacklevel=1)
+
+
+def _running(psutil, proc) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _say_now(config, line: str) -> None:

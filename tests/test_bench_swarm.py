@@ -133,33 +133,39 @@ def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path):
         "logger=none",
         "eval_batches=2",
     ]
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moe.bench.cli",
-            "swarm",
-            "--train",
-            "--steps",
-            "16",
-            "--inner-steps",
-            "8",
-            "--matchmaking-time",
-            "1",
-            "--averaging-timeout",
-            "20",  # an all-reduce that stalls costs 20 s, not 60 (seen: arms of 64-70 s among arms of 3 s)
-            "--network",
-            "rtt=20ms,rate=100mbit",
-            "--out",
-            str(out),
-            "--config",
-            *config,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=780,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
+    log_out, log_err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with log_out.open("w") as stdout, log_err.open("w") as stderr:  # files: a leftover helper holds no pipe open
+        try:
+            rc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "moe.bench.cli",
+                    "swarm",
+                    "--train",
+                    "--steps",
+                    "16",
+                    "--inner-steps",
+                    "8",
+                    "--matchmaking-time",
+                    "1",
+                    "--averaging-timeout",
+                    "20",  # an all-reduce that stalls costs 20 s, not 60 (seen: arms of 64-70 s among arms of 3 s)
+                    "--network",
+                    "rtt=20ms,rate=100mbit",
+                    "--out",
+                    str(out),
+                    "--config",
+                    *config,
+                ],
+                stdout=stdout,
+                stderr=stderr,
+                timeout=780,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            pytest.fail("moe-bench swarm --train outlasted 780 s:\n" + log_err.read_text()[-4000:])
+    printed = log_out.read_text()
+    assert rc == 0, log_err.read_text()[-4000:]
     result = json.loads(out.read_text())
     arms = {(a["arm"], a["network"]): a for a in result["arms"]}
     assert set(arms) == {
@@ -186,4 +192,4 @@ def test_swarm_train_bench_compares_the_syncs_and_survives_a_kill(tmp_path):
     assert least(int8) < 0.7 * least(fp16)
     killed = arms[("diloco fp16 (1 of 3 peers killed)", "emulated")]
     assert killed["killed_at_s"] is not None and len(killed["peers_rows"]) == 2 and s["killed_run_finished"]
-    assert all(f"| {a['arm']} | {a['network']} (" in p.stdout for a in result["arms"])  # the table, printed
+    assert all(f"| {a['arm']} | {a['network']} (" in printed for a in result["arms"])  # the table, printed

@@ -105,9 +105,6 @@ def test_diloco_options_refuse_bad_values():
             DiLoCoOptions(**bad).check()
 
 
-# ---------------------------------------------------------------- one peer against a naive loop
-@pytest.mark.network
-@pytest.mark.timeout(300)
 def _behind_verdicts(t) -> dict[str, bool]:
     """Whether ``t`` says it cannot catch up after a download, as the others' records vary (one
     other peer; a round of ``t``'s is inner_steps x batch_size samples)."""
@@ -136,6 +133,9 @@ def _behind_verdicts(t) -> dict[str, bool]:
     return out
 
 
+# ---------------------------------------------------------------- one peer against a naive loop
+@pytest.mark.network
+@pytest.mark.timeout(300)
 def test_a_peer_alone_is_exactly_naive_diloco(tmp_path, tiny_data):
     """Alone, a round is H AdamW steps then SGD-Nesterov on theta with theta - local as gradient."""
     from moe.model.transformer import TransformerLM

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from hivemind import DHT, Optimizer
+from hivemind.averaging.control import AveragingStage
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
@@ -260,6 +261,8 @@ class CollabTrainer:
         """One local batch: forward, backward, ``opt.step()`` (which averages and steps when
         the peers have the target batch).  Returns the record logged when this call finished
         a collaborative step, else None."""
+        if self._left:
+            raise RuntimeError("this peer left the rounds (leave_rounds()): a new trainer joins the run again")
         c = self.cfg
         x, y = self.data.get_batch("train", self.local_steps, c.batch_size, self.model_cfg.seq_len, self.data_seed)
         out = self.model(x, y)
@@ -314,9 +317,20 @@ class CollabTrainer:
         the others stop counting on this peer (hivemind counts a silent peer until its record
         expires, and waits for it in every averaging round until then).  Its averagers stay up:
         a peer that joins later can still download the state from it.  Idempotent."""
-        if not self._left:
-            self._left = True
-            leave_progress(self.dht, self.opt.tracker, self.opt.shutdown_timeout)
+        if self._left:
+            return
+        self._left = True
+        leave_progress(self.dht, self.opt.tracker, self.opt.shutdown_timeout)
+        # the rounds hivemind booked ahead: cancelled while still matchmaking, else joined with
+        # weight 0 (as its Optimizer.shutdown does), so no group waits for this peer
+        for name in ("scheduled_grads", "scheduled_state"):
+            scheduled = getattr(self.opt, name, None)
+            if scheduled is not None and not scheduled.done():
+                if scheduled.stage == AveragingStage.LOOKING_FOR_GROUP:
+                    scheduled.cancel()
+                else:
+                    self.opt._tag_along_with_zero_weight(scheduled)
+            setattr(self.opt, name, None)
 
     def shutdown(self) -> None:
         """Leave the run: say goodbye in the progress records, stop the averagers.  The DHT
