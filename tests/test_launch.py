@@ -122,7 +122,23 @@ def test_torchrun_script_two_nodes_one_process_each(tmp_path):
     assert state["step"] == 4 and state["layout"] == {"world_size": 2, "dp_size": 2, "ep_size": 2}
     assert state["model"]["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # both nodes' experts gathered
     assert logs[0].count("done: 4 steps") == 1 and "done:" not in logs[1]
-    assert "Traceback" not in logs[0] + logs[1]
+    assert "Traceback" not in _without_exit_barrier_error(logs[0] + logs[1])
+
+
+def _without_exit_barrier_error(log: str) -> str:
+    """``log`` without torchrun's "Error waiting on exit barrier" report.  When every rank is
+    done, each node's agent waits at an exit barrier on the store node 0's agent hosts; node 0
+    can pass it and exit (closing the store) while node 1 still reads the barrier's key, and
+    node 1's agent logs the broken read with a traceback, then exits 0 all the same (torch's
+    race, after the training has ended: seen once in a fresh-clone run).  Its lines all carry
+    the agent's source file; the TCPStore warning before them names the closed connection."""
+    if "Error waiting on exit barrier" not in log:
+        return log
+    agent = "torch/distributed/elastic/agent/server/api.py"
+    lines = log.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "recvValueWithTimeout failed" in ln or agent in ln)
+    end = max(i for i, ln in enumerate(lines) if agent in ln)
+    return "\n".join(lines[:start] + lines[end + 1 :])
 
 
 @pytest.mark.slow
